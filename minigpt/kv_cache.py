@@ -1,0 +1,75 @@
+"""The KV cache: keys and values of positions already seen, per layer.
+
+Without a cache, sampling token t+1 recomputes K and V for all t earlier tokens in
+every layer. They never change (attention is causal), so we keep them: each new
+token then costs one position of work. The buffers are preallocated once at the
+maximum length, so decoding never reallocates or copies the history.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from minigpt.errors import MinigptError
+
+
+class KVCache:
+    """Preallocated per-layer K and V buffers, each (B, H, max_len, d_head), and `pos`.
+
+    `pos` is the number of positions already written (the same for every layer).
+    A forward pass calls `append(layer, k, v)` once per layer, then `advance(T)`.
+    """
+
+    def __init__(
+        self,
+        n_layer: int,
+        batch_size: int,
+        n_head: int,
+        max_len: int,
+        d_head: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        shape = (batch_size, n_head, max_len, d_head)
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.batch_size, self.n_head, self.max_len, self.d_head = shape
+        self.pos = 0
+
+    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write K, V (B, H, T, d_head) at `pos`; return all keys and values so far.
+
+        Returns views of shape (B, H, pos + T, d_head): no copy of the history.
+        """
+        expected = (self.batch_size, self.n_head, k.size(2), self.d_head)
+        if tuple(k.shape) != expected or tuple(v.shape) != expected:
+            raise MinigptError(
+                f"KV cache holds (batch={self.batch_size}, n_head={self.n_head}, "
+                f"d_head={self.d_head}) but got keys {tuple(k.shape)} and values {tuple(v.shape)}",
+                hint="build the cache with the model's shape and the batch size you decode with",
+            )
+        end = self.pos + k.size(2)
+        if end > self.max_len:
+            raise MinigptError(
+                f"KV cache is full: {self.pos} positions cached, {k.size(2)} more do not fit "
+                f"in max_len={self.max_len}",
+                hint="reset the cache (or crop the context) before appending more positions",
+            )
+        self.keys[layer][:, :, self.pos : end] = k
+        self.values[layer][:, :, self.pos : end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def advance(self, n_tokens: int) -> None:
+        """Mark `n_tokens` more positions as written, after every layer appended them."""
+        self.pos += n_tokens
+
+    def reset(self) -> None:
+        """Forget every position; the buffers are reused, not reallocated."""
+        self.pos = 0
+
+    @property
+    def remaining(self) -> int:
+        """How many more positions fit."""
+        return self.max_len - self.pos

@@ -1,0 +1,256 @@
+"""The GPT: token + position embeddings, a stack of pre-norm blocks, a tied LM head.
+
+    idx (B, T) -> tok_emb + pos_emb (B, T, n_embd)
+               -> n_layer x Block: x + Attn(LN(x)), then x + MLP(LN(x))
+               -> LN -> lm_head (B, T, vocab_size)
+
+Each block's attention is `minigpt.attention.MultiHeadAttention` (or the textbook
+wrapper form when `GPTConfig.attention == "wrapper"`; both save the same weights).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minigpt.attention import MultiHeadAttention, MultiHeadAttentionWrapper
+from minigpt.errors import MinigptError
+from minigpt.kv_cache import KVCache
+
+ATTENTION_FORMS = ("fused", "wrapper")
+
+
+@dataclass
+class GPTConfig:
+    """The shape of a GPT. Every field is saved in a run's config.json."""
+
+    vocab_size: int = 65
+    """Number of distinct token ids (the tokenizer's vocab size)."""
+    block_size: int = 256
+    """Context length: the most positions the model attends over."""
+    n_layer: int = 6
+    """Number of transformer blocks."""
+    n_head: int = 6
+    """Attention heads per block; n_embd must be divisible by it."""
+    n_embd: int = 384
+    """Width of the residual stream (d_model); each head is n_embd / n_head wide."""
+    dropout: float = 0.0
+    """Dropout on attention weights, residual branches and embeddings while training."""
+    bias: bool = True
+    """Biases in the linear layers and LayerNorms (GPT-2 has them)."""
+    attention: str = "fused"
+    """'fused' (one QKV matmul + SDPA, fast) or 'wrapper' (one module per head, textbook)."""
+    init_std: float = 0.02
+    """Std of the normal init of weights (GPT-2: 0.02); residual projections get / sqrt(2 n_layer)."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise MinigptError(
+                    f"model.{name} must be a positive integer, got {value!r}",
+                    hint=f"set model.{name} to a whole number of at least 1",
+                )
+        if self.n_embd % self.n_head != 0:
+            raise MinigptError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}",
+                hint=f"pick n_embd as a multiple of n_head, e.g. {self.n_head * max(1, self.n_embd // self.n_head)}",
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise MinigptError(
+                f"model.dropout must be in [0, 1), got {self.dropout}",
+                hint="use 0.0 for no dropout, 0.1-0.2 for small data",
+            )
+        if self.attention not in ATTENTION_FORMS:
+            raise MinigptError(
+                f"model.attention must be one of {ATTENTION_FORMS}, got {self.attention!r}",
+                hint="use 'fused' unless you are studying the per-head form",
+            )
+        if not self.init_std > 0:
+            raise MinigptError(f"model.init_std must be positive, got {self.init_std}")
+
+    @property
+    def d_head(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> GPTConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise MinigptError(
+                f"unknown model config keys: {', '.join(unknown)}",
+                hint=f"valid keys are {', '.join(sorted(known))}",
+            )
+        return cls(**values)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: n_embd -> 4 n_embd -> GELU -> n_embd."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        attention_cls = (
+            MultiHeadAttention if config.attention == "fused" else MultiHeadAttentionWrapper
+        )
+        self.ln_attn = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = attention_cls(
+            config.n_embd,
+            config.n_embd,
+            config.block_size,
+            config.n_head,
+            dropout=config.dropout,
+            qkv_bias=config.bias,
+            out_bias=config.bias,
+            layer_idx=layer_idx,
+        )
+        self.ln_mlp = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        gate: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        attn_out, weights = self.attn(self.ln_attn(x), gate, kv_cache, need_weights)
+        x = x + attn_out
+        x = x + self.mlp(self.ln_mlp(x))
+        return x, weights
+
+
+class GPT(nn.Module):
+    """A decoder-only transformer language model (GPT-2 architecture)."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # Weight tying (Press & Wolf, 2017): the output embedding is the input one.
+        # Saves vocab_size * n_embd parameters and trains better on small data.
+        self.lm_head.weight = self.tok_emb.weight
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """GPT-2 init: N(0, init_std) weights, zero biases; residual projections
+        (attention W^O and the MLP's output) scaled by 1/sqrt(2 n_layer) so the
+        residual stream's variance does not grow with depth."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+        for block in self.blocks:
+            for proj in (block.attn.out_proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; by default without the position embedding (the token
+        embedding is counted once, as the tied LM head uses it)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.pos_emb.weight.numel() if non_embedding else n
+
+    def new_kv_cache(
+        self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
+    ) -> KVCache:
+        """An empty KV cache for this model, on its device, in its activation dtype."""
+        weight = self.tok_emb.weight
+        return KVCache(
+            self.config.n_layer,
+            batch_size,
+            self.config.n_head,
+            max_len or self.config.block_size,
+            self.config.d_head,
+            device=weight.device,
+            dtype=dtype or weight.dtype,
+        )
+
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        head_gates: Tensor | None = None,
+        last_only: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
+
+        targets: (B, T) next-token ids; -1 marks positions to ignore in the loss.
+        kv_cache: continue from the positions it holds; this call's are appended.
+        head_gates: (n_layer, H) or (n_layer, B, H) multipliers of each head's output.
+        last_only: compute logits for the last position only (B, 1, vocab_size), as
+            sampling needs; saves the large vocab matmul on every other position.
+        """
+        logits, loss, _ = self._run(idx, targets, kv_cache, head_gates, last_only, False)
+        return logits, loss
+
+    def forward_with_attention(
+        self, idx: Tensor, targets: Tensor | None = None, head_gates: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+        """Like forward, also returning every layer's attention weights A, each (B, H, T, T)."""
+        return self._run(idx, targets, None, head_gates, False, True)
+
+    def _run(self, idx, targets, kv_cache, head_gates, last_only, need_weights):
+        if idx.dim() != 2:
+            raise MinigptError(
+                f"GPT expects token ids of shape (batch, tokens), got {tuple(idx.shape)}",
+                hint="add a batch dimension with idx[None]",
+            )
+        B, T = idx.shape
+        pos = kv_cache.pos if kv_cache is not None else 0
+        if pos + T > self.config.block_size:
+            raise MinigptError(
+                f"{pos + T} positions exceed the model's block_size={self.config.block_size}",
+                hint="crop the input to its last block_size tokens",
+            )
+        if head_gates is not None and head_gates.size(0) != self.config.n_layer:
+            raise MinigptError(
+                f"head_gates has {head_gates.size(0)} layers, the model has {self.config.n_layer}",
+                hint="pass head_gates of shape (n_layer, n_head)",
+            )
+        positions = torch.arange(pos, pos + T, device=idx.device)  # (T,)
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, n_embd)
+        attention = []
+        for i, block in enumerate(self.blocks):
+            gate = head_gates[i] if head_gates is not None else None
+            x, weights = block(x, gate, kv_cache, need_weights)
+            attention.append(weights)
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        x = self.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
+        return logits, loss, attention
