@@ -1,0 +1,113 @@
+"""Forward + backward time of the attention forms: textbook wrapper vs fused (explicit, SDPA).
+
+    python bench/attention.py                # both shapes, n_head in {1, 4, 8, 16}
+    python bench/attention.py --quick        # a smoke run
+    python bench/attention.py --device cuda
+
+Prints a table (milliseconds per forward+backward, and the speedup of each fused
+path over the wrapper) and writes bench/results/attention.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from minigpt.attention import MultiHeadAttention, MultiHeadAttentionWrapper
+
+SHAPES = {
+    # name: (width, context, batch)
+    "nanoGPT CPU (128 wide, ctx 64, batch 12)": (128, 64, 12),
+    "384 wide, ctx 256, batch 8": (384, 256, 8),
+}
+HEAD_COUNTS = (1, 4, 8, 16)
+
+
+def time_fwd_bwd(module, x, need_weights, repeats, device) -> float:
+    """Median milliseconds of one forward + backward pass."""
+
+    def step():
+        out, _ = module(x, need_weights=need_weights)
+        out.sum().backward()
+
+    for _ in range(3):  # warm-up: allocator, kernels, caches
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--quick", action="store_true", help="few repeats, small shape only")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention.json"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    repeats = 3 if args.quick else args.repeats
+    shapes = dict(list(SHAPES.items())[:1]) if args.quick else SHAPES
+
+    rows = []
+    header = f"{'shape':<42} {'heads':>5} {'wrapper ms':>10} {'explicit ms':>11} {'sdpa ms':>8} {'explicit x':>10} {'sdpa x':>7}"
+    print(f"torch {torch.__version__}, {device}, {torch.get_num_threads()} threads")
+    print(header)
+    print("-" * len(header))
+    for shape_name, (width, context, batch) in shapes.items():
+        for n_head in HEAD_COUNTS:
+            torch.manual_seed(0)
+            wrapper = MultiHeadAttentionWrapper(width, width, context, n_head).to(device)
+            fused = MultiHeadAttention.from_wrapper(wrapper)
+            x = torch.randn(batch, context, width, device=device, requires_grad=True)
+            wrapper_ms = time_fwd_bwd(wrapper, x, False, repeats, device)
+            explicit_ms = time_fwd_bwd(fused, x, True, repeats, device)
+            sdpa_ms = time_fwd_bwd(fused, x, False, repeats, device)
+            row = dict(
+                shape=shape_name,
+                width=width,
+                context=context,
+                batch=batch,
+                n_head=n_head,
+                wrapper_ms=wrapper_ms,
+                fused_explicit_ms=explicit_ms,
+                fused_sdpa_ms=sdpa_ms,
+                speedup_explicit=wrapper_ms / explicit_ms,
+                speedup_sdpa=wrapper_ms / sdpa_ms,
+            )
+            rows.append(row)
+            print(
+                f"{shape_name:<42} {n_head:>5} {wrapper_ms:>10.2f} {explicit_ms:>11.2f} {sdpa_ms:>8.2f} "
+                f"{row['speedup_explicit']:>9.2f}x {row['speedup_sdpa']:>6.2f}x"
+            )
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    meta = dict(
+        torch=torch.__version__,
+        device=str(device),
+        threads=torch.get_num_threads(),
+        machine=platform.machine(),
+        processor=platform.processor(),
+        repeats=repeats,
+    )
+    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
