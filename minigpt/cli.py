@@ -46,6 +46,30 @@ def inspect_heads() -> None:
     _not_built("inspect-heads", "head inspection")
 
 
+@app.command()
+def prepare(
+    source: str = typer.Argument(
+        "pystdlib",
+        help="A text file, a folder, or a built-in dataset: pystdlib, shakespeare, induction.",
+    ),
+    tokenizer: str = typer.Option(
+        "char", "--tokenizer", "-t", help="char, bpe, gpt2, r50k_base, cl100k_base or o200k_base."
+    ),
+    vocab_size: int | None = typer.Option(
+        None, "--vocab-size", help="Vocabulary size for bpe (default 2048)."
+    ),
+    glob: str = typer.Option("*.txt", "--glob", help="Which files of a folder to read."),
+    data_dir: str = typer.Option("data", "--data-dir", help="Where prepared data is kept."),
+) -> None:
+    """Tokenise a corpus once into train/val token files (cached by content hash)."""
+    from pathlib import Path
+
+    from minigpt import data
+
+    prepared = data.prepare(source, tokenizer, vocab_size, Path(data_dir), glob)
+    print(data.describe_prepared(prepared))
+
+
 def main() -> None:
     """Entry point: run the app; bad input becomes one line, a hint and exit code 2.
 

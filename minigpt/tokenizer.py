@@ -1,19 +1,36 @@
 """Tokenizers: text <-> token ids, behind one interface.
 
 - `char`: one token per character of the training corpus (the classic baby GPT).
+- `bpe`: byte-level BPE trained on the corpus with `rustbpe` (GPT-4 regex split) and
+  run by `tiktoken`; the merge ranks live in tokenizer.json, so a run directory
+  encodes and decodes without the corpus.
+- `gpt2`, `r50k_base`, `cl100k_base`, `o200k_base`: tiktoken's published encodings,
+  downloaded once by tiktoken and cached (TIKTOKEN_CACHE_DIR).
 
 Every tokenizer serialises to a JSON object (`to_json`) that holds everything
 needed to encode and decode without the corpus; `tokenizer_from_json` reads it back.
+Byte-level tokenizers can split one character over several tokens, so their
+stream decoder buffers incomplete UTF-8 instead of printing U+FFFD.
 """
 
 from __future__ import annotations
 
+import base64
+import codecs
 import json
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from minigpt.atomic import write_json_atomic
 from minigpt.errors import MinigptError
+
+ENDOFTEXT = "<|endoftext|>"
+NAMED_ENCODINGS = ("gpt2", "r50k_base", "cl100k_base", "o200k_base")
+TOKENIZER_KINDS = ("char", "bpe", *NAMED_ENCODINGS)
+DEFAULT_BPE_VOCAB_SIZE = 2048
+# The GPT-4 (cl100k) split: contractions, words, 1-3 digit numbers, punctuation runs, whitespace.
+GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 
 
 class StreamDecoder:
@@ -32,6 +49,25 @@ class StreamDecoder:
 
     def flush(self) -> str:
         return ""
+
+
+class ByteStreamDecoder(StreamDecoder):
+    """Stream decoder for byte-level tokenizers: holds back an incomplete UTF-8 sequence.
+
+    An emoji is 4 bytes and BPE may put them in different tokens; an incremental
+    UTF-8 decoder emits a character only once all its bytes have arrived.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        super().__init__(tokenizer)
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, ids: list[int]) -> str:
+        return self._utf8.decode(self.tokenizer.token_bytes(ids))
+
+    def flush(self) -> str:
+        """The text still held back; bytes that never formed a character become U+FFFD."""
+        return self._utf8.decode(b"", final=True)
 
 
 class Tokenizer(ABC):
@@ -56,6 +92,10 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: list[int]) -> str: ...
 
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Encode many texts; byte-level tokenizers do it on several threads."""
+        return [self.encode(text) for text in texts]
+
     def stream_decoder(self) -> StreamDecoder:
         """A fresh incremental decoder for streaming generated tokens."""
         return StreamDecoder(self)
@@ -69,7 +109,11 @@ class Tokenizer(ABC):
 
 
 class CharTokenizer(Tokenizer):
-    """One token per character; the vocabulary is the sorted set of the corpus's characters."""
+    """One token per character; the vocabulary is the sorted set of the corpus's characters.
+
+    A character outside the vocabulary is an error, unless `unknown` names a
+    vocabulary character that unseen characters are mapped to (opt-in, saved in to_json).
+    """
 
     kind = "char"
 
@@ -84,8 +128,8 @@ class CharTokenizer(Tokenizer):
         self.unknown = unknown
 
     @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls(sorted(set(text)))
+    def from_text(cls, text: str, unknown: str | None = None) -> CharTokenizer:
+        return cls(sorted(set(text)), unknown=unknown)
 
     @property
     def vocab_size(self) -> int:
@@ -108,17 +152,229 @@ class CharTokenizer(Tokenizer):
         )
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
+        chars = self.chars
+        try:
+            return "".join(chars[i] for i in ids)
+        except IndexError:
+            bad = [i for i in ids if not 0 <= i < len(chars)]
+            raise MinigptError(
+                f"token id {bad[0]} is outside the char vocabulary of {len(chars)}",
+                hint="the ids come from a different tokenizer",
+            ) from None
 
     def to_json(self) -> dict:
-        return {"kind": self.kind, "chars": self.chars}
+        data: dict = {"kind": self.kind, "chars": self.chars}
+        if self.unknown is not None:
+            data["unknown"] = self.unknown
+        return data
+
+
+class TiktokenTokenizer(Tokenizer):
+    """Shared machinery for tokenizers run by a `tiktoken.Encoding` (byte-level BPE).
+
+    User text is encoded as ordinary text: a literal "<|endoftext|>" in a corpus is
+    just characters; the end-of-text id is placed between documents by data.py.
+    """
+
+    def __init__(self, encoding):  # encoding: tiktoken.Encoding
+        self.encoding = encoding
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    @property
+    def eot_id(self) -> int | None:
+        return self.encoding.eot_token
+
+    def encode(self, text: str) -> list[int]:
+        return self.encoding.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.encoding.encode_ordinary_batch(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        """Decode ids; bytes that are not valid UTF-8 become U+FFFD."""
+        return self.token_bytes(ids).decode("utf-8", errors="replace")
+
+    def token_bytes(self, ids: list[int]) -> bytes:
+        try:
+            return self.encoding.decode_bytes(ids)
+        except KeyError as err:
+            raise MinigptError(
+                f"token id {err.args[0] if err.args else '?'} is not in the {self.kind} vocabulary of {self.vocab_size}",
+                hint="the ids come from a different tokenizer",
+            ) from None
+
+    def stream_decoder(self) -> StreamDecoder:
+        return ByteStreamDecoder(self)
+
+
+class BPETokenizer(TiktokenTokenizer):
+    """Byte-level BPE trained on the corpus: 256 byte tokens, the learned merges, then <|endoftext|>.
+
+    `mergeable_ranks[token_bytes] = id`; ids 0..255 are the single bytes, each merge
+    adds the next id in the order it was learned, and tiktoken applies merges by rank.
+    """
+
+    kind = "bpe"
+
+    def __init__(self, mergeable_ranks: dict[bytes, int], pattern: str = GPT4_SPLIT_PATTERN):
+        import tiktoken
+
+        ranks = sorted(mergeable_ranks.values())
+        if ranks != list(range(len(ranks))) or len(ranks) < 256:
+            raise MinigptError(
+                "the BPE merge ranks are not the ids 0..n-1 with all 256 bytes",
+                hint="tokenizer.json is damaged; prepare the data again",
+            )
+        self.mergeable_ranks = dict(mergeable_ranks)
+        self.pattern = pattern
+        n_ranks = len(ranks)
+        encoding = tiktoken.Encoding(
+            name=f"minigpt-bpe-{n_ranks + 1}",
+            pat_str=pattern,
+            mergeable_ranks=self.mergeable_ranks,
+            special_tokens={ENDOFTEXT: n_ranks},
+        )
+        super().__init__(encoding)
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
+        """Learn `vocab_size - 257` merges from `texts` (the 257 are the bytes and <|endoftext|>)."""
+        import rustbpe
+
+        check_bpe_vocab_size(vocab_size)
+        trainer = rustbpe.Tokenizer()
+        trainer.train_from_iterator(
+            _chunks(texts), vocab_size - 1, pattern=GPT4_SPLIT_PATTERN
+        )  # rustbpe's vocab is bytes + merges; the special token is ours
+        return cls(dict(trainer.get_mergeable_ranks()), trainer.get_pattern())
+
+    def to_json(self) -> dict:
+        by_rank = sorted(self.mergeable_ranks.items(), key=lambda item: item[1])
+        return {
+            "kind": self.kind,
+            "pattern": self.pattern,
+            "special_tokens": {ENDOFTEXT: len(by_rank)},
+            # token bytes in rank order (rank = position), base64 because they need not be UTF-8
+            "ranks": [base64.b64encode(token).decode("ascii") for token, _ in by_rank],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict) -> BPETokenizer:
+        try:
+            ranks = {base64.b64decode(token): rank for rank, token in enumerate(data["ranks"])}
+            return cls(ranks, data["pattern"])
+        except (KeyError, TypeError, ValueError) as err:
+            if isinstance(err, MinigptError):
+                raise
+            raise MinigptError(
+                "tokenizer.json has a damaged bpe tokenizer",
+                hint="prepare the data again or restore the file",
+            ) from err
+
+
+class NamedTokenizer(TiktokenTokenizer):
+    """One of tiktoken's published encodings (gpt2, r50k_base, cl100k_base, o200k_base).
+
+    tiktoken downloads the encoding's file on first use and caches it
+    (TIKTOKEN_CACHE_DIR, else a folder in the system temp dir).
+    """
+
+    def __init__(self, name: str):
+        self.kind = name
+        super().__init__(load_tiktoken_encoding(name))
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind}
+
+
+def load_tiktoken_encoding(name: str):
+    """`tiktoken.get_encoding(name)` with one clear sentence when it cannot be fetched."""
+    import tiktoken
+
+    if name not in NAMED_ENCODINGS:
+        raise MinigptError(
+            f"unknown tokenizer {name!r}", hint=f"choose one of: {', '.join(TOKENIZER_KINDS)}"
+        )
+    try:
+        return tiktoken.get_encoding(name)
+    except (
+        OSError,
+        ValueError,
+    ) as err:  # requests' errors are OSErrors; hash mismatch a ValueError
+        raise MinigptError(
+            f"the {name} encoding is not cached and could not be downloaded ({type(err).__name__})",
+            hint="connect to the internet once (tiktoken caches it, see TIKTOKEN_CACHE_DIR), "
+            "or use --tokenizer char or --tokenizer bpe, which need no download",
+        ) from err
+
+
+def check_bpe_vocab_size(vocab_size: int) -> None:
+    """A byte-level BPE needs the 256 bytes, <|endoftext|> and at least one merge."""
+    if vocab_size <= 256 + 1:
+        raise MinigptError(
+            f"vocab size {vocab_size} is too small for BPE, which needs more than 257 "
+            "(256 bytes + <|endoftext|>)",
+            hint="use --vocab-size 512 or more, e.g. 2048",
+        )
+
+
+def check_tokenizer_settings(kind: str, vocab_size: int | None) -> int | None:
+    """Validate a tokenizer choice before any work; returns the vocab size to use (bpe only)."""
+    if kind not in TOKENIZER_KINDS:
+        raise MinigptError(
+            f"unknown tokenizer {kind!r}", hint=f"choose one of: {', '.join(TOKENIZER_KINDS)}"
+        )
+    if kind != "bpe":
+        if vocab_size is not None:
+            raise MinigptError(
+                f"--vocab-size applies only to the bpe tokenizer, not {kind}",
+                hint="drop --vocab-size, or use --tokenizer bpe",
+            )
+        return None
+    vocab_size = DEFAULT_BPE_VOCAB_SIZE if vocab_size is None else vocab_size
+    check_bpe_vocab_size(vocab_size)
+    return vocab_size
+
+
+def train_tokenizer(kind: str, texts: list[str], vocab_size: int | None = None) -> Tokenizer:
+    """Build a tokenizer of `kind` for the corpus `texts` (char vocab, BPE merges, or a named encoding)."""
+    vocab_size = check_tokenizer_settings(kind, vocab_size)
+    if kind == "char":
+        chars: set[str] = set()
+        for text in texts:
+            chars.update(text)
+        return CharTokenizer(sorted(chars))
+    if kind == "bpe":
+        return BPETokenizer.train(texts, vocab_size)
+    return NamedTokenizer(kind)
+
+
+def _chunks(texts: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
+    """Cut long texts at line ends into ~64 KB pieces so rustbpe can count them in parallel."""
+    for text in texts:
+        if len(text) <= size:
+            yield text
+            continue
+        start = 0
+        while start < len(text):
+            end = text.find("\n", start + size)
+            end = len(text) if end == -1 else end + 1
+            yield text[start:end]
+            start = end
 
 
 def tokenizer_from_json(data: dict) -> Tokenizer:
     """Rebuild a tokenizer from its `to_json()` dict."""
-    kind = data.get("kind")
+    kind = data.get("kind") if isinstance(data, dict) else None
     if kind == "char":
-        return CharTokenizer(data["chars"])
+        return CharTokenizer(data["chars"], unknown=data.get("unknown"))
+    if kind == "bpe":
+        return BPETokenizer.from_json(data)
+    if kind in NAMED_ENCODINGS:
+        return NamedTokenizer(kind)
     raise MinigptError(
         f"unknown tokenizer kind {kind!r} in tokenizer.json",
         hint="the run was written by a newer minigpt, or the file is damaged",
