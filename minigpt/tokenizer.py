@@ -300,14 +300,11 @@ def load_tiktoken_encoding(name: str):
         )
     try:
         return tiktoken.get_encoding(name)
-    except (
-        OSError,
-        ValueError,
-    ) as err:  # requests' errors are OSErrors; hash mismatch a ValueError
+    except (OSError, ValueError) as err:  # requests' errors are OSErrors; a bad download a ValueError
         raise MinigptError(
-            f"the {name} encoding is not cached and could not be downloaded ({type(err).__name__})",
-            hint="connect to the internet once (tiktoken caches it, see TIKTOKEN_CACHE_DIR), "
-            "or use --tokenizer char or --tokenizer bpe, which need no download",
+            f"the {name} encoding is not in tiktoken's cache and could not be downloaded "
+            f"({type(err).__name__}); use the char or bpe tokenizer, which need no download",
+            hint="or connect to the internet once so tiktoken can cache it (TIKTOKEN_CACHE_DIR)",
         ) from err
 
 

@@ -1,0 +1,423 @@
+"""Corpora, preparation, caching, bad input, the shakespeare download on loopback, the batcher."""
+
+import functools
+import hashlib
+import http.server
+import re
+import sys
+import sysconfig
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minigpt import data
+from minigpt.cli import main
+from minigpt.data import (
+    BUILTIN_DATASETS,
+    SHAKESPEARE_SHA256,
+    Batcher,
+    check_block_size,
+    fetch_shakespeare,
+    induction_documents,
+    load_prepared,
+    prepare,
+    split_documents,
+    stdlib_files,
+    write_tokens,
+)
+from minigpt.errors import MinigptError
+
+SHAKESPEARE = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+)
+
+
+def make_text(n_lines: int = 400, extra: str = "") -> str:
+    lines = [f"line {i}: the cat sat on mat number {i * 7 % 13}.\n" for i in range(n_lines)]
+    return "".join(lines) + extra
+
+
+def listing(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+
+# --------------------------------------------------------------------------------- splitting
+
+
+def test_split_one_document_at_ninety_percent():
+    train, val = split_documents(["x" * 1000])
+    assert len(train[0]) == 900 and len(val[0]) == 100
+
+
+def test_split_many_documents_keeps_whole_documents_at_the_end():
+    docs = [f"doc{i}" * 10 for i in range(20)]
+    train, val = split_documents(docs)
+    assert train + val == docs
+    assert len(val) == 2  # 2 of 20 equal documents hold 10%
+    assert split_documents(["a" * 5, "b" * 100]) == (["a" * 5], ["b" * 100])  # train keeps one
+
+
+# ------------------------------------------------------------------------------- preparation
+
+
+def test_prepare_char_file(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    # "Z" occurs only in the last 10%: the vocab comes from the whole corpus, so val encodes
+    text = make_text(extra="Zebra!\n")
+    corpus.write_text(text)
+    prepared = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    assert prepared.dir.parent == tmp_path / "data"
+    assert prepared.dir.name.startswith("corpus-char-")
+    assert sorted(p.name for p in prepared.dir.iterdir()) == [
+        "meta.json",
+        "tokenizer.json",
+        "train.bin",
+        "val.bin",
+    ]
+    assert prepared.dtype == np.uint16
+    train, val = prepared.train_tokens(), prepared.val_tokens()
+    assert isinstance(train, np.memmap)
+    tok = prepared.tokenizer
+    assert tok.decode(train.tolist()) + tok.decode(val.tolist()) == text
+    assert "Z" in tok.decode(val.tolist()) and "Z" not in tok.decode(train.tolist())
+    meta = prepared.meta
+    assert meta["characters"] == len(text) and meta["documents"] == 1
+    assert meta["train_tokens"] + meta["val_tokens"] == len(text)
+    assert meta["val_tokens"] == len(text) - int(len(text) * 0.9)
+    assert (
+        meta["content_hash"]
+        == hashlib.sha256(len(text).to_bytes(8, "little") + text.encode()).hexdigest()
+    )
+    assert meta["tokenizer"]["kind"] == "char" and meta["source_kind"] == "file"
+    assert meta["bytes_per_token"] == pytest.approx(1.0)
+
+
+def test_prepare_folder_bpe_joins_documents_with_eot(tmp_path):
+    folder = tmp_path / "books"
+    (folder / "b" / "deep").mkdir(parents=True)
+    docs = {f"a{i}.txt": make_text(30 + i) for i in range(6)}
+    docs["b/deep/z.txt"] = "The last document, in a subfolder. 🎉\n" * 20
+    for name, text in docs.items():
+        (folder / name).write_text(text)
+    (folder / "skip.md").write_text("not matched by the glob")
+    prepared = prepare(folder, "bpe", 300, tmp_path / "data", progress=False)
+    meta = prepared.meta
+    assert meta["documents"] == 7 and meta["source_kind"] == "folder"
+    tok = prepared.tokenizer
+    assert tok.vocab_size == 300 and meta["eot_id"] == 299
+    ordered = [docs[name] for name in sorted(docs)]  # sorted by relative path
+    train_docs = tok.decode(prepared.train_tokens().tolist()).split("<|endoftext|>")
+    val_docs = tok.decode(prepared.val_tokens().tolist()).split("<|endoftext|>")
+    assert train_docs + val_docs == ordered
+    assert len(val_docs) == meta["val_documents"] >= 1
+    assert meta["bytes_per_token"] > 1.5
+
+
+def test_prepare_reuses_and_reprepares(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    first = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    assert not first.reused
+    stamp = first.train_path.stat().st_mtime_ns
+    again = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    assert again.reused and again.dir == first.dir
+    assert again.train_path.stat().st_mtime_ns == stamp  # not written again
+    corpus.write_text(make_text() + "one more line\n")
+    changed = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    assert not changed.reused and changed.dir != first.dir
+    other_tokenizer = prepare(corpus, "bpe", 260, tmp_path / "data", progress=False)
+    assert other_tokenizer.dir not in (first.dir, changed.dir)
+    assert load_prepared(changed.dir).meta == changed.meta
+    assert len(list((tmp_path / "data").iterdir())) == 3  # no temporary leftovers
+
+
+def test_prepare_named_encoding_writes_uint32(tmp_path, monkeypatch):
+    from minigpt import tokenizer as tokenizer_module
+
+    class FakeCl100k(tokenizer_module.BPETokenizer):
+        """A bpe tokenizer that claims a 100k vocab, as cl100k_base would (no download)."""
+
+        @property
+        def vocab_size(self):
+            return 100277
+
+    small = tokenizer_module.BPETokenizer.train([make_text()], 270)
+    monkeypatch.setattr(
+        data, "train_tokenizer", lambda kind, texts, vocab_size: FakeCl100k(small.mergeable_ranks)
+    )
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    prepared = prepare(corpus, "cl100k_base", data_dir=tmp_path / "data", progress=False)
+    assert prepared.dtype == np.uint32 and prepared.meta["dtype"] == "uint32"
+    assert prepared.train_path.stat().st_size == 4 * prepared.meta["train_tokens"]
+
+
+def test_prepare_builtin_registry_and_induction(tmp_path, monkeypatch):
+    monkeypatch.setitem(
+        BUILTIN_DATASETS,
+        "tiny",
+        data.BuiltinDataset("two documents", lambda data_dir, progress: ["ab" * 50, "ba" * 50]),
+    )
+    prepared = prepare("tiny", "char", data_dir=tmp_path, progress=False)
+    assert prepared.meta["source"] == "tiny" and prepared.meta["source_kind"] == "builtin"
+    # char has no end-of-text token: each document ends with a newline instead
+    assert prepared.tokenizer.chars == ["\n", "a", "b"]
+    assert {"pystdlib", "shakespeare", "induction"} <= set(BUILTIN_DATASETS)
+
+
+def test_induction_documents():
+    docs = induction_documents()
+    assert len(docs) == 4000
+    assert docs == induction_documents()  # fixed seed
+    assert docs != induction_documents(seed=1)
+    for doc in docs[:500]:
+        line = doc.rstrip("\n")
+        assert re.fullmatch("[a-z]+\n", doc) and 100 <= len(line) <= 200
+        # some segment of 8 or more letters appears twice
+        assert any(line.find(line[i : i + 8], i + 1) != -1 for i in range(len(line) - 8))
+    short = induction_documents(10, min_length=20, max_length=20, min_segment=5, max_segment=5)
+    assert all(len(doc) == 21 for doc in short)
+    with pytest.raises(MinigptError):
+        induction_documents(min_length=10, max_segment=24)
+
+
+def test_pystdlib_is_the_standard_library_without_tests():
+    files = stdlib_files()
+    names = [f.as_posix() for f in files]
+    assert len(files) > 300
+    assert any(name.endswith("/json/decoder.py") for name in names)
+    for skipped in ("/test/", "/tests/", "/idlelib/", "/site-packages/"):
+        assert not any(skipped in name for name in names)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    assert names == sorted(names, key=lambda name: Path(name).relative_to(root).as_posix())
+    documents = BUILTIN_DATASETS["pystdlib"].documents(Path("unused"), False)
+    assert len(documents) == len(files)
+    assert "def " in documents[len(documents) // 2]
+
+
+# -------------------------------------------------------------------------------- bad input
+
+
+def assert_nothing_written(data_dir: Path):
+    assert not data_dir.exists() or listing(data_dir) == []
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda d: d / "missing.txt", "no file, folder or built-in dataset"),
+        (lambda d: (d / "empty.txt").write_text("") and None or d / "empty.txt", "is empty"),
+        (lambda d: (d / "empty").mkdir() or d / "empty", "no files matching"),
+        (lambda d: (d / "latin1.txt").write_bytes("café\n".encode("latin-1")) and d / "latin1.txt", "not UTF-8 text .*0xe9 at offset 3"),
+        (lambda d: (d / "blob.txt").write_bytes(b"PK\x03\x04\x00\x00binary") and d / "blob.txt", "looks binary"),
+    ],
+)  # fmt: skip
+def test_bad_sources(tmp_path, make, message):
+    source = make(tmp_path)
+    with pytest.raises(MinigptError, match=message):
+        prepare(source, "char", data_dir=tmp_path / "data", progress=False)
+    assert_nothing_written(tmp_path / "data")
+
+
+def test_bad_tokenizer_settings_fail_before_reading(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    with pytest.raises(MinigptError, match="too small for BPE"):
+        prepare(corpus, "bpe", 200, tmp_path / "data", progress=False)
+    with pytest.raises(MinigptError, match="unknown tokenizer"):
+        prepare(corpus, "words", data_dir=tmp_path / "data", progress=False)
+    assert_nothing_written(tmp_path / "data")
+
+
+def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    real_write = data.write_tokens
+
+    def write_then_fail(path, ids, dtype):
+        real_write(path, ids, dtype)
+        if path.name == "val.bin":
+            raise KeyboardInterrupt  # killed half way through the folder
+
+    monkeypatch.setattr(data, "write_tokens", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    assert listing(tmp_path / "data") == []
+
+
+def test_token_id_that_does_not_fit_the_dtype(tmp_path):
+    with pytest.raises(MinigptError, match="token id 70000 does not fit the token file's uint16"):
+        write_tokens(tmp_path / "x.bin", np.array([1, 70000]), np.uint16)
+    assert listing(tmp_path) == []
+    write_tokens(tmp_path / "x.bin", np.array([1, 70000]), np.uint32)
+    assert np.fromfile(tmp_path / "x.bin", dtype=np.uint32).tolist() == [1, 70000]
+
+
+def test_check_block_size(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("x" * 199 + "\n")  # 180 train, 20 val
+    prepared = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    check_block_size(prepared, 19)
+    with pytest.raises(
+        MinigptError, match="the val split .* has 20 tokens, fewer than block_size \\+ 1 = 21"
+    ):
+        check_block_size(prepared, 20)
+
+
+def run_cli(monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["minigpt", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    return exit_info.value.code
+
+
+def test_cli_prepare(tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    code = run_cli(monkeypatch, "prepare", str(corpus), "--data-dir", str(tmp_path / "d"))
+    out = capsys.readouterr().out
+    assert code == 0
+    for word in (
+        "characters",
+        "documents",
+        "train tokens",
+        "val tokens",
+        "vocab size",
+        "bytes/token",
+    ):
+        assert word in out
+    assert str(tmp_path / "d") in out
+    code = run_cli(
+        monkeypatch, "prepare", str(tmp_path / "nope"), "--data-dir", str(tmp_path / "d")
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: no file, folder") and "Traceback" not in err
+    code = run_cli(monkeypatch, "prepare", str(corpus), "-t", "bpe", "--vocab-size", "100")
+    assert code == 2 and "too small for BPE" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- shakespeare on loopback
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """Serve a folder over HTTP on 127.0.0.1; yields a function folder -> base URL."""
+    servers = []
+
+    def start(folder: Path) -> str:
+        handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+        handler.log_message = lambda *args: None
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.skipif(not SHAKESPEARE.exists(), reason="needs ../shared/data/tinyshakespeare")
+def test_shakespeare_download_on_loopback(tmp_path, serve, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "input.txt").write_bytes(SHAKESPEARE.read_bytes())
+    url = serve(site) + "/input.txt"
+    path = fetch_shakespeare(tmp_path / "data", url=url, progress=False)
+    assert path == tmp_path / "data" / "shakespeare" / "input.txt"
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == SHAKESPEARE_SHA256
+    assert listing(path.parent) == ["input.txt"]
+    # once there, it is never fetched again (the URL now goes nowhere)
+    monkeypatch.setenv(data.SHAKESPEARE_URL_ENV, "http://127.0.0.1:9/input.txt")
+    prepared = prepare("shakespeare", "char", data_dir=tmp_path / "data", progress=False)
+    assert prepared.meta["characters"] == 1115394 and prepared.tokenizer.vocab_size == 65
+
+
+def test_shakespeare_wrong_checksum_leaves_nothing(tmp_path, serve, monkeypatch):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "input.txt").write_text("To be, or not to be\n" * 100)
+    monkeypatch.setenv(data.SHAKESPEARE_URL_ENV, serve(site) + "/input.txt")
+    with pytest.raises(MinigptError, match="not tiny shakespeare \\(wrong sha256\\)") as err:
+        prepare("shakespeare", "char", data_dir=tmp_path / "data", progress=False)
+    assert "shakespeare/input.txt" in err.value.hint
+    assert_nothing_written(tmp_path / "data")
+
+
+def test_shakespeare_server_down(tmp_path, serve):
+    url = serve(tmp_path) + "/missing.txt"  # 404
+    with pytest.raises(MinigptError, match="could not download tiny shakespeare"):
+        fetch_shakespeare(tmp_path / "data", url=url, progress=False)
+    import socket
+
+    with socket.socket() as sock:  # a port that was free a moment ago: connection refused
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(MinigptError, match="could not download") as err:
+        fetch_shakespeare(
+            tmp_path / "data", url=f"http://127.0.0.1:{port}/input.txt", progress=False
+        )
+    assert f"put it at {tmp_path / 'data' / 'shakespeare' / 'input.txt'}" in err.value.hint
+    assert_nothing_written(tmp_path / "data")
+
+
+def test_shakespeare_wrong_file_in_place(tmp_path):
+    path = tmp_path / "shakespeare" / "input.txt"
+    path.parent.mkdir()
+    path.write_text("not it")
+    with pytest.raises(MinigptError, match="is not tiny shakespeare"):
+        fetch_shakespeare(tmp_path, url="http://127.0.0.1:9/", progress=False)
+    assert path.read_text() == "not it"
+
+
+# ------------------------------------------------------------------------------------ batcher
+
+
+def test_batcher_windows_and_shift():
+    tokens = np.arange(1000, dtype=np.uint16)
+    batcher = Batcher(tokens, block_size=16, batch_size=8, seed=0)
+    x, y = batcher.next()
+    assert x.shape == y.shape == (8, 16) and x.dtype == y.dtype == torch.int64
+    assert x.is_contiguous() and y.is_contiguous()
+    assert torch.equal(y, x + 1)  # windows of consecutive tokens, y shifted by one
+    assert torch.equal(x, x[:, :1] + torch.arange(16))
+    starts = torch.cat([batcher.next()[0][:, 0] for _ in range(200)])
+    assert starts.min() >= 0 and starts.max() <= 1000 - 17  # the last window ends at the last token
+    assert starts.max() > 900  # and windows reach the end
+
+
+def test_batcher_is_seeded_and_resumes_exactly(tmp_path):
+    tokens = np.random.default_rng(0).integers(0, 500, 5000).astype(np.uint16)
+    a = Batcher(tokens, 32, 4, seed=7)
+    b = Batcher(tokens, 32, 4, seed=7)
+    assert all(torch.equal(a.next()[0], b.next()[0]) for _ in range(3))
+    assert not torch.equal(
+        Batcher(tokens, 32, 4, seed=8).next()[0], Batcher(tokens, 32, 4, seed=7).next()[0]
+    )
+    for _ in range(5):
+        a.next()
+    torch.save(a.state_dict(), tmp_path / "state.pt")
+    expected = [a.next() for _ in range(4)]
+    resumed = Batcher(tokens, 32, 4, seed=123)
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    for x, y in expected:
+        rx, ry = resumed.next()
+        assert torch.equal(rx, x) and torch.equal(ry, y)
+
+
+def test_batcher_on_prepared_memmap(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    prepared = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    tokens = prepared.train_tokens()
+    x, y = Batcher(tokens, 64, 4, seed=0).next()
+    text = prepared.tokenizer.decode(tokens.tolist())
+    for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
+        assert prepared.tokenizer.decode(row_x) in text
+        assert row_x[1:] == row_y[:-1]
+    with pytest.raises(MinigptError, match="fewer than block_size \\+ 1"):
+        Batcher(prepared.val_tokens(), len(prepared.val_tokens()), 4, seed=0)

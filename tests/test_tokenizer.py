@@ -1,0 +1,232 @@
+"""Tokenizers: round trips, unseen characters, streaming decode, JSON, tiktoken offline."""
+
+import base64
+import hashlib
+import socket
+
+import pytest
+import tiktoken
+import tiktoken.load
+import tiktoken.registry
+
+from minigpt.errors import MinigptError
+from minigpt.tokenizer import (
+    ENDOFTEXT,
+    BPETokenizer,
+    CharTokenizer,
+    NamedTokenizer,
+    load_tokenizer,
+    save_tokenizer,
+    tokenizer_from_json,
+    train_tokenizer,
+)
+
+CORPUS = (
+    "The quick brown fox jumps over the lazy dog. "
+    "Café crème, naïve façade, smörgåsbord and jalapeño.\n"
+    "def f(x):\n    return x ** 2  # squares 12345\n"
+) * 40
+HARD_STRINGS = [
+    "",
+    "hello world",
+    "🎉 party 👩‍👩‍👧 family",
+    "Ünïcödé äccents, 日本語, Ελληνικά, עברית",
+    "tabs\tand\r\nnewlines\n\n\n",
+    "<|endoftext|> is just text here",
+    "\U0001f600" * 5 + "x",
+]
+
+
+def stream(tokenizer, ids, step=1):
+    """Decode ids through the stream decoder `step` ids at a time; return each piece."""
+    decoder = tokenizer.stream_decoder()
+    pieces = [decoder.push(ids[i : i + step]) for i in range(0, len(ids), step)]
+    pieces.append(decoder.flush())
+    return pieces
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return BPETokenizer.train([CORPUS], vocab_size=320)
+
+
+# ------------------------------------------------------------------------------------- char
+
+
+def test_char_round_trip_and_vocab():
+    tok = CharTokenizer.from_text("hello world")
+    assert tok.chars == sorted(set("hello world"))
+    assert tok.vocab_size == 8
+    assert tok.eot_id is None
+    ids = tok.encode("world hello")
+    assert tok.decode(ids) == "world hello"
+    assert "".join(stream(tok, ids)) == "world hello"
+
+
+def test_char_unseen_characters_name_them():
+    tok = CharTokenizer.from_text("abc")
+    with pytest.raises(MinigptError, match=r"2 character\(s\).*'x', 'z'"):
+        tok.encode("abzx")
+
+
+def test_char_fallback_is_opt_in_and_saved(tmp_path):
+    tok = CharTokenizer.from_text("ab?", unknown="?")
+    assert tok.decode(tok.encode("azb")) == "a?b"
+    save_tokenizer(tok, tmp_path / "tokenizer.json")
+    again = load_tokenizer(tmp_path / "tokenizer.json")
+    assert again.unknown == "?"
+    assert again.decode(again.encode("zz")) == "??"
+    with pytest.raises(MinigptError, match="not in the vocabulary"):
+        CharTokenizer(["a", "b"], unknown="?")
+
+
+def test_train_tokenizer_char_from_documents():
+    tok = train_tokenizer("char", ["ab", "cd\n"])
+    assert tok.chars == ["\n", "a", "b", "c", "d"]
+    with pytest.raises(MinigptError, match="only to the bpe"):
+        train_tokenizer("char", ["ab"], vocab_size=300)
+    with pytest.raises(MinigptError, match="unknown tokenizer"):
+        train_tokenizer("wordpiece", ["ab"])
+
+
+# -------------------------------------------------------------------------------------- bpe
+
+
+def test_bpe_vocab_layout(bpe):
+    assert bpe.vocab_size == 320
+    assert bpe.eot_id == 319  # bytes 0..255, merges 256..318, then <|endoftext|>
+    assert sorted(bpe.mergeable_ranks.values()) == list(range(319))
+    assert all(bpe.mergeable_ranks[bytes([b])] == b for b in range(256))
+    # merges compress the corpus it was trained on
+    assert len(bpe.encode(CORPUS)) < 0.6 * len(CORPUS.encode("utf-8"))
+
+
+@pytest.mark.parametrize("text", HARD_STRINGS)
+def test_bpe_round_trips_any_string(bpe, text):
+    ids = bpe.encode(text)
+    assert all(0 <= i < bpe.vocab_size for i in ids)
+    assert bpe.decode(ids) == text
+    assert "".join(stream(bpe, ids)) == text
+    assert "".join(stream(bpe, ids, step=3)) == text
+
+
+def test_bpe_endoftext_in_text_is_not_special(bpe):
+    assert bpe.eot_id not in bpe.encode(ENDOFTEXT)
+    assert bpe.decode([bpe.eot_id]) == ENDOFTEXT
+
+
+def test_stream_decoder_holds_back_a_split_emoji(bpe):
+    ids = bpe.encode("a🎉b")
+    emoji_ids = bpe.encode("🎉")
+    assert len(emoji_ids) == 4  # never seen in training: one token per byte
+    assert bpe.decode(emoji_ids[:2]) == "\ufffd"  # decoding a part alone would be broken
+    pieces = stream(bpe, ids)
+    assert pieces == ["a", "", "", "", "🎉", "b", ""]
+    assert not any("\ufffd" in piece for piece in pieces)
+
+
+def test_stream_decoder_flushes_a_dangling_partial_character(bpe):
+    decoder = bpe.stream_decoder()
+    assert decoder.push(bpe.encode("🎉")[:2]) == ""
+    assert decoder.flush() == "\ufffd"  # the incomplete bytes are shown, not lost silently
+
+
+def test_bpe_json_round_trip(bpe, tmp_path):
+    data = bpe.to_json()
+    assert data["kind"] == "bpe"
+    assert data["special_tokens"] == {ENDOFTEXT: 319}
+    assert base64.b64decode(data["ranks"][ord("A")]) == b"A"
+    save_tokenizer(bpe, tmp_path / "tokenizer.json")
+    again = load_tokenizer(tmp_path / "tokenizer.json")
+    assert isinstance(again, BPETokenizer)
+    for text in HARD_STRINGS + [CORPUS[:500]]:
+        assert again.encode(text) == bpe.encode(text)
+    assert again.vocab_size == bpe.vocab_size and again.eot_id == bpe.eot_id
+
+
+def test_bpe_damaged_json_is_a_clear_error():
+    with pytest.raises(MinigptError, match="damaged"):
+        tokenizer_from_json({"kind": "bpe", "ranks": ["not base64!"]})
+    with pytest.raises(MinigptError, match="ranks"):
+        BPETokenizer({b"a": 0})
+
+
+@pytest.mark.parametrize("vocab_size", [0, 256, 257])
+def test_bpe_vocab_too_small(vocab_size):
+    with pytest.raises(MinigptError, match="too small for BPE"):
+        train_tokenizer("bpe", [CORPUS], vocab_size)
+
+
+def test_train_tokenizer_bpe_defaults_to_2048():
+    tok = train_tokenizer("bpe", [CORPUS * 5])
+    # the tiny corpus runs out of pairs before 2048, but the request was for 2048
+    assert 300 < tok.vocab_size <= 2048
+
+
+def test_unknown_kind_in_json():
+    with pytest.raises(MinigptError, match="unknown tokenizer kind"):
+        tokenizer_from_json({"kind": "sentencepiece"})
+
+
+# ------------------------------------------------------------------- named tiktoken encodings
+
+CL100K_URL = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
+
+
+@pytest.fixture
+def fresh_tiktoken(monkeypatch, tmp_path):
+    """tiktoken with an empty in-process registry and its cache in tmp_path."""
+    monkeypatch.setattr(tiktoken.registry, "ENCODINGS", {})
+    cache = tmp_path / "tiktoken-cache"
+    cache.mkdir()
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to resolve a name or open a connection fails (and is recorded)."""
+    attempts = []
+
+    def refuse(*args, **kwargs):
+        attempts.append(args)
+        raise OSError("network is blocked in tests")
+
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    return attempts
+
+
+def test_named_encoding_from_cache(fresh_tiktoken, no_network, monkeypatch):
+    # A tiny stand-in ranks file (256 bytes + 2 merges) under the name tiktoken looks for:
+    # sha1 of the blob URL. tiktoken also checks the real file's sha256, which a stand-in
+    # cannot match, so that one check is told to pass.
+    ranks = {bytes([b]): b for b in range(256)} | {b"he": 256, b"hel": 257}
+    lines = [base64.b64encode(token) + b" %d" % rank for token, rank in ranks.items()]
+    cache_name = hashlib.sha1(CL100K_URL.encode()).hexdigest()
+    (fresh_tiktoken / cache_name).write_bytes(b"\n".join(lines) + b"\n")
+    monkeypatch.setattr(tiktoken.load, "check_hash", lambda data, expected: True)
+
+    tok = NamedTokenizer("cl100k_base")
+    assert tok.kind == "cl100k_base"
+    ids = tok.encode("hello 🎉")
+    assert ids[0] == 257  # "hel" merged
+    assert tok.decode(ids) == "hello 🎉"
+    assert "".join(stream(tok, ids)) == "hello 🎉"
+    assert tok.eot_id == 100257 and tok.vocab_size == 100277
+    assert tok.to_json() == {"kind": "cl100k_base"}
+    assert tokenizer_from_json({"kind": "cl100k_base"}).encode("hello") == tok.encode("hello")
+    assert no_network == []
+
+
+@pytest.mark.parametrize("name", ["gpt2", "cl100k_base"])
+def test_named_encoding_offline_is_one_sentence(fresh_tiktoken, no_network, name):
+    with pytest.raises(MinigptError) as err:
+        NamedTokenizer(name)
+    message = str(err.value)
+    assert name in message and "not in tiktoken's cache" in message
+    assert "char" in message and "bpe" in message
+    assert "\n" not in message
+    assert no_network  # it did try, and the attempt was refused before any socket opened
+    assert list(fresh_tiktoken.iterdir()) == []
