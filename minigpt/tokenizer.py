@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import socket
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -153,14 +154,13 @@ class CharTokenizer(Tokenizer):
 
     def decode(self, ids: list[int]) -> str:
         chars = self.chars
-        try:
-            return "".join(chars[i] for i in ids)
-        except IndexError:
-            bad = [i for i in ids if not 0 <= i < len(chars)]
+        bad = next((i for i in ids if not 0 <= i < len(chars)), None)  # -1 must not mean "last"
+        if bad is not None:
             raise MinigptError(
-                f"token id {bad[0]} is outside the char vocabulary of {len(chars)}",
+                f"token id {bad} is outside the char vocabulary of {len(chars)}",
                 hint="the ids come from a different tokenizer",
-            ) from None
+            )
+        return "".join(chars[i] for i in ids)
 
     def to_json(self) -> dict:
         data: dict = {"kind": self.kind, "chars": self.chars}
@@ -200,9 +200,11 @@ class TiktokenTokenizer(Tokenizer):
     def token_bytes(self, ids: list[int]) -> bytes:
         try:
             return self.encoding.decode_bytes(ids)
-        except KeyError as err:
+        except (KeyError, OverflowError):  # an unknown id, or a negative one
+            bad = next((i for i in ids if not 0 <= i < self.vocab_size), None)
+            where = f"token id {bad} is outside" if bad is not None else "a token id is not in"
             raise MinigptError(
-                f"token id {err.args[0] if err.args else '?'} is not in the {self.kind} vocabulary of {self.vocab_size}",
+                f"{where} the {self.kind} vocabulary of {self.vocab_size}",
                 hint="the ids come from a different tokenizer",
             ) from None
 
@@ -298,14 +300,19 @@ def load_tiktoken_encoding(name: str):
         raise MinigptError(
             f"unknown tokenizer {name!r}", hint=f"choose one of: {', '.join(TOKENIZER_KINDS)}"
         )
+    previous_timeout = socket.getdefaulttimeout()
+    # tiktoken downloads without a timeout; a dead network must fail, not hang
+    socket.setdefaulttimeout(30)
     try:
         return tiktoken.get_encoding(name)
-    except (OSError, ValueError) as err:  # requests' errors are OSErrors; a bad download a ValueError
+    except (OSError, ValueError) as err:  # requests' errors are OSErrors, a bad file a ValueError
         raise MinigptError(
             f"the {name} encoding is not in tiktoken's cache and could not be downloaded "
             f"({type(err).__name__}); use the char or bpe tokenizer, which need no download",
             hint="or connect to the internet once so tiktoken can cache it (TIKTOKEN_CACHE_DIR)",
         ) from err
+    finally:
+        socket.setdefaulttimeout(previous_timeout)
 
 
 def check_bpe_vocab_size(vocab_size: int) -> None:

@@ -144,6 +144,16 @@ def test_bpe_json_round_trip(bpe, tmp_path):
     assert again.vocab_size == bpe.vocab_size and again.eot_id == bpe.eot_id
 
 
+@pytest.mark.parametrize("bad_id", [320, 10**6, -1])
+def test_unknown_ids_are_a_clear_error(bpe, bad_id):
+    with pytest.raises(
+        MinigptError, match=f"token id {bad_id} is outside the bpe vocabulary of 320"
+    ):
+        bpe.decode([5, bad_id])
+    with pytest.raises(MinigptError, match="outside the char vocabulary"):
+        CharTokenizer(["a"]).decode([bad_id])
+
+
 def test_bpe_damaged_json_is_a_clear_error():
     with pytest.raises(MinigptError, match="damaged"):
         tokenizer_from_json({"kind": "bpe", "ranks": ["not base64!"]})
