@@ -399,8 +399,8 @@ def tokenize_documents(
     parts: list[np.ndarray] = []
     batch = 64
     total_chars = sum(len(doc) for doc in documents)
-    with tqdm(total=total_chars, unit="char", unit_scale=True, desc=desc,
-              disable=not progress or total_chars < 5_000_000) as bar:  # fmt: skip
+    show = progress and total_chars >= 5_000_000  # a bar only where the wait is noticeable
+    with tqdm(total=total_chars, unit="char", unit_scale=True, desc=desc, disable=not show) as bar:
         for start in range(0, len(documents), batch):
             chunk = documents[start : start + batch]
             for i, ids in enumerate(tokenizer.encode_batch(chunk)):
@@ -412,15 +412,21 @@ def tokenize_documents(
 
 
 def prepare(
-    source: str | Path = DEFAULT_SOURCE,
+    source: str | Path | None = DEFAULT_SOURCE,
     tokenizer: str = "char",
     vocab_size: int | None = None,
     data_dir: Path = DEFAULT_DATA_DIR,
     glob: str = "*.txt",
     progress: bool = True,
 ) -> PreparedData:
-    """Tokenise `source` once into data_dir/<name>-<tokenizer>-<hash>/, or reuse that folder."""
+    """Tokenise `source` once into data_dir/<name>-<tokenizer>-<hash>/, or reuse that folder.
+
+    `source` is a built-in dataset name, a text file or a folder (read with `glob`);
+    None means the default, pystdlib. Raises MinigptError for bad input, before
+    anything is written.
+    """
     data_dir = Path(data_dir)
+    source = DEFAULT_SOURCE if source is None else source
     vocab_size = check_tokenizer_settings(tokenizer, vocab_size)
     corpus = load_corpus(source, data_dir, glob, progress)
     documents = [doc for doc in corpus.documents if doc]  # an empty file adds nothing
