@@ -1,0 +1,706 @@
+"""What every attention head does: capture A, score it, label it, rank it.
+
+For one head's attention matrix A (T x T, row i = query i, causal so A[i, j] = 0
+for j > i, each row sums to 1) the metrics are:
+
+    previous_token   mean over i >= 1 of A[i, i-1]
+    induction        on a probe [r1..rn, r1..rn]: mean over i = n..2n-1 of A[i, i-n+1]
+                     (the query looks at the token *after* its earlier copy)
+    duplicate_token  on the same probe: mean over i = n..2n-1 of A[i, i-n]
+                     (the query looks at its earlier copy)
+    first_token      mean over i of A[i, 0] (the "attention sink")
+    entropy          mean over rows of -sum_j A[i, j] log A[i, j]        (nats)
+    norm_entropy     mean over rows i >= 1 of that entropy / log(i + 1)  (1.0 = uniform)
+    mean_distance    mean over rows of sum_j A[i, j] (i - j)             (tokens)
+    confidence       mean over rows of max_j A[i, j]
+    importance       rise in mean loss when the head's output is zeroed (head_gates)
+    grad_importance  E_x |dL(x)/d gate_h| at gate = 1 (Michel et al., 2019), one
+                     backward pass for all heads
+    nearest          the other head with the smallest Jensen-Shannon divergence
+                     between their attention rows (bits, averaged over rows)
+
+Several prompts (or probe sequences) are scored one by one and the metrics
+averaged over all of them; the first sequence is only what the pictures show.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from minigpt.errors import MinigptError
+from minigpt.model import GPT
+from minigpt.tokenizer import Tokenizer
+
+# ---------------------------------------------------------------------------
+# Roles
+
+
+@dataclass(frozen=True)
+class RoleThresholds:
+    """How a head's metrics become its role; the first rule that matches wins.
+
+    1. induction        induction score >= induction        (only with --repeated)
+    2. previous-token   previous-token score >= previous_token
+    3. duplicate-token  duplicate-token score >= duplicate_token (only with --repeated)
+    4. first-token      first-token (sink) score >= first_token
+    5. broad            normalised entropy >= broad_entropy (close to uniform)
+    6. local            mean attention distance <= local_distance tokens
+    7. mixed            none of the above
+    """
+
+    induction: float = 0.4
+    previous_token: float = 0.5
+    duplicate_token: float = 0.5
+    first_token: float = 0.5
+    local_distance: float = 2.0
+    broad_entropy: float = 0.75
+
+    def describe(self) -> str:
+        """One line per rule, for the CLI help and the reports."""
+        return (
+            f"induction: induction score >= {self.induction}; "
+            f"previous-token: previous-token score >= {self.previous_token}; "
+            f"duplicate-token: duplicate-token score >= {self.duplicate_token}; "
+            f"first-token: first-token score >= {self.first_token}; "
+            f"broad: normalised entropy >= {self.broad_entropy}; "
+            f"local: mean attention distance <= {self.local_distance} tokens; "
+            "mixed: anything else (first matching rule wins, in this order)"
+        )
+
+
+ROLE_THRESHOLDS = RoleThresholds()
+ROLES = ("induction", "previous-token", "duplicate-token", "first-token", "broad", "local", "mixed")
+
+REPEATED_PROBES = 8
+"""How many random [r, r] sequences `--repeated N` averages over."""
+IMPORTANCE_BATCHES = 8
+"""Validation batches the ablation importance is averaged over."""
+IMPORTANCE_BATCH_SIZE = 4
+"""Sequences (of block_size tokens) per importance batch."""
+
+
+def assign_role(metrics: dict, thresholds: RoleThresholds = ROLE_THRESHOLDS) -> str:
+    """The role of one head from its metrics dict (keys as in `HeadMetrics`)."""
+
+    def at_least(key: str, limit: float) -> bool:
+        value = metrics.get(key)
+        return value is not None and not math.isnan(value) and value >= limit
+
+    if at_least("induction", thresholds.induction):
+        return "induction"
+    if at_least("previous_token", thresholds.previous_token):
+        return "previous-token"
+    if at_least("duplicate_token", thresholds.duplicate_token):
+        return "duplicate-token"
+    if at_least("first_token", thresholds.first_token):
+        return "first-token"
+    if at_least("norm_entropy", thresholds.broad_entropy):
+        return "broad"
+    distance = metrics.get("mean_distance")
+    if distance is not None and not math.isnan(distance) and distance <= thresholds.local_distance:
+        return "local"
+    return "mixed"
+
+
+# ---------------------------------------------------------------------------
+# Metrics of attention matrices. Every function takes A of shape (..., T, T)
+# (any leading dims: heads, layers, sequences) and returns shape (...).
+
+
+def previous_token_score(A: Tensor) -> Tensor:
+    """Mean over i >= 1 of A[i, i-1]; NaN for a one-token sequence."""
+    return torch.diagonal(A, offset=-1, dim1=-2, dim2=-1).mean(-1)
+
+
+def _probe_rows(T: int, n: int) -> Tensor:
+    if not 1 <= n or 2 * n > T:
+        raise MinigptError(
+            f"a repeated probe of half-length {n} needs at least {2 * n} tokens, got {T}",
+            hint="pass the half-length n of a [r1..rn, r1..rn] sequence",
+        )
+    return torch.arange(n, 2 * n)
+
+
+def induction_score(A: Tensor, n: int) -> Tensor:
+    """On [r1..rn, r1..rn]: mean over i = n..2n-1 of A[i, i-n+1]."""
+    rows = _probe_rows(A.size(-1), n)
+    return A[..., rows, rows - n + 1].mean(-1)
+
+
+def duplicate_token_score(A: Tensor, n: int) -> Tensor:
+    """On [r1..rn, r1..rn]: mean over i = n..2n-1 of A[i, i-n]."""
+    rows = _probe_rows(A.size(-1), n)
+    return A[..., rows, rows - n].mean(-1)
+
+
+def first_token_score(A: Tensor) -> Tensor:
+    """Mean over all rows i of A[i, 0] (row 0 counts: it can only attend to itself)."""
+    return A[..., :, 0].mean(-1)
+
+
+def _row_entropy(A: Tensor) -> Tensor:
+    """-sum_j A[i, j] log A[i, j] per row, with 0 log 0 = 0: shape (..., T)."""
+    return -torch.special.xlogy(A, A).sum(-1)
+
+
+def entropy(A: Tensor) -> Tensor:
+    """Mean over rows of the row entropy, in nats."""
+    return _row_entropy(A).mean(-1)
+
+
+def normalised_entropy(A: Tensor) -> Tensor:
+    """Mean over rows i >= 1 of entropy / log(i + 1): 1.0 for uniform causal attention.
+
+    Row 0 is left out: it sees one key, so its maximum entropy log 1 is 0.
+    """
+    T = A.size(-1)
+    max_entropy = torch.log(torch.arange(1, T + 1, dtype=A.dtype, device=A.device))  # (T,)
+    return (_row_entropy(A)[..., 1:] / max_entropy[1:]).mean(-1)
+
+
+def mean_attention_distance(A: Tensor) -> Tensor:
+    """Mean over rows of sum_j A[i, j] (i - j): how far back a head looks, in tokens."""
+    T = A.size(-1)
+    pos = torch.arange(T, dtype=A.dtype, device=A.device)
+    distance = (pos[:, None] - pos[None, :]).clamp(min=0)  # (T, T), i - j
+    return (A * distance).sum(-1).mean(-1)
+
+
+def confidence(A: Tensor) -> Tensor:
+    """Mean over rows of max_j A[i, j]."""
+    return A.amax(-1).mean(-1)
+
+
+def js_divergence(P: Tensor, Q: Tensor) -> Tensor:
+    """Jensen-Shannon divergence in bits between rows of P and Q, averaged over rows.
+
+    P, Q: (..., T, T) broadcastable; each row a distribution. Result in [0, 1].
+    """
+    M = 0.5 * (P + Q)
+    kl_pm = torch.special.xlogy(P, P).sum(-1) - torch.special.xlogy(P, M).sum(-1)
+    kl_qm = torch.special.xlogy(Q, Q).sum(-1) - torch.special.xlogy(Q, M).sum(-1)
+    return ((0.5 * (kl_pm + kl_qm)) / math.log(2)).clamp(min=0).mean(-1)
+
+
+def head_similarity(A: Tensor) -> Tensor:
+    """Pairwise JS divergence between heads: A (N, T, T) for N heads -> (N, N)."""
+    N = A.size(0)
+    out = torch.empty(N, N, dtype=A.dtype)
+    for i in range(N):  # one head against all: (N, T, T) at a time keeps memory small
+        out[i] = js_divergence(A[i : i + 1], A).cpu()
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Capturing attention
+
+
+@torch.no_grad()
+def capture_attention(model: GPT, idx: Tensor) -> Tensor:
+    """Every head's attention weights for token ids idx (B, T): (B, n_layer, H, T, T)."""
+    was_training = model.training
+    model.eval()
+    try:
+        _, _, attention = model.forward_with_attention(idx)
+    finally:
+        model.train(was_training)
+    return torch.stack(attention, dim=1).float()  # (B, L, H, T, T)
+
+
+def repeated_probe(
+    tokenizer: Tokenizer, n: int, count: int = REPEATED_PROBES, seed: int = 0
+) -> Tensor:
+    """`count` seeded random sequences [r1..rn, r1..rn]: (count, 2n) token ids.
+
+    Tokens are drawn uniformly from the tokenizer's vocabulary, end-of-text excluded.
+    """
+    vocab = torch.arange(tokenizer.vocab_size)
+    if tokenizer.eot_id is not None:
+        vocab = vocab[vocab != tokenizer.eot_id]
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(0, len(vocab), (count, n), generator=generator)
+    half = vocab[picks]  # (count, n)
+    return torch.cat([half, half], dim=1)  # (count, 2n)
+
+
+# ---------------------------------------------------------------------------
+# Importance
+
+
+def _loss_from_layer(model: GPT, x: Tensor, start: int, gates: Tensor, targets: Tensor) -> Tensor:
+    """Run blocks start.. of `model` on residual stream x (B, T, C) with per-example
+    gates (n_layer, B, H); mean loss per example (B,)."""
+    for layer in range(start, model.config.n_layer):
+        x, _ = model.blocks[layer](x, gates[layer])
+    logits = model.lm_head(model.ln_f(x))  # (B, T, vocab_size)
+    loss = torch.nn.functional.cross_entropy(
+        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none"
+    )
+    return loss.view(targets.shape).mean(-1)  # (B,)
+
+
+@torch.no_grad()
+def ablation_importance(
+    model: GPT, batches: Iterable[tuple[Tensor, Tensor]]
+) -> tuple[Tensor, float]:
+    """Rise in mean loss when each head alone is zeroed: (n_layer, H), and the base loss.
+
+    Each batch is (x, y), both (B, T). Zeroing a head in layer l leaves layers < l
+    untouched, so the residual stream entering layer l is computed once and only
+    layers l.. rerun per head, with all of that layer's ablations in one batch:
+    the same numbers as `model(x, y, head_gates=...)` at about half the cost.
+    """
+    model.eval()
+    L, H = model.config.n_layer, model.config.n_head
+    rise = torch.zeros(L, H, dtype=torch.float64)
+    base_total, n_batches = 0.0, 0
+    for x_ids, y in batches:
+        B, T = x_ids.shape
+        positions = torch.arange(T, device=x_ids.device)
+        x = model.tok_emb(x_ids) + model.pos_emb(positions)  # (B, T, C)
+        ones = torch.ones(L, B * H, H, device=x_ids.device)
+        base = _loss_from_layer(model, x, 0, ones[:, :B], y).mean().item()
+        for layer in range(L):
+            # H copies of the batch; copy h has head h of this layer zeroed.
+            gates = ones.clone()
+            gates[layer] = (
+                torch.eye(H, device=x_ids.device).logical_not().float().repeat_interleave(B, 0)
+            )
+            loss = _loss_from_layer(
+                model, x.repeat(H, 1, 1), layer, gates, y.repeat(H, 1)
+            )  # (H*B,)
+            rise[layer] += (loss.view(H, B).mean(-1) - base).double().cpu()
+            x, _ = model.blocks[layer](x)
+        base_total += base
+        n_batches += 1
+    if n_batches == 0:
+        raise MinigptError("no batches to measure head importance on")
+    return (rise / n_batches).float(), base_total / n_batches
+
+
+def gradient_importance(model: GPT, batches: Iterable[tuple[Tensor, Tensor]]) -> Tensor:
+    """Michel et al. (2019): E_x |dL(x)/d gate_h| at gate = 1, (n_layer, H).
+
+    One forward and backward pass per batch for all heads; gates are per example
+    (n_layer, B, H) so the absolute value is taken per sequence before averaging.
+    """
+    model.eval()
+    L, H = model.config.n_layer, model.config.n_head
+    total, count = torch.zeros(L, H), 0
+    for x, y in batches:
+        B = x.size(0)
+        gates = torch.ones(L, B, H, device=x.device, requires_grad=True)
+        _, loss = model(x, y, head_gates=gates)
+        (grad,) = torch.autograd.grad(loss, gates)  # d mean-loss / d gate = (1/B) dL_b / d gate
+        total += (grad * B).abs().sum(1).cpu()
+        count += B
+    if count == 0:
+        raise MinigptError("no batches to measure head importance on")
+    return total / count
+
+
+# ---------------------------------------------------------------------------
+# The whole inspection
+
+
+@dataclass
+class HeadMetrics:
+    """Everything known about one head; None where it was not measured."""
+
+    layer: int
+    head: int
+    role: str
+    previous_token: float
+    first_token: float
+    entropy: float
+    norm_entropy: float
+    mean_distance: float
+    confidence: float
+    induction: float | None = None
+    duplicate_token: float | None = None
+    importance: float | None = None
+    grad_importance: float | None = None
+    nearest: tuple[int, int] | None = None
+    nearest_js: float | None = None
+
+    @property
+    def name(self) -> str:
+        return f"L{self.layer}H{self.head}"
+
+
+@dataclass
+class Inspection:
+    """The result of `inspect_heads`: per-head metrics plus what the pictures need."""
+
+    heads: list[HeadMetrics]
+    n_layer: int
+    n_head: int
+    tokens: list[str]
+    """Labels of the first sequence's tokens (what the pictures show)."""
+    attention: Tensor
+    """The first sequence's attention, (n_layer, H, T, T)."""
+    similarity: Tensor
+    """JS divergence (bits) between heads, (n_layer * H, n_layer * H), mean over sequences."""
+    source: str
+    """What was inspected, in words."""
+    n_sequences: int
+    repeated: int | None = None
+    importance_source: str | None = None
+    base_loss: float | None = None
+    notes: list[str] = field(default_factory=list)
+    """Warnings for the user (cropping, importance on the prompt, ...)."""
+    thresholds: RoleThresholds = ROLE_THRESHOLDS
+
+    def head(self, layer: int, head: int) -> HeadMetrics:
+        return self.heads[layer * self.n_head + head]
+
+    def to_dict(self) -> dict:
+        """Everything computed, as JSON-able data (attention rows rounded to 4 decimals)."""
+        T = self.attention.size(-1)
+        rows = [
+            [
+                [
+                    [round(v, 4) for v in self.attention[layer, head, i, : i + 1].tolist()]
+                    for i in range(T)
+                ]
+                for head in range(self.n_head)
+            ]
+            for layer in range(self.n_layer)
+        ]
+        return {
+            "source": self.source,
+            "n_layer": self.n_layer,
+            "n_head": self.n_head,
+            "n_sequences": self.n_sequences,
+            "repeated": self.repeated,
+            "importance_source": self.importance_source,
+            "base_loss": self.base_loss,
+            "notes": self.notes,
+            "thresholds": asdict(self.thresholds),
+            "role_rules": self.thresholds.describe(),
+            "heads": [
+                {
+                    k: None if isinstance(v, float) and math.isnan(v) else v
+                    for k, v in asdict(h).items()
+                }
+                for h in self.heads
+            ],
+            "similarity_js_bits": [[round(v, 5) for v in row] for row in self.similarity.tolist()],
+            "tokens": self.tokens,
+            "attention_first_sequence": rows,
+        }
+
+
+def token_labels(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
+    """One printable label per token id (newlines and tabs shown as escapes)."""
+    labels = []
+    for i in ids:
+        text = tokenizer.decode([int(i)])
+        labels.append(
+            text.encode("unicode_escape").decode("ascii")
+            if not text.isprintable() or text == ""
+            else text
+        )
+    return labels
+
+
+def score_sequences(attention: Tensor, repeated: int | None) -> dict[str, Tensor]:
+    """Metrics of one batch of same-length sequences' attention (B, L, H, T, T),
+    summed over the batch (divide by the number of sequences for the mean): each (L, H)."""
+    scores = {
+        "previous_token": previous_token_score(attention),
+        "first_token": first_token_score(attention),
+        "entropy": entropy(attention),
+        "norm_entropy": normalised_entropy(attention),
+        "mean_distance": mean_attention_distance(attention),
+        "confidence": confidence(attention),
+    }
+    if repeated is not None:
+        scores["induction"] = induction_score(attention, repeated)
+        scores["duplicate_token"] = duplicate_token_score(attention, repeated)
+    return {k: v.sum(0) for k, v in scores.items()}
+
+
+def inspect_heads(
+    model: GPT,
+    tokenizer: Tokenizer,
+    sequences: list[Tensor],
+    repeated: int | None = None,
+    importance_batches: list[tuple[Tensor, Tensor]] | None = None,
+    importance_source: str | None = None,
+    source: str = "prompt",
+    thresholds: RoleThresholds = ROLE_THRESHOLDS,
+) -> Inspection:
+    """Score every head of `model` over `sequences` (each a 1-D tensor of token ids).
+
+    repeated: the half-length n when every sequence is a [r, r] probe (enables the
+        induction and duplicate-token scores).
+    importance_batches: (x, y) batches for ablation and gradient importance; None skips both.
+    """
+    if not sequences:
+        raise MinigptError(
+            "nothing to inspect: no prompt sequences", hint="pass --prompt TEXT or --repeated N"
+        )
+    for seq in sequences:
+        if seq.numel() == 0:
+            raise MinigptError("the prompt is empty", hint="pass a prompt of at least one token")
+    L, H = model.config.n_layer, model.config.n_head
+    device = model.tok_emb.weight.device
+    sums: dict[str, Tensor] = {}
+    similarity = torch.zeros(L * H, L * H)
+    first_attention = None
+    # Group equal-length sequences so probes run as one batch.
+    by_length: dict[int, list[Tensor]] = {}
+    for seq in sequences:
+        by_length.setdefault(seq.numel(), []).append(seq)
+    for seq_group in by_length.values():  # the first group holds sequences[0]
+        attention = capture_attention(
+            model, torch.stack(seq_group).to(device)
+        ).cpu()  # (B, L, H, T, T)
+        if first_attention is None:
+            first_attention = attention[0]
+        for k, v in score_sequences(attention, repeated).items():
+            sums[k] = sums.get(k, 0) + v
+        T = attention.size(-1)
+        for per_seq in attention:
+            similarity += head_similarity(per_seq.reshape(L * H, T, T))
+    n = len(sequences)
+    means = {k: v / n for k, v in sums.items()}
+    similarity /= n
+
+    importance = grad_importance = base_loss = None
+    if importance_batches:
+        importance, base_loss = ablation_importance(model, importance_batches)
+        grad_importance = gradient_importance(model, importance_batches)
+
+    heads = []
+    for layer in range(L):
+        for head in range(H):
+            values = {k: v[layer, head].item() for k, v in means.items()}
+            flat = layer * H + head
+            if L * H > 1:
+                others = similarity[flat].clone()
+                others[flat] = float("inf")
+                nearest_flat = int(others.argmin())
+                nearest, nearest_js = divmod(nearest_flat, H), others[nearest_flat].item()
+            else:
+                nearest = nearest_js = None
+            heads.append(
+                HeadMetrics(
+                    layer=layer,
+                    head=head,
+                    role=assign_role(values, thresholds),
+                    importance=None if importance is None else importance[layer, head].item(),
+                    grad_importance=None
+                    if grad_importance is None
+                    else grad_importance[layer, head].item(),
+                    nearest=nearest,
+                    nearest_js=nearest_js,
+                    **values,
+                )
+            )
+    return Inspection(
+        heads=heads,
+        n_layer=L,
+        n_head=H,
+        tokens=token_labels(tokenizer, sequences[0].tolist()),
+        attention=first_attention,
+        similarity=similarity,
+        source=source,
+        n_sequences=n,
+        repeated=repeated,
+        importance_source=importance_source if importance_batches else None,
+        base_loss=base_loss,
+        thresholds=thresholds,
+    )
+
+
+# ---------------------------------------------------------------------------
+# From a run directory and the user's input to an Inspection
+
+
+def prompt_sequences(
+    tokenizer: Tokenizer, prompts: list[str], block_size: int
+) -> tuple[list[Tensor], list[str]]:
+    """Encode prompts, cropping each to its first block_size tokens: (sequences, warnings)."""
+    sequences, notes = [], []
+    for number, prompt in enumerate(prompts, 1):
+        if not prompt:
+            raise MinigptError(
+                "the prompt is empty", hint="pass some text with --prompt or --prompt-file"
+            )
+        ids = tokenizer.encode(prompt)
+        if not ids:
+            raise MinigptError(
+                "the prompt encodes to no tokens",
+                hint="pass some text with --prompt or --prompt-file",
+            )
+        if len(ids) > block_size:
+            notes.append(
+                f"prompt {number} has {len(ids)} tokens, more than block_size={block_size}: "
+                f"cropped to its first {block_size}"
+            )
+            ids = ids[:block_size]
+        sequences.append(torch.tensor(ids, dtype=torch.long))
+    return sequences, notes
+
+
+def check_repeated(n: int, block_size: int) -> None:
+    """--repeated N needs 2N tokens to fit the context."""
+    if not 2 <= n <= block_size // 2:
+        raise MinigptError(
+            f"--repeated {n} is out of range: the probe is 2N tokens, so with block_size={block_size} "
+            f"N must be from 2 to {block_size // 2}",
+            hint=f"pick N from 2 to {block_size // 2}",
+        )
+
+
+def validation_tokens(config: dict, run_dir: Path) -> tuple[object, str] | None:
+    """The run's prepared validation tokens (a numpy array) and where they are, if findable.
+
+    config.json's 'data' section names the prepared folder (written by `minigpt train`);
+    a relative path is tried from the working directory, then from the run's project.
+    """
+    from minigpt.data import load_prepared
+
+    data = config.get("data") or {}
+    candidates = [
+        data.get(key)
+        for key in ("prepared_dir", "prepared", "dir")
+        if isinstance(data.get(key), str)
+    ]
+    for candidate in candidates:
+        for base in (Path.cwd(), run_dir.resolve().parent.parent):
+            folder = base / candidate
+            if (folder / "meta.json").exists():
+                try:
+                    prepared = load_prepared(folder)
+                    return prepared.val_tokens(), str(folder / "val.bin")
+                except (MinigptError, OSError, ValueError):
+                    continue
+    return None
+
+
+def validation_batches(
+    tokens,
+    block_size: int,
+    n_batches: int = IMPORTANCE_BATCHES,
+    batch_size: int = IMPORTANCE_BATCH_SIZE,
+    seed: int = 0,
+) -> list[tuple[Tensor, Tensor]]:
+    """`n_batches` seeded random windows of the validation tokens, as (x, y) pairs."""
+    from minigpt.data import Batcher
+
+    window = min(block_size, len(tokens) - 1)
+    batcher = Batcher(tokens, window, batch_size, seed)
+    return [batcher.next() for _ in range(n_batches)]
+
+
+def prompt_batches(sequences: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """The prompts themselves as (x, y) next-token batches, equal lengths grouped."""
+    by_length: dict[int, list[Tensor]] = {}
+    for seq in sequences:
+        if seq.numel() >= 2:
+            by_length.setdefault(seq.numel(), []).append(seq)
+    return [(torch.stack(g)[:, :-1], torch.stack(g)[:, 1:]) for g in by_length.values()]
+
+
+def inspect_run(
+    run,
+    prompts: list[str] | None = None,
+    repeated: int | None = None,
+    importance: bool = True,
+    n_probes: int = REPEATED_PROBES,
+    seed: int = 0,
+) -> Inspection:
+    """Inspect a loaded run (`checkpoint.load_run`) on prompts or on the repeated probe.
+
+    With neither, the probe with N = min(32, block_size // 2) is used. Importance is
+    measured on validation batches of the run's prepared data, or on the prompts
+    (with a note saying so) when that data cannot be found.
+    """
+    model, tokenizer = run.model, run.tokenizer
+    block_size = model.config.block_size
+    notes: list[str] = []
+    if prompts and repeated is not None:
+        raise MinigptError("pass either prompts or --repeated, not both", hint="drop one of them")
+    if not prompts:
+        if repeated is None:
+            repeated = min(32, block_size // 2)
+        check_repeated(repeated, block_size)
+        probes = repeated_probe(tokenizer, repeated, n_probes, seed)
+        sequences = list(probes)
+        source = f"{n_probes} random sequences of {repeated} tokens, each followed by itself"
+    else:
+        sequences, notes = prompt_sequences(tokenizer, prompts, block_size)
+        source = "the prompt" if len(prompts) == 1 else f"{len(prompts)} prompts"
+    batches = importance_source = None
+    if importance:
+        found = validation_tokens(run.config, Path(run.dir))
+        device = model.tok_emb.weight.device
+        if found is not None and len(found[0]) >= 2:
+            tokens, where = found
+            batches = validation_batches(tokens, block_size, seed=seed)
+            importance_source = f"{len(batches)} validation batches of {batches[0][0].shape[0]} x {batches[0][0].shape[1]} tokens from {where}"
+        else:
+            batches = prompt_batches(sequences)
+            what = "the probe sequences" if repeated is not None else "the prompt"
+            importance_source = f"{what} (no validation data found for this run)"
+            notes.append(
+                f"importance is measured on {what}: the run's validation data was not found"
+            )
+            if not batches:
+                notes.append("importance skipped: the prompt has fewer than 2 tokens")
+        batches = [(x.to(device), y.to(device)) for x, y in batches] or None
+    inspection = inspect_heads(
+        model,
+        tokenizer,
+        sequences,
+        repeated=repeated,
+        importance_batches=batches,
+        importance_source=importance_source,
+        source=source,
+    )
+    inspection.notes = notes + inspection.notes
+    return inspection
+
+
+def read_prompts(prompts: list[str] | None, prompt_files: list[str] | None) -> list[str]:
+    """The prompts from --prompt (repeatable) and --prompt-file (each file is one prompt)."""
+    texts = list(prompts or [])
+    for name in prompt_files or []:
+        try:
+            texts.append(Path(name).read_text(encoding="utf-8"))
+        except FileNotFoundError as err:
+            raise MinigptError(f"prompt file {name} does not exist", hint="check the path") from err
+        except IsADirectoryError as err:
+            raise MinigptError(
+                f"prompt file {name} is a directory", hint="pass a text file"
+            ) from err
+        except UnicodeDecodeError as err:
+            raise MinigptError(
+                f"prompt file {name} is not UTF-8 text", hint="pass a text file"
+            ) from err
+    return texts
+
+
+def check_head(layer: int | None, head: int | None, n_layer: int, n_head: int) -> None:
+    """--layer / --head must name an existing head."""
+    if head is not None and layer is None:
+        raise MinigptError("--head needs --layer", hint="pass --layer L --head H")
+    if layer is not None and not 0 <= layer < n_layer:
+        raise MinigptError(
+            f"layer {layer} is out of range: this model has layers 0 to {n_layer - 1}",
+            hint=f"pass --layer from 0 to {n_layer - 1}",
+        )
+    if head is not None and not 0 <= head < n_head:
+        raise MinigptError(
+            f"head {head} is out of range: this model has heads 0 to {n_head - 1} in each layer",
+            hint=f"pass --head from 0 to {n_head - 1}",
+        )
