@@ -29,21 +29,212 @@ def _not_built(command: str, issue: str) -> None:
 
 
 @app.command()
-def train() -> None:
+def train(
+    config: str | None = typer.Argument(
+        None, help="A TOML run config such as configs/shakespeare-char.toml (default: built in)."
+    ),
+    data: str | None = typer.Option(
+        None, "--data", help="Corpus: pystdlib, shakespeare, induction, or a file/folder path."
+    ),
+    out: str | None = typer.Option(None, "--out", help="Run directory to write."),
+    sets: list[str] | None = typer.Option(
+        None, "--set", help="Override a config value: section.key=value (repeatable)."
+    ),
+    resume: str | None = typer.Option(
+        None, "--resume", help="Continue the run in this directory from its last state."
+    ),
+    force: bool = typer.Option(False, "--force", help="Overwrite a run already in --out."),
+    max_iters: int | None = typer.Option(None, "--max-iters", help="Total optimizer steps."),
+    max_time: float | None = typer.Option(None, "--max-time", help="Stop after S seconds."),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
+    seed: int | None = typer.Option(None, "--seed", help="Seed for init, dropout and batches."),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="Use torch.compile."),
+) -> None:
     """Train a GPT on a text corpus (default: char-level on the Python standard library)."""
-    _not_built("train", "trainer")
+    from minigpt import train as trainer
+
+    run_config = trainer.build_config(
+        config, sets, resume=resume, data=data, out=out, max_iters=max_iters,
+        max_time=max_time, device=device, seed=seed, compile=compile,
+    )  # fmt: skip
+    result = trainer.train(run_config, resume=resume is not None, force=force)
+    if result.signal:
+        print(trainer.resume_hint(result), file=sys.stderr)
+        raise typer.Exit(result.exit_code)
 
 
 @app.command()
-def generate() -> None:
+def generate(
+    run_dir: str | None = typer.Argument(
+        None, help="Run directory to sample from (default: checkpoints/default)."
+    ),
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="Text to continue."),
+    prompt_file: str | None = typer.Option(
+        None, "--prompt-file", help="Read the prompt from a file."
+    ),
+    max_new_tokens: int = typer.Option(
+        500, "--max-new-tokens", "-n", help="Tokens to generate per sample."
+    ),
+    temperature: float = typer.Option(0.8, help="Softmax temperature; 0 is greedy (argmax)."),
+    top_k: int | None = typer.Option(
+        None, "--top-k", help="Sample among the k most likely tokens."
+    ),
+    top_p: float | None = typer.Option(
+        None, "--top-p", help="Nucleus: the smallest set holding this much probability."
+    ),
+    num_samples: int = typer.Option(
+        1, "--num-samples", "-s", help="Samples, generated as one batch."
+    ),
+    seed: int | None = typer.Option(
+        None, help="Seed of the sampler (default: a fresh one, reported)."
+    ),
+    stop: list[str] | None = typer.Option(  # noqa: B008 (typer reads defaults this way)
+        None, "--stop", help="End a sample before this text (repeatable)."
+    ),
+    stream: bool = typer.Option(
+        True, "--stream/--no-stream", help="Print text as it is generated."
+    ),
+    kv_cache: bool = typer.Option(
+        True, "--kv-cache/--no-kv-cache", help="Reuse keys/values (off: recompute every step)."
+    ),
+    stride: int | None = typer.Option(
+        None,
+        "--overflow-stride",
+        help="At context overflow keep block_size - this many tokens (default block_size/4; 0 = crop every step).",
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object with texts, token counts and timings."
+    ),
+    interactive: bool = typer.Option(
+        False, "--interactive", "-i", help="Prompt loop that keeps the model loaded."
+    ),
+) -> None:
     """Sample text from a trained run with the KV cache."""
-    _not_built("generate", "generation")
+    import json
+
+    from minigpt import generate as gen
+    from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
+
+    options = dict(
+        max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
+        top_k=top_k, top_p=top_p, stop=stop or (), use_kv_cache=kv_cache, stride=stride,
+    )  # fmt: skip
+    gen.check_lengths(max_new_tokens, num_samples)
+    gen.check_sampling(temperature, top_k, top_p)
+    gen.StopStrings(stop or ())
+    text = gen.read_prompt(prompt, prompt_file)
+    run = load_run(run_dir or DEFAULT_RUN_DIR, gen.resolve_device(device))
+    stream = stream and not as_json
+
+    def warn(message: str) -> None:
+        print(f"warning: {message}", file=sys.stderr)
+
+    def sample_once(text: str, seed: int | None) -> None:
+        streamed: list[str] = []  # the prompt goes out with the first piece, after any error
+
+        def on_text(i: int, piece: str) -> None:
+            if i == 0:
+                sys.stdout.write(piece if streamed else text + piece)
+                sys.stdout.flush()
+                streamed.append(piece)
+
+        result = gen.generate_text(
+            run.model, run.tokenizer, text, seed=seed, on_text=on_text if stream else None,
+            on_warning=warn, **options,
+        )  # fmt: skip
+        if as_json:
+            print(json.dumps({"run_dir": str(run.dir), "prompt": text, **result.to_json()}))
+        else:
+            for i, sample in enumerate(result.samples):
+                if i > 0:
+                    sys.stdout.write(gen.SAMPLE_SEPARATOR)
+                if i > 0 or not streamed:
+                    sys.stdout.write(text + sample.text)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        print(gen.stats_line(result), file=sys.stderr)
+
+    if not interactive:
+        sample_once(text, seed)
+        return
+    print(
+        "interactive: type a prompt and press enter; an empty line or Ctrl-D quits", file=sys.stderr
+    )
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line:
+            break
+        try:
+            sample_once(line, seed)
+        except MinigptError as err:  # e.g. unseen characters: say so, keep the loop
+            print(f"error: {err}", file=sys.stderr)
 
 
 @app.command("inspect-heads")
-def inspect_heads() -> None:
-    """Show what every attention head of a trained run does."""
-    _not_built("inspect-heads", "head inspection")
+def inspect_heads(
+    run_dir: str | None = typer.Argument(
+        None, help="Run directory to inspect (default: checkpoints/default)."
+    ),
+    prompt: list[str] | None = typer.Option(  # noqa: B008
+        None, "--prompt", "-p", help="Text to look at (repeatable; metrics average over all)."
+    ),
+    prompt_file: list[str] | None = typer.Option(  # noqa: B008
+        None, "--prompt-file", help="A file whose text is one prompt (repeatable)."
+    ),
+    repeated: int | None = typer.Option(
+        None,
+        "--repeated",
+        help="Probe: 8 seeded random N-token sequences, each followed by itself "
+        "(the default, with N = min(32, block_size/2)).",
+    ),
+    layer: int | None = typer.Option(None, "--layer", help="Show this layer's heads as heatmaps."),
+    head: int | None = typer.Option(None, "--head", help="With --layer: show only this head."),
+    html: str | None = typer.Option(None, "--html", help="Write a self-contained HTML viewer."),
+    png: str | None = typer.Option(None, "--png", help="Write a PNG grid of every head."),
+    json_file: str | None = typer.Option(None, "--json", help="Write everything computed as JSON."),
+    importance: bool = typer.Option(
+        True,
+        "--importance/--no-importance",
+        help="Ablation (loss rise when zeroed) and |dL/dgate| on 8 validation batches.",
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+) -> None:
+    """Show what every attention head of a trained run does.
+
+    Metrics per head: previous-token, induction and duplicate-token (on the
+    repeated probe), first-token (sink), normalised entropy, mean attention
+    distance, confidence, ablation importance, |dL/dgate|, nearest head (JS).
+
+    Roles, first rule that matches: induction >= 0.4; previous-token >= 0.5;
+    duplicate-token >= 0.5; first-token >= 0.5; broad: normalised entropy >= 0.75;
+    local: mean attention distance <= 2.0 tokens; mixed: anything else.
+    """
+    from rich.console import Console
+
+    from minigpt import heads, render
+    from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
+    from minigpt.generate import resolve_device
+
+    writers = {render.save_html: html, render.save_png: png, render.save_json: json_file}
+    outputs = [(save, render.check_writable(path)) for save, path in writers.items() if path]
+    prompts = heads.read_prompts(prompt, prompt_file)
+    run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
+    heads.check_head(layer, head, run.model.config.n_layer, run.model.config.n_head)
+    inspection = heads.inspect_run(run, prompts=prompts, repeated=repeated, importance=importance)
+    for note in inspection.notes:
+        print(f"warning: {note}", file=sys.stderr)
+    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    render.print_table(console, inspection)
+    if layer is not None:
+        for h in [head] if head is not None else range(inspection.n_head):
+            render.print_heatmap(console, inspection, layer, h)
+    for save, path in outputs:
+        save(path, inspection)
+        print(f"wrote {path}", file=sys.stderr)
 
 
 @app.command()

@@ -1,0 +1,411 @@
+"""Run configuration: what a training run is, as three dataclasses.
+
+    [model]  the GPT's shape (`minigpt.model.GPTConfig`)
+    [data]   where the text comes from and how it is tokenised
+    [train]  optimizer, schedule, batches, stopping, evaluation, device, output
+
+A run is built in layers: the defaults below (which are `configs/default.toml`:
+char-level on the built-in Python standard library corpus), then a TOML file,
+then `--set section.key=value` overrides. Every field carries a one-line doc
+(the string under it), which `field_docs` reads for error messages and help.
+Unknown keys are errors that name the nearest valid key: a typo must never
+silently train the wrong model.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import inspect
+import re
+import tomllib
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields
+from functools import cache
+from pathlib import Path
+
+from minigpt.errors import MinigptError
+from minigpt.model import GPTConfig
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DTYPES = ("auto", "float32", "bfloat16")
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
+
+
+def default_model() -> GPTConfig:
+    """The default run's model: small enough to train in minutes on a laptop CPU."""
+    return GPTConfig(
+        vocab_size=1, block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False
+    )
+
+
+@dataclass
+class DataConfig:
+    """[data]: the corpus and its tokenizer."""
+
+    source: str = "pystdlib"
+    """A built-in dataset name (pystdlib, shakespeare, induction) or a path to a text file or folder."""
+    tokenizer: str = "char"
+    """'char', 'bpe' (trained on the corpus) or a tiktoken encoding such as 'gpt2'."""
+    vocab_size: int = 0
+    """Vocabulary size for the 'bpe' tokenizer; 0 means its default."""
+    glob: str = "*.txt"
+    """Which files of a source folder to read."""
+    data_dir: str = "data"
+    """Where prepared token files are cached."""
+
+
+@dataclass
+class TrainConfig:
+    """[train]: optimisation, schedule, evaluation, device and output."""
+
+    batch_size: int = 24
+    """Sequences per micro-batch on each process."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step, over all processes (used when tokens_per_step is 0)."""
+    tokens_per_step: int = 0
+    """Tokens per optimizer step over all processes; 0 means batch_size * block_size * grad_accum."""
+    max_iters: int = 1500
+    """Optimizer steps to train for."""
+    max_time: float = 0.0
+    """Stop after this many seconds of training (0: no time limit)."""
+    decay_by_time: bool = False
+    """With max_time set, run warmup and cosine decay on elapsed time, not steps (not bit-reproducible)."""
+    lr: float = 2e-3
+    """Peak learning rate, reached after warmup."""
+    min_lr: float = 2e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup_iters: int = 100
+    """Steps of linear warmup from 0 to lr."""
+    lr_decay_iters: int = 0
+    """Step at which the cosine decay reaches min_lr; 0 means max_iters."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices only (not biases, norms)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.99
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: no clipping)."""
+    eval_interval: int = 250
+    """Evaluate train/val loss and save a checkpoint every this many steps."""
+    eval_iters: int = 20
+    """Batches per evaluation (the same fixed batches every time)."""
+    log_interval: int = 10
+    """Write a line to metrics.jsonl every this many steps."""
+    seed: int = 1337
+    """Seed for initialisation, dropout and batch sampling."""
+    device: str = "auto"
+    """'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:N' or 'mps'."""
+    dtype: str = "auto"
+    """'auto' (bfloat16 autocast where supported), 'float32' or 'bfloat16'."""
+    compile: bool = False
+    """Run the model through torch.compile (slow start, faster steps)."""
+    threads: int = 0
+    """CPU threads for torch (0: torch's default)."""
+    out_dir: str = "checkpoints/default"
+    """The run directory to write."""
+
+
+@dataclass
+class RunConfig:
+    """A whole training run."""
+
+    model: GPTConfig = field(default_factory=default_model)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model.to_dict(),
+            "data": asdict(self.data),
+            "train": asdict(self.train),
+        }
+
+
+SECTIONS: dict[str, type] = {"model": GPTConfig, "data": DataConfig, "train": TrainConfig}
+
+
+@cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line doc under each field of a dataclass, read from its source."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for stmt, after in zip(body, body[1:], strict=False):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[stmt.target.id] = after.value.value.strip()
+    return docs
+
+
+def _field_types(cls: type) -> dict[str, type]:
+    return typing.get_type_hints(cls)
+
+
+def _suggest(name: str, options: list[str]) -> str | None:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return close[0] if close else None
+
+
+_KIND_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
+def _coerce(section: str, key: str, value: object, kind: type) -> object:
+    """Check a TOML value against a field's type; ints are accepted for floats."""
+    where = f"{section}.{key}"
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise MinigptError(
+            f"{where} must be {_KIND_NAMES.get(kind, kind.__name__)}, got {value!r}",
+            hint=f"{where}: {field_docs(SECTIONS[section]).get(key, '')}".rstrip(": "),
+        )
+    return value
+
+
+def _parse_override_value(text: str, kind: type) -> object:
+    """A `--set` value as the field's type: 'true', '3', '3e-4', 'gpt2' or '"quoted"'."""
+    if isinstance(kind, types.UnionType):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("true", "1", "yes", "on"):
+            return True
+        if lowered in ("false", "0", "no", "off"):
+            return False
+        return text
+    if kind is int:
+        try:
+            return int(text.replace("_", ""))
+        except ValueError:
+            try:
+                number = float(text)  # accept 5e3 for 5000
+            except ValueError:
+                return text
+            return int(number) if number.is_integer() else number
+    if kind is float:
+        try:
+            return float(text)
+        except ValueError:
+            return text
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'":
+        return text[1:-1]
+    return text
+
+
+def _nearest_key(section: str, key: str) -> str | None:
+    """The valid 'section.key' a mistyped one most likely meant."""
+    everywhere = [f"{s}.{f.name}" for s, c in SECTIONS.items() for f in fields(c)]
+    same_key = [n for n in everywhere if n.endswith("." + key)]
+    if same_key:  # right key, wrong section
+        return same_key[0]
+    near = _suggest(key, [f.name for f in fields(SECTIONS[section])])
+    if near:
+        return f"{section}.{near}"
+    return _suggest(f"{section}.{key}", everywhere)
+
+
+def _check_key(section: str, key: str) -> None:
+    if section not in SECTIONS:
+        near = _suggest(section, list(SECTIONS))
+        raise MinigptError(
+            f"unknown config section [{section}]",
+            hint=f"did you mean [{near}]?" if near else f"sections are {', '.join(SECTIONS)}",
+        )
+    names = [f.name for f in fields(SECTIONS[section])]
+    if key not in names:
+        near = _nearest_key(section, key)
+        raise MinigptError(
+            f"unknown config key {section}.{key}",
+            hint=f"did you mean {near}?" if near else f"valid keys are {', '.join(names)}",
+        )
+
+
+def merge(base: RunConfig, values: dict[str, dict[str, object]]) -> RunConfig:
+    """A new RunConfig: `base` with the {section: {key: value}} entries applied, checked."""
+    sections = {s: asdict(getattr(base, s)) for s in SECTIONS}
+    for section, table in values.items():
+        if section not in SECTIONS or not isinstance(table, dict):
+            _check_key(section, "")
+            raise MinigptError(
+                f"config entry {section!r} must be a [section] table",
+                hint="put keys under [model], [data] or [train]",
+            )
+        kinds = _field_types(SECTIONS[section])
+        for key, value in table.items():
+            _check_key(section, key)
+            sections[section][key] = _coerce(section, key, value, kinds[key])
+    config = RunConfig(
+        model=GPTConfig(**sections["model"]),
+        data=DataConfig(**sections["data"]),
+        train=TrainConfig(**sections["train"]),
+    )
+    validate(config)
+    return config
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict[str, object]]:
+    """['train.lr=3e-4', 'model.n_layer=2'] -> {'train': {'lr': 3e-4}, 'model': {'n_layer': 2}}."""
+    values: dict[str, dict[str, object]] = {}
+    for item in overrides:
+        match = re.fullmatch(r"\s*([A-Za-z_]\w*)\.([A-Za-z_]\w*)\s*=(.*)", item, re.S)
+        if not match:
+            raise MinigptError(
+                f"--set expects section.key=value, got {item!r}",
+                hint="for example --set train.lr=3e-4 --set model.n_layer=2",
+            )
+        section, key, text = match.group(1), match.group(2), match.group(3).strip()
+        _check_key(section, key)
+        kind = _field_types(SECTIONS[section])[key]
+        values.setdefault(section, {})[key] = _parse_override_value(text, kind)
+    return values
+
+
+def read_toml(path: str | Path) -> dict:
+    """A TOML file as a dict, with the file and line in the error if it is not valid TOML."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise MinigptError(
+            f"config file {path} does not exist",
+            hint="pass a path such as configs/default.toml",
+        ) from err
+    except (IsADirectoryError, UnicodeDecodeError) as err:
+        raise MinigptError(f"{path} is not a readable TOML text file") from err
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise MinigptError(
+            f"{path} is not valid TOML: {err}",
+            hint="fix the line named above; strings need quotes, keys need '='",
+        ) from err
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | dict[str, dict[str, object]] | None = None,
+    base: RunConfig | None = None,
+) -> RunConfig:
+    """Defaults (or `base`), then the TOML file at `path`, then the overrides."""
+    config = base if base is not None else RunConfig()
+    if path is not None:
+        config = merge(config, read_toml(path))
+    if overrides:
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        config = merge(config, overrides)
+    validate(config)
+    return config
+
+
+def config_from_dict(values: dict) -> RunConfig:
+    """Rebuild a RunConfig from a run's config.json sections (what resume uses)."""
+    tables = {s: values[s] for s in SECTIONS if isinstance(values.get(s), dict)}
+    return merge(RunConfig(), tables)
+
+
+def _positive(where: str, value: float, hint: str | None = None) -> None:
+    if not value > 0:
+        raise MinigptError(f"{where} must be positive, got {value!r}", hint=hint)
+
+
+def validate(config: RunConfig) -> None:
+    """Check the values that the dataclasses' types cannot: ranges and choices."""
+    t = config.train
+    for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.log_interval", t.log_interval)
+    _positive("train.lr", t.lr, hint="typical values are 1e-4 to 3e-3")
+    for name in ("tokens_per_step", "max_time", "warmup_iters", "lr_decay_iters", "threads"):
+        if getattr(t, name) < 0:
+            raise MinigptError(f"train.{name} must not be negative, got {getattr(t, name)!r}")
+    for name in ("min_lr", "weight_decay", "grad_clip"):
+        if getattr(t, name) < 0:
+            raise MinigptError(f"train.{name} must not be negative, got {getattr(t, name)!r}")
+    if t.min_lr > t.lr:
+        raise MinigptError(
+            f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}",
+            hint="min_lr is where the cosine decay ends; make it lr/10 or so",
+        )
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            raise MinigptError(f"train.{name} must be in [0, 1), got {getattr(t, name)!r}")
+    if t.device not in DEVICES and not re.fullmatch(r"cuda:\d+", t.device):
+        raise MinigptError(
+            f"train.device must be one of {', '.join(DEVICES)} or cuda:N, got {t.device!r}",
+            hint="use 'auto' to pick cuda, then mps, then cpu",
+        )
+    if t.dtype not in DTYPES:
+        raise MinigptError(
+            f"train.dtype must be one of {', '.join(DTYPES)}, got {t.dtype!r}",
+            hint="'auto' uses bfloat16 autocast where the device supports it",
+        )
+    if t.decay_by_time and t.max_time <= 0:
+        raise MinigptError(
+            "train.decay_by_time needs train.max_time", hint="set train.max_time to the seconds"
+        )
+    if not t.out_dir.strip():
+        raise MinigptError("train.out_dir must not be empty", hint="e.g. checkpoints/my-run")
+    d = config.data
+    if not d.source.strip():
+        raise MinigptError("data.source must not be empty", hint="e.g. pystdlib or a path")
+    if d.vocab_size < 0:
+        raise MinigptError(f"data.vocab_size must not be negative, got {d.vocab_size}")
+
+
+def micro_steps(config: RunConfig, world_size: int = 1) -> int:
+    """Micro-batches each process runs per optimizer step (gradient accumulation)."""
+    t = config.train
+    total = t.grad_accum
+    if t.tokens_per_step:
+        per_micro = t.batch_size * config.model.block_size
+        if t.tokens_per_step % (per_micro * world_size) != 0:
+            raise MinigptError(
+                f"train.tokens_per_step={t.tokens_per_step} is not a multiple of "
+                f"batch_size * block_size * processes = {per_micro * world_size}",
+                hint=f"use a multiple of {per_micro * world_size}",
+            )
+        total = t.tokens_per_step // per_micro
+    if total % world_size != 0:
+        raise MinigptError(
+            f"{total} micro-batches per step cannot be split over {world_size} processes",
+            hint="make train.grad_accum a multiple of the number of processes",
+        )
+    return total // world_size
+
+
+def describe(config: RunConfig) -> str:
+    """The config as TOML text (what `configs/*.toml` look like)."""
+    lines = []
+    for section, values in config.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, str):
+                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            else:
+                text = repr(value)
+            lines.append(f"{key} = {text}")
+        lines.append("")
+    return "\n".join(lines)
