@@ -244,8 +244,9 @@ def merge(base: RunConfig, values: dict[str, dict[str, object]]) -> RunConfig:
     """A new RunConfig: `base` with the {section: {key: value}} entries applied, checked."""
     sections = {s: asdict(getattr(base, s)) for s in SECTIONS}
     for section, table in values.items():
-        if section not in SECTIONS or not isinstance(table, dict):
+        if section not in SECTIONS:
             _check_key(section, "")
+        if not isinstance(table, dict):
             raise MinigptError(
                 f"config entry {section!r} must be a [section] table",
                 hint="put keys under [model], [data] or [train]",
