@@ -1,0 +1,267 @@
+"""The trainer: schedule, optimizer groups, run directory, exact resume, bad input, NaN stop.
+
+Everything trains tiny models for a few steps on a small corpus written to tmp_path.
+The process-level checks (signals, kill -9, torchrun) are in test_train_process.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from minigpt import train as trainer
+from minigpt.checkpoint import BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, load_run
+from minigpt.config import load_config
+from minigpt.errors import MinigptError
+from minigpt.model import GPT
+from minigpt.tokenizer import CharTokenizer
+
+TEXT = (
+    "def add(a, b):\n    return a + b\n\n"
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n"
+) * 40
+
+TINY = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=16",
+    "model.block_size=16",
+    "train.batch_size=4",
+    "train.eval_iters=2",
+    "train.log_interval=1",
+    "train.warmup_iters=2",
+    "train.lr=1e-2",
+    "train.min_lr=1e-3",
+    "train.device=cpu",
+    "train.threads=1",
+]
+
+
+@pytest.fixture(scope="module")
+def data() -> trainer.TrainData:
+    tokenizer = CharTokenizer.from_text(TEXT)
+    ids = np.array(tokenizer.encode(TEXT), dtype=np.uint16)
+    split = int(0.9 * len(ids))
+    return trainer.TrainData(tokenizer, ids[:split], ids[split:])
+
+
+def tiny_config(out_dir, *extra: str):
+    return load_config(None, [*TINY, f"train.out_dir={out_dir}", *extra])
+
+
+def losses(run_dir) -> list[tuple[int, float]]:
+    return list(trainer.iter_losses(run_dir))
+
+
+def test_lr_schedule_warmup_then_cosine():
+    config = load_config(
+        None, ["train.lr=1.0", "train.min_lr=0.1", "train.warmup_iters=10", "train.max_iters=110"]
+    )
+    lrs = [trainer.lr_at(step, config) for step in range(120)]
+    assert lrs[0] == pytest.approx(1 / 11) and lrs[9] == pytest.approx(10 / 11)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10], strict=False))  # warmup rises
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)  # halfway down the cosine
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111], strict=False))
+    assert lrs[110] == lrs[119] == pytest.approx(0.1)
+    timed = load_config(
+        None, ["train.lr=1.0", "train.min_lr=0.0", "train.warmup_iters=0",
+               "train.max_time=100", "train.decay_by_time=true"],
+    )  # fmt: skip
+    assert trainer.lr_at(5, timed, elapsed=50.0) == pytest.approx(0.5)
+    assert trainer.lr_at(5, timed, elapsed=100.0) == pytest.approx(0.0)
+
+
+def test_weight_decay_on_matrices_only():
+    config = load_config(None, ["model.n_layer=1", "model.n_embd=16", "model.n_head=2"])
+    model = GPT(config.model)
+    optimizer = trainer.make_optimizer(model, config, torch.device("cpu"))
+    decay, no_decay = optimizer.param_groups
+    assert decay["weight_decay"] == config.train.weight_decay and no_decay["weight_decay"] == 0
+    assert all(p.dim() == 2 for p in decay["params"]) and all(
+        p.dim() == 1 for p in no_decay["params"]
+    )
+    n_params = sum(p.numel() for p in model.parameters())  # the tied head is counted once
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == n_params
+
+
+def test_train_writes_a_loadable_run_dir(tmp_path, data, capsys):
+    out = tmp_path / "run"
+    result = trainer.train(
+        tiny_config(out, "train.max_iters=6", "train.eval_interval=3"), data=data, progress=False
+    )
+    assert result.step == 6 and result.stop_reason == "max_iters"
+    assert result.tokens_seen == 6 * 4 * 16
+    for name in ("config.json", "tokenizer.json", BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE,
+                 "metrics.jsonl", "loss.png"):  # fmt: skip
+        assert (out / name).stat().st_size > 0, name
+    assert not list(out.glob(".*.tmp")), "no temporary files are left behind"
+    run = load_run(out)
+    assert run.tokenizer.to_json() == data.tokenizer.to_json()
+    assert run.model.config.vocab_size == data.tokenizer.vocab_size
+    assert run.config["train"]["max_iters"] == 6 and run.config["data"]["source"]
+    records = trainer.read_metrics(out / "metrics.jsonl")
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [3, 6]
+    assert result.best_val_loss == min(r["val_loss"] for r in evals)
+    assert [s for s, _ in losses(out)] == [1, 2, 3, 4, 5, 6]
+    printed = capsys.readouterr().out
+    assert f"minigpt generate {out}" in printed and "best val loss" in printed
+    # the best weights are those of the best evaluation; the last ones those of step 6
+    last = load_run(out, weights_file=LAST_WEIGHTS).model
+    state = trainer.load_trainer_state(out / TRAINER_STATE)
+    assert state["step"] == 6
+    for name, tensor in last.state_dict().items():
+        assert torch.equal(tensor, state["model"][name]), name
+
+
+def test_eval_batches_are_fixed(tmp_path, data):
+    # lr tiny, so the weights hardly move: two evaluations of the same batches agree closely
+    out = tmp_path / "run"
+    trainer.train(
+        tiny_config(out, "train.max_iters=4", "train.eval_interval=2", "train.lr=1e-9",
+                    "train.min_lr=0", "train.warmup_iters=0"),
+        data=data, progress=False,
+    )  # fmt: skip
+    evals = [r for r in trainer.read_metrics(out / "metrics.jsonl") if "val_loss" in r]
+    assert abs(evals[0]["val_loss"] - evals[1]["val_loss"]) < 1e-5
+    assert abs(evals[0]["train_loss"] - evals[1]["train_loss"]) < 1e-5
+
+
+def test_resume_is_bit_identical(tmp_path, data):
+    # dropout on, two micro-batches per step: the RNG and both batch streams must be restored
+    common = ["train.grad_accum=2", "model.dropout=0.1", "train.eval_interval=4",
+              "train.lr_decay_iters=10"]  # fmt: skip
+    straight = tmp_path / "straight"
+    trainer.train(tiny_config(straight, *common, "train.max_iters=10"), data=data, progress=False)
+    split = tmp_path / "split"
+    trainer.train(tiny_config(split, *common, "train.max_iters=6"), data=data, progress=False)
+    config = trainer.resume_config(split, {"train": {"max_iters": 10}})
+    assert config.train.max_iters == 10 and config.model.dropout == 0.1
+    result = trainer.train(config, resume=True, data=data, progress=False)
+    assert result.step == 10
+    assert losses(split) == losses(straight)  # exact float equality, step by step
+    assert len(losses(split)) == 10
+    best = {r["step"]: r["val_loss"] for r in trainer.read_metrics(split / "metrics.jsonl") if "val_loss" in r}  # fmt: skip
+    assert set(best) == {4, 6, 8, 10}
+
+
+def test_out_dir_with_another_run_is_refused(tmp_path, data):
+    out = tmp_path / "run"
+    trainer.train(tiny_config(out, "train.max_iters=2"), data=data, progress=False)
+    before = (out / TRAINER_STATE).read_bytes()
+    with pytest.raises(MinigptError, match="already holds a run") as info:
+        trainer.train(tiny_config(out, "train.max_iters=2"), data=data, progress=False)
+    assert "--resume" in info.value.hint and "--force" in info.value.hint
+    assert (out / TRAINER_STATE).read_bytes() == before  # nothing lost
+    result = trainer.train(
+        tiny_config(out, "train.max_iters=3", "train.seed=5"), data=data, progress=False, force=True
+    )
+    assert result.step == 3 and [s for s, _ in losses(out)] == [1, 2, 3]
+
+
+def test_resume_refuses_bad_trainer_state(tmp_path, data):
+    out = tmp_path / "run"
+    trainer.train(tiny_config(out, "train.max_iters=2"), data=data, progress=False)
+    path = out / TRAINER_STATE
+    good = path.read_bytes()
+
+    path.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(MinigptError, match="damaged or truncated"):
+        trainer.train(trainer.resume_config(out), resume=True, data=data, progress=False)
+
+    torch.save({"format_version": 1, "payload": argparse.Namespace(x=1)}, path)  # pickled object
+    with pytest.raises(MinigptError, match="refusing to unpickle"):
+        trainer.load_trainer_state(path)
+
+    torch.save({"step": 3}, path)  # plain, but not a trainer state
+    with pytest.raises(MinigptError, match="not a minigpt trainer state"):
+        trainer.load_trainer_state(path)
+
+    path.unlink()
+    with pytest.raises(MinigptError, match="no state to resume"):
+        trainer.train(trainer.resume_config(out), resume=True, data=data, progress=False)
+
+
+def test_resume_refuses_model_changes(tmp_path, data):
+    out = tmp_path / "run"
+    trainer.train(tiny_config(out, "train.max_iters=1"), data=data, progress=False)
+    with pytest.raises(MinigptError, match="keeps its model config"):
+        trainer.resume_config(out, {"model": {"n_layer": 3}})
+    with pytest.raises(MinigptError, match="does not exist"):
+        trainer.resume_config(tmp_path / "missing")
+
+
+def test_block_size_larger_than_a_split(tmp_path, data):
+    small = trainer.TrainData(data.tokenizer, data.train_tokens, data.val_tokens[:10])
+    with pytest.raises(MinigptError, match="val split"):
+        trainer.train(tiny_config(tmp_path / "run"), data=small, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch):
+    out = tmp_path / "run"
+    calls = {"n": 0}
+
+    class PoisonedGPT(GPT):
+        def forward(self, idx, targets=None, **kwargs):
+            logits, loss = super().forward(idx, targets, **kwargs)
+            if self.training:
+                calls["n"] += 1
+                if calls["n"] > 5:
+                    loss = loss * float("nan")
+            return logits, loss
+
+    monkeypatch.setattr(trainer, "GPT", PoisonedGPT)
+    with pytest.raises(MinigptError, match="loss became nan at step 6") as info:
+        trainer.train(
+            tiny_config(out, "train.max_iters=20", "train.eval_interval=4"),
+            data=data,
+            progress=False,
+        )
+    assert "train.lr" in info.value.hint
+    state = trainer.load_trainer_state(out / TRAINER_STATE)
+    assert state["step"] == 4
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    load_run(out)
+
+
+def test_cli_errors_exit_2(tmp_path, monkeypatch, capsys):
+    from minigpt import cli
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nlr = \n")
+    for argv, expected in (
+        ([str(bad)], "line 2"),
+        (["--set", "train.lrr=1"], "train.lr"),
+        (["--set", "model.n_head=3", "--set", "model.n_embd=64"], "divisible"),
+        (["--resume", str(tmp_path / "nothing")], "does not exist"),
+    ):
+        monkeypatch.setattr(sys, "argv", ["minigpt", "train", *argv])
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        assert info.value.code == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err
+
+
+def test_signal_flag_result_exit_codes(tmp_path):
+    result = trainer.TrainResult(tmp_path, 7, math.inf, 0, 1.0, "signal", signal=15)
+    assert result.exit_code == 143
+    assert f"minigpt train --resume {tmp_path}" in trainer.resume_hint(result)
+    assert trainer.TrainResult(tmp_path, 7, 1.0, 0, 1.0, "signal", signal=2).exit_code == 130
+
+
+def test_config_json_records_train_and_data(tmp_path, data):
+    out = tmp_path / "run"
+    trainer.train(tiny_config(out, "train.max_iters=1"), data=data, progress=False)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["format_version"] == 1
+    assert saved["tokenizer"] == {"kind": "char", "vocab_size": data.tokenizer.vocab_size}
+    assert set(saved) >= {"model", "train", "data"}
