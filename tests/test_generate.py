@@ -1,0 +1,468 @@
+"""Sampling: the sampler's order and edge cases, KV cache == recompute (also far past
+block_size), batched samples, stop strings, UTF-8-safe streaming, and the CLI."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt import cli
+from minigpt.checkpoint import BEST_WEIGHTS, CONFIG_FILE, TOKENIZER_FILE, write_run_files
+from minigpt.errors import MinigptError
+from minigpt.generate import (
+    StopStrings,
+    encode_prompt,
+    generate,
+    generate_text,
+    sample_next,
+    window_start,
+)
+from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import BPETokenizer, CharTokenizer
+
+HELLO = "hello world\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine threads fight."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_gpt(vocab_size, block_size=16, seed=0, **overrides) -> GPT:
+    torch.manual_seed(seed)
+    config = dict(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32)
+    return GPT(GPTConfig(**{**config, **overrides})).eval()
+
+
+def train(model: GPT, ids: list[int], steps: int = 150, lr: float = 1e-2) -> GPT:
+    """Fit the model to a short text (random windows, AdamW): greedy sampling then recites it."""
+    torch.manual_seed(0)
+    data = torch.tensor(ids)
+    T = model.config.block_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, len(data) - T - 1, (16,)).tolist()
+        x = torch.stack([data[i : i + T] for i in starts])
+        y = torch.stack([data[i + 1 : i + T + 1] for i in starts])
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hello_run(tmp_path_factory):
+    """A char model trained on 'hello world' and its run directory."""
+    tokenizer = CharTokenizer.from_text(HELLO)
+    model = train(tiny_gpt(tokenizer.vocab_size), tokenizer.encode(HELLO * 20))
+    run_dir = write_run_files(tmp_path_factory.mktemp("runs") / "hello", model, tokenizer)
+    return run_dir, model, tokenizer
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    """Untrained, float64, with large weights: its greedy output depends on every detail
+    of the context (window and positions), and float64 leaves no near-ties to flip."""
+    return tiny_gpt(11, block_size=16, seed=3, init_std=0.5).double()
+
+
+def greedy_ids(model, prompt, n, **kwargs):
+    return torch.stack(list(generate(model, prompt, n, temperature=0, **kwargs)), dim=1)
+
+
+# --- the sampler --------------------------------------------------------------------
+
+
+def draws(logits, n=4000, seed=0, **kwargs):
+    """n draws from one row of logits (a batch of n identical rows), as a set and counts."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = sample_next(torch.as_tensor(logits).expand(n, -1), generator=gen, **kwargs)
+    return torch.bincount(ids, minlength=len(logits))
+
+
+def test_temperature_zero_is_argmax_whatever_top_k_and_top_p():
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(0))
+    expected = logits.argmax(-1)
+    for top_k, top_p in [(None, None), (3, None), (None, 0.01), (40, 0.5)]:
+        assert torch.equal(sample_next(logits, 0, top_k, top_p), expected)
+
+
+def test_top_k_one_and_tiny_top_p_are_argmax_at_any_temperature():
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(1))
+    for temperature in (0.3, 1.0, 10.0):
+        for seed in range(3):
+            gen = torch.Generator().manual_seed(seed)
+            assert torch.equal(
+                sample_next(logits, temperature, top_k=1, generator=gen), logits.argmax(-1)
+            )
+            assert torch.equal(
+                sample_next(logits, temperature, top_p=1e-6, generator=gen), logits.argmax(-1)
+            )
+
+
+def test_top_k_keeps_exactly_k_even_with_ties_and_is_clamped_to_the_vocab():
+    counts = draws([1.0, 1.0, 1.0, 1.0, 0.0], top_k=2, temperature=1.0)
+    assert (counts > 0).sum() == 2  # four tokens tie for the top; exactly two are kept
+    counts = draws([3.0, 2.0, 1.0, 0.0, -1.0], top_k=3, temperature=100.0)
+    assert counts[:3].min() > 1000 and counts[3:].sum() == 0  # k before temperature
+    # k larger than the vocabulary means "no top-k": the very same draws.
+    assert torch.equal(draws([3.0, 2.0, 1.0], top_k=1000), draws([3.0, 2.0, 1.0]))
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p_after_temperature():
+    logits = torch.tensor([0.5, 0.3, 0.2]).log()
+    counts = draws(logits, top_p=0.7)  # 0.5 < 0.7 <= 0.5 + 0.3: two tokens
+    assert counts[0] > 0 and counts[1] > 0 and counts[2] == 0
+    counts = draws(logits, top_p=0.8)  # exactly 0.8: still two tokens
+    assert counts[2] == 0
+    # Temperature first: at T=0.1 the top token holds > 99% and is alone in the 0.9 nucleus;
+    # at T=10 the distribution is nearly flat and the nucleus holds all three.
+    assert (draws(logits, temperature=0.1, top_p=0.9) > 0).sum() == 1
+    assert (draws(logits, temperature=10.0, top_p=0.9) > 0).sum() == 3
+
+
+def test_draws_follow_softmax_of_logits_over_temperature_and_are_seeded():
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0])
+    for temperature in (0.5, 2.0):
+        counts = draws(logits, n=20000, temperature=temperature).double()
+        expected = torch.softmax(logits.double() / temperature, -1)
+        assert torch.allclose(counts / counts.sum(), expected, atol=0.015)
+    assert torch.equal(draws(logits, seed=7), draws(logits, seed=7))
+    assert not torch.equal(draws(logits, seed=7), draws(logits, seed=8))
+
+
+def test_combined_top_k_temperature_top_p_distribution():
+    """k=4 of 5 -> T=2 -> nucleus 0.8 of what is left -> renormalised draw."""
+    logits = torch.tensor([2.0, 1.0, 0.0, -1.0, 3.0])
+    kept = torch.tensor([2.0, 1.0, 0.0, 3.0]) / 2  # top-4 (ids 0, 1, 2, 4), over T
+    probs = torch.softmax(kept, -1)  # ids 0, 1, 2, 4: 0.27, 0.16, 0.10, 0.45
+    assert 0.27 + 0.45 < 0.8 < 0.27 + 0.45 + 0.16  # so the nucleus is ids 4, 0, 1
+    expected = torch.zeros(5, dtype=torch.double)
+    expected[[0, 1, 4]] = probs[[0, 1, 3]].double() / probs[[0, 1, 3]].sum()
+    counts = draws(logits, n=20000, temperature=2.0, top_k=4, top_p=0.8).double()
+    assert torch.allclose(counts / counts.sum(), expected, atol=0.015)
+
+
+def test_window_start_crops_to_block_size_minus_stride():
+    assert window_start(16, 0, 16, 4) == 0  # full but not over
+    assert window_start(17, 0, 16, 4) == 5  # 12 = block_size - stride tokens remain
+    assert window_start(17, 0, 16, 0) == 1  # stride 0: the last block_size tokens
+    assert window_start(20, 5, 16, 4) == 5
+
+
+# --- the KV cache gives exactly what recomputing gives ------------------------------
+
+
+def nanogpt_greedy(model, prompt, n):
+    """The reference loop: recompute the last block_size tokens at every step."""
+    idx = torch.tensor([prompt])
+    for _ in range(n):
+        logits, _ = model(idx[:, -model.config.block_size :])
+        idx = torch.cat([idx, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx[0, len(prompt) :].tolist()
+
+
+def strided_greedy(model, prompt, n, stride):
+    """Recompute every step over the window the cache keeps: crop to block_size - stride."""
+    block_size, tokens, start = model.config.block_size, list(prompt), 0
+    for _ in range(n):
+        if len(tokens) - start > block_size:
+            start = len(tokens) - (block_size - stride)
+        logits, _ = model(torch.tensor([tokens[start:]]))
+        tokens.append(logits[0, -1].argmax().item())
+    return tokens[len(prompt) :]
+
+
+@pytest.mark.parametrize("prompt_len", [1, 5, 16, 40])
+def test_cache_with_stride_zero_equals_recomputing_the_last_block_size_tokens(
+    random_model, prompt_len
+):
+    prompt = torch.randint(
+        0, 11, (prompt_len,), generator=torch.Generator().manual_seed(prompt_len)
+    ).tolist()
+    prompt = prompt[-16:]  # a long prompt is cropped to block_size (encode_prompt does this)
+    n = 3 * 16 + 5  # far past block_size
+    expected = nanogpt_greedy(random_model, prompt, n)
+    assert greedy_ids(random_model, prompt, n, stride=0)[0].tolist() == expected
+    assert greedy_ids(random_model, prompt, n, stride=0, use_kv_cache=False)[0].tolist() == expected
+
+
+@pytest.mark.parametrize("stride", [1, 4, 15])
+@pytest.mark.parametrize("prompt_len", [3, 16])
+def test_cache_equals_recompute_over_the_same_windows(random_model, stride, prompt_len):
+    prompt = list(range(prompt_len))
+    prompt = [t % 11 for t in prompt]
+    n = 3 * 16 + 7
+    expected = strided_greedy(random_model, prompt, n, stride)
+    assert greedy_ids(random_model, prompt, n, stride=stride)[0].tolist() == expected
+    assert (
+        greedy_ids(random_model, prompt, n, stride=stride, use_kv_cache=False)[0].tolist()
+        == expected
+    )
+    # The check can fail: past block_size another window policy gives other tokens.
+    assert expected != nanogpt_greedy(random_model, prompt, n)
+
+
+def test_cache_equals_recompute_in_float32_with_default_stride(hello_run):
+    _, model, tokenizer = hello_run
+    prompt = tokenizer.encode("hello wor")
+    cached = greedy_ids(model, prompt, 60)
+    assert torch.equal(cached, greedy_ids(model, prompt, 60, use_kv_cache=False))
+    assert tokenizer.decode(cached[0].tolist()).startswith("ld\nhello world\nhello")
+
+
+def test_sampling_with_cache_equals_sampling_without(random_model):
+    def run(use_kv_cache):
+        gen = torch.Generator().manual_seed(5)
+        steps = generate(random_model, [1, 2, 3], 50, num_samples=3, temperature=1.3, top_k=6,
+                         top_p=0.9, generator=gen, use_kv_cache=use_kv_cache)  # fmt: skip
+        return torch.stack(list(steps), dim=1)
+
+    assert torch.equal(run(True), run(False))
+
+
+# --- batched samples ----------------------------------------------------------------
+
+
+def test_samples_share_one_prefill_and_differ_only_through_the_generator(random_model):
+    prompt = [4, 1, 7, 2]
+    greedy = greedy_ids(random_model, prompt, 40, num_samples=3)
+    assert all(torch.equal(row, greedy[0]) for row in greedy)  # greedy: same for all
+    assert torch.equal(greedy[0], greedy_ids(random_model, prompt, 40)[0])
+
+    def sampled(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return torch.stack(
+            list(generate(random_model, prompt, 40, num_samples=4, generator=gen)), 1
+        )
+
+    first = sampled(0)
+    assert len({tuple(row.tolist()) for row in first}) == 4  # four different samples
+    assert torch.equal(first, sampled(0)) and not torch.equal(first, sampled(1))
+
+
+def test_generate_text_batches_samples_and_counts_tokens(hello_run):
+    _, model, tokenizer = hello_run
+    result = generate_text(model, tokenizer, "hello", max_new_tokens=12, num_samples=3,
+                           temperature=0, seed=0)  # fmt: skip
+    assert [s.text for s in result.samples] == [" world\nhello"] * 3
+    assert result.new_tokens == 36 and result.prompt_tokens == 5
+    assert result.tokens_per_second > 0
+
+
+# --- stop strings -------------------------------------------------------------------
+
+
+def push_all(stopper, pieces):
+    out = []
+    for piece in pieces:
+        text, hit = stopper.push(piece)
+        out.append(text)
+        if hit:
+            return "".join(out), True
+    return "".join(out) + stopper.flush(), False
+
+
+def test_stop_strings_are_caught_across_pieces_and_held_back_text_is_released():
+    assert push_all(StopStrings(["o w"]), list("hello world")) == ("hell", True)
+    assert push_all(StopStrings(["bc"]), ["xa", "b", "cd"]) == ("xa", True)
+    assert push_all(StopStrings(["world!"]), ["wor", "ld", "?"]) == ("world?", False)
+    assert push_all(StopStrings(["zz", "l"]), ["hel", "lo"]) == ("he", True)  # earliest wins
+    stopper = StopStrings(["abc"])
+    assert stopper.push("xab") == ("x", False)  # "ab" might begin "abc": held back
+    assert stopper.flush() == "ab"
+    with pytest.raises(MinigptError, match="empty"):
+        StopStrings([""])
+
+
+def test_generation_ends_before_a_stop_string_split_over_tokens(hello_run):
+    _, model, tokenizer = hello_run
+    pieces = []
+    result = generate_text(model, tokenizer, "hel", max_new_tokens=50, temperature=0,
+                           stop=["xyz", "o w"], on_text=lambda i, t: pieces.append(t))  # fmt: skip
+    sample = result.samples[0]
+    assert sample.text == "l" and "".join(pieces) == "l"
+    assert sample.finish_reason == "stop" and sample.new_tokens == 4  # 'l', 'o', ' ', 'w'
+
+
+# --- UTF-8-safe streaming with a byte-level BPE tokenizer ---------------------------
+
+
+@pytest.fixture(scope="module")
+def emoji_model():
+    """Byte-level BPE (256 byte tokens and one merge) and a model trained to write 😀."""
+    ranks = {bytes([b]): b for b in range(256)}
+    ranks[b"ab"] = 256
+    tokenizer = BPETokenizer(ranks)
+    text = "ab \U0001f600 c\n" * 30
+    model = train(tiny_gpt(tokenizer.vocab_size, block_size=24), tokenizer.encode(text), steps=200)
+    return model, tokenizer
+
+
+def test_streaming_emoji_with_byte_level_bpe_never_splits_a_character(emoji_model):
+    model, tokenizer = emoji_model
+    assert len(tokenizer.encode("\U0001f600")) == 4  # the emoji is four byte tokens
+    pieces = []
+    result = generate_text(model, tokenizer, "ab ", max_new_tokens=9, temperature=0,
+                           on_text=lambda i, t: pieces.append(t))  # fmt: skip
+    text = result.samples[0].text
+    assert text == "\U0001f600 c\nab "
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
+    assert "\U0001f600" in pieces  # one piece, released when its fourth byte arrived
+    # Decoding token by token would have printed four replacement characters instead.
+    ids = tokenizer.encode(text)
+    assert "\ufffd" in "".join(tokenizer.decode([i]) for i in ids)
+
+
+def test_a_stop_string_spread_over_byte_tokens_is_caught(emoji_model):
+    model, tokenizer = emoji_model
+    result = generate_text(model, tokenizer, "c\n", max_new_tokens=20, temperature=0,
+                           stop=["\U0001f600"])  # fmt: skip
+    assert result.samples[0].text == "ab " and result.samples[0].finish_reason == "stop"
+
+
+# --- the prompt ---------------------------------------------------------------------
+
+
+def test_prompt_is_cropped_to_block_size_and_empty_prompt_starts_from_a_newline():
+    tokenizer = CharTokenizer.from_text(HELLO)
+    ids, cropped = encode_prompt(tokenizer, "hello world hello", 16)
+    assert cropped == 1 and ids == tokenizer.encode("ello world hello")
+    assert encode_prompt(tokenizer, "", 16) == (tokenizer.encode("\n"), 0)
+
+
+# --- the command line ---------------------------------------------------------------
+
+
+def run_cli(monkeypatch, capsys, *args):
+    """Run `minigpt generate ARGS` in-process through cli.main: (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["minigpt", "generate", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as exit_:
+        code = exit_.code or 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_streams_text_and_prints_a_stats_line(hello_run, monkeypatch, capsys):
+    run_dir, _, _ = hello_run
+    code, out, err = run_cli(monkeypatch, capsys, run_dir, "--prompt", "hello", "-n", "12",
+                             "--temperature", "0", "--device", "cpu")  # fmt: skip
+    assert code == 0 and out == "hello world\nhello\n"
+    assert "prompt tokens: 5, new tokens: 12" in err and "tokens/s" in err
+    code, out2, _ = run_cli(monkeypatch, capsys, run_dir, "-p", "hello", "-n", "12",
+                            "--temperature", "0", "--no-kv-cache", "--no-stream")  # fmt: skip
+    assert code == 0 and out2 == out
+
+
+def test_cli_json_and_samples(hello_run, monkeypatch, capsys):
+    run_dir, _, _ = hello_run
+    code, out, _ = run_cli(monkeypatch, capsys, run_dir, "-p", "he", "-n", "30", "--json",
+                           "--num-samples", "2", "--seed", "3", "--stop", "\n", "--stop", "zz")  # fmt: skip
+    assert code == 0
+    data = json.loads(out)
+    assert data["prompt_tokens"] == 2 and data["settings"]["seed"] == 3
+    assert len(data["samples"]) == 2
+    assert data["new_tokens"] == sum(s["new_tokens"] for s in data["samples"])
+    assert all("\n" not in s["text"] for s in data["samples"])
+    assert data["seconds"] > 0 and data["tokens_per_second"] > 0
+    code, out, _ = run_cli(monkeypatch, capsys, run_dir, "-p", "he", "-n", "5", "-s", "3")
+    assert code == 0 and out.count("---------------") == 2 and out.count("he") >= 3
+
+
+def test_cli_warns_about_a_cropped_prompt_and_starts_without_one(hello_run, monkeypatch, capsys):
+    run_dir, _, _ = hello_run
+    code, out, err = run_cli(monkeypatch, capsys, run_dir, "-p", HELLO * 3, "-n", "4",
+                             "--temperature", "0")  # fmt: skip
+    assert code == 0 and "warning:" in err and "block_size=16" in err
+    code, out, err = run_cli(monkeypatch, capsys, run_dir, "-n", "11", "--temperature", "0")
+    assert code == 0 and out == "hello world\n"
+
+
+def test_cli_reads_the_prompt_file(hello_run, monkeypatch, capsys, tmp_path):
+    run_dir, _, _ = hello_run
+    (tmp_path / "p.txt").write_text("hello w", encoding="utf-8")
+    code, out, _ = run_cli(monkeypatch, capsys, run_dir, "--prompt-file", tmp_path / "p.txt",
+                           "-n", "4", "--temperature", "0")  # fmt: skip
+    assert code == 0 and out == "hello world\n"
+
+
+def broken_runs(hello_run, tmp_path):
+    """Run directories that must be refused, each with a word the error must contain."""
+    run_dir, model, tokenizer = hello_run
+    no_weights = write_run_files(tmp_path / "no_weights", model, tokenizer)
+    (no_weights / BEST_WEIGHTS).unlink()
+    no_tokenizer = write_run_files(tmp_path / "no_tokenizer", model, tokenizer)
+    (no_tokenizer / TOKENIZER_FILE).unlink()
+    no_config = write_run_files(tmp_path / "no_config", model, tokenizer)
+    (no_config / CONFIG_FILE).unlink()
+    future = write_run_files(tmp_path / "future", model, tokenizer)
+    config = json.loads((future / CONFIG_FILE).read_text())
+    (future / CONFIG_FILE).write_text(json.dumps({**config, "format_version": 99}))
+    return [
+        (tmp_path / "missing", "does not exist"),
+        (no_weights, "no weights"),
+        (no_tokenizer, "no tokenizer"),
+        (no_config, "config.json"),
+        (future, "format version 99"),
+    ]
+
+
+def test_cli_refuses_bad_run_directories(hello_run, monkeypatch, capsys, tmp_path):
+    for run_dir, words in broken_runs(hello_run, tmp_path):
+        code, out, err = run_cli(monkeypatch, capsys, run_dir, "-p", "hello")
+        assert code == 2, (run_dir, err)
+        assert err.startswith("error:") and words in err and "Traceback" not in err
+        assert out == ""
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["-p", "hello Xq"], "never saw: 'X', 'q'"),
+        (["-n", "-1"], "--max-new-tokens"),
+        (["-n", "1000000000"], "--max-new-tokens"),
+        (["--temperature", "-0.5"], "--temperature"),
+        (["--temperature", "nan"], "--temperature"),
+        (["--top-k", "0"], "--top-k"),
+        (["--top-p", "0"], "--top-p"),
+        (["--top-p", "1.5"], "--top-p"),
+        (["--num-samples", "0"], "--num-samples"),
+        (["--stop", ""], "stop string is empty"),
+        (["--overflow-stride", "16"], "stride"),
+        (["--prompt-file", "EMPTY"], "is empty"),
+        (["--prompt-file", "MISSING"], "does not exist"),
+        (["--prompt-file", "EMPTY", "-p", "he"], "both"),
+        (["--device", "warp9"], "unknown device"),
+    ],
+)
+def test_cli_refuses_bad_input_with_exit_code_2(
+    hello_run, monkeypatch, capsys, tmp_path, args, words
+):
+    run_dir, _, _ = hello_run
+    (tmp_path / "empty.txt").write_text("")
+    paths = {"EMPTY": tmp_path / "empty.txt", "MISSING": tmp_path / "missing.txt"}
+    args = [paths.get(a, a) for a in args]
+    code, out, err = run_cli(monkeypatch, capsys, run_dir, *args)
+    assert code == 2, err
+    assert err.startswith("error:") and words in err and "Traceback" not in err
+    assert out == ""  # nothing printed before the error
+
+
+def test_entry_point_exit_code_and_stderr(hello_run):
+    run_dir, _, _ = hello_run
+    cmd = [sys.executable, "-m", "minigpt", "generate", str(run_dir), "--top-k", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --top-k must be at least 1")
+    assert proc.stdout == ""
