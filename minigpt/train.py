@@ -328,7 +328,9 @@ def resume_config(
         raise MinigptError(f"{run_dir / CONFIG_FILE} does not hold a training config") from err
     overrides = dict(overrides or {})
     for section in ("model", "data"):
-        if overrides.get(section):
+        # repeating the original command line with --resume is fine; changing it is not
+        saved_section = getattr(merge(config, {section: overrides.pop(section, {})}), section)
+        if saved_section != getattr(config, section):
             raise MinigptError(
                 f"a resumed run keeps its {section} config; {section}.* cannot be changed",
                 hint="start a new run (another --out) to change the model or the data",
@@ -478,8 +480,9 @@ def train(
 
         run_config = {
             "train": {**config.to_dict()["train"], "out_dir": str(out_dir)},
-            "data": {**config.to_dict()["data"], **({"prepared": data.summary} if data.summary else {})},
-        }  # fmt: skip
+            "data": config.to_dict()["data"],
+            "prepared_data": data.summary,
+        }
         metrics_path = out_dir / METRICS_FILE
         if ddp.is_master:
             if force and not resume:
