@@ -564,17 +564,18 @@ def check_repeated(n: int, block_size: int) -> None:
 def validation_tokens(config: dict, run_dir: Path) -> tuple[object, str] | None:
     """The run's prepared validation tokens (a numpy array) and where they are, if findable.
 
-    config.json's 'data' section names the prepared folder (written by `minigpt train`);
+    config.json's data.prepared.dir names the prepared folder (written by `minigpt train`);
     a relative path is tried from the working directory, then from the run's project.
     """
     from minigpt.data import load_prepared
 
     data = config.get("data") or {}
+    prepared = data.get("prepared")
     candidates = [
-        data.get(key)
-        for key in ("prepared_dir", "prepared", "dir")
-        if isinstance(data.get(key), str)
+        prepared.get("dir") if isinstance(prepared, dict) else prepared,
+        data.get("prepared_dir"),
     ]
+    candidates = [c for c in candidates if isinstance(c, str) and c]
     for candidate in candidates:
         for base in (Path.cwd(), run_dir.resolve().parent.parent):
             folder = base / candidate

@@ -1,0 +1,333 @@
+"""Head metrics on hand-made attention matrices, roles, importance, and the renderers."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from minigpt import heads, render
+from minigpt.checkpoint import write_run_files
+from minigpt.model import GPT, GPTConfig
+from minigpt.tokenizer import CharTokenizer
+
+
+def causal_uniform(T: int) -> torch.Tensor:
+    """Row i attends equally to keys 0..i."""
+    A = torch.tril(torch.ones(T, T))
+    return A / A.sum(-1, keepdim=True)
+
+
+def sub_diagonal(T: int) -> torch.Tensor:
+    """Every query i >= 1 attends only to i - 1; query 0 to itself."""
+    A = torch.zeros(T, T)
+    A[0, 0] = 1.0
+    A[torch.arange(1, T), torch.arange(0, T - 1)] = 1.0
+    return A
+
+
+def offset_pattern(n: int, shift: int) -> torch.Tensor:
+    """On a 2n probe: rows of the second copy attend to i - n + shift; the rest to themselves."""
+    T = 2 * n
+    A = torch.eye(T)
+    for i in range(n, T):
+        A[i] = 0.0
+        A[i, i - n + shift] = 1.0
+    return A
+
+
+# ---------------------------------------------------------------------------- metrics
+
+
+def test_previous_token_head_scores_one():
+    A = sub_diagonal(10)
+    assert heads.previous_token_score(A).item() == pytest.approx(1.0)
+    assert heads.mean_attention_distance(A).item() == pytest.approx(0.9)  # row 0 has distance 0
+    assert heads.confidence(A).item() == pytest.approx(1.0)
+    assert heads.entropy(A).item() == pytest.approx(0.0)
+
+
+def test_uniform_causal_has_normalised_entropy_one():
+    T = 12
+    A = causal_uniform(T)
+    assert heads.normalised_entropy(A).item() == pytest.approx(1.0, abs=1e-6)
+    expected = sum(math.log(i + 1) for i in range(T)) / T
+    assert heads.entropy(A).item() == pytest.approx(expected, rel=1e-5)
+    assert heads.previous_token_score(A).item() == pytest.approx(
+        sum(1 / (i + 1) for i in range(1, T)) / (T - 1)
+    )
+    # sum_j (i - j) / (i + 1) = i / 2
+    assert heads.mean_attention_distance(A).item() == pytest.approx(
+        sum(i / 2 for i in range(T)) / T
+    )
+
+
+def test_induction_and_duplicate_scores():
+    n = 6
+    induction = offset_pattern(n, 1)
+    duplicate = offset_pattern(n, 0)
+    assert heads.induction_score(induction, n).item() == pytest.approx(1.0)
+    assert heads.duplicate_token_score(induction, n).item() == pytest.approx(0.0)
+    assert heads.duplicate_token_score(duplicate, n).item() == pytest.approx(1.0)
+    assert heads.induction_score(duplicate, n).item() == pytest.approx(0.0)
+    half = 0.5 * (induction + duplicate)
+    assert heads.induction_score(half, n).item() == pytest.approx(0.5)
+
+
+def test_first_token_sink():
+    T = 8
+    A = torch.zeros(T, T)
+    A[:, 0] = 1.0
+    assert heads.first_token_score(A).item() == pytest.approx(1.0)
+    assert heads.first_token_score(torch.eye(T)).item() == pytest.approx(1 / T)
+
+
+def test_metrics_batch_over_leading_dims():
+    A = torch.stack([sub_diagonal(8), causal_uniform(8)])[None]  # (1, 2, T, T)
+    scores = heads.previous_token_score(A)
+    assert scores.shape == (1, 2)
+    assert scores[0, 0].item() == pytest.approx(1.0)
+
+
+def test_js_divergence():
+    A, B = sub_diagonal(9), torch.eye(9)
+    assert heads.js_divergence(A, A).item() == pytest.approx(0.0, abs=1e-7)
+    # disjoint one-hot rows are 1 bit apart; row 0 is the same in both
+    assert heads.js_divergence(A, B).item() == pytest.approx(8 / 9, rel=1e-5)
+    sim = heads.head_similarity(torch.stack([A, B, A.clone()]))
+    assert sim.shape == (3, 3)
+    assert sim[0, 2].item() == pytest.approx(0.0, abs=1e-7)
+    assert sim[0, 1].item() == pytest.approx(sim[1, 0].item())
+
+
+def test_probe_too_short_is_refused():
+    with pytest.raises(ValueError, match="needs at least"):
+        heads.induction_score(torch.eye(5), 3)
+
+
+# ---------------------------------------------------------------------------- roles
+
+
+@pytest.mark.parametrize(
+    ("metrics", "role"),
+    [
+        ({"induction": 0.9, "previous_token": 0.6}, "induction"),
+        ({"induction": 0.1, "previous_token": 0.6}, "previous-token"),
+        ({"previous_token": 0.2, "duplicate_token": 0.7}, "duplicate-token"),
+        ({"previous_token": 0.2, "first_token": 0.8}, "first-token"),
+        (
+            {"previous_token": 0.2, "first_token": 0.1, "norm_entropy": 0.9, "mean_distance": 1.0},
+            "broad",
+        ),
+        (
+            {"previous_token": 0.2, "first_token": 0.1, "norm_entropy": 0.3, "mean_distance": 1.0},
+            "local",
+        ),
+        (
+            {"previous_token": 0.2, "first_token": 0.1, "norm_entropy": 0.3, "mean_distance": 9.0},
+            "mixed",
+        ),
+        ({"previous_token": float("nan"), "first_token": 1.0}, "first-token"),
+    ],
+)
+def test_roles(metrics, role):
+    assert heads.assign_role(metrics) == role
+
+
+def test_thresholds_are_described():
+    text = heads.ROLE_THRESHOLDS.describe()
+    for role in heads.ROLES:
+        assert role in text
+
+
+# ---------------------------------------------------------------------------- with a model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz \n")
+    model = GPT(
+        GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=3, n_embd=24)
+    )
+    model.eval()
+    return model, tokenizer
+
+
+def test_repeated_probe(tiny):
+    _, tokenizer = tiny
+    probes = heads.repeated_probe(tokenizer, 7, count=5, seed=3)
+    assert probes.shape == (5, 14)
+    assert torch.equal(probes[:, :7], probes[:, 7:])
+    assert torch.equal(probes, heads.repeated_probe(tokenizer, 7, count=5, seed=3))
+    assert not torch.equal(probes, heads.repeated_probe(tokenizer, 7, count=5, seed=4))
+
+
+def test_ablation_importance_matches_head_gates(tiny):
+    """The layer-prefix shortcut gives exactly what zeroing through model.forward gives."""
+    model, _ = tiny
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randint(0, 28, (3, 16), generator=g), torch.randint(0, 28, (3, 16), generator=g))
+    ]
+    rise, base = heads.ablation_importance(model, batches)
+    x, y = batches[0]
+    with torch.no_grad():
+        _, base_loss = model(x, y)
+        assert base == pytest.approx(base_loss.item(), rel=1e-5)
+        for layer, head in [(0, 0), (1, 2)]:
+            gates = torch.ones(2, 3)
+            gates[layer, head] = 0.0
+            _, loss = model(x, y, head_gates=gates)
+            assert rise[layer, head].item() == pytest.approx(
+                loss.item() - base_loss.item(), abs=1e-5
+            )
+
+
+def test_gradient_importance_matches_per_example_grads(tiny):
+    model, _ = tiny
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 28, (2, 10), generator=g), torch.randint(0, 28, (2, 10), generator=g)
+    proxy = heads.gradient_importance(model, [(x, y)])
+    expected = torch.zeros(2, 3)
+    for b in range(2):
+        gates = torch.ones(2, 3, requires_grad=True)
+        _, loss = model(x[b : b + 1], y[b : b + 1], head_gates=gates)
+        loss.backward()
+        expected += gates.grad.abs() / 2
+    assert torch.allclose(proxy, expected, atol=1e-5)
+
+
+def test_metrics_are_means_over_all_sequences(tiny):
+    model, tokenizer = tiny
+    seqs = list(heads.repeated_probe(tokenizer, 5, count=3, seed=0))
+    together = heads.inspect_heads(model, tokenizer, seqs, repeated=5)
+    one_by_one = [heads.inspect_heads(model, tokenizer, [s], repeated=5) for s in seqs]
+    for k, h in enumerate(together.heads):
+        mean = sum(o.heads[k].induction for o in one_by_one) / 3
+        assert h.induction == pytest.approx(mean, abs=1e-6)
+        assert h.induction != pytest.approx(one_by_one[0].heads[k].induction, abs=1e-9)
+    # prompts of different lengths are averaged too
+    mixed = heads.inspect_heads(model, tokenizer, [seqs[0][:4], seqs[1]])
+    first = heads.inspect_heads(model, tokenizer, [seqs[0][:4]])
+    second = heads.inspect_heads(model, tokenizer, [seqs[1]])
+    assert mixed.heads[0].entropy == pytest.approx(
+        (first.heads[0].entropy + second.heads[0].entropy) / 2
+    )
+
+
+def test_prompt_cropping_and_empty(tiny):
+    _, tokenizer = tiny
+    seqs, notes = heads.prompt_sequences(tokenizer, ["a" * 40], block_size=32)
+    assert seqs[0].numel() == 32 and "cropped" in notes[0]
+    with pytest.raises(ValueError, match="empty"):
+        heads.prompt_sequences(tokenizer, [""], block_size=32)
+    with pytest.raises(ValueError, match="from 2 to 16"):
+        heads.check_repeated(17, 32)
+
+
+# ---------------------------------------------------------------------------- renderers and CLI
+
+
+@pytest.fixture(scope="module")
+def inspection(tiny):
+    model, tokenizer = tiny
+    seqs = list(heads.repeated_probe(tokenizer, 8, count=2))
+    batches = heads.prompt_batches(seqs)
+    return heads.inspect_heads(
+        model, tokenizer, seqs, repeated=8, importance_batches=batches, importance_source="probe"
+    )
+
+
+def test_json_and_html(tmp_path, inspection):
+    render.save_json(tmp_path / "h.json", inspection)
+    data = json.loads((tmp_path / "h.json").read_text())
+    assert len(data["heads"]) == 6 and data["repeated"] == 8
+    assert len(data["attention_first_sequence"][1][2]) == 16
+    render.save_html(tmp_path / "h.html", inspection)
+    page = (tmp_path / "h.html").read_text()
+    assert "<script>" in page and "L1H2" in page
+    assert not re.search(r"(src|href)=[\"']?https?:", page)  # nothing fetched from the network
+    decoded = render.quantised_attention(inspection)
+    import base64
+
+    assert len(base64.b64decode(decoded)) == 6 * 16 * 17 // 2
+
+
+def test_png_and_terminal(tmp_path, inspection):
+    from rich.console import Console
+
+    render.save_png(tmp_path / "h.png", inspection)
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+    console = Console(record=True, width=140)
+    render.print_table(console, inspection)
+    render.print_heatmap(console, inspection, 1, 2, max_tokens=10)
+    text = console.export_text()
+    assert "L1H2" in text and "showing the first 10 of 16 tokens" in text
+
+
+def test_unwritable_output_is_refused(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ValueError, match="cannot write"):
+        render.check_writable(blocker / "out.html")
+    with pytest.raises(ValueError, match="directory"):
+        render.check_writable(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny, tmp_path_factory):
+    model, tokenizer = tiny
+    return write_run_files(tmp_path_factory.mktemp("run"), model, tokenizer)
+
+
+def cli(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, "-m", "minigpt", "inspect-heads", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=120,
+    )
+
+
+def test_cli_end_to_end(run_dir, tmp_path):
+    out = cli(run_dir, "--repeated", 8, "--layer", 1, "--head", 0, "--json", tmp_path / "h.json",
+              "--html", tmp_path / "h.html", "--png", tmp_path / "h.png")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "L1H0" in out.stdout and "ind" in out.stdout and "nearest" in out.stdout
+    assert "validation data was not found" in out.stderr
+    for name in ("h.json", "h.html", "h.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layer", "2", "--head", "0"], "layer 2 is out of range"),
+        (["--layer", "0", "--head", "3"], "head 3 is out of range"),
+        (["--prompt", ""], "empty"),
+        (["--repeated", "40"], "from 2 to 16"),
+        (["--json", "/proc/nope/h.json"], "cannot write"),
+        (["--prompt-file", "/nonexistent/prompt.txt"], "does not exist"),
+        (["--head", "1"], "--head needs --layer"),
+        (["--prompt", "abc", "--repeated", "4"], "not both"),
+    ],
+)
+def test_cli_bad_input(run_dir, args, message, monkeypatch, capsys):
+    """In-process through `cli.main` (what the `minigpt` script runs): exit 2, one clear line."""
+    from minigpt import cli as cli_module
+
+    monkeypatch.setattr(
+        sys, "argv", ["minigpt", "inspect-heads", str(run_dir), "--no-importance", *args]
+    )
+    with pytest.raises(SystemExit) as exit_info:
+        cli_module.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
