@@ -330,6 +330,16 @@ def test_a_stop_string_spread_over_byte_tokens_is_caught(emoji_model):
     assert result.samples[0].text == "ab " and result.samples[0].finish_reason == "stop"
 
 
+def test_a_sample_ends_at_end_of_text():
+    tokenizer = BPETokenizer({bytes([b]): b for b in range(256)})
+    model = tiny_gpt(tokenizer.vocab_size)
+    with torch.no_grad():  # make every position predict <|endoftext|>
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(1e4 * model.tok_emb.weight[tokenizer.eot_id])
+    result = generate_text(model, tokenizer, "hi", max_new_tokens=5, num_samples=2, seed=0)
+    assert [(s.text, s.new_tokens, s.finish_reason) for s in result.samples] == [("", 1, "eot")] * 2
+
+
 # --- the prompt ---------------------------------------------------------------------
 
 
@@ -396,6 +406,25 @@ def test_cli_reads_the_prompt_file(hello_run, monkeypatch, capsys, tmp_path):
     code, out, _ = run_cli(monkeypatch, capsys, run_dir, "--prompt-file", tmp_path / "p.txt",
                            "-n", "4", "--temperature", "0")  # fmt: skip
     assert code == 0 and out == "hello world\n"
+
+
+def test_cli_interactive_loop_keeps_the_model_and_survives_bad_prompts(
+    hello_run, monkeypatch, capsys
+):
+    run_dir, _, _ = hello_run
+    lines = iter(["hello", "XYZ", "hel"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    code, out, err = run_cli(monkeypatch, capsys, run_dir, "-i", "-n", "6", "--temperature", "0")
+    assert code == 0
+    assert out == "hello world\nhello wor\n"
+    assert "never saw" in err and err.count("prompt tokens:") == 2
 
 
 def broken_runs(hello_run, tmp_path):
