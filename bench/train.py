@@ -1,0 +1,222 @@
+"""Training throughput and quality.
+
+    python bench/train.py              # throughput (eager and compiled) + the 180 s quality run
+    python bench/train.py --quick      # a smoke run: few steps, 10 s of training
+    python bench/train.py --skip-quality
+
+Throughput: tokens/s of whole optimizer steps (forward, backward, AdamW) for the
+nanoGPT CPU shape (4 layers, 4 heads, 128 wide, context 64, batch 12, vocab 65)
+and the GPT-2 small shape at batch 1, with and without torch.compile, and the
+model FLOPs utilisation (MFU): the model's FLOPs per token (6N for the weights'
+matmuls forward and backward, plus 12 * n_layer * block_size * n_embd for attention,
+as in the PaLM paper) times tokens/s, over this machine's fp32 matmul peak, measured
+in the same run by timing a large torch.matmul.
+
+Quality: `minigpt train configs/shakespeare-char-cpu.toml` on tiny shakespeare
+(../shared/data/tinyshakespeare/input.txt), the best val loss within its 180 s.
+
+Prints a table and writes bench/results/train.json and bench/results/train.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `minigpt train` does (see cli.py)
+
+import torch  # noqa: E402
+
+from minigpt.model import GPT, GPTConfig  # noqa: E402
+from minigpt.train import make_optimizer, read_metrics  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+CPU_CONFIG = REPO / "configs" / "shakespeare-char-cpu.toml"
+
+SHAPES = {
+    # name: (GPTConfig, batch size)
+    "nanoGPT CPU (4L/4H/128, ctx 64, batch 12)": (
+        GPTConfig(vocab_size=65, block_size=64, n_layer=4, n_head=4, n_embd=128, bias=False),
+        12,
+    ),
+    "GPT-2 small (12L/12H/768, ctx 1024, batch 1)": (
+        GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+        1,
+    ),
+}
+
+
+def matmul_peak(seconds: float = 2.0, n: int = 2048) -> float:
+    """This machine's fp32 matmul FLOP/s: the best of repeated n x n x n products."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.matmul(a, b)  # warm-up
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def flops_per_token(model: GPT) -> float:
+    c = model.config
+    return 6 * model.num_params() + 12 * c.n_layer * c.block_size * c.n_embd
+
+
+def throughput(config: GPTConfig, batch_size: int, compile: bool, steps: int, warmup: int) -> dict:
+    """Median tokens/s of full training steps on random tokens."""
+    from minigpt.config import load_config
+
+    torch.manual_seed(0)
+    model = GPT(config)
+    optimizer = make_optimizer(model, load_config(), torch.device("cpu"))
+    step_model = torch.compile(model) if compile else model
+    x = torch.randint(config.vocab_size, (batch_size, config.block_size))
+    y = torch.randint(config.vocab_size, (batch_size, config.block_size))
+
+    def step() -> None:
+        _, loss = step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    start = time.perf_counter()
+    for _ in range(warmup):
+        step()
+    warmup_s = time.perf_counter() - start
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    tokens = batch_size * config.block_size
+    return {
+        "compile": compile,
+        "step_ms": seconds * 1e3,
+        "tokens_per_s": tokens / seconds,
+        "flops_per_token": flops_per_token(model),
+        "warmup_s": warmup_s,
+    }
+
+
+def quality_run(max_time: float | None) -> dict:
+    """Train configs/shakespeare-char-cpu.toml on tiny shakespeare; best val loss and timing."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        command = [
+            sys.executable, "-m", "minigpt", "train", str(CPU_CONFIG),
+            "--data", str(SHAKESPEARE), "--out", str(out),
+            "--set", f"data.data_dir={Path(tmp) / 'data'}",
+        ]  # fmt: skip
+        if max_time is not None:
+            command += ["--max-time", str(max_time)]
+        start = time.perf_counter()
+        proc = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+        wall = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise SystemExit(f"quality run failed:\n{proc.stderr[-2000:]}")
+        records = read_metrics(out / "metrics.jsonl")
+    evals = [r for r in records if "val_loss" in r]
+    steps = [r for r in records if "loss" in r]
+    return {
+        "command": "minigpt train configs/shakespeare-char-cpu.toml --data "
+        "../shared/data/tinyshakespeare/input.txt"
+        + (f" --max-time {max_time}" if max_time else ""),
+        "best_val_loss": min(r["val_loss"] for r in evals),
+        "final_val_loss": evals[-1]["val_loss"],
+        "steps": steps[-1]["step"],
+        "tokens": steps[-1]["tokens"],
+        "train_seconds": evals[-1]["time"],
+        "wall_seconds_with_startup": wall,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="few steps, 10 s quality run")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
+    args = parser.parse_args()
+
+    peak = matmul_peak(1.0 if args.quick else 3.0)
+    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    rows = []
+    for name, (config, batch) in SHAPES.items():
+        small = config.n_embd < 512
+        steps = (5 if small else 1) if args.quick else (30 if small else 4)
+        warmup = (3 if small else 0) if args.quick else (10 if small else 2)
+        modes = (False,) if args.skip_compile or (args.quick and not small) else (False, True)
+        for compile in modes:
+            result = throughput(config, batch, compile, steps, warmup)
+            result.update(shape=name, mfu=result["tokens_per_s"] * result["flops_per_token"] / peak)
+            rows.append(result)
+            print(
+                f"{name:48} {'compiled' if compile else 'eager':8} "
+                f"{result['tokens_per_s']:>9,.0f} tok/s  {result['step_ms']:>8.1f} ms/step  "
+                f"MFU {100 * result['mfu']:5.1f}%"
+            )
+    quality = None
+    if not args.skip_quality:
+        quality = quality_run(10.0 if args.quick else None)
+        print(
+            f"quality: best val loss {quality['best_val_loss']:.4f} after "
+            f"{quality['train_seconds']:.0f} s ({quality['steps']} steps) — {quality['command']}"
+        )
+
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "load_average": os.getloadavg(),
+        },
+        "matmul_peak_flops": peak,
+        "throughput": rows,
+        "quality": quality,
+        "quick": args.quick,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        "",
+        "| shape | mode | tokens/s | ms/step | MFU |",
+        "|---|---|---:|---:|---:|",
+        *(
+            f"| {r['shape']} | {'compiled' if r['compile'] else 'eager'} | "
+            f"{r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {100 * r['mfu']:.1f}% |"
+            for r in rows
+        ),
+    ]
+    if quality:
+        lines += [
+            "",
+            f"Quality: best val loss **{quality['best_val_loss']:.4f}** in "
+            f"{quality['train_seconds']:.0f} s of training ({quality['steps']} steps): "
+            f"`{quality['command']}`",
+        ]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+
+
+if __name__ == "__main__":
+    main()
