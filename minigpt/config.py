@@ -60,13 +60,13 @@ class DataConfig:
 class TrainConfig:
     """[train]: optimisation, schedule, evaluation, device and output."""
 
-    batch_size: int = 24
+    batch_size: int = 16
     """Sequences per micro-batch on each process."""
     grad_accum: int = 1
     """Micro-batches per optimizer step, over all processes (used when tokens_per_step is 0)."""
     tokens_per_step: int = 0
     """Tokens per optimizer step over all processes; 0 means batch_size * block_size * grad_accum."""
-    max_iters: int = 1500
+    max_iters: int = 1000
     """Optimizer steps to train for."""
     max_time: float = 0.0
     """Stop after this many seconds of training (0: no time limit)."""
@@ -76,7 +76,7 @@ class TrainConfig:
     """Peak learning rate, reached after warmup."""
     min_lr: float = 2e-4
     """Learning rate at the end of the cosine decay."""
-    warmup_iters: int = 100
+    warmup_iters: int = 50
     """Steps of linear warmup from 0 to lr."""
     lr_decay_iters: int = 0
     """Step at which the cosine decay reaches min_lr; 0 means max_iters."""
@@ -88,7 +88,7 @@ class TrainConfig:
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
-    eval_interval: int = 250
+    eval_interval: int = 200
     """Evaluate train/val loss and save a checkpoint every this many steps."""
     eval_iters: int = 20
     """Batches per evaluation (the same fixed batches every time)."""
