@@ -235,7 +235,10 @@ def _decode(
     block_size = model.config.block_size
     device = model.tok_emb.weight.device
     n = len(prompt_ids)
-    tokens = torch.empty((num_samples, n + max_new_tokens), dtype=torch.long, device=device)
+    # Token history: a window never reaches back more than block_size tokens, so keep
+    # at most 2 x block_size and slide the last block_size to the front when it is full.
+    width = min(n + max_new_tokens, 2 * block_size)
+    tokens = torch.empty((num_samples, width), dtype=torch.long, device=device)  # (B, width)
     tokens[:, :n] = torch.tensor(prompt_ids, dtype=torch.long, device=device)
     start = 0  # the window the model sees is tokens[:, start:n]
 
@@ -249,6 +252,9 @@ def _decode(
 
     for step in range(max_new_tokens):
         next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        if n == width:
+            tokens[:, :block_size] = tokens[:, n - block_size : n].clone()
+            start, n = start - (n - block_size), block_size
         tokens[:, n] = next_ids
         n += 1
         yield next_ids
