@@ -425,7 +425,8 @@ def train(
             torch.set_num_threads(t.threads)
         out_dir = Path(t.out_dir)
         say = (log or _print) if ddp.is_master else (lambda _msg: None)
-        check_out_dir(out_dir, resume, force)
+        if ddp.is_master:  # the others would see the files rank 0 is about to write
+            check_out_dir(out_dir, resume, force)
         accum = micro_steps(config, ddp.world_size)
         state = load_trainer_state(out_dir / TRAINER_STATE) if resume else None
 
@@ -589,6 +590,7 @@ def train(
         stop_reason, stop_signal = "max_iters", None
         loss_value = math.nan
         session_start = time.perf_counter()
+        first_step, tokens_per_s = step, 0.0
         last_plot = time.perf_counter()
         with _SignalFlag() as signals:
             model.train()
@@ -606,12 +608,18 @@ def train(
                             _, loss = train_model(x, y)
                         loss_sum += loss.detach().float()
                         (loss / accum).backward()
-                # one small all-reduce: the mean loss over all ranks, and whether any got a signal
-                flags = torch.stack([loss_sum / accum, torch.tensor(float(signals.signum), device=device)])  # fmt: skip
+                # One small all-reduce: the mean loss over all ranks, whether any rank got a
+                # signal, and a shared clock (so every rank stops and schedules in step).
+                clock = elapsed_before + (time.perf_counter() - session_start)
+                flags = torch.stack([
+                    (loss_sum / accum).double(),
+                    torch.tensor(float(signals.signum), dtype=torch.float64, device=device),
+                    torch.tensor(clock, dtype=torch.float64, device=device),
+                ])  # fmt: skip
                 if ddp.enabled:
                     dist.all_reduce(flags, op=dist.ReduceOp.SUM)
-                    flags[0] /= ddp.world_size
-                loss_value, got_signal = flags.tolist()
+                    flags /= ddp.world_size
+                loss_value, got_signal, elapsed = flags.tolist()
                 if not math.isfinite(loss_value):
                     optimizer.zero_grad(set_to_none=True)
                     raise MinigptError(
@@ -625,16 +633,19 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 tokens_seen += tokens_per_step
-                now = time.perf_counter()
-                elapsed = elapsed_before + (now - session_start)
-                tokens_per_s = tokens_per_step / max(now - step_start, 1e-9)
+                step_tokens_per_s = tokens_per_step / max(time.perf_counter() - step_start, 1e-9)
+                tokens_per_s = step_tokens_per_s if step == first_step + 1 else (
+                    0.9 * tokens_per_s + 0.1 * step_tokens_per_s
+                )  # fmt: skip
                 if step % t.log_interval == 0 or step == 1:
                     record({"step": step, "loss": loss_value, "lr": lr, "tokens": tokens_seen,
                             "time": round(elapsed, 3), "tokens_per_s": round(tokens_per_s, 1)})  # fmt: skip
                 bar.update(1)
+                time_left = f", {_clock(max(0.0, t.max_time - elapsed))} left" if t.max_time else ""
                 bar.set_postfix_str(
-                    f"loss {loss_value:.4f} lr {lr:.2e} {tokens_per_s / 1000:.1f}k tok/s", refresh=False
-                )  # fmt: skip
+                    f"loss {loss_value:.4f} lr {lr:.2e} {tokens_per_s / 1000:.1f}k tok/s{time_left}",
+                    refresh=False,
+                )
 
                 out_of_time = t.max_time > 0 and elapsed >= t.max_time
                 if got_signal:  # this rank's signal, or SIGTERM sent to another rank
