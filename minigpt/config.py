@@ -34,7 +34,13 @@ DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "default
 
 
 def default_model() -> GPTConfig:
-    """The default run's model: small enough to train in minutes on a laptop CPU."""
+    """The default run's model: small enough to train in minutes on a laptop CPU.
+
+    In a run config, model.vocab_size is a floor: the trainer uses the larger of it
+    and the tokenizer's vocab size, so leaving it out (1) means "the tokenizer's",
+    and a larger value pads the embedding (e.g. 50304 for GPT-2: faster matmuls).
+    config.json records the size actually used.
+    """
     return GPTConfig(
         vocab_size=1, block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False
     )
