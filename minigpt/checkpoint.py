@@ -4,8 +4,10 @@
       config.json              format version, model config, training config, tokenizer summary
       tokenizer.json           everything needed to encode and decode without the corpus
       model.safetensors        the best weights (lowest validation loss): what sampling uses
-      model-last.safetensors   the weights of the last saved step: what resume continues from
-      trainer.pt               optimizer, step, RNG and batcher state of the last step
+      model-last.safetensors   the weights of the last saved step
+      trainer.pt               the last step's whole state, what resume continues from: weights,
+                               optimizer, step, RNG and batcher state (plain tensors and numbers,
+                               one file, so a kill can never pair new weights with an old optimizer)
       metrics.jsonl, loss.png  the training curves
 
 Weights are safetensors (no pickle). Every file is written atomically, so a crash
