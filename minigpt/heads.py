@@ -213,16 +213,31 @@ def capture_attention(model: GPT, idx: Tensor) -> Tensor:
     return torch.stack(attention, dim=1).float()  # (B, L, H, T, T)
 
 
+def document_separator(tokenizer: Tokenizer) -> int | None:
+    """The id that separates documents: end-of-text, or for tokenizers without one
+    (char) the newline each document ends with; None if neither exists."""
+    if tokenizer.eot_id is not None:
+        return tokenizer.eot_id
+    try:
+        ids = tokenizer.encode("\n")
+    except MinigptError:
+        return None
+    return ids[0] if len(ids) == 1 else None
+
+
 def repeated_probe(
     tokenizer: Tokenizer, n: int, count: int = REPEATED_PROBES, seed: int = 0
 ) -> Tensor:
     """`count` seeded random sequences [r1..rn, r1..rn]: (count, 2n) token ids.
 
-    Tokens are drawn uniformly from the tokenizer's vocabulary, end-of-text excluded.
+    Tokens are drawn uniformly from the tokenizer's vocabulary without the document
+    separator (`document_separator`): a separator would tell the model a new,
+    unrelated document starts, which is not what the probe asks.
     """
     vocab = torch.arange(tokenizer.vocab_size)
-    if tokenizer.eot_id is not None:
-        vocab = vocab[vocab != tokenizer.eot_id]
+    separator = document_separator(tokenizer)
+    if separator is not None and tokenizer.vocab_size > 1:
+        vocab = vocab[vocab != separator]
     generator = torch.Generator().manual_seed(seed)
     picks = torch.randint(0, len(vocab), (count, n), generator=generator)
     half = vocab[picks]  # (count, n)
@@ -564,15 +579,15 @@ def check_repeated(n: int, block_size: int) -> None:
 def validation_tokens(config: dict, run_dir: Path) -> tuple[object, str] | None:
     """The run's prepared validation tokens (a numpy array) and where they are, if findable.
 
-    config.json's data.prepared.dir names the prepared folder (written by `minigpt train`);
+    config.json's prepared_data.dir names the prepared folder (written by `minigpt train`);
     a relative path is tried from the working directory, then from the run's project.
     """
     from minigpt.data import load_prepared
 
     data = config.get("data") or {}
-    prepared = data.get("prepared")
     candidates = [
-        prepared.get("dir") if isinstance(prepared, dict) else prepared,
+        (config.get("prepared_data") or {}).get("dir"),  # what `minigpt train` writes
+        (data.get("prepared") or {}).get("dir") if isinstance(data.get("prepared"), dict) else None,
         data.get("prepared_dir"),
     ]
     candidates = [c for c in candidates if isinstance(c, str) and c]

@@ -166,6 +166,9 @@ def test_repeated_probe(tiny):
     assert torch.equal(probes[:, :7], probes[:, 7:])
     assert torch.equal(probes, heads.repeated_probe(tokenizer, 7, count=5, seed=3))
     assert not torch.equal(probes, heads.repeated_probe(tokenizer, 7, count=5, seed=4))
+    newline = tokenizer.encode("\n")[0]  # the char tokenizer's document separator
+    assert heads.document_separator(tokenizer) == newline
+    assert not (heads.repeated_probe(tokenizer, 50, count=20) == newline).any()
 
 
 def test_ablation_importance_matches_head_gates(tiny):
@@ -331,3 +334,26 @@ def test_cli_bad_input(run_dir, args, message, monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_importance_uses_the_runs_validation_data(tiny, tmp_path):
+    from minigpt import data
+    from minigpt.checkpoint import load_run
+
+    model, tokenizer = tiny
+    source = tmp_path / "corpus.txt"
+    source.write_text("the quick brown fox jumps over the lazy dog\n" * 80)
+    prepared = data.prepare(str(source), "char", data_dir=tmp_path / "data", progress=False)
+    run_dir = write_run_files(
+        tmp_path / "run",
+        model,
+        tokenizer,
+        extra_config={"prepared_data": {"dir": str(prepared.dir)}},
+    )
+    inspection = heads.inspect_run(load_run(run_dir), repeated=8)
+    assert inspection.importance_source.startswith("8 validation batches of 4 x 32 tokens")
+    assert not inspection.notes
+    # without the prepared folder, the probe is used and the user is told
+    no_data = write_run_files(tmp_path / "run2", model, tokenizer)
+    inspection = heads.inspect_run(load_run(no_data), repeated=8)
+    assert "validation data was not found" in inspection.notes[0]
