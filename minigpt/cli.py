@@ -107,6 +107,9 @@ def generate(
         help="At context overflow keep block_size - this many tokens (default block_size/4; 0 = crop every step).",
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    threads: int | None = typer.Option(
+        None, "--threads", help="CPU threads (default: torch's; 1 is fastest on a busy machine)."
+    ),
     as_json: bool = typer.Option(
         False, "--json", help="Print one JSON object with texts, token counts and timings."
     ),
@@ -125,6 +128,7 @@ def generate(
         top_k=top_k, top_p=top_p, stop=stop or (), use_kv_cache=kv_cache, stride=stride,
     )  # fmt: skip
     gen.check_lengths(max_new_tokens, num_samples)
+    gen.set_threads(threads)
     gen.check_sampling(temperature, top_k, top_p)
     gen.StopStrings(stop or ())
     text = gen.read_prompt(prompt, prompt_file)

@@ -531,3 +531,16 @@ def stats_line(result: GenerationResult) -> str:
 
 
 SAMPLE_SEPARATOR = "\n---------------\n"
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's CPU threads. Decoding a small model is a chain of tiny matmuls: on a
+    machine whose cores are busy, threads wait for each other far longer than they work."""
+    if threads is None:
+        return
+    if not 1 <= threads <= 1024:
+        raise MinigptError(
+            f"--threads must be between 1 and 1024, got {threads}",
+            hint="use 1 on a busy machine, or leave it out",
+        )
+    torch.set_num_threads(threads)

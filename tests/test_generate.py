@@ -474,6 +474,7 @@ def test_cli_refuses_bad_run_directories(hello_run, monkeypatch, capsys, tmp_pat
         (["--prompt-file", "MISSING"], "does not exist"),
         (["--prompt-file", "EMPTY", "-p", "he"], "both"),
         (["--device", "warp9"], "unknown device"),
+        (["--threads", "0"], "--threads"),
     ],
 )
 def test_cli_refuses_bad_input_with_exit_code_2(
