@@ -180,7 +180,7 @@ def save_png(path: str | Path, inspection: Inspection) -> None:
     T = len(inspection.tokens)
     labels = T <= PNG_LABEL_MAX_TOKENS
     cell = 2.6 if labels else 2.0
-    fig = Figure(figsize=(cell * H + 0.6, cell * L + 0.6), dpi=80)
+    fig = Figure(figsize=(cell * H + 0.6, cell * L + 0.6), dpi=80, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(L, H, squeeze=False)
     for layer in range(L):
@@ -199,14 +199,13 @@ def save_png(path: str | Path, inspection: Inspection) -> None:
                 fontsize=9,
                 color=ROLE_COLOURS.get(metrics.role, "black"),
             )
-            if labels:
-                ax.set_xticks(range(T), inspection.tokens, fontsize=6, rotation=90)
-                ax.set_yticks(range(T), inspection.tokens, fontsize=6)
-            else:
-                ax.set_xticks([])
-                ax.set_yticks([])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if labels and layer == L - 1:  # keys under the bottom row only
+                ax.set_xticks(range(T), inspection.tokens, fontsize=7, rotation=90)
+            if labels and head == 0:  # queries beside the first column only
+                ax.set_yticks(range(T), inspection.tokens, fontsize=7)
     fig.suptitle(f"attention, rows = queries, columns = keys: {inspection.source}", fontsize=9)
-    fig.tight_layout()
     try:
         with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png")
