@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import subprocess
 import sys
 
@@ -357,3 +358,49 @@ def test_importance_uses_the_runs_validation_data(tiny, tmp_path):
     no_data = write_run_files(tmp_path / "run2", model, tokenizer)
     inspection = heads.inspect_run(load_run(no_data), repeated=8)
     assert "validation data was not found" in inspection.notes[0]
+
+
+# A few lines of fake DOM, enough to run the viewer's script under node: it must
+# build its controls, select heads, and answer hovers without a runtime error.
+_DOM_STUB = r"""
+function el(tag) {
+  const e = { tag, style: {}, children: [], attrs: {}, className: "", textContent: "", innerHTML: "",
+    classList: { toggle() {} }, options: [], rows: [], cells: [], width: 320, height: 320,
+    add(o) { this.options.push(o); }, setAttribute(k, v) { this.attrs[k] = v; },
+    appendChild(c) { this.children.push(c); return c; },
+    querySelectorAll() { return this.children; },
+    insertRow() { const r = el("tr"); r.insertCell = () => { const c = el("td"); r.cells.push(c); return c; }; this.rows.push(r); return r; },
+    getContext() { return { createImageData: (w, h) => ({ data: new Uint8ClampedArray(w * h * 4) }), putImageData() {}, drawImage() {}, clearRect() {} }; },
+    getBoundingClientRect() { return { top: 0, left: 0, width: 320, height: 320 }; },
+  };
+  if (tag === "metrics") { e.tHead = el("thead"); e.tBodies = [el("tbody")]; }
+  return e;
+}
+const ids = {};
+global.document = { getElementById: id => ids[id] || (ids[id] = el(id)), createElement: el, createElementNS: (ns, t) => el(t) };
+global.Option = function (t, v) { this.text = t; this.value = v; };
+global.atob = s => Buffer.from(s, "base64").toString("binary");
+const fs = require("fs");
+const html = fs.readFileSync(process.argv[2], "utf8");
+const js = html.slice(html.indexOf("<script>") + 8, html.indexOf("</script>"));
+eval(js + `
+select(D.heads.length - 1); show(5); show(-1);
+ids["heat"].onmousemove({ target: ids["heat"], clientX: 100, clientY: 200 });
+ids["tokens"].children[3].onmouseenter();
+ids["metrics"].tBodies[0].rows[2].onclick();
+ids["layer"].value = 1; ids["head"].value = 0; ids["layer"].onchange();
+console.log("ok", D.heads.length, "heads", T, "tokens; cur", cur, "readout:", ids["readout"].textContent);
+console.log("span bg", ids["tokens"].children[2].style.background, ids["tokens"].children[3].title);`);
+"""
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="node is not installed")
+def test_html_viewer_script_runs(tmp_path, inspection):
+    render.save_html(tmp_path / "h.html", inspection)
+    (tmp_path / "stub.js").write_text(_DOM_STUB)
+    out = subprocess.run(
+        ["node", str(tmp_path / "stub.js"), str(tmp_path / "h.html")],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok 6 heads 16 tokens; cur 3")  # layer 1, head 0 of 3 heads
