@@ -404,3 +404,17 @@ def test_html_viewer_script_runs(tmp_path, inspection):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok 6 heads 16 tokens; cur 3")  # layer 1, head 0 of 3 heads
+
+
+def test_help_shows_the_role_thresholds():
+    from typer.testing import CliRunner
+
+    from minigpt.cli import app
+
+    result = CliRunner().invoke(app, ["inspect-heads", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    t = heads.ROLE_THRESHOLDS
+    for rule in (f"induction >= {t.induction}", f"previous-token >= {t.previous_token}",
+                 f"duplicate-token >= {t.duplicate_token}", f"first-token >= {t.first_token}",
+                 f"normalised entropy >= {t.broad_entropy}", f"distance <= {t.local_distance}"):  # fmt: skip
+        assert rule in result.output
