@@ -60,6 +60,12 @@ def check_writable(path: str | Path) -> Path:
     return path
 
 
+def _mean(values: list[float]) -> float:
+    """Mean of the values that are not NaN (NaN when none are)."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else float("nan")
+
+
 def _fmt(value: float | None, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
@@ -116,9 +122,9 @@ def layer_overview(inspection: Inspection) -> str:
         heads = inspection.heads[layer * inspection.n_head : (layer + 1) * inspection.n_head]
         counts = {role: sum(h.role == role for h in heads) for role in ROLES}
         roles = ", ".join(f"{n} {role}" for role, n in counts.items() if n)
-        entropy = sum(h.norm_entropy for h in heads) / len(heads)
-        distance = sum(h.mean_distance for h in heads) / len(heads)
-        line = f"  layer {layer}: {roles}; mean H/Hmax {entropy:.2f}, mean distance {distance:.1f}"
+        entropy = _mean([h.norm_entropy for h in heads])
+        distance = _mean([h.mean_distance for h in heads])
+        line = f"  layer {layer}: {roles}; mean H/Hmax {_fmt(entropy)}, mean distance {_fmt(distance, 1)}"
         if inspection.importance_source is not None:
             top = max(heads, key=lambda h: h.importance)
             line += f"; most important {top.name} (Δloss {top.importance:+.3f})"
