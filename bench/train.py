@@ -12,6 +12,11 @@ matmuls forward and backward, plus 12 * n_layer * block_size * n_embd for attent
 as in the PaLM paper) times tokens/s, over this machine's fp32 matmul peak, measured
 in the same run by timing a large torch.matmul.
 
+GEMM ceiling: the same step's matmuls alone (every Linear's forward and two
+gradient products, and attention's batched products), timed back to back on their
+real shapes. Small matmuls run far below the large-matmul peak, so this rate over
+the peak is the best MFU the shape can reach even if every other op were free.
+
 Quality: `minigpt train configs/shakespeare-char-cpu.toml` on tiny shakespeare
 (../shared/data/tinyshakespeare/input.txt), the best val loss within its 180 s.
 
@@ -66,6 +71,70 @@ def matmul_peak(seconds: float = 2.0, n: int = 2048) -> float:
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - start)
     return 2 * n**3 / best
+
+
+def step_matmuls(config: GPTConfig, batch_size: int) -> list[tuple[str, tuple, tuple]]:
+    """Every matmul one training step runs, as (name, A shape, B shape) of A @ B.
+
+    Each Linear (in -> out) on N = B*T rows runs three products: the forward
+    X (N, in) @ W^T (in, out), and backward dX = dY (N, out) @ W (out, in) and
+    dW = dY^T (out, N) @ X (N, in). Attention runs Q K^T and A V forward and four
+    batched products backward (dA, dV, dQ, dK), each over B*H matrices.
+    """
+    c = config
+    T, C, d = c.block_size, c.n_embd, c.d_head
+    n, bh = batch_size * T, batch_size * c.n_head  # rows of the Linears; attention matrices
+    linears = [("qkv", C, 3 * C), ("attn out", C, C), ("mlp fc", C, 4 * C), ("mlp proj", 4 * C, C)]
+    products = []
+    for name, d_in, d_out in linears * c.n_layer + [("lm_head", C, c.vocab_size)]:
+        products += [
+            (f"{name} fwd", (n, d_in), (d_in, d_out)),
+            (f"{name} dX", (n, d_out), (d_out, d_in)),
+            (f"{name} dW", (d_out, n), (n, d_in)),
+        ]
+    for _ in range(c.n_layer):
+        products += [
+            ("QK^T fwd", (bh, T, d), (bh, d, T)),
+            ("AV fwd", (bh, T, T), (bh, T, d)),
+            ("dA = dO V^T", (bh, T, d), (bh, d, T)),
+            ("dV = A^T dO", (bh, T, T), (bh, T, d)),
+            ("dQ = dS K", (bh, T, T), (bh, T, d)),
+            ("dK = dS^T Q", (bh, T, T), (bh, T, d)),
+        ]
+    return products
+
+
+def gemm_ceiling(config: GPTConfig, batch_size: int, seconds: float = 1.0) -> dict:
+    """FLOP/s this machine reaches on exactly the matmuls of one training step.
+
+    Runs all of `step_matmuls` back to back (as a step would, with the operands'
+    real layouts: the backward products read transposed views, as autograd does)
+    and takes the fastest pass. tokens/s at that rate is the most any kernel
+    fusion could give if everything except the matmuls were free.
+    """
+    operands = []
+    for name, a_shape, b_shape in step_matmuls(config, batch_size):
+        a = torch.randn(*a_shape[::-1]).mT if name.endswith("dW") else torch.randn(*a_shape)
+        b = torch.randn(*b_shape[::-1]).mT if name.endswith("fwd") and len(b_shape) == 2 else (
+            torch.randn(*b_shape)
+        )  # fmt: skip
+        operands.append((a, b))
+    flops = sum(2 * a.shape[:-1].numel() * b.shape[-1] * a.shape[-1] for a, b in operands)
+
+    def one_pass() -> None:
+        for a, b in operands:
+            torch.matmul(a, b)
+
+    one_pass()  # warm-up
+    best = float("inf")
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        start = time.perf_counter()
+        one_pass()
+        best = min(best, time.perf_counter() - start)
+    tokens = batch_size * config.block_size
+    return {"matmul_flops_per_step": flops, "flops_per_s": flops / best,
+            "step_ms": best * 1e3, "tokens_per_s": tokens / best}  # fmt: skip
 
 
 def flops_per_token(model: GPT) -> float:
@@ -170,13 +239,28 @@ def main() -> None:
                 f"{result['tokens_per_s']:>9,.0f} tok/s  {result['step_ms']:>8.1f} ms/step  "
                 f"MFU {100 * result['mfu']:5.1f}%"
             )
+    # The ceiling: the same step's matmuls alone, at this machine's speed on their shapes.
+    ceilings = {}
+    for name, (config, batch) in SHAPES.items():
+        if args.quick and config.n_embd >= 512:
+            continue  # one pass of GPT-2's matmuls takes seconds
+        ceilings[name] = gemm_ceiling(config, batch, 0.5 if args.quick else 2.0)
+        print(
+            f"{name:48} {'GEMMs':8} {ceilings[name]['tokens_per_s']:>9,.0f} tok/s  "
+            f"{ceilings[name]['step_ms']:>8.1f} ms/step  "
+            f"({ceilings[name]['flops_per_s'] / 1e9:.1f} GFLOP/s on the step's matmul shapes)"
+        )
     # a busy machine can depress either measurement: the peak is the better of two, at
     # the start and after the throughput runs, so MFU is never flattered by a slow peak
     peak = max(peak, matmul_peak(1.0 if args.quick else 3.0))
     for result in rows:
         result["mfu"] = result["tokens_per_s"] * result["flops_per_token"] / peak
+    for ceiling in ceilings.values():
+        ceiling["mfu"] = ceiling["flops_per_s"] / peak
     print(f"fp32 matmul peak, best of two: {peak / 1e9:.1f} GFLOP/s; MFU: "
-          + ", ".join(f"{100 * r['mfu']:.1f}%" for r in rows))  # fmt: skip
+          + ", ".join(f"{100 * r['mfu']:.1f}%" for r in rows)
+          + "; ceiling (matmuls only): "
+          + ", ".join(f"{100 * c['mfu']:.1f}%" for c in ceilings.values()))  # fmt: skip
     quality = None
     if not args.skip_quality:
         quality = quality_run(10.0 if args.quick else None)
@@ -196,6 +280,7 @@ def main() -> None:
         },
         "matmul_peak_flops": peak,
         "throughput": rows,
+        "gemm_ceiling": ceilings,
         "quality": quality,
         "quick": args.quick,
     }
@@ -212,6 +297,11 @@ def main() -> None:
             f"| {r['shape']} | {'compiled' if r['compile'] else 'eager'} | "
             f"{r['tokens_per_s']:,.0f} | {r['step_ms']:.1f} | {100 * r['mfu']:.1f}% |"
             for r in rows
+        ),
+        *(
+            f"| {name} | matmuls only (ceiling) | {c['tokens_per_s']:,.0f} | "
+            f"{c['step_ms']:.1f} | {100 * c['mfu']:.1f}% |"
+            for name, c in ceilings.items()
         ),
     ]
     if quality:
