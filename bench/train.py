@@ -219,13 +219,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few steps, 10 s quality run")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument("--skip-gpt2", action="store_true", help="only the nanoGPT CPU shape")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
     args = parser.parse_args()
 
     peak = matmul_peak(1.0 if args.quick else 3.0)
     print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
     rows = []
-    for name, (config, batch) in SHAPES.items():
+    shapes = {n: s for n, s in SHAPES.items() if not (args.skip_gpt2 and s[0].n_embd >= 512)}
+    for name, (config, batch) in shapes.items():
         small = config.n_embd < 512
         steps = (5 if small else 1) if args.quick else (30 if small else 4)
         warmup = (3 if small else 0) if args.quick else (10 if small else 2)
@@ -241,7 +243,7 @@ def main() -> None:
             )
     # The ceiling: the same step's matmuls alone, at this machine's speed on their shapes.
     ceilings = {}
-    for name, (config, batch) in SHAPES.items():
+    for name, (config, batch) in shapes.items():
         if args.quick and config.n_embd >= 512:
             continue  # one pass of GPT-2's matmuls takes seconds
         ceilings[name] = gemm_ceiling(config, batch, 0.5 if args.quick else 2.0)
