@@ -191,80 +191,51 @@ def shakespeare_documents(data_dir: Path, progress: bool = True) -> list[str]:
 
 
 def induction_documents(
-    n_documents: int = 4000,
-    min_length: int = 100,
-    max_length: int = 200,
+    n_documents: int = 6000,
     min_segment: int = 8,
     max_segment: int = 24,
+    copies: int = 3,
+    n_letters: int = 12,
     seed: int = 0,
-    filler_rule: float = 0.0,
 ) -> list[str]:
-    """Lines of random lowercase letters in which one random segment appears twice.
+    """Lines made of one random segment of letters (the first `n_letters` of a-z),
+    written `copies` times.
 
-    Each line is prefix + segment + filler + segment + suffix (+ "\\n"), `min_length` to
-    `max_length` letters long. The second copy of the segment is predictable only by
-    looking back at the first: the task induction heads solve.
+    The first copy is noise; every later letter is predictable only by finding the
+    same letter earlier in the line and reading what followed it there. That is the
+    job of an induction head (Olsson et al., 2022): a layer-1 head whose keys carry
+    the previous token, written there by a previous-token head in layer 0.
 
-    filler_rule: the probability that a letter of the prefix, filler or suffix is a
-    fixed (seeded) function of the letter two places before it, instead of uniform.
-    Predicting such letters needs the previous token, so a previous-token head in
-    layer 0 pays off on its own and forms within a few hundred steps (with uniform
-    letters it has to wait for the induction head that uses it). 0 keeps every
-    letter uniform and the output identical to earlier versions.
+    Why this shape (configs/induction.toml has the measurements): the letters are
+    uniform, so nothing but copying predicts them (a "two letters back" rule in the
+    text around the copies grew a sharp previous-token head, but the model then
+    copied through another circuit, attending one token late); two thirds of the
+    letters reward copying, and 12 letters rather than 26 make a one-letter match
+    ambiguous often enough that the head learns to use the previous token too. Both
+    shorten the plateau before the head forms.
     """
-    if not (1 <= min_segment <= max_segment and 2 * max_segment <= min_length <= max_length):
+    if not (1 <= min_segment <= max_segment and copies >= 2 and n_documents >= 1):
         raise MinigptError(
-            "induction documents need 1 <= min_segment <= max_segment and "
-            "2 * max_segment <= min_length <= max_length"
+            "induction documents need n_documents >= 1, 1 <= min_segment <= max_segment "
+            "and copies >= 2"
         )
-    if not 0.0 <= filler_rule <= 1.0:
-        raise MinigptError(f"filler_rule must be a probability in [0, 1], got {filler_rule}")
+    if not 2 <= n_letters <= 26:
+        raise MinigptError(f"n_letters must be between 2 and 26, got {n_letters}")
+    letters = string.ascii_lowercase[:n_letters]
     rng = random.Random(seed)
-    letters = string.ascii_lowercase
-    if filler_rule > 0:  # drawn from its own generator so the segments stay as they were
-        rule_rng = random.Random(seed + 1)
-        two_back = {a: rule_rng.choice(letters) for a in letters}
-
-    def random_letters(n: int) -> str:
-        return "".join(rng.choices(letters, k=n))
-
-    def filler_letters(n: int) -> str:
-        if filler_rule == 0:
-            return random_letters(n)
-        out = random_letters(min(n, 2))
-        while len(out) < n:
-            out += (
-                two_back[out[-2]] if rule_rng.random() < filler_rule else rule_rng.choice(letters)
-            )
-        return out
-
     documents = []
     for _ in range(n_documents):
-        length = rng.randint(min_length, max_length)
-        segment = random_letters(rng.randint(min_segment, max_segment))
-        rest = length - 2 * len(segment)  # letters shared by prefix, filler and suffix
-        cut_a, cut_b = sorted((rng.randint(0, rest), rng.randint(0, rest)))
-        prefix, filler, suffix = cut_a, cut_b - cut_a, rest - cut_b
-        line = (
-            filler_letters(prefix)
-            + segment
-            + filler_letters(filler)
-            + segment
-            + filler_letters(suffix)
-        )
-        documents.append(line + "\n")
+        length = rng.randint(min_segment, max_segment)
+        segment = "".join(rng.choices(letters, k=length))
+        documents.append(segment * copies + "\n")
     return documents
-
-
-INDUCTION_SETTINGS = dict(min_length=64, max_length=96, max_segment=32, filler_rule=0.8)
-"""What the built-in `induction` dataset uses (tuned with configs/induction.toml)."""
 
 
 @register_dataset(
     "induction", "synthetic lines with a repeated random segment, for induction heads"
 )
 def _induction_dataset(data_dir: Path, progress: bool = True) -> list[str]:
-    return induction_documents(**INDUCTION_SETTINGS)
+    return induction_documents()
 
 
 # ---------------------------------------------------------------------------- reading sources

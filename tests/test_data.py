@@ -170,18 +170,23 @@ def test_prepare_builtin_registry_and_induction(tmp_path, monkeypatch):
 
 def test_induction_documents():
     docs = induction_documents()
-    assert len(docs) == 4000
+    assert len(docs) == 6000
     assert docs == induction_documents()  # fixed seed
     assert docs != induction_documents(seed=1)
-    for doc in docs[:500]:
+    lengths = set()
+    for doc in docs:
+        assert re.fullmatch("[a-z]+\n", doc)
         line = doc.rstrip("\n")
-        assert re.fullmatch("[a-z]+\n", doc) and 100 <= len(line) <= 200
-        # some segment of 8 or more letters appears twice
-        assert any(line.find(line[i : i + 8], i + 1) != -1 for i in range(len(line) - 8))
-    short = induction_documents(10, min_length=20, max_length=20, min_segment=5, max_segment=5)
-    assert all(len(doc) == 21 for doc in short)
+        segment = line[: len(line) // 3]
+        assert line == segment * 3 and 8 <= len(segment) <= 24
+        lengths.add(len(segment))
+    assert lengths == set(range(8, 25))  # every segment length occurs
+    short = induction_documents(10, min_segment=5, max_segment=5, copies=2)
+    assert all(len(doc) == 11 and doc[:5] == doc[5:10] for doc in short)
     with pytest.raises(MinigptError):
-        induction_documents(min_length=10, max_segment=24)
+        induction_documents(min_segment=10, max_segment=5)
+    with pytest.raises(MinigptError):
+        induction_documents(copies=1)
 
 
 def test_pystdlib_is_the_standard_library_without_tests():
