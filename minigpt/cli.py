@@ -23,12 +23,6 @@ app = typer.Typer(
 )
 
 
-def _not_built(command: str, issue: str) -> None:
-    raise MinigptError(
-        f"`minigpt {command}` is not built yet.", hint=f"it arrives with the {issue} issue"
-    )
-
-
 @app.command()
 def train(
     config: str | None = typer.Argument(
