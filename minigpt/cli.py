@@ -116,6 +116,7 @@ def generate(
 
     from minigpt import generate as gen
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
+    from minigpt.config import resolve_device
 
     options = dict(
         max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
@@ -126,7 +127,7 @@ def generate(
     gen.check_sampling(temperature, top_k, top_p)
     gen.StopStrings(stop or ())
     text = gen.read_prompt(prompt, prompt_file)
-    run = load_run(run_dir or DEFAULT_RUN_DIR, gen.resolve_device(device))
+    run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
     stream = stream and not as_json
 
     def warn(message: str) -> None:
@@ -219,7 +220,7 @@ def inspect_heads(
 
     from minigpt import heads, render
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
-    from minigpt.generate import resolve_device
+    from minigpt.config import resolve_device
 
     writers = {render.save_html: html, render.save_png: png, render.save_json: json_file}
     outputs = [(save, render.check_writable(path)) for save, path in writers.items() if path]

@@ -25,6 +25,8 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import cache
 from pathlib import Path
 
+import torch
+
 from minigpt.errors import MinigptError
 from minigpt.model import GPTConfig
 
@@ -416,3 +418,29 @@ def describe(config: RunConfig) -> str:
             lines.append(f"{key} = {text}")
         lines.append("")
     return "\n".join(lines)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; anything else must exist on this machine."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise MinigptError(
+            f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps"
+        ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MinigptError(
+            "--device cuda was asked for but no CUDA GPU is available",
+            hint="use --device cpu (or auto)",
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MinigptError(
+            "--device mps was asked for but MPS is not available", hint="use --device cpu (or auto)"
+        )
+    return device

@@ -85,32 +85,6 @@ def default_stride(block_size: int) -> int:
     return block_size // 4
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda, then mps, then cpu; anything else must exist on this machine."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise MinigptError(
-            f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps"
-        ) from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MinigptError(
-            "--device cuda was asked for but no CUDA GPU is available",
-            hint="use --device cpu (or auto)",
-        )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise MinigptError(
-            "--device mps was asked for but MPS is not available", hint="use --device cpu (or auto)"
-        )
-    return device
-
-
 # --- the prompt ----------------------------------------------------------------------
 
 

@@ -44,7 +44,7 @@ from minigpt.checkpoint import (
     save_weights,
     write_run_files,
 )
-from minigpt.config import RunConfig, config_from_dict, merge, micro_steps
+from minigpt.config import RunConfig, config_from_dict, merge, micro_steps, resolve_device
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer, load_tokenizer
@@ -146,28 +146,12 @@ def setup_distributed(device_name: str) -> Distributed:
     return Distributed(rank, local_rank, world_size, started_here)
 
 
-def resolve_device(name: str, ddp: Distributed) -> torch.device:
-    """'auto' picks cuda, then mps, then cpu; under DDP each process takes cuda:LOCAL_RANK."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MinigptError(
-                f"device {name!r} was asked for but CUDA is not available here",
-                hint="use --device cpu (or auto)",
-            )
-        if ddp.enabled and name == "cuda":
-            name = f"cuda:{ddp.local_rank}"
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise MinigptError("device 'mps' is not available here", hint="use --device cpu")
-    return torch.device(name)
+def process_device(name: str, ddp: Distributed) -> torch.device:
+    """The device `name` resolves to; under DDP each process takes cuda:LOCAL_RANK."""
+    device = resolve_device(name)
+    if ddp.enabled and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", ddp.local_rank)
+    return device
 
 
 def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
@@ -420,7 +404,7 @@ def train(
     ddp = setup_distributed(t.device)
     cleanup = contextlib.ExitStack()
     try:
-        device = resolve_device(t.device, ddp)
+        device = process_device(t.device, ddp)
         if t.threads:
             torch.set_num_threads(t.threads)
         out_dir = Path(t.out_dir)
