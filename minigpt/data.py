@@ -258,6 +258,22 @@ def read_text(path: Path) -> str:
         ) from None
 
 
+def read_prompt_file(path: str | Path) -> str:
+    """A prompt file's text (generate, inspect-heads), or one clear sentence why not."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError as err:
+        raise MinigptError(f"prompt file {path} does not exist", hint="check the path") from err
+    except IsADirectoryError as err:
+        raise MinigptError(f"prompt file {path} is a directory", hint="pass a text file") from err
+    except UnicodeDecodeError as err:
+        raise MinigptError(
+            f"prompt file {path} is not UTF-8 text", hint="save it as UTF-8"
+        ) from err
+    except OSError as err:
+        raise MinigptError(f"cannot read prompt file {path}: {err.strerror}") from err
+
+
 @dataclass
 class Corpus:
     """The documents of a source, and names for it."""

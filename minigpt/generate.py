@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from minigpt.data import read_prompt_file
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
@@ -471,18 +472,7 @@ def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
         )
     if prompt_file is None:
         return prompt or ""
-    try:
-        text = open(prompt_file, encoding="utf-8").read()
-    except FileNotFoundError as err:
-        raise MinigptError(
-            f"prompt file {prompt_file} does not exist", hint="check the path"
-        ) from err
-    except UnicodeDecodeError as err:
-        raise MinigptError(
-            f"prompt file {prompt_file} is not UTF-8 text", hint="save it as UTF-8"
-        ) from err
-    except OSError as err:
-        raise MinigptError(f"cannot read prompt file {prompt_file}: {err.strerror}") from err
+    text = read_prompt_file(prompt_file)
     if not text:
         raise MinigptError(
             f"prompt file {prompt_file} is empty",

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from minigpt.data import read_prompt_file
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
@@ -690,19 +691,7 @@ def inspect_run(
 def read_prompts(prompts: list[str] | None, prompt_files: list[str] | None) -> list[str]:
     """The prompts from --prompt (repeatable) and --prompt-file (each file is one prompt)."""
     texts = list(prompts or [])
-    for name in prompt_files or []:
-        try:
-            texts.append(Path(name).read_text(encoding="utf-8"))
-        except FileNotFoundError as err:
-            raise MinigptError(f"prompt file {name} does not exist", hint="check the path") from err
-        except IsADirectoryError as err:
-            raise MinigptError(
-                f"prompt file {name} is a directory", hint="pass a text file"
-            ) from err
-        except UnicodeDecodeError as err:
-            raise MinigptError(
-                f"prompt file {name} is not UTF-8 text", hint="pass a text file"
-            ) from err
+    texts += [read_prompt_file(name) for name in prompt_files or []]
     return texts
 
 
