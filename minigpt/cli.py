@@ -192,7 +192,8 @@ def inspect_heads(
         None,
         "--repeated",
         help="Probe: 8 seeded random N-token sequences, each followed by itself "
-        "(the default, with N = min(32, block_size/2)).",
+        "(the default, with N = min(32, block_size/2)); no token repeats within a "
+        "sequence when the vocabulary has N to spare.",
     ),
     layer: int | None = typer.Option(None, "--layer", help="Show this layer's heads as heatmaps."),
     head: int | None = typer.Option(None, "--head", help="With --layer: show only this head."),

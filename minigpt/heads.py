@@ -231,16 +231,26 @@ def repeated_probe(
 ) -> Tensor:
     """`count` seeded random sequences [r1..rn, r1..rn]: (count, 2n) token ids.
 
-    Tokens are drawn uniformly from the tokenizer's vocabulary without the document
-    separator (`document_separator`): a separator would tell the model a new,
-    unrelated document starts, which is not what the probe asks.
+    Tokens come from the tokenizer's vocabulary without the document separator
+    (`document_separator`): a separator would tell the model a new, unrelated
+    document starts, which is not what the probe asks. Within each half they are
+    distinct whenever the vocabulary has n tokens to spare (drawn without
+    replacement), because the induction and duplicate-token scores read one place,
+    A[i, i-n+1] and A[i, i-n]: with a repeated token a perfect induction head rightly
+    splits its attention over every earlier match and would score less than 1. A
+    vocabulary smaller than n (a tiny char model) is drawn with replacement.
     """
     vocab = torch.arange(tokenizer.vocab_size)
     separator = document_separator(tokenizer)
     if separator is not None and tokenizer.vocab_size > 1:
         vocab = vocab[vocab != separator]
     generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(0, len(vocab), (count, n), generator=generator)
+    if len(vocab) >= n:
+        picks = torch.stack(
+            [torch.randperm(len(vocab), generator=generator)[:n] for _ in range(count)]
+        )
+    else:
+        picks = torch.randint(0, len(vocab), (count, n), generator=generator)
     half = vocab[picks]  # (count, n)
     return torch.cat([half, half], dim=1)  # (count, 2n)
 

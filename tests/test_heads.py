@@ -170,6 +170,13 @@ def test_repeated_probe(tiny):
     newline = tokenizer.encode("\n")[0]  # the char tokenizer's document separator
     assert heads.document_separator(tokenizer) == newline
     assert not (heads.repeated_probe(tokenizer, 50, count=20) == newline).any()
+    # distinct within each half when the vocabulary allows (27 tokens besides "\n")
+    for n in (7, 27):
+        for half in heads.repeated_probe(tokenizer, n, count=20, seed=1)[:, :n]:
+            assert len(set(half.tolist())) == n
+    # a longer half than the vocabulary must repeat tokens, and still uses all of them
+    long_halves = heads.repeated_probe(tokenizer, 50, count=20)[:, :50]
+    assert set(long_halves.flatten().tolist()) == set(range(tokenizer.vocab_size)) - {newline}
 
 
 def test_ablation_importance_matches_head_gates(tiny):
