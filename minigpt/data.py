@@ -190,43 +190,53 @@ def shakespeare_documents(data_dir: Path, progress: bool = True) -> list[str]:
     return [read_text(fetch_shakespeare(data_dir, progress=progress))]
 
 
+INDUCTION_ALPHABET = string.ascii_lowercase + string.digits  # 36 symbols
+
+
 def induction_documents(
     n_documents: int = 6000,
     min_segment: int = 8,
-    max_segment: int = 24,
+    max_segment: int = 32,
     copies: int = 3,
-    n_letters: int = 12,
+    alphabet: str = INDUCTION_ALPHABET,
     seed: int = 0,
 ) -> list[str]:
-    """Lines made of one random segment of letters (the first `n_letters` of a-z),
-    written `copies` times.
+    """Lines made of one random segment of distinct symbols from `alphabet`, written
+    `copies` times.
 
-    The first copy is noise; every later letter is predictable only by finding the
-    same letter earlier in the line and reading what followed it there. That is the
+    The first copy is noise; every later symbol is predictable only by finding the
+    same symbol earlier in the line and reading what followed it there. That is the
     job of an induction head (Olsson et al., 2022): a layer-1 head whose keys carry
     the previous token, written there by a previous-token head in layer 0.
 
-    Why this shape (configs/induction.toml has the measurements): the letters are
-    uniform, so nothing but copying predicts them (a "two letters back" rule in the
-    text around the copies grew a sharp previous-token head, but the model then
-    copied through another circuit, attending one token late); two thirds of the
-    letters reward copying, and 12 letters rather than 26 make a one-letter match
-    ambiguous often enough that the head learns to use the previous token too. Both
-    shorten the plateau before the head forms.
+    Why this shape (configs/induction.toml has the measurements):
+    - distinct symbols: "the symbol before me" then names the place to copy from
+      exactly, so the layer-0 head that feeds the induction head sharpens onto the
+      previous token (score ~0.9). Drawn with replacement, one symbol matched several
+      places and layer 0 grew a head smeared over the last three tokens instead
+      (previous-token score 0.25 with 12 letters, 0.30 with 26): a fuzzier key that
+      uses more context.
+    - segments up to 32 from 36 symbols: `inspect-heads --repeated 32` probes halves
+      of 32 distinct tokens, so the model has seen copies that far apart. A larger
+      alphabet (52) kept the loss on its plateau past 3,000 steps.
     """
     if not (1 <= min_segment <= max_segment and copies >= 2 and n_documents >= 1):
         raise MinigptError(
             "induction documents need n_documents >= 1, 1 <= min_segment <= max_segment "
             "and copies >= 2"
         )
-    if not 2 <= n_letters <= 26:
-        raise MinigptError(f"n_letters must be between 2 and 26, got {n_letters}")
-    letters = string.ascii_lowercase[:n_letters]
+    symbols = sorted(set(alphabet) - {"\n"})
+    if len(symbols) < max_segment:
+        raise MinigptError(
+            f"the alphabet has {len(symbols)} distinct symbols, fewer than max_segment "
+            f"({max_segment})",
+            hint="each segment uses distinct symbols: lower max_segment or add symbols",
+        )
     rng = random.Random(seed)
     documents = []
     for _ in range(n_documents):
         length = rng.randint(min_segment, max_segment)
-        segment = "".join(rng.choices(letters, k=length))
+        segment = "".join(rng.sample(symbols, length))
         documents.append(segment * copies + "\n")
     return documents
 

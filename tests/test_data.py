@@ -175,18 +175,21 @@ def test_induction_documents():
     assert docs != induction_documents(seed=1)
     lengths = set()
     for doc in docs:
-        assert re.fullmatch("[a-z]+\n", doc)
+        assert re.fullmatch("[a-z0-9]+\n", doc)
         line = doc.rstrip("\n")
         segment = line[: len(line) // 3]
-        assert line == segment * 3 and 8 <= len(segment) <= 24
+        assert line == segment * 3 and 8 <= len(segment) <= 32
+        assert len(set(segment)) == len(segment)  # distinct: one match per copy
         lengths.add(len(segment))
-    assert lengths == set(range(8, 25))  # every segment length occurs
+    assert lengths == set(range(8, 33))  # every segment length occurs
     short = induction_documents(10, min_segment=5, max_segment=5, copies=2)
     assert all(len(doc) == 11 and doc[:5] == doc[5:10] for doc in short)
     with pytest.raises(MinigptError):
         induction_documents(min_segment=10, max_segment=5)
     with pytest.raises(MinigptError):
         induction_documents(copies=1)
+    with pytest.raises(MinigptError):
+        induction_documents(alphabet="abcdefghijkl")  # too few for 32 distinct symbols
 
 
 def test_pystdlib_is_the_standard_library_without_tests():

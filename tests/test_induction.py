@@ -1,19 +1,19 @@
 """Acceptance: a real 2-layer model, trained here through the command line.
 
 `minigpt train configs/induction.toml` on the built-in `induction` data (lines of
-a random segment of letters written three times, generated, not downloaded), then
+a random segment of distinct symbols written three times, generated, not
+downloaded), then
 `minigpt inspect-heads RUN --repeated 32 --json ...`. The run is trained once per
 session (module fixture) in a temporary folder.
 
-What the issue asks, and what holds:
+What the issue asks, and what holds (measured: train 103 s on 2 cores):
   - a layer-1 induction head: induction score A[i, i-n+1] >= 0.35, labelled
-    `induction`, and zeroing it raises the loss on repeated sequences (holds:
-    ~0.7-0.85);
+    `induction`, and zeroing it raises the loss on repeated sequences (measured: two
+    induction heads, 0.88 and 0.79; zeroing both removes the copying);
   - a layer-0 head that feeds it: the head that looks back most is the one whose
-    removal hurts most, and removing it stops the copying (holds);
-  - that layer-0 head's previous-token score >= 0.3 (xfail, measured 0.25-0.29):
-    it spreads its attention over the last few tokens (itself ~0.3, the previous
-    token ~0.25, two back ~0.15); see configs/induction.toml for what was tried.
+    removal hurts most, and removing it stops the copying;
+  - that layer-0 head's previous-token score >= 0.3, labelled `previous-token`
+    (measured 0.96).
 """
 
 from __future__ import annotations
@@ -92,7 +92,15 @@ def test_layer1_induction_head(trained):
     gates = torch.ones(2, run.model.config.n_head)
     gates[1, top["head"]] = 0.0
     _, second_without = probe_losses(run, gates)
-    assert second_without > second + 0.5, (second, second_without)
+    # Layer 1 usually grows two induction heads that back each other up, so zeroing the
+    # top one alone raises the loss less than zeroing all of them (measured: 0.03 -> 0.39
+    # nats for the top one, -> 4.9 for both, above the first copy's 3.5).
+    assert second_without > second + 0.2, (second, second_without)
+    for h in layer(report, 1):
+        if h["role"] == "induction":
+            gates[1, h["head"]] = 0.0
+    _, second_without_any = probe_losses(run, gates)
+    assert second_without_any > first, (first, second_without_any)  # no copying left
 
 
 @pytest.mark.slow
@@ -112,11 +120,6 @@ def test_layer0_head_feeds_the_induction_head(trained):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="layer 0's look-back head spreads over the last few tokens: previous-token "
-    "score 0.25-0.29 measured, the issue asks 0.3 (see configs/induction.toml)",
-    strict=False,
-)
 def test_layer0_previous_token_score(trained):
     folder, report, stdout = trained
     best0 = max(layer(report, 0), key=lambda h: max(h["previous_token"], h["duplicate_token"]))
