@@ -2,9 +2,8 @@
 
 `minigpt train configs/induction.toml` on the built-in `induction` data (lines of
 a random segment of distinct symbols written three times, generated, not
-downloaded), then
-`minigpt inspect-heads RUN --repeated 32 --json ...`. The run is trained once per
-session (module fixture) in a temporary folder.
+downloaded), then `minigpt inspect-heads RUN --repeated 32 --json ...`. The run is
+trained once per session (module fixture) in a temporary folder.
 
 What the issue asks, and what holds (measured: train 103 s on 2 cores):
   - a layer-1 induction head: induction score A[i, i-n+1] >= 0.35, labelled
