@@ -51,12 +51,12 @@ def model_shapes() -> dict[str, GPTConfig]:
         default = {k: model[k] for k in ("block_size", "n_layer", "n_head", "n_embd")}
     return {
         # vocab: about the number of distinct characters in the Python standard library
-        "default (char)": GPTConfig(vocab_size=128, **default),
+        "default (char)": GPTConfig(vocab_size=128, bias=True, **default),
         "shakespeare-char": GPTConfig(
-            vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384
+            vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=True
         ),
         "gpt2-small": GPTConfig(
-            vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768
+            vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True
         ),
     }
 

@@ -28,7 +28,6 @@ from rich.console import Console
 
 from minigpt import heads, render
 from minigpt.atomic import write_json_atomic
-from minigpt.config import default_model
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer
 
@@ -99,8 +98,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    base = default_model()
-    table_config = GPTConfig(**{**base.to_dict(), "vocab_size": DEFAULT_VOCAB})
+    table_config = GPTConfig(vocab_size=DEFAULT_VOCAB)  # the default run's model
     html_config = GPTConfig(
         vocab_size=DEFAULT_VOCAB, block_size=256, n_layer=6, n_head=6, n_embd=384
     )

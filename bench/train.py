@@ -54,7 +54,7 @@ SHAPES = {
         12,
     ),
     "GPT-2 small (12L/12H/768, ctx 1024, batch 1)": (
-        GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768),
+        GPTConfig(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True),
         1,
     ),
 }

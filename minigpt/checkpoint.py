@@ -68,7 +68,7 @@ def load_weights(model: GPT, path: str | Path) -> None:
     """Load safetensors weights into `model`, with a clear error if they do not fit."""
     path = Path(path)
     try:
-        state = load_file(str(path), device=str(model.tok_emb.weight.device))
+        state = load_file(str(path), device=str(model.device))
     except FileNotFoundError as err:
         raise MinigptError(f"no weights at {path}", hint="the run directory is incomplete") from err
     except (SafetensorError, OSError, ValueError) as err:

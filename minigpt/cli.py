@@ -50,8 +50,9 @@ def train(
     # CPU is shared with other work (10-100x slower steps); sleeping threads do not.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from minigpt import train as trainer
+    from minigpt.config import build_config
 
-    run_config = trainer.build_config(
+    run_config = build_config(
         config, sets, resume=resume, data=data, out=out, max_iters=max_iters,
         max_time=max_time, device=device, seed=seed, compile=compile,
     )  # fmt: skip

@@ -4,10 +4,12 @@
     [data]   where the text comes from and how it is tokenised
     [train]  optimizer, schedule, batches, stopping, evaluation, device, output
 
-A run is built in layers: the defaults below (which are `configs/default.toml`:
-char-level on the built-in Python standard library corpus), then a TOML file,
-then `--set section.key=value` overrides. Every field carries a one-line doc
-(the string under it), which `field_docs` reads for error messages and help.
+A run is built in layers (`build_config`): the dataclass defaults (which
+`configs/default.toml` spells out: char-level on the built-in Python standard
+library corpus), then a TOML file, then `--set section.key=value` overrides, then
+the command line's named flags; a resumed run starts from its config.json instead.
+Every field carries a one-line doc (the string under it), which `field_docs`
+reads for error messages and help.
 Unknown keys are errors that name the nearest valid key: a typo must never
 silently train the wrong model.
 """
@@ -27,25 +29,12 @@ from pathlib import Path
 
 import torch
 
+from minigpt.checkpoint import CONFIG_FILE, read_config
 from minigpt.errors import MinigptError
 from minigpt.model import GPTConfig
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16")
-DEFAULT_CONFIG_PATH = Path(__file__).resolve().parents[1] / "configs" / "default.toml"
-
-
-def default_model() -> GPTConfig:
-    """The default run's model: small enough to train in minutes on a laptop CPU.
-
-    In a run config, model.vocab_size is a floor: the trainer uses the larger of it
-    and the tokenizer's vocab size, so leaving it out (1) means "the tokenizer's",
-    and a larger value pads the embedding (e.g. 50304 for GPT-2: faster matmuls).
-    config.json records the size actually used.
-    """
-    return GPTConfig(
-        vocab_size=1, block_size=128, n_layer=4, n_head=4, n_embd=128, dropout=0.0, bias=False
-    )
 
 
 @dataclass
@@ -120,7 +109,7 @@ class TrainConfig:
 class RunConfig:
     """A whole training run."""
 
-    model: GPTConfig = field(default_factory=default_model)
+    model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -403,23 +392,6 @@ def micro_steps(config: RunConfig, world_size: int = 1) -> int:
     return total // world_size
 
 
-def describe(config: RunConfig) -> str:
-    """The config as TOML text (what `configs/*.toml` look like)."""
-    lines = []
-    for section, values in config.to_dict().items():
-        lines.append(f"[{section}]")
-        for key, value in values.items():
-            if isinstance(value, bool):
-                text = "true" if value else "false"
-            elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            else:
-                text = repr(value)
-            lines.append(f"{key} = {text}")
-        lines.append("")
-    return "\n".join(lines)
-
-
 def resolve_device(name: str = "auto") -> torch.device:
     """'auto' -> cuda, then mps, then cpu; anything else must exist on this machine."""
     if name == "auto":
@@ -444,3 +416,68 @@ def resolve_device(name: str = "auto") -> torch.device:
             "--device mps was asked for but MPS is not available", hint="use --device cpu (or auto)"
         )
     return device
+
+
+# --------------------------------------------------------------------------- what `train` runs
+
+
+def build_config(
+    config_path: str | Path | None = None,
+    sets: list[str] | None = None,
+    *,
+    resume: str | Path | None = None,
+    data: str | None = None,
+    out: str | None = None,
+    max_iters: int | None = None,
+    max_time: float | None = None,
+    device: str | None = None,
+    seed: int | None = None,
+    compile: bool | None = None,
+) -> RunConfig:
+    """The config `minigpt train` runs: defaults < CONFIG.toml < --set < the named flags.
+
+    With resume, the run directory's config.json replaces the defaults and the file,
+    and only train.* settings may change (e.g. a larger max_iters).
+    """
+    overrides = parse_overrides(sets or [])
+    flags = {
+        "data": {"source": data},
+        "train": {"out_dir": out, "max_iters": max_iters, "max_time": max_time,
+                  "device": device, "seed": seed, "compile": compile},
+    }  # fmt: skip
+    for section, values in flags.items():
+        for key, value in values.items():
+            if value is not None:
+                overrides.setdefault(section, {})[key] = value
+    if resume is None:
+        return load_config(config_path, overrides)
+    if config_path is not None:
+        raise MinigptError(
+            "--resume takes its config from the run directory, not from a config file",
+            hint=f"drop {config_path}; change train settings with --set or --max-iters",
+        )
+    if out is not None and Path(out) != Path(resume):
+        raise MinigptError("--resume and --out name different directories")
+    return resume_config(resume, overrides)
+
+
+def resume_config(
+    run_dir: str | Path, overrides: dict[str, dict[str, object]] | None = None
+) -> RunConfig:
+    """The config a run was started with (its config.json), with train.* overrides applied."""
+    run_dir = Path(run_dir)
+    try:
+        config = config_from_dict(read_config(run_dir))
+    except (TypeError, KeyError) as err:
+        raise MinigptError(f"{run_dir / CONFIG_FILE} does not hold a training config") from err
+    overrides = dict(overrides or {})
+    for section in ("model", "data"):
+        # repeating the original command line with --resume is fine; changing it is not
+        saved_section = getattr(merge(config, {section: overrides.pop(section, {})}), section)
+        if saved_section != getattr(config, section):
+            raise MinigptError(
+                f"a resumed run keeps its {section} config; {section}.* cannot be changed",
+                hint="start a new run (another --out) to change the model or the data",
+            )
+    overrides["train"] = {**overrides.get("train", {}), "out_dir": str(run_dir)}
+    return merge(config, overrides)

@@ -31,7 +31,7 @@ import sysconfig
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.client import HTTPException
 from pathlib import Path
@@ -269,9 +269,9 @@ def read_text(path: Path) -> str:
 
 
 def read_prompt_file(path: str | Path) -> str:
-    """A prompt file's text (generate, inspect-heads), or one clear sentence why not."""
+    """A prompt file's text, or one clear sentence why not (missing, empty, not UTF-8)."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError as err:
         raise MinigptError(f"prompt file {path} does not exist", hint="check the path") from err
     except IsADirectoryError as err:
@@ -282,6 +282,17 @@ def read_prompt_file(path: str | Path) -> str:
         ) from err
     except OSError as err:
         raise MinigptError(f"cannot read prompt file {path}: {err.strerror}") from err
+    if not text:
+        raise MinigptError(
+            f"prompt file {path} is empty",
+            hint="put some text in it, or leave out --prompt-file",
+        )
+    return text
+
+
+def read_prompts(prompts: Sequence[str] = (), prompt_files: Sequence[str | Path] = ()) -> list[str]:
+    """The prompts given as text (--prompt) and as files (--prompt-file, one prompt each)."""
+    return [*prompts, *(read_prompt_file(path) for path in prompt_files)]
 
 
 @dataclass

@@ -208,7 +208,7 @@ def _decode(
 ):  # fmt: skip
     # (inference_mode wraps each resume of this generator, not the caller's code.)
     block_size = model.config.block_size
-    device = model.tok_emb.weight.device
+    device = model.device
     n = len(prompt_ids)
     # Token history: a window never reaches back more than block_size tokens, so keep
     # at most 2 x block_size and slide the last block_size to the front when it is full.
@@ -397,7 +397,7 @@ def generate_text(
             f"block_size={block_size}; only its last {block_size} tokens are used"
         )
     seed = new_seed() if seed is None else seed
-    device = model.tok_emb.weight.device
+    device = model.device
     rng = torch.Generator(device=device).manual_seed(seed)
     decoders = [tokenizer.stream_decoder() for _ in range(num_samples)]
     samples = [Sample() for _ in range(num_samples)]

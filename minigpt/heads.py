@@ -477,7 +477,7 @@ def inspect_heads(
         if seq.numel() == 0:
             raise MinigptError("the prompt is empty", hint="pass a prompt of at least one token")
     L, H = model.config.n_layer, model.config.n_head
-    device = model.tok_emb.weight.device
+    device = model.device
     sums: dict[str, Tensor] = {}
     similarity = torch.zeros(L * H, L * H)
     first_attention = None
@@ -670,7 +670,7 @@ def inspect_run(
     batches = importance_source = None
     if importance:
         found = validation_tokens(run.config, Path(run.dir))
-        device = model.tok_emb.weight.device
+        device = model.device
         if found is not None and len(found[0]) >= 2:
             tokens, where = found
             batches = validation_batches(tokens, block_size, seed=seed)

@@ -11,7 +11,7 @@ wrapper form when `GPTConfig.attention == "wrapper"`; both save the same weights
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,21 +26,25 @@ ATTENTION_FORMS = ("fused", "wrapper")
 
 @dataclass
 class GPTConfig:
-    """The shape of a GPT. Every field is saved in a run's config.json."""
+    """The shape of a GPT. Every field is saved in a run's config.json.
 
-    vocab_size: int = 65
-    """Number of distinct token ids (the tokenizer's vocab size)."""
-    block_size: int = 256
+    The defaults are the default run's model (`minigpt train` with no config, and
+    configs/default.toml): small enough to train in minutes on a laptop CPU.
+    """
+
+    vocab_size: int = 0
+    """Token ids the model knows; 0 means the tokenizer's vocab size (a larger value pads, e.g. 50304 for GPT-2)."""
+    block_size: int = 128
     """Context length: the most positions the model attends over."""
-    n_layer: int = 6
+    n_layer: int = 4
     """Number of transformer blocks."""
-    n_head: int = 6
+    n_head: int = 4
     """Attention heads per block; n_embd must be divisible by it."""
-    n_embd: int = 384
+    n_embd: int = 128
     """Width of the residual stream (d_model); each head is n_embd / n_head wide."""
     dropout: float = 0.0
     """Dropout on attention weights, residual branches and embeddings while training."""
-    bias: bool = True
+    bias: bool = False
     """Biases in the linear layers and LayerNorms (GPT-2 has them)."""
     attention: str = "fused"
     """'fused' (one QKV matmul + SDPA, fast) or 'wrapper' (one module per head, textbook)."""
@@ -50,10 +54,12 @@ class GPTConfig:
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            least = 0 if name == "vocab_size" else 1  # vocab_size 0: the tokenizer's size
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                what = "a positive integer" if least else "0 or a positive integer"
                 raise MinigptError(
-                    f"model.{name} must be a positive integer, got {value!r}",
-                    hint=f"set model.{name} to a whole number of at least 1",
+                    f"model.{name} must be {what}, got {value!r}",
+                    hint=f"set model.{name} to a whole number of at least {least}",
                 )
         if self.n_embd % self.n_head != 0:
             raise MinigptError(
@@ -72,6 +78,18 @@ class GPTConfig:
             )
         if not self.init_std > 0:
             raise MinigptError(f"model.init_std must be positive, got {self.init_std}")
+
+    def with_vocab(self, tokenizer_vocab_size: int) -> GPTConfig:
+        """This shape for a tokenizer of `tokenizer_vocab_size` ids: 0 takes the tokenizer's size."""
+        if self.vocab_size == 0:
+            return replace(self, vocab_size=tokenizer_vocab_size)
+        if self.vocab_size < tokenizer_vocab_size:
+            raise MinigptError(
+                f"model.vocab_size={self.vocab_size} is smaller than the tokenizer's "
+                f"{tokenizer_vocab_size} tokens",
+                hint="leave model.vocab_size at 0 to use the tokenizer's size",
+            )
+        return self
 
     @property
     def d_head(self) -> int:
@@ -145,6 +163,11 @@ class GPT(nn.Module):
 
     def __init__(self, config: GPTConfig):
         super().__init__()
+        if config.vocab_size == 0:
+            raise MinigptError(
+                "model.vocab_size is 0 (the tokenizer's size), which a model cannot be built with",
+                hint="resolve it first with config.with_vocab(tokenizer.vocab_size)",
+            )
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
@@ -172,6 +195,11 @@ class GPT(nn.Module):
         for block in self.blocks:
             for proj in (block.attn.out_proj, block.mlp.proj):
                 nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live (inputs and caches must be made there)."""
+        return self.tok_emb.weight.device
 
     def num_params(self, non_embedding: bool = True) -> int:
         """Parameter count; by default without the position embedding (the token

@@ -87,6 +87,13 @@ class Tokenizer(ABC):
         """Id of the end-of-text token that separates documents, or None if there is none."""
         return None
 
+    @property
+    def separator_id(self) -> int | None:
+        """The id that separates documents in prepared data: end-of-text where the
+        tokenizer has one, else (char) the newline every document ends with; None if
+        neither exists. Sampling starts from it; the head probe leaves it out."""
+        return self.eot_id
+
     @abstractmethod
     def encode(self, text: str) -> list[int]: ...
 
@@ -136,6 +143,10 @@ class CharTokenizer(Tokenizer):
     def vocab_size(self) -> int:
         return len(self.chars)
 
+    @property
+    def separator_id(self) -> int | None:
+        return self.stoi.get("\n")
+
     def encode(self, text: str) -> list[int]:
         stoi = self.stoi
         try:
@@ -149,7 +160,7 @@ class CharTokenizer(Tokenizer):
         shown = ", ".join(repr(ch) for ch in unseen[:10]) + (" ..." if len(unseen) > 10 else "")
         raise MinigptError(
             f"the text has {len(unseen)} character(s) the char tokenizer never saw: {shown}",
-            hint="remove them, or map them to a known character with an unknown-character fallback",
+            hint="a char model knows only the characters of its training corpus; leave the others out",
         )
 
     def decode(self, ids: list[int]) -> str:

@@ -40,11 +40,10 @@ from minigpt.checkpoint import (
     LAST_WEIGHTS,
     TOKENIZER_FILE,
     TRAINER_STATE,
-    read_config,
     save_weights,
     write_run_files,
 )
-from minigpt.config import RunConfig, config_from_dict, merge, micro_steps, resolve_device
+from minigpt.config import RunConfig, micro_steps, resolve_device
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer, load_tokenizer
@@ -300,29 +299,6 @@ def plot_losses(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def resume_config(
-    run_dir: str | Path, overrides: dict[str, dict[str, object]] | None = None
-) -> RunConfig:
-    """The config a run was started with (its config.json), with train.* overrides applied."""
-    run_dir = Path(run_dir)
-    saved = read_config(run_dir)
-    try:
-        config = config_from_dict(saved)
-    except (TypeError, KeyError) as err:
-        raise MinigptError(f"{run_dir / CONFIG_FILE} does not hold a training config") from err
-    overrides = dict(overrides or {})
-    for section in ("model", "data"):
-        # repeating the original command line with --resume is fine; changing it is not
-        saved_section = getattr(merge(config, {section: overrides.pop(section, {})}), section)
-        if saved_section != getattr(config, section):
-            raise MinigptError(
-                f"a resumed run keeps its {section} config; {section}.* cannot be changed",
-                hint="start a new run (another --out) to change the model or the data",
-            )
-    overrides["train"] = {**overrides.get("train", {}), "out_dir": str(run_dir)}
-    return merge(config, overrides)
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -430,9 +406,7 @@ def train(
                     hint="the corpus changed since the run started; resume needs the same data",
                 )
 
-        model_config = replace(
-            config.model, vocab_size=max(config.model.vocab_size, tokenizer.vocab_size)
-        )
+        model_config = config.model.with_vocab(tokenizer.vocab_size)
         config = replace(config, model=model_config)
         torch.manual_seed(t.seed)
         model = GPT(model_config).to(device)
@@ -720,45 +694,3 @@ def iter_losses(run_dir: str | Path) -> Iterator[tuple[int, float]]:
     for r in read_metrics(Path(run_dir) / METRICS_FILE):
         if "loss" in r:
             yield r["step"], r["loss"]
-
-
-def build_config(
-    config_path: str | Path | None = None,
-    sets: list[str] | None = None,
-    *,
-    resume: str | Path | None = None,
-    data: str | None = None,
-    out: str | None = None,
-    max_iters: int | None = None,
-    max_time: float | None = None,
-    device: str | None = None,
-    seed: int | None = None,
-    compile: bool | None = None,
-) -> RunConfig:
-    """The config `minigpt train` runs: defaults < CONFIG.toml < --set < the named flags.
-
-    With resume, the run directory's config.json replaces the defaults and the file,
-    and only train.* settings may change (e.g. a larger max_iters).
-    """
-    from minigpt.config import load_config, parse_overrides
-
-    overrides = parse_overrides(sets or [])
-    flags = {
-        "data": {"source": data},
-        "train": {"out_dir": out, "max_iters": max_iters, "max_time": max_time,
-                  "device": device, "seed": seed, "compile": compile},
-    }  # fmt: skip
-    for section, values in flags.items():
-        for key, value in values.items():
-            if value is not None:
-                overrides.setdefault(section, {})[key] = value
-    if resume is not None:
-        if config_path is not None:
-            raise MinigptError(
-                "--resume takes its config from the run directory, not from a config file",
-                hint=f"drop {config_path}; change train settings with --set or --max-iters",
-            )
-        if out is not None and Path(out) != Path(resume):
-            raise MinigptError("--resume and --out name different directories")
-        return resume_config(resume, overrides)
-    return load_config(config_path, overrides)

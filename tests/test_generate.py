@@ -37,7 +37,9 @@ def one_thread():
 
 def tiny_gpt(vocab_size, block_size=16, seed=0, **overrides) -> GPT:
     torch.manual_seed(seed)
-    config = dict(vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32)
+    config = dict(
+        vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, bias=True
+    )
     return GPT(GPTConfig(**{**config, **overrides})).eval()
 
 

@@ -154,7 +154,14 @@ def tiny():
     torch.manual_seed(0)
     tokenizer = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz \n")
     model = GPT(
-        GPTConfig(vocab_size=tokenizer.vocab_size, block_size=32, n_layer=2, n_head=3, n_embd=24)
+        GPTConfig(
+            vocab_size=tokenizer.vocab_size,
+            block_size=32,
+            n_layer=2,
+            n_head=3,
+            n_embd=24,
+            bias=True,
+        )
     )
     model.eval()
     return model, tokenizer

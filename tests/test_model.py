@@ -9,7 +9,7 @@ from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT, GPTConfig
 
-TINY = dict(vocab_size=13, block_size=24, n_layer=2, n_head=4, n_embd=32)
+TINY = dict(vocab_size=13, block_size=24, n_layer=2, n_head=4, n_embd=32, bias=True)
 
 
 def tiny_gpt(seed=0, **overrides) -> GPT:

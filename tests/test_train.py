@@ -17,7 +17,7 @@ import torch
 
 from minigpt import train as trainer
 from minigpt.checkpoint import BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, load_run
-from minigpt.config import load_config
+from minigpt.config import load_config, resume_config
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
 from minigpt.tokenizer import CharTokenizer
@@ -79,7 +79,9 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_weight_decay_on_matrices_only():
-    config = load_config(None, ["model.n_layer=1", "model.n_embd=16", "model.n_head=2"])
+    config = load_config(
+        None, ["model.vocab_size=65", "model.n_layer=1", "model.n_embd=16", "model.n_head=2"]
+    )
     model = GPT(config.model)
     optimizer = trainer.make_optimizer(model, config, torch.device("cpu"))
     decay, no_decay = optimizer.param_groups
@@ -142,7 +144,7 @@ def test_resume_is_bit_identical(tmp_path, data):
     trainer.train(tiny_config(straight, *common, "train.max_iters=10"), data=data, progress=False)
     split = tmp_path / "split"
     trainer.train(tiny_config(split, *common, "train.max_iters=6"), data=data, progress=False)
-    config = trainer.resume_config(split, {"train": {"max_iters": 10}})
+    config = resume_config(split, {"train": {"max_iters": 10}})
     assert config.train.max_iters == 10 and config.model.dropout == 0.1
     result = trainer.train(config, resume=True, data=data, progress=False)
     assert result.step == 10
@@ -174,7 +176,7 @@ def test_resume_refuses_bad_trainer_state(tmp_path, data):
 
     path.write_bytes(good[: len(good) // 2])  # truncated
     with pytest.raises(MinigptError, match="damaged or truncated"):
-        trainer.train(trainer.resume_config(out), resume=True, data=data, progress=False)
+        trainer.train(resume_config(out), resume=True, data=data, progress=False)
 
     torch.save({"format_version": 1, "payload": argparse.Namespace(x=1)}, path)  # pickled object
     with pytest.raises(MinigptError, match="refusing to unpickle"):
@@ -186,16 +188,16 @@ def test_resume_refuses_bad_trainer_state(tmp_path, data):
 
     path.unlink()
     with pytest.raises(MinigptError, match="no state to resume"):
-        trainer.train(trainer.resume_config(out), resume=True, data=data, progress=False)
+        trainer.train(resume_config(out), resume=True, data=data, progress=False)
 
 
 def test_resume_refuses_model_changes(tmp_path, data):
     out = tmp_path / "run"
     trainer.train(tiny_config(out, "train.max_iters=1"), data=data, progress=False)
     with pytest.raises(MinigptError, match="keeps its model config"):
-        trainer.resume_config(out, {"model": {"n_layer": 3}})
+        resume_config(out, {"model": {"n_layer": 3}})
     with pytest.raises(MinigptError, match="does not exist"):
-        trainer.resume_config(tmp_path / "missing")
+        resume_config(tmp_path / "missing")
 
 
 def test_block_size_larger_than_a_split(tmp_path, data):
