@@ -1,4 +1,4 @@
-"""The run directory: what `train` writes and `generate` / `inspect-heads` read.
+"""The run directory: every file of it is named, written and read here.
 
     checkpoints/<run>/
       config.json              format version, model config, training config, tokenizer summary
@@ -10,31 +10,43 @@
                                one file, so a kill can never pair new weights with an old optimizer)
       metrics.jsonl, loss.png  the training curves
 
-Weights are safetensors (no pickle). Every file is written atomically, so a crash
-at any moment leaves the previous checkpoint loadable.
+Weights are safetensors (no pickle); trainer.pt is read with weights_only=True.
+Every file is written atomically, so a crash at any moment leaves the previous
+checkpoint loadable.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import pickle
+import zipfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import IO
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 
-from minigpt.atomic import atomic_path, write_json_atomic
+from minigpt.atomic import atomic_path, write_json_atomic, write_text_atomic
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPTConfig
-from minigpt.tokenizer import Tokenizer, load_tokenizer, save_tokenizer
+from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
 
-FORMAT_VERSION = 1
+RUN_FORMAT = 1
+"""Version of the run directory's layout (config.json's "format_version")."""
+TRAINER_FORMAT = 1
+"""Version of trainer.pt's schema (`TrainerCheckpoint`)."""
 CONFIG_FILE = "config.json"
-TOKENIZER_FILE = "tokenizer.json"
 BEST_WEIGHTS = "model.safetensors"
 LAST_WEIGHTS = "model-last.safetensors"
 TRAINER_STATE = "trainer.pt"
+METRICS_FILE = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, METRICS_FILE)
+"""The files whose presence means a directory already holds a run."""
 DEFAULT_RUN_DIR = Path("checkpoints/default")
 
 # The LM head shares its weight with the token embedding; safetensors stores each
@@ -42,26 +54,15 @@ DEFAULT_RUN_DIR = Path("checkpoints/default")
 _TIED_KEYS = ("lm_head.weight",)
 
 
-@dataclass
-class Run:
-    """A loaded run directory."""
-
-    dir: Path
-    model: GPT
-    tokenizer: Tokenizer
-    config: dict
-    """The whole config.json: 'model', 'train', 'tokenizer', 'format_version', ..."""
+# --------------------------------------------------------------------------- weights
 
 
-def save_weights(model: GPT, path: str | Path) -> None:
-    """Write the model's weights as safetensors, atomically."""
-    state = {
-        k: v.detach().contiguous().cpu()
-        for k, v in model.state_dict().items()
-        if k not in _TIED_KEYS
-    }
+def save_weights(state_dict: dict[str, Tensor], path: str | Path) -> None:
+    """Write a model's state dict as safetensors, atomically."""
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k not in _TIED_KEYS}
+    metadata = {"format": "pt", "minigpt_format": str(RUN_FORMAT)}
     with atomic_path(path) as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt", "minigpt_format": str(FORMAT_VERSION)})
+        save_file(state, str(tmp), metadata=metadata)
 
 
 def load_weights(model: GPT, path: str | Path) -> None:
@@ -86,6 +87,20 @@ def load_weights(model: GPT, path: str | Path) -> None:
         )
 
 
+# --------------------------------------------------------------------------- config.json
+
+
+@dataclass
+class Run:
+    """A loaded run directory."""
+
+    dir: Path
+    model: GPT
+    tokenizer: Tokenizer
+    config: dict
+    """The whole config.json: 'model', 'train', 'tokenizer', 'format_version', ..."""
+
+
 def write_run_files(
     run_dir: str | Path,
     model: GPT,
@@ -100,15 +115,22 @@ def write_run_files(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {
-        "format_version": FORMAT_VERSION,
+        "format_version": RUN_FORMAT,
         "model": model.config.to_dict(),
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
         **(extra_config or {}),
     }
     save_tokenizer(tokenizer, run_dir / TOKENIZER_FILE)
-    save_weights(model, run_dir / weights_file)
+    save_weights(model.state_dict(), run_dir / weights_file)
     write_json_atomic(run_dir / CONFIG_FILE, config)
     return run_dir
+
+
+def update_config(run_dir: str | Path, sections: dict) -> None:
+    """Replace top-level sections of a run's config.json (a resumed run's new train.*)."""
+    path = Path(run_dir) / CONFIG_FILE
+    config = json.loads(path.read_text(encoding="utf-8"))
+    write_json_atomic(path, {**config, **sections})
 
 
 def read_config(run_dir: str | Path) -> dict:
@@ -132,9 +154,9 @@ def read_config(run_dir: str | Path) -> dict:
             f"{path} is not valid JSON", hint="the file is damaged; retrain"
         ) from err
     version = config.get("format_version") if isinstance(config, dict) else None
-    if version != FORMAT_VERSION:
+    if version != RUN_FORMAT:
         raise MinigptError(
-            f"{run_dir} has run format version {version!r}; this minigpt reads version {FORMAT_VERSION}",
+            f"{run_dir} has run format version {version!r}; this minigpt reads version {RUN_FORMAT}",
             hint="use the minigpt version that wrote the run, or retrain",
         )
     return config
@@ -159,3 +181,167 @@ def load_run(
     load_weights(model, run_dir / weights_file)
     model.eval()
     return Run(dir=run_dir, model=model, tokenizer=tokenizer, config=config)
+
+
+# --------------------------------------------------------------------------- trainer.pt
+
+
+@dataclass
+class TrainerCheckpoint:
+    """trainer.pt: the whole state of a run after `step` optimizer steps, for exact resume.
+
+    Plain tensors, numbers, lists and dicts only, so it loads with weights_only=True.
+    """
+
+    step: int
+    tokens_seen: int
+    elapsed: float
+    """Seconds of training so far, over every session of the run."""
+    best_val_loss: float
+    world_size: int
+    """Processes the run was saved from (the RNG states are per process)."""
+    model: dict[str, Tensor]
+    optimizer: dict
+    rng: list[dict[str, Tensor]]
+    """torch's (and CUDA's) RNG state of each process, in rank order."""
+    batchers: list[dict]
+    """Each batch stream's `Batcher.state_dict()`, in stream order over all processes."""
+
+
+def save_trainer_state(run_dir: str | Path, checkpoint: TrainerCheckpoint) -> None:
+    """trainer.pt (everything resume needs), then model-last.safetensors (its weights)."""
+    run_dir = Path(run_dir)
+    with atomic_path(run_dir / TRAINER_STATE) as tmp:
+        torch.save({"format_version": TRAINER_FORMAT, **asdict(checkpoint)}, tmp)
+    save_weights(checkpoint.model, run_dir / LAST_WEIGHTS)
+
+
+def load_trainer_state(path: str | Path) -> TrainerCheckpoint:
+    """trainer.pt as plain tensors and numbers (weights_only=True: no arbitrary unpickling)."""
+    path = Path(path)
+    not_ours = MinigptError(
+        f"{path} is not a minigpt trainer state",
+        hint="only resume from trainer.pt files written by minigpt",
+    )
+    if not path.exists():
+        raise MinigptError(
+            f"{path} does not exist, so there is no state to resume",
+            hint="start the run again (use --force to overwrite the directory)",
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise MinigptError(
+            f"{path} holds objects other than plain tensors and numbers; refusing to unpickle it",
+            hint="only resume from trainer.pt files written by minigpt",
+        ) from err
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+        raise MinigptError(
+            f"{path} is damaged or truncated ({str(err).splitlines()[0][:80]})",
+            hint="the run cannot be resumed; start it again with --force",
+        ) from err
+    names = {f.name for f in fields(TrainerCheckpoint)}
+    if not isinstance(state, dict) or not {"format_version", *names} <= set(state):
+        raise not_ours
+    if state["format_version"] != TRAINER_FORMAT:
+        raise MinigptError(
+            f"{path} has trainer format {state['format_version']!r}, this minigpt reads {TRAINER_FORMAT}"
+        )
+    return TrainerCheckpoint(**{name: state[name] for name in names})
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+class MetricsLog:
+    """metrics.jsonl, opened for appending: one JSON object per logged step or evaluation."""
+
+    def __init__(self, run_dir: str | Path):
+        self._file: IO[str] = open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()  # a kill loses at most the line being written
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """metrics.jsonl records; a line cut short by a kill is skipped."""
+    path = Path(path)
+    records = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+def iter_losses(run_dir: str | Path) -> Iterator[tuple[int, float]]:
+    """(step, train loss) pairs from a run's metrics.jsonl."""
+    for record in read_metrics(Path(run_dir) / METRICS_FILE):
+        if "loss" in record:
+            yield record["step"], record["loss"]
+
+
+def truncate_metrics(run_dir: str | Path, step: int) -> None:
+    """Drop the records after `step`: a resumed run logs them again, from trainer.pt's step."""
+    path = Path(run_dir) / METRICS_FILE
+    records = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def plot_losses(run_dir: str | Path) -> None:
+    """loss.png: train loss per logged step and train/val loss at each evaluation."""
+    # matplotlib is imported here, not at the top: it costs a second at start-up,
+    # and only a trainer that reaches an evaluation needs it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records = read_metrics(Path(run_dir) / METRICS_FILE)
+    steps = [r for r in records if "loss" in r]
+    evals = [r for r in records if "val_loss" in r]
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if steps:
+        x, y = [r["step"] for r in steps], [r["loss"] for r in steps]
+        ax.plot(x, y, lw=0.8, alpha=0.5, label="train (batch)")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train")
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(Path(run_dir) / LOSS_PLOT) as tmp:
+        fig.savefig(tmp, format="png")
+
+
+# --------------------------------------------------------------------------- the out dir
+
+
+def check_out_dir(out_dir: str | Path, resume: bool, force: bool) -> None:
+    """Refuse to start a fresh run over another one unless --force."""
+    out_dir = Path(out_dir)
+    if resume or force or not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise MinigptError(f"output path {out_dir} is a file, not a directory")
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if found:
+        raise MinigptError(
+            f"{out_dir} already holds a run ({', '.join(found[:3])})",
+            hint=f"continue it with `minigpt train --resume {out_dir}`, overwrite it with "
+            "--force, or pick another --out",
+        )
+
+
+def clear_run(out_dir: str | Path) -> None:
+    """--force: remove the previous run's files so no old curve or state mixes in."""
+    for name in (*RUN_FILES, LOSS_PLOT):
+        (Path(out_dir) / name).unlink(missing_ok=True)

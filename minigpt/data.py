@@ -43,6 +43,7 @@ from tqdm import tqdm
 from minigpt.atomic import atomic_path, write_json_atomic
 from minigpt.errors import MinigptError
 from minigpt.tokenizer import (
+    TOKENIZER_FILE,
     Tokenizer,
     check_tokenizer_settings,
     load_tokenizer,
@@ -51,16 +52,12 @@ from minigpt.tokenizer import (
     train_tokenizer,
 )
 
-FORMAT_VERSION = 1
+PREPARED_FORMAT = 1
+"""Version of the prepared folder's layout (meta.json's "format")."""
 DEFAULT_SOURCE = "pystdlib"
 DEFAULT_DATA_DIR = Path("data")
 VAL_FRACTION = 0.1
-TRAIN_FILE, VAL_FILE, META_FILE, TOKENIZER_FILE = (
-    "train.bin",
-    "val.bin",
-    "meta.json",
-    "tokenizer.json",
-)
+TRAIN_FILE, VAL_FILE, META_FILE = "train.bin", "val.bin", "meta.json"
 
 # ---------------------------------------------------------------------------- built-in datasets
 
@@ -71,20 +68,6 @@ class BuiltinDataset:
 
     description: str
     documents: Callable[[Path, bool], list[str]]
-
-
-BUILTIN_DATASETS: dict[str, BuiltinDataset] = {}
-"""name -> dataset; other modules may add their own entries."""
-
-
-def register_dataset(name: str, description: str):
-    """Decorator: add `fn(data_dir, progress) -> list[str]` to BUILTIN_DATASETS under `name`."""
-
-    def add(fn: Callable[[Path, bool], list[str]]) -> Callable[[Path, bool], list[str]]:
-        BUILTIN_DATASETS[name] = BuiltinDataset(description, fn)
-        return fn
-
-    return add
 
 
 STDLIB_SKIP_DIRS = {
@@ -108,7 +91,6 @@ def stdlib_files(root: Path | None = None) -> list[Path]:
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
-@register_dataset("pystdlib", "the .py sources of this Python's standard library (no download)")
 def pystdlib_documents(data_dir: Path, progress: bool = True) -> list[str]:
     files = stdlib_files()
     if not files:
@@ -185,7 +167,6 @@ def fetch_shakespeare(data_dir: Path, url: str | None = None, progress: bool = T
     return path
 
 
-@register_dataset("shakespeare", "tiny shakespeare, 1.1M characters (downloaded once into data/)")
 def shakespeare_documents(data_dir: Path, progress: bool = True) -> list[str]:
     return [read_text(fetch_shakespeare(data_dir, progress=progress))]
 
@@ -209,16 +190,10 @@ def induction_documents(
     job of an induction head (Olsson et al., 2022): a layer-1 head whose keys carry
     the previous token, written there by a previous-token head in layer 0.
 
-    Why this shape (configs/induction.toml has the measurements):
-    - distinct symbols: "the symbol before me" then names the place to copy from
-      exactly, so the layer-0 head that feeds the induction head sharpens onto the
-      previous token (score ~0.9). Drawn with replacement, one symbol matched several
-      places and layer 0 grew a head smeared over the last three tokens instead
-      (previous-token score 0.25 with 12 letters, 0.30 with 26): a fuzzier key that
-      uses more context.
-    - segments up to 32 from 36 symbols: `inspect-heads --repeated 32` probes halves
-      of 32 distinct tokens, so the model has seen copies that far apart. A larger
-      alphabet (52) kept the loss on its plateau past 3,000 steps.
+    Distinct symbols, so that "the symbol before me" names the one place to copy
+    from (with repeats, layer 0 learns a fuzzier key smeared over several tokens);
+    segments up to 32 long, as long as the halves of `inspect-heads --repeated 32`.
+    docs/induction.md tells how these choices were measured.
     """
     if not (1 <= min_segment <= max_segment and copies >= 2 and n_documents >= 1):
         raise MinigptError(
@@ -241,11 +216,18 @@ def induction_documents(
     return documents
 
 
-@register_dataset(
-    "induction", "synthetic lines with a repeated random segment, for induction heads"
-)
-def _induction_dataset(data_dir: Path, progress: bool = True) -> list[str]:
-    return induction_documents()
+BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
+    "pystdlib": BuiltinDataset(
+        "the .py sources of this Python's standard library (no download)", pystdlib_documents
+    ),
+    "shakespeare": BuiltinDataset(
+        "tiny shakespeare, 1.1M characters (downloaded once into data/)", shakespeare_documents
+    ),
+    "induction": BuiltinDataset(
+        "synthetic lines with a repeated random segment, for induction heads",
+        lambda data_dir, progress: induction_documents(),
+    ),
+}
 
 
 # ---------------------------------------------------------------------------- reading sources
@@ -471,7 +453,7 @@ def prepare(
         )
     corpus_hash = content_hash(documents)
     settings = {
-        "format": FORMAT_VERSION,
+        "format": PREPARED_FORMAT,
         "tokenizer": tokenizer,
         "vocab_size": vocab_size,
         "val_fraction": VAL_FRACTION,
@@ -496,7 +478,7 @@ def prepare(
 
     n_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
     meta = {
-        "format": FORMAT_VERSION,
+        "format": PREPARED_FORMAT,
         "source": corpus.source,
         "source_kind": corpus.kind,
         "glob": glob if corpus.kind == "folder" else None,
@@ -580,16 +562,14 @@ def load_prepared(directory: str | Path, reused: bool = False) -> PreparedData:
     )
 
 
-def check_block_size(prepared: PreparedData, block_size: int) -> None:
-    """Both splits must hold at least one window of block_size + 1 tokens (inputs and targets)."""
-    for split in ("train", "val"):
-        n_tokens = prepared.meta[f"{split}_tokens"]
-        if n_tokens < block_size + 1:
-            raise MinigptError(
-                f"the {split} split of {prepared.meta['source']} has {n_tokens} tokens, "
-                f"fewer than block_size + 1 = {block_size + 1}",
-                hint="use a smaller block_size or a bigger corpus",
-            )
+def check_block_size(n_tokens: int, block_size: int, what: str) -> None:
+    """`what` must hold one window of block_size + 1 tokens (the inputs, and the targets
+    shifted by one): the one check of a split's size, before anything is trained or written."""
+    if n_tokens < block_size + 1:
+        raise MinigptError(
+            f"{what} has {n_tokens} tokens, fewer than block_size + 1 = {block_size + 1}",
+            hint="use a smaller model.block_size or a bigger corpus",
+        )
 
 
 def describe_prepared(prepared: PreparedData) -> str:
@@ -633,11 +613,7 @@ class Batcher:
             raise MinigptError(
                 f"block_size and batch_size must be at least 1 (got {block_size} and {batch_size})"
             )
-        if len(tokens) < block_size + 1:
-            raise MinigptError(
-                f"the token file has {len(tokens)} tokens, fewer than block_size + 1 = {block_size + 1}",
-                hint="use a smaller block_size or a bigger corpus",
-            )
+        check_block_size(len(tokens), block_size, "the token file")
         self.tokens = tokens
         self.block_size = block_size
         self.batch_size = batch_size
@@ -656,12 +632,6 @@ class Batcher:
         elif self.device.type != "cpu":
             window = window.to(self.device)
         return window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (B, T), (B, T)
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.next()
 
     def state_dict(self) -> dict:
         """The generator state (a uint8 tensor): safe with torch.load(weights_only=True)."""

@@ -27,6 +27,8 @@ from minigpt.atomic import write_json_atomic
 from minigpt.errors import MinigptError
 
 ENDOFTEXT = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+"""What a saved tokenizer is called, in a run directory and in a prepared data folder."""
 NAMED_ENCODINGS = ("gpt2", "r50k_base", "cl100k_base", "o200k_base")
 TOKENIZER_KINDS = ("char", "bpe", *NAMED_ENCODINGS)
 DEFAULT_BPE_VOCAB_SIZE = 2048

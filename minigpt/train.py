@@ -1,6 +1,11 @@
 """The trainer: AdamW, warmup + cosine schedule, gradient accumulation, evaluation,
 checkpoints, exact resume, signals and DistributedDataParallel.
 
+Read it in the order it runs: `train` calls `setup` (device, data, model,
+optimizer, the run directory; `restore` for a resumed run), then `fit`, the loop:
+get a batch, forward and backward over the micro-batches, clip, step, schedule,
+log, `evaluate`, `save`, check for signals.
+
 One optimizer step sees `accum_total` micro-batches. Micro-batch j of every step
 comes from its own batch stream (a `Batcher` seeded with seed + j), and process r
 of W runs streams r*accum .. (r+1)*accum - 1. So a run on W processes sees the
@@ -9,22 +14,18 @@ up to float rounding; the streams' states are saved, so a resume continues them.
 
 The last state (weights, optimizer, step, RNG and batch streams) lives in ONE
 file, trainer.pt, written atomically, so a kill at any moment leaves either the
-old state or the new one, never a mix. model-last.safetensors is a copy of its
-weights for sampling; model.safetensors holds the weights of the best val loss.
+old state or the new one, never a mix (see `checkpoint.TrainerCheckpoint`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
-import pickle
 import signal
 import threading
 import time
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -32,28 +33,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
-from minigpt.atomic import atomic_path, write_json_atomic, write_text_atomic
-from minigpt.checkpoint import (
-    BEST_WEIGHTS,
-    CONFIG_FILE,
-    LAST_WEIGHTS,
-    TOKENIZER_FILE,
-    TRAINER_STATE,
-    save_weights,
-    write_run_files,
-)
-from minigpt.config import RunConfig, micro_steps, resolve_device
+from minigpt import checkpoint
+from minigpt.checkpoint import BEST_WEIGHTS, TRAINER_STATE, MetricsLog, TrainerCheckpoint
+from minigpt.config import RunConfig, TrainConfig, micro_steps, resolve_device
+from minigpt.data import Batcher, check_block_size, prepare
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
-from minigpt.tokenizer import Tokenizer, load_tokenizer
+from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
-METRICS_FILE = "metrics.jsonl"
-LOSS_PLOT = "loss.png"
-TRAINER_FORMAT = 1
 EVAL_SEED_OFFSET = 1_000_003  # eval batch streams: far from the training streams' seeds
-RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, METRICS_FILE)
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+PLOT_EVERY_SECONDS = 60  # loss.png is redrawn at an evaluation at most this often
 
 
 # --------------------------------------------------------------------------- data
@@ -71,11 +63,9 @@ class TrainData:
 
 
 def load_data(config: RunConfig, is_master: bool = True) -> TrainData:
-    """Prepare (or reuse the cached) token files of config.data and check block_size fits."""
-    from minigpt import data as data_module
-
+    """Prepare (or reuse the cached) token files of config.data."""
     d = config.data
-    prepared = data_module.prepare(
+    prepared = prepare(
         d.source,
         tokenizer=d.tokenizer,
         vocab_size=d.vocab_size or None,
@@ -83,27 +73,13 @@ def load_data(config: RunConfig, is_master: bool = True) -> TrainData:
         glob=d.glob,
         progress=is_master,
     )
-    data_module.check_block_size(prepared, config.model.block_size)
-    summary = {"dir": str(prepared.dir)}
-    if isinstance(getattr(prepared, "meta", None), dict):
-        summary.update(
-            {k: v for k, v in prepared.meta.items() if isinstance(v, str | int | float | bool)}
-        )
+    scalars = {k: v for k, v in prepared.meta.items() if isinstance(v, str | int | float | bool)}
     return TrainData(
         tokenizer=prepared.tokenizer,
         train_tokens=prepared.train_tokens(),
         val_tokens=prepared.val_tokens(),
-        summary=summary,
+        summary={"dir": str(prepared.dir), **scalars},
     )
-
-
-def _check_splits(data: TrainData, block_size: int) -> None:
-    for name, tokens in (("train", data.train_tokens), ("val", data.val_tokens)):
-        if len(tokens) < block_size + 1:
-            raise MinigptError(
-                f"the {name} split has {len(tokens)} tokens, too few for block_size={block_size}",
-                hint="use a larger corpus or a smaller model.block_size",
-            )
 
 
 # --------------------------------------------------------------------------- devices
@@ -125,6 +101,18 @@ class Distributed:
     @property
     def is_master(self) -> bool:
         return self.rank == 0
+
+    def gather(self, obj: object) -> list:
+        """`obj` from every process, in rank order (all ranks must call it)."""
+        if not self.enabled:
+            return [obj]
+        out: list = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
 
 
 def setup_distributed(device_name: str) -> Distributed:
@@ -163,6 +151,19 @@ def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).cpu()
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 # --------------------------------------------------------------------------- optimisation
@@ -204,102 +205,56 @@ def lr_at(step: int, config: RunConfig, elapsed: float = 0.0) -> float:
     return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.lr - t.min_lr)
 
 
-# --------------------------------------------------------------------------- run directory
+# --------------------------------------------------------------------------- what the loop works with
 
 
-def check_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
-    """Refuse to start a fresh run over another one unless --force."""
-    if resume or force or not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise MinigptError(f"output path {out_dir} is a file, not a directory")
-    found = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if found:
-        raise MinigptError(
-            f"{out_dir} already holds a run ({', '.join(found[:3])})",
-            hint=f"continue it with `minigpt train --resume {out_dir}`, overwrite it with "
-            "--force, or pick another --out",
-        )
+@dataclass
+class TrainState:
+    """What changes from step to step, and what trainer.pt saves of it."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0
+    """Seconds of training over every session of the run (the clock max_time reads)."""
+    best_val_loss: float = math.inf
+    streams: list[Batcher] = field(default_factory=list)
+    """This process's batch streams, one per micro-batch; each carries its RNG state."""
 
 
-def clear_run(out_dir: Path) -> None:
-    """--force: remove the previous run's files so no old curve or state mixes in."""
-    for name in (*RUN_FILES, LOSS_PLOT):
-        (out_dir / name).unlink(missing_ok=True)
+@dataclass
+class Trainer:
+    """Everything the loop works with, built once by `setup`."""
 
+    config: RunConfig
+    """The run's config, model.vocab_size resolved to the tokenizer's."""
+    ddp: Distributed
+    device: torch.device
+    data: TrainData
+    model: GPT
+    train_model: nn.Module
+    """What the loop calls: the model, compiled and wrapped in DDP as configured."""
+    optimizer: torch.optim.Optimizer
+    accum: int
+    """Micro-batches this process runs per optimizer step."""
+    amp: torch.dtype | None
+    out_dir: Path
+    log: Callable[[str], None]
+    metrics: MetricsLog | None = None
+    """Open on the master process only."""
 
-def load_trainer_state(path: str | Path) -> dict:
-    """trainer.pt as plain tensors and numbers (weights_only=True: no arbitrary unpickling)."""
-    path = Path(path)
-    if not path.exists():
-        raise MinigptError(
-            f"{path} does not exist, so there is no state to resume",
-            hint="start the run again (use --force to overwrite the directory)",
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise MinigptError(
-            f"{path} holds objects other than plain tensors and numbers; refusing to unpickle it",
-            hint="only resume from trainer.pt files written by minigpt",
-        ) from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
-        raise MinigptError(
-            f"{path} is damaged or truncated ({str(err).splitlines()[0][:80]})",
-            hint="the run cannot be resumed; start it again with --force",
-        ) from err
-    required = {"format_version", "step", "model", "optimizer", "rng", "batchers"}
-    if not isinstance(state, dict) or not required <= set(state):
-        raise MinigptError(
-            f"{path} is not a minigpt trainer state",
-            hint="only resume from trainer.pt files written by minigpt",
-        )
-    if state["format_version"] != TRAINER_FORMAT:
-        raise MinigptError(
-            f"{path} has trainer format {state['format_version']!r}, this minigpt reads {TRAINER_FORMAT}"
-        )
-    return state
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.config.train
+        return t.batch_size * self.config.model.block_size * self.accum * self.ddp.world_size
 
+    def autocast(self):
+        if self.amp is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp)
 
-def read_metrics(path: Path) -> list[dict]:
-    """metrics.jsonl records; a line cut short by a kill is skipped."""
-    records = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return records
-
-
-def plot_losses(records: list[dict], path: Path) -> None:
-    """loss.png: train loss per logged step and train/val loss at each evaluation."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r for r in records if "loss" in r]
-    evals = [r for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if steps:
-        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=0.8, alpha=0.5,
-                label="train (batch)")  # fmt: skip
-    if evals:
-        ax.plot([r["step"] for r in evals], [r["train_loss"] for r in evals], "o-", label="train")
-        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="val")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------- the loop
+    def record(self, entry: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.write(entry)
 
 
 @dataclass
@@ -316,6 +271,344 @@ class TrainResult:
     @property
     def exit_code(self) -> int:
         return EXIT_CODES.get(self.signal, 1) if self.signal else 0
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def setup(
+    config: RunConfig,
+    ddp: Distributed,
+    *,
+    resume: bool,
+    force: bool,
+    data: TrainData | None,
+    log: Callable[[str], None],
+) -> tuple[Trainer, TrainState]:
+    """Check the run directory, load the data, build the model and optimizer, restore a
+    resumed run's state, and write the run files. Nothing is written before every
+    input has been checked."""
+    t = config.train
+    device = process_device(t.device, ddp)
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    out_dir = Path(t.out_dir)
+    if ddp.is_master:  # the others would see the files rank 0 is about to write
+        checkpoint.check_out_dir(out_dir, resume, force)
+    accum = micro_steps(config, ddp.world_size)
+    saved = checkpoint.load_trainer_state(out_dir / TRAINER_STATE) if resume else None
+    if data is None:
+        data = _load_data_once(config, ddp)
+    source = f" of {data.summary['source']}" if "source" in data.summary else ""
+    for split, tokens in (("train", data.train_tokens), ("val", data.val_tokens)):
+        check_block_size(len(tokens), config.model.block_size, f"the {split} split{source}")
+    if resume and load_tokenizer(out_dir / TOKENIZER_FILE).to_json() != data.tokenizer.to_json():
+        raise MinigptError(
+            f"the data's tokenizer differs from the one {out_dir} was trained with",
+            hint="the corpus changed since the run started; resume needs the same data",
+        )
+
+    config = replace(config, model=config.model.with_vocab(data.tokenizer.vocab_size))
+    torch.manual_seed(t.seed)
+    model = GPT(config.model).to(device)
+    optimizer = make_optimizer(model, config, device)
+    torch.manual_seed(t.seed + 7919 * (ddp.rank + 1))  # dropout: differs per rank
+    first_stream = ddp.rank * accum
+    streams = [
+        Batcher(data.train_tokens, config.model.block_size, t.batch_size, t.seed + j, device)
+        for j in range(first_stream, first_stream + accum)
+    ]
+    trainer = Trainer(
+        config=config,
+        ddp=ddp,
+        device=device,
+        data=data,
+        model=model,
+        train_model=_wrap(model, config, ddp, device),
+        optimizer=optimizer,
+        accum=accum,
+        amp=autocast_dtype(t.dtype, device),
+        out_dir=out_dir,
+        log=log if ddp.is_master else _silent,
+    )
+    state = TrainState(streams=streams)
+    if saved is not None:
+        restore(trainer, state, saved)
+    if ddp.is_master:
+        _write_run_files(trainer, resume=resume, force=force, step=state.step)
+        trainer.metrics = MetricsLog(out_dir)
+    return trainer, state
+
+
+def _load_data_once(config: RunConfig, ddp: Distributed) -> TrainData:
+    """Rank 0 prepares (and caches) the data first; the others then reuse its folder."""
+    if not ddp.is_master:
+        ddp.barrier()
+    data = load_data(config, ddp.is_master)
+    if ddp.is_master:
+        ddp.barrier()
+    return data
+
+
+def _wrap(model: GPT, config: RunConfig, ddp: Distributed, device: torch.device) -> nn.Module:
+    """The module the loop calls: compiled if asked, inside DDP when there are several processes."""
+    compiled = torch.compile(model) if config.train.compile else model
+    if not ddp.enabled:
+        return compiled
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids)
+
+
+def restore(trainer: Trainer, state: TrainState, saved: TrainerCheckpoint) -> None:
+    """Continue from trainer.pt: weights, optimizer, batch streams, RNG, counters."""
+    first_stream = trainer.ddp.rank * trainer.accum
+    try:
+        trainer.model.load_state_dict(saved.model)
+        trainer.optimizer.load_state_dict(saved.optimizer)
+        for j, stream in enumerate(state.streams):
+            stream.load_state_dict(saved.batchers[first_stream + j])
+        if len(saved.rng) == trainer.ddp.world_size:
+            _set_rng_state(saved.rng[trainer.ddp.rank], trainer.device)
+    except (RuntimeError, KeyError, IndexError, ValueError, TypeError) as err:
+        raise MinigptError(
+            f"{trainer.out_dir / TRAINER_STATE} does not fit this run "
+            f"({str(err).splitlines()[0][:100]})",
+            hint="resume with the same config, gradient accumulation and data",
+        ) from err
+    state.step, state.tokens_seen = int(saved.step), int(saved.tokens_seen)
+    state.elapsed, state.best_val_loss = float(saved.elapsed), float(saved.best_val_loss)
+
+
+def _write_run_files(trainer: Trainer, *, resume: bool, force: bool, step: int) -> None:
+    """A fresh run writes config.json, tokenizer.json and its initial weights; a resumed
+    one records its new train settings and drops the metrics logged after `step`."""
+    out_dir, config = trainer.out_dir, trainer.config.to_dict()
+    sections = {
+        "train": {**config["train"], "out_dir": str(out_dir)},
+        "data": config["data"],
+        "prepared_data": trainer.data.summary,
+    }
+    if resume:
+        checkpoint.truncate_metrics(out_dir, step)
+        checkpoint.update_config(out_dir, sections)
+        return
+    if force:
+        checkpoint.clear_run(out_dir)
+    checkpoint.write_run_files(out_dir, trainer.model, trainer.data.tokenizer, sections)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def train_step(
+    trainer: Trainer, state: TrainState, signals: _SignalFlag, clock: _Clock
+) -> tuple[float, bool]:
+    """One optimizer step over `accum` micro-batches: (mean loss over all ranks, whether
+    any rank got a signal). Raises, keeping the last saved state, when the loss is not finite."""
+    ddp, accum = trainer.ddp, trainer.accum
+    loss_sum = torch.zeros((), device=trainer.device)
+    for micro, stream in enumerate(state.streams):
+        x, y = stream.next()
+        # DDP all-reduces gradients at every backward unless told not to: once per step is enough
+        skip_sync = ddp.enabled and micro < accum - 1
+        with trainer.train_model.no_sync() if skip_sync else contextlib.nullcontext():
+            with trainer.autocast():
+                _, loss = trainer.train_model(x, y)
+            loss_sum += loss.detach().float()
+            (loss / accum).backward()
+    # One small all-reduce: the mean loss over all ranks, whether any rank got a signal,
+    # and a shared clock, so that every rank stops and schedules in step.
+    shared = torch.tensor(
+        [0.0, float(signals.signum), clock.now()], dtype=torch.float64, device=trainer.device
+    )
+    shared[0] = loss_sum / accum
+    if ddp.enabled:
+        dist.all_reduce(shared, op=dist.ReduceOp.SUM)
+        shared /= ddp.world_size
+    loss_value, got_signal, state.elapsed = shared.tolist()
+    if not math.isfinite(loss_value):
+        trainer.optimizer.zero_grad(set_to_none=True)
+        raise MinigptError(
+            f"the loss became {loss_value} at step {state.step + 1}; training stopped and "
+            f"the last good checkpoint in {trainer.out_dir} is kept",
+            hint="lower train.lr, raise train.warmup_iters, or set train.grad_clip",
+        )
+    if trainer.config.train.grad_clip > 0:
+        nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.train.grad_clip)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.tokens_seen += trainer.tokens_per_step
+    return loss_value, bool(got_signal)
+
+
+# --------------------------------------------------------------------------- evaluate and save
+
+
+@torch.no_grad()
+def evaluate(trainer: Trainer) -> dict[str, float]:
+    """Mean loss on the same eval_iters batches of each split every time.
+
+    Runs the uncompiled module: eval mode would make torch.compile build a
+    second graph, which costs more than the few forward passes it speeds up.
+    """
+    t, ddp, model = trainer.config.train, trainer.ddp, trainer.model
+    model.eval()
+    result = {}
+    for split in ("train", "val"):
+        tokens = trainer.data.train_tokens if split == "train" else trainer.data.val_tokens
+        seed = t.seed + EVAL_SEED_OFFSET + ddp.rank
+        batcher = Batcher(tokens, model.config.block_size, t.batch_size, seed, trainer.device)
+        total = torch.zeros((), device=trainer.device)
+        for _ in range(t.eval_iters):
+            x, y = batcher.next()
+            with trainer.autocast():
+                _, loss = model(x, y)
+            total += loss.float()
+        if ddp.enabled:
+            dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        result[split] = total.item() / (t.eval_iters * ddp.world_size)
+    model.train()
+    return result
+
+
+def save(trainer: Trainer, state: TrainState) -> None:
+    """trainer.pt and model-last.safetensors: the state resume continues from."""
+    ddp = trainer.ddp
+    batchers = [s for group in ddp.gather([s.state_dict() for s in state.streams]) for s in group]
+    rngs = ddp.gather(_rng_state(trainer.device))
+    if not ddp.is_master:
+        return
+    saved = TrainerCheckpoint(
+        step=state.step,
+        tokens_seen=state.tokens_seen,
+        elapsed=state.elapsed,
+        best_val_loss=state.best_val_loss,
+        world_size=ddp.world_size,
+        model={k: v.detach().cpu() for k, v in trainer.model.state_dict().items()},
+        optimizer=trainer.optimizer.state_dict(),
+        rng=rngs,
+        batchers=batchers,
+    )
+    checkpoint.save_trainer_state(trainer.out_dir, saved)
+
+
+def evaluate_and_save(trainer: Trainer, state: TrainState) -> str:
+    """Evaluate, keep the best weights, save the last state; the line to report."""
+    losses = evaluate(trainer)
+    improved = losses["val"] < state.best_val_loss
+    state.best_val_loss = min(state.best_val_loss, losses["val"])
+    trainer.record(
+        {
+            "step": state.step,
+            "train_loss": losses["train"],
+            "val_loss": losses["val"],
+            "time": round(state.elapsed, 3),
+        }
+    )
+    if improved and trainer.ddp.is_master:
+        checkpoint.save_weights(trainer.model.state_dict(), trainer.out_dir / BEST_WEIGHTS)
+    save(trainer, state)
+    return (
+        f"step {state.step:>6}: train loss {losses['train']:.4f}, val loss "
+        f"{losses['val']:.4f}{' (best)' if improved else ''}  [{clock_text(state.elapsed)}]"
+    )
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def fit(trainer: Trainer, state: TrainState, progress: bool) -> TrainResult:
+    """Step until max_iters, max_time or a signal; evaluate and save along the way."""
+    t = trainer.config.train
+    bar = _ProgressBar(t, state.step, progress and trainer.ddp.is_master, trainer.log)
+    clock, speed = _Clock(state.elapsed), _Throughput()
+    stop_reason, stop_signal, last_plot = "max_iters", None, time.perf_counter()
+    with _SignalFlag() as signals, contextlib.closing(bar):
+        trainer.model.train()
+        while state.step < t.max_iters:
+            step_start = time.perf_counter()
+            lr = lr_at(state.step, trainer.config, state.elapsed)
+            for group in trainer.optimizer.param_groups:
+                group["lr"] = lr
+            loss, got_signal = train_step(trainer, state, signals, clock)
+            tokens_per_s = speed.update(trainer.tokens_per_step, time.perf_counter() - step_start)
+            if state.step % t.log_interval == 0 or state.step == 1:
+                trainer.record(
+                    {
+                        "step": state.step,
+                        "loss": loss,
+                        "lr": lr,
+                        "tokens": state.tokens_seen,
+                        "time": round(state.elapsed, 3),
+                        "tokens_per_s": round(tokens_per_s, 1),
+                    }
+                )
+            bar.advance(loss, lr, tokens_per_s, state.elapsed)
+            if got_signal:  # this rank's signal, or SIGTERM sent to another rank
+                stop_reason, stop_signal = "signal", signals.signum or signal.SIGTERM
+                save(trainer, state)
+                break
+            out_of_time = t.max_time > 0 and state.elapsed >= t.max_time
+            if state.step % t.eval_interval == 0 or state.step == t.max_iters or out_of_time:
+                bar.write(evaluate_and_save(trainer, state))
+                if trainer.ddp.is_master and time.perf_counter() - last_plot > PLOT_EVERY_SECONDS:
+                    checkpoint.plot_losses(trainer.out_dir)
+                    last_plot = time.perf_counter()
+            if out_of_time:
+                stop_reason = "max_time"
+                break
+    return TrainResult(
+        run_dir=trainer.out_dir,
+        step=state.step,
+        best_val_loss=state.best_val_loss,
+        tokens_seen=state.tokens_seen,
+        elapsed=state.elapsed,
+        stop_reason=stop_reason,
+        signal=stop_signal,
+    )
+
+
+def train(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    data: TrainData | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TrainResult:
+    """Train `config`'s model and write its run directory (train.out_dir).
+
+    resume: continue from out_dir/trainer.pt (use `config.resume_config` for the config).
+    data: tokenised splits to use instead of preparing config.data (tests, benchmarks).
+    log: receives the trainer's lines (what it trains, each evaluation, the summary).
+    """
+    ddp = setup_distributed(config.train.device)
+    say = log or _print
+    try:
+        trainer, state = setup(config, ddp, resume=resume, force=force, data=data, log=say)
+        try:
+            trainer.log(_start_line(trainer))
+            if resume:
+                trainer.log(f"resuming {trainer.out_dir} at step {state.step}")
+            else:
+                save(trainer, state)  # a fresh run is resumable from step 0
+            result = fit(trainer, state, progress)
+        finally:
+            if trainer.metrics is not None:
+                trainer.metrics.close()
+        if ddp.is_master:
+            checkpoint.plot_losses(trainer.out_dir)
+        if result.stop_reason != "signal":
+            trainer.log(_summary(result))
+        return result
+    finally:
+        if ddp.started_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- reporting
 
 
 class _SignalFlag:
@@ -339,332 +632,80 @@ class _SignalFlag:
             signal.signal(signum, handler)
 
 
-def _gather(obj: object, ddp: Distributed) -> list:
-    if not ddp.enabled:
-        return [obj]
-    out: list = [None] * ddp.world_size
-    dist.all_gather_object(out, obj)
-    return out
+class _Clock:
+    """Seconds of training: what earlier sessions ran plus this session's wall time."""
+
+    def __init__(self, elapsed_before: float):
+        self.elapsed_before, self.session_start = elapsed_before, time.perf_counter()
+
+    def now(self) -> float:
+        return self.elapsed_before + (time.perf_counter() - self.session_start)
 
 
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
+class _Throughput:
+    """Tokens per second, smoothed over steps (the first step of a session is taken as is)."""
 
+    def __init__(self) -> None:
+        self.tokens_per_s: float | None = None
 
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def train(
-    config: RunConfig,
-    *,
-    resume: bool = False,
-    force: bool = False,
-    data: TrainData | None = None,
-    progress: bool = True,
-    log: Callable[[str], None] | None = None,
-) -> TrainResult:
-    """Train `config`'s model and write its run directory (train.out_dir).
-
-    resume: continue from out_dir/trainer.pt (use `resume_config` to get the config).
-    data: tokenised splits to use instead of preparing config.data (tests, benchmarks).
-    """
-    from minigpt.data import Batcher
-
-    t = config.train
-    ddp = setup_distributed(t.device)
-    cleanup = contextlib.ExitStack()
-    try:
-        device = process_device(t.device, ddp)
-        if t.threads:
-            torch.set_num_threads(t.threads)
-        out_dir = Path(t.out_dir)
-        say = (log or _print) if ddp.is_master else (lambda _msg: None)
-        if ddp.is_master:  # the others would see the files rank 0 is about to write
-            check_out_dir(out_dir, resume, force)
-        accum = micro_steps(config, ddp.world_size)
-        state = load_trainer_state(out_dir / TRAINER_STATE) if resume else None
-
-        if data is None:
-            if ddp.enabled and not ddp.is_master:
-                dist.barrier()  # rank 0 prepares (and caches) the data first
-            data = load_data(config, ddp.is_master)
-            if ddp.enabled and ddp.is_master:
-                dist.barrier()
-        _check_splits(data, config.model.block_size)
-        tokenizer = data.tokenizer
-        if resume:
-            saved = load_tokenizer(out_dir / TOKENIZER_FILE)
-            if saved.to_json() != tokenizer.to_json():
-                raise MinigptError(
-                    f"the data's tokenizer differs from the one {out_dir} was trained with",
-                    hint="the corpus changed since the run started; resume needs the same data",
-                )
-
-        model_config = config.model.with_vocab(tokenizer.vocab_size)
-        config = replace(config, model=model_config)
-        torch.manual_seed(t.seed)
-        model = GPT(model_config).to(device)
-        optimizer = make_optimizer(model, config, device)
-        torch.manual_seed(t.seed + 7919 * (ddp.rank + 1))  # dropout: differs per rank
-
-        first_stream = ddp.rank * accum
-        streams = [
-            Batcher(data.train_tokens, model_config.block_size, t.batch_size, t.seed + j, device)
-            for j in range(first_stream, first_stream + accum)
-        ]
-        step, tokens_seen, elapsed_before, best_val = 0, 0, 0.0, math.inf
-        if state is not None:
-            try:
-                model.load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
-                all_streams = state["batchers"]
-                for j, stream in enumerate(streams):
-                    stream.load_state_dict(all_streams[first_stream + j])
-                rngs = state["rng"]
-                if len(rngs) == ddp.world_size:
-                    _set_rng_state(rngs[ddp.rank], device)
-            except (RuntimeError, KeyError, IndexError, ValueError, TypeError) as err:
-                raise MinigptError(
-                    f"{out_dir / TRAINER_STATE} does not fit this run ({str(err).splitlines()[0][:100]})",
-                    hint="resume with the same config, gradient accumulation and data",
-                ) from err
-            step, tokens_seen = int(state["step"]), int(state["tokens_seen"])
-            elapsed_before, best_val = float(state["elapsed"]), float(state["best_val_loss"])
-
-        run_config = {
-            "train": {**config.to_dict()["train"], "out_dir": str(out_dir)},
-            "data": config.to_dict()["data"],
-            "prepared_data": data.summary,
-        }
-        metrics_path = out_dir / METRICS_FILE
-        if ddp.is_master:
-            if force and not resume:
-                clear_run(out_dir)
-            if resume:
-                records = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
-                write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
-                config_json = json.loads((out_dir / CONFIG_FILE).read_text(encoding="utf-8"))
-                config_json.update(run_config)
-                write_json_atomic(out_dir / CONFIG_FILE, config_json)
-            else:
-                write_run_files(out_dir, model, tokenizer, extra_config=run_config)
-
-        compiled = torch.compile(model) if t.compile else model
-        train_model = (
-            nn.parallel.DistributedDataParallel(
-                compiled, device_ids=[device.index] if device.type == "cuda" else None
-            )
-            if ddp.enabled
-            else compiled
+    def update(self, tokens: int, seconds: float) -> float:
+        now = tokens / max(seconds, 1e-9)
+        self.tokens_per_s = (
+            now if self.tokens_per_s is None else 0.9 * self.tokens_per_s + 0.1 * now
         )
-        amp = autocast_dtype(t.dtype, device)
+        return self.tokens_per_s
 
-        def autocast():
-            if amp is None:
-                return contextlib.nullcontext()
-            return torch.autocast(device_type=device.type, dtype=amp)
 
-        def save_last() -> None:
-            """trainer.pt (everything resume needs) then model-last.safetensors."""
-            batchers = [
-                s for group in _gather([s.state_dict() for s in streams], ddp) for s in group
-            ]
-            rngs = _gather(_rng_state(device), ddp)
-            if not ddp.is_master:
-                return
-            trainer_state = {
-                "format_version": TRAINER_FORMAT,
-                "step": step,
-                "tokens_seen": tokens_seen,
-                "elapsed": elapsed,
-                "best_val_loss": best_val,
-                "world_size": ddp.world_size,
-                "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "rng": [{k: v.cpu() for k, v in r.items()} for r in rngs],
-                "batchers": batchers,
-            }
-            with atomic_path(out_dir / TRAINER_STATE) as tmp:
-                torch.save(trainer_state, tmp)
-            save_weights(model, out_dir / LAST_WEIGHTS)
+class _ProgressBar:
+    """The step bar (loss, lr, tokens/s, time left); lines printed while it runs go above it."""
 
-        @torch.no_grad()
-        def evaluate() -> dict[str, float]:
-            """Mean loss on the same eval_iters batches of each split every time.
-
-            Runs the uncompiled module: eval mode would make torch.compile build a
-            second graph, which costs more than the few forward passes it speeds up.
-            """
-            model.eval()
-            result = {}
-            for split, tokens in (("train", data.train_tokens), ("val", data.val_tokens)):
-                batcher = Batcher(
-                    tokens, model_config.block_size, t.batch_size,
-                    t.seed + EVAL_SEED_OFFSET + ddp.rank, device,
-                )  # fmt: skip
-                total = torch.zeros((), device=device)
-                for _ in range(t.eval_iters):
-                    x, y = batcher.next()
-                    with autocast():
-                        _, loss = model(x, y)
-                    total += loss.float()
-                if ddp.enabled:
-                    dist.all_reduce(total, op=dist.ReduceOp.SUM)
-                result[split] = total.item() / (t.eval_iters * ddp.world_size)
-            model.train()
-            return result
-
-        metrics = open(metrics_path, "a", encoding="utf-8") if ddp.is_master else None  # noqa: SIM115
-        if metrics is not None:
-            cleanup.callback(metrics.close)
-
-        def record(entry: dict) -> None:
-            if metrics is not None:
-                metrics.write(json.dumps(entry) + "\n")
-                metrics.flush()
-
-        tokens_per_step = t.batch_size * model_config.block_size * accum * ddp.world_size
-        say(
-            f"training {model.num_params() / 1e6:.2f}M parameters on {device}"
-            f"{f' x {ddp.world_size} processes' if ddp.enabled else ''}"
-            f"{' (bf16 autocast)' if amp else ''}: {tokens_per_step:,} tokens per step"
-            f"{f' ({accum} micro-batches)' if accum > 1 else ''}, "
-            f"{len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens"
+    def __init__(self, t: TrainConfig, initial: int, enabled: bool, log: Callable[[str], None]):
+        self.max_time, self.log = t.max_time, log
+        self.bar = tqdm(
+            total=t.max_iters,
+            initial=initial,
+            disable=not enabled,
+            unit="step",
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
         )
-        if resume:
-            say(f"resuming {out_dir} at step {step}")
 
-        elapsed = elapsed_before
-        if state is None:
-            save_last()  # a fresh run is resumable from step 0
-        bar = _progress_bar(t.max_iters, step, enabled=progress and ddp.is_master)
-        cleanup.callback(bar.close)
-
-        def report(message: str) -> None:
-            bar.write(message) if not bar.disable else say(message)
-
-        stop_reason, stop_signal = "max_iters", None
-        loss_value = math.nan
-        session_start = time.perf_counter()
-        first_step, tokens_per_s = step, 0.0
-        last_plot = time.perf_counter()
-        with _SignalFlag() as signals:
-            model.train()
-            while step < t.max_iters:
-                step_start = time.perf_counter()
-                lr = lr_at(step, config, elapsed)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                loss_sum = torch.zeros((), device=device)
-                for micro, stream in enumerate(streams):
-                    x, y = stream.next()
-                    sync = ddp.enabled and micro < accum - 1
-                    with train_model.no_sync() if sync else contextlib.nullcontext():
-                        with autocast():
-                            _, loss = train_model(x, y)
-                        loss_sum += loss.detach().float()
-                        (loss / accum).backward()
-                # One small all-reduce: the mean loss over all ranks, whether any rank got a
-                # signal, and a shared clock (so every rank stops and schedules in step).
-                clock = elapsed_before + (time.perf_counter() - session_start)
-                flags = torch.stack([
-                    (loss_sum / accum).double(),
-                    torch.tensor(float(signals.signum), dtype=torch.float64, device=device),
-                    torch.tensor(clock, dtype=torch.float64, device=device),
-                ])  # fmt: skip
-                if ddp.enabled:
-                    dist.all_reduce(flags, op=dist.ReduceOp.SUM)
-                    flags /= ddp.world_size
-                loss_value, got_signal, elapsed = flags.tolist()
-                if not math.isfinite(loss_value):
-                    optimizer.zero_grad(set_to_none=True)
-                    raise MinigptError(
-                        f"the loss became {loss_value} at step {step + 1}; training stopped and "
-                        f"the last good checkpoint in {out_dir} is kept",
-                        hint="lower train.lr, raise train.warmup_iters, or set train.grad_clip",
-                    )
-                if t.grad_clip > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                tokens_seen += tokens_per_step
-                step_tokens_per_s = tokens_per_step / max(time.perf_counter() - step_start, 1e-9)
-                tokens_per_s = step_tokens_per_s if step == first_step + 1 else (
-                    0.9 * tokens_per_s + 0.1 * step_tokens_per_s
-                )  # fmt: skip
-                if step % t.log_interval == 0 or step == 1:
-                    record({"step": step, "loss": loss_value, "lr": lr, "tokens": tokens_seen,
-                            "time": round(elapsed, 3), "tokens_per_s": round(tokens_per_s, 1)})  # fmt: skip
-                bar.update(1)
-                time_left = f", {_clock(max(0.0, t.max_time - elapsed))} left" if t.max_time else ""
-                bar.set_postfix_str(
-                    f"loss {loss_value:.4f} lr {lr:.2e} {tokens_per_s / 1000:.1f}k tok/s{time_left}",
-                    refresh=False,
-                )
-
-                out_of_time = t.max_time > 0 and elapsed >= t.max_time
-                if got_signal:  # this rank's signal, or SIGTERM sent to another rank
-                    stop_reason, stop_signal = "signal", signals.signum or signal.SIGTERM
-                    break
-                if step % t.eval_interval == 0 or step == t.max_iters or out_of_time:
-                    losses = evaluate()
-                    improved = losses["val"] < best_val
-                    best_val = min(best_val, losses["val"])
-                    record({"step": step, "train_loss": losses["train"], "val_loss": losses["val"],
-                            "time": round(elapsed, 3)})  # fmt: skip
-                    report(
-                        f"step {step:>6}: train loss {losses['train']:.4f}, val loss "
-                        f"{losses['val']:.4f}{' (best)' if improved else ''}  [{_clock(elapsed)}]"
-                    )
-                    if improved and ddp.is_master:
-                        save_weights(model, out_dir / BEST_WEIGHTS)
-                    save_last()
-                    if ddp.is_master and time.perf_counter() - last_plot > 60:
-                        plot_losses(read_metrics(metrics_path), out_dir / LOSS_PLOT)
-                        last_plot = time.perf_counter()
-                if out_of_time:
-                    stop_reason = "max_time"
-                    break
-            if stop_reason == "signal":
-                save_last()
-        cleanup.close()
-        if ddp.is_master:
-            plot_losses(read_metrics(metrics_path), out_dir / LOSS_PLOT)
-        result = TrainResult(
-            out_dir, step, best_val, tokens_seen, elapsed, stop_reason, stop_signal
+    def advance(self, loss: float, lr: float, tokens_per_s: float, elapsed: float) -> None:
+        self.bar.update(1)
+        left = f", {clock_text(max(0.0, self.max_time - elapsed))} left" if self.max_time else ""
+        self.bar.set_postfix_str(
+            f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s / 1000:.1f}k tok/s{left}", refresh=False
         )
-        if stop_reason != "signal":
-            say(_summary(result))
-        return result
-    finally:
-        cleanup.close()
-        if ddp.started_here and dist.is_initialized():
-            dist.destroy_process_group()
+
+    def write(self, message: str) -> None:
+        self.bar.write(message) if not self.bar.disable else self.log(message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _silent(_message: str) -> None:
+    pass
 
 
 def _print(message: str) -> None:
     print(message, flush=True)
 
 
-def _clock(seconds: float) -> str:
+def clock_text(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}:{secs:02d}"
 
 
-def _progress_bar(total: int, initial: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(
-        total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
-    )  # fmt: skip
+def _start_line(trainer: Trainer) -> str:
+    ddp, accum, data = trainer.ddp, trainer.accum, trainer.data
+    return (
+        f"training {trainer.model.num_params() / 1e6:.2f}M parameters on {trainer.device}"
+        f"{f' x {ddp.world_size} processes' if ddp.enabled else ''}"
+        f"{' (bf16 autocast)' if trainer.amp else ''}: {trainer.tokens_per_step:,} tokens per step"
+        f"{f' ({accum} micro-batches)' if accum > 1 else ''}, "
+        f"{len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens"
+    )
 
 
 def _summary(result: TrainResult) -> str:
@@ -673,7 +714,7 @@ def _summary(result: TrainResult) -> str:
     return "\n".join(
         [
             f"done ({why}) at step {result.step}: best val loss {best}, "
-            f"{_clock(result.elapsed)} of training, {result.tokens_seen:,} tokens seen",
+            f"{clock_text(result.elapsed)} of training, {result.tokens_seen:,} tokens seen",
             f"run: {result.run_dir}",
             f"sample from it: minigpt generate {result.run_dir}",
         ]
@@ -687,10 +728,3 @@ def resume_hint(result: TrainResult) -> str:
         f"{name}: stopped at step {result.step}, last state saved; "
         f"resume with: minigpt train --resume {result.run_dir}"
     )
-
-
-def iter_losses(run_dir: str | Path) -> Iterator[tuple[int, float]]:
-    """(step, train loss) pairs from a run's metrics.jsonl."""
-    for r in read_metrics(Path(run_dir) / METRICS_FILE):
-        if "loss" in r:
-            yield r["step"], r["loss"]

@@ -268,11 +268,12 @@ def test_check_block_size(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("x" * 199 + "\n")  # 180 train, 20 val
     prepared = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
-    check_block_size(prepared, 19)
+    val_tokens = len(prepared.val_tokens())
+    check_block_size(val_tokens, 19, "the val split")
     with pytest.raises(
         MinigptError, match="the val split .* has 20 tokens, fewer than block_size \\+ 1 = 21"
     ):
-        check_block_size(prepared, 20)
+        check_block_size(val_tokens, 20, f"the val split of {prepared.meta['source']}")
 
 
 def run_cli(monkeypatch, *args):

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from minigpt import checkpoint
 from minigpt import train as trainer
 from minigpt.checkpoint import BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, load_run
 from minigpt.config import load_config, resume_config
@@ -56,7 +57,7 @@ def tiny_config(out_dir, *extra: str):
 
 
 def losses(run_dir) -> list[tuple[int, float]]:
-    return list(trainer.iter_losses(run_dir))
+    return list(checkpoint.iter_losses(run_dir))
 
 
 def test_lr_schedule_warmup_then_cosine():
@@ -108,7 +109,7 @@ def test_train_writes_a_loadable_run_dir(tmp_path, data, capsys):
     assert run.tokenizer.to_json() == data.tokenizer.to_json()
     assert run.model.config.vocab_size == data.tokenizer.vocab_size
     assert run.config["train"]["max_iters"] == 6 and run.config["data"]["source"]
-    records = trainer.read_metrics(out / "metrics.jsonl")
+    records = checkpoint.read_metrics(out / "metrics.jsonl")
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [3, 6]
     assert result.best_val_loss == min(r["val_loss"] for r in evals)
@@ -117,10 +118,10 @@ def test_train_writes_a_loadable_run_dir(tmp_path, data, capsys):
     assert f"minigpt generate {out}" in printed and "best val loss" in printed
     # the best weights are those of the best evaluation; the last ones those of step 6
     last = load_run(out, weights_file=LAST_WEIGHTS).model
-    state = trainer.load_trainer_state(out / TRAINER_STATE)
-    assert state["step"] == 6
+    state = checkpoint.load_trainer_state(out / TRAINER_STATE)
+    assert state.step == 6
     for name, tensor in last.state_dict().items():
-        assert torch.equal(tensor, state["model"][name]), name
+        assert torch.equal(tensor, state.model[name]), name
 
 
 def test_eval_batches_are_fixed(tmp_path, data):
@@ -131,7 +132,7 @@ def test_eval_batches_are_fixed(tmp_path, data):
                     "train.min_lr=0", "train.warmup_iters=0"),
         data=data, progress=False,
     )  # fmt: skip
-    evals = [r for r in trainer.read_metrics(out / "metrics.jsonl") if "val_loss" in r]
+    evals = [r for r in checkpoint.read_metrics(out / "metrics.jsonl") if "val_loss" in r]
     assert abs(evals[0]["val_loss"] - evals[1]["val_loss"]) < 1e-5
     assert abs(evals[0]["train_loss"] - evals[1]["train_loss"]) < 1e-5
 
@@ -150,7 +151,7 @@ def test_resume_is_bit_identical(tmp_path, data):
     assert result.step == 10
     assert losses(split) == losses(straight)  # exact float equality, step by step
     assert len(losses(split)) == 10
-    best = {r["step"]: r["val_loss"] for r in trainer.read_metrics(split / "metrics.jsonl") if "val_loss" in r}  # fmt: skip
+    best = {r["step"]: r["val_loss"] for r in checkpoint.read_metrics(split / "metrics.jsonl") if "val_loss" in r}  # fmt: skip
     assert set(best) == {4, 6, 8, 10}
 
 
@@ -180,11 +181,11 @@ def test_resume_refuses_bad_trainer_state(tmp_path, data):
 
     torch.save({"format_version": 1, "payload": argparse.Namespace(x=1)}, path)  # pickled object
     with pytest.raises(MinigptError, match="refusing to unpickle"):
-        trainer.load_trainer_state(path)
+        checkpoint.load_trainer_state(path)
 
     torch.save({"step": 3}, path)  # plain, but not a trainer state
     with pytest.raises(MinigptError, match="not a minigpt trainer state"):
-        trainer.load_trainer_state(path)
+        checkpoint.load_trainer_state(path)
 
     path.unlink()
     with pytest.raises(MinigptError, match="no state to resume"):
@@ -228,9 +229,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monke
             progress=False,
         )
     assert "train.lr" in info.value.hint
-    state = trainer.load_trainer_state(out / TRAINER_STATE)
-    assert state["step"] == 4
-    assert all(torch.isfinite(t).all() for t in state["model"].values())
+    state = checkpoint.load_trainer_state(out / TRAINER_STATE)
+    assert state.step == 4
+    assert all(torch.isfinite(t).all() for t in state.model.values())
     load_run(out)
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from minigpt import checkpoint
 from minigpt import train as trainer
 from minigpt.checkpoint import LAST_WEIGHTS, TRAINER_STATE, load_run
 from minigpt.config import load_config
@@ -57,7 +58,7 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
 def wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if len(list(trainer.iter_losses(out))) >= n:
+        if len(list(checkpoint.iter_losses(out))) >= n:
             return
         if proc.poll() is not None:
             raise AssertionError(f"training ended early: {proc.communicate()}")
@@ -78,9 +79,9 @@ def test_signal_saves_the_last_state_and_exits(tmp_path, signum, code):
     assert proc.returncode == code, stderr
     assert f"resume with: minigpt train --resume {out}" in stderr
     assert "Traceback" not in stderr
-    state = trainer.load_trainer_state(out / TRAINER_STATE)
-    assert state["step"] >= 3  # saved at the signal, not only the step-0 state
-    assert state["step"] == max(step for step, _ in trainer.iter_losses(out))
+    state = checkpoint.load_trainer_state(out / TRAINER_STATE)
+    assert state.step >= 3  # saved at the signal, not only the step-0 state
+    assert state.step == max(step for step, _ in checkpoint.iter_losses(out))
     load_run(out, weights_file=LAST_WEIGHTS)
 
 
@@ -104,9 +105,9 @@ def test_kill9_at_random_moments_leaves_a_loadable_run(tmp_path):
         run = load_run(out)
         assert run.model.config.n_layer == 1
         load_run(out, weights_file=LAST_WEIGHTS)
-        state = trainer.load_trainer_state(out / TRAINER_STATE)
-        assert state["step"] >= last_step
-        last_step = state["step"]
+        state = checkpoint.load_trainer_state(out / TRAINER_STATE)
+        assert state.step >= last_step
+        last_step = state.step
     # and the run resumes cleanly after the last kill
     done = subprocess.run(
         [sys.executable, "-m", "minigpt", "train", *args, "--resume", str(out),
@@ -114,8 +115,8 @@ def test_kill9_at_random_moments_leaves_a_loadable_run(tmp_path):
         cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert trainer.load_trainer_state(out / TRAINER_STATE)["step"] == last_step + 2
-    steps = [step for step, _ in trainer.iter_losses(out)]
+    assert checkpoint.load_trainer_state(out / TRAINER_STATE).step == last_step + 2
+    steps = [step for step, _ in checkpoint.iter_losses(out)]
     assert steps == list(range(1, last_step + 3))  # killed steps were re-run, not duplicated
 
 
@@ -152,13 +153,13 @@ def test_torchrun_two_gloo_processes_match_one_with_twice_the_accumulation(tmp_p
         trainer.train(config, progress=False)
     finally:
         os.chdir(cwd)
-    ddp_losses = dict(trainer.iter_losses(ddp_out))
-    single_losses = dict(trainer.iter_losses(single_out))
+    ddp_losses = dict(checkpoint.iter_losses(ddp_out))
+    single_losses = dict(checkpoint.iter_losses(single_out))
     assert sorted(ddp_losses) == [1, 2, 3, 4]
     for step in ddp_losses:
         assert abs(ddp_losses[step] - single_losses[step]) < 1e-5, step
     # the weights after the last step agree as well
-    a = trainer.load_trainer_state(ddp_out / TRAINER_STATE)["model"]
-    b = trainer.load_trainer_state(single_out / TRAINER_STATE)["model"]
+    a = checkpoint.load_trainer_state(ddp_out / TRAINER_STATE).model
+    b = checkpoint.load_trainer_state(single_out / TRAINER_STATE).model
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=1e-4)
