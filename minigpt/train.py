@@ -299,14 +299,7 @@ def setup(
     saved = checkpoint.load_trainer_state(out_dir / TRAINER_STATE) if resume else None
     if data is None:
         data = _load_data_once(config, ddp)
-    source = f" of {data.summary['source']}" if "source" in data.summary else ""
-    for split, tokens in (("train", data.train_tokens), ("val", data.val_tokens)):
-        check_block_size(len(tokens), config.model.block_size, f"the {split} split{source}")
-    if resume and load_tokenizer(out_dir / TOKENIZER_FILE).to_json() != data.tokenizer.to_json():
-        raise MinigptError(
-            f"the data's tokenizer differs from the one {out_dir} was trained with",
-            hint="the corpus changed since the run started; resume needs the same data",
-        )
+    _check_data(data, config.model.block_size, out_dir if resume else None)
 
     config = replace(config, model=config.model.with_vocab(data.tokenizer.vocab_size))
     torch.manual_seed(t.seed)
@@ -348,6 +341,21 @@ def _load_data_once(config: RunConfig, ddp: Distributed) -> TrainData:
     if ddp.is_master:
         ddp.barrier()
     return data
+
+
+def _check_data(data: TrainData, block_size: int, resumed_run: Path | None) -> None:
+    """Both splits hold a window of block_size + 1 tokens; a resumed run's data is
+    tokenised as it was when the run started."""
+    source = f" of {data.summary['source']}" if "source" in data.summary else ""
+    for split, tokens in (("train", data.train_tokens), ("val", data.val_tokens)):
+        check_block_size(len(tokens), block_size, f"the {split} split{source}")
+    if resumed_run is None:
+        return
+    if load_tokenizer(resumed_run / TOKENIZER_FILE).to_json() != data.tokenizer.to_json():
+        raise MinigptError(
+            f"the data's tokenizer differs from the one {resumed_run} was trained with",
+            hint="the corpus changed since the run started; resume needs the same data",
+        )
 
 
 def _wrap(model: GPT, config: RunConfig, ddp: Distributed, device: torch.device) -> nn.Module:

@@ -158,3 +158,14 @@ def test_micro_steps_from_tokens_per_step():
 def test_round_trip_through_a_run_dict():
     config = load_config(None, ["model.n_layer=2", "train.seed=7"])
     assert config_from_dict(config.to_dict()) == config
+
+
+def test_model_vocab_size_zero_means_the_tokenizers():
+    assert RunConfig().model.vocab_size == 0
+    assert GPTConfig().with_vocab(65).vocab_size == 65
+    padded = load_config(None, ["model.vocab_size=128"]).model
+    assert padded.with_vocab(65).vocab_size == 128  # a larger size pads the embedding
+    with pytest.raises(MinigptError, match="smaller than the tokenizer's 65"):
+        load_config(None, ["model.vocab_size=64"]).model.with_vocab(65)
+    with pytest.raises(MinigptError, match="vocab_size must be 0 or a positive integer"):
+        load_config(None, ["model.vocab_size=-1"])
