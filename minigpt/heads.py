@@ -30,10 +30,12 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from minigpt.data import read_prompt_file
+from minigpt.checkpoint import Run
+from minigpt.data import Batcher, load_prepared
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
@@ -124,6 +126,7 @@ def _probe_rows(T: int, n: int) -> Tensor:
         raise MinigptError(
             f"a repeated probe of half-length {n} needs at least {2 * n} tokens, got {T}",
             hint="pass the half-length n of a [r1..rn, r1..rn] sequence",
+            param="n",
         )
     return torch.arange(n, 2 * n)
 
@@ -214,25 +217,13 @@ def capture_attention(model: GPT, idx: Tensor) -> Tensor:
     return torch.stack(attention, dim=1).float()  # (B, L, H, T, T)
 
 
-def document_separator(tokenizer: Tokenizer) -> int | None:
-    """The id that separates documents: end-of-text, or for tokenizers without one
-    (char) the newline each document ends with; None if neither exists."""
-    if tokenizer.eot_id is not None:
-        return tokenizer.eot_id
-    try:
-        ids = tokenizer.encode("\n")
-    except MinigptError:
-        return None
-    return ids[0] if len(ids) == 1 else None
-
-
 def repeated_probe(
     tokenizer: Tokenizer, n: int, count: int = REPEATED_PROBES, seed: int = 0
 ) -> Tensor:
     """`count` seeded random sequences [r1..rn, r1..rn]: (count, 2n) token ids.
 
     Tokens come from the tokenizer's vocabulary without the document separator
-    (`document_separator`): a separator would tell the model a new, unrelated
+    (`Tokenizer.separator_id`): a separator would tell the model a new, unrelated
     document starts, which is not what the probe asks. Within each half they are
     distinct whenever the vocabulary has n tokens to spare (drawn without
     replacement), because the induction and duplicate-token scores read one place,
@@ -241,7 +232,7 @@ def repeated_probe(
     vocabulary smaller than n (a tiny char model) is drawn with replacement.
     """
     vocab = torch.arange(tokenizer.vocab_size)
-    separator = document_separator(tokenizer)
+    separator = tokenizer.separator_id
     if separator is not None and tokenizer.vocab_size > 1:
         vocab = vocab[vocab != separator]
     generator = torch.Generator().manual_seed(seed)
@@ -259,16 +250,14 @@ def repeated_probe(
 # Importance
 
 
-def _loss_from_layer(model: GPT, x: Tensor, start: int, gates: Tensor, targets: Tensor) -> Tensor:
-    """Run blocks start.. of `model` on residual stream x (B, T, C) with per-example
-    gates (n_layer, B, H); mean loss per example (B,)."""
-    for layer in range(start, model.config.n_layer):
-        x, _ = model.blocks[layer](x, gates[layer])
-    logits = model.lm_head(model.ln_f(x))  # (B, T, vocab_size)
-    loss = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction="none"
-    )
-    return loss.view(targets.shape).mean(-1)  # (B,)
+def _loss_per_example(
+    model: GPT, x: Tensor, start_layer: int, head_gates: Tensor | None, targets: Tensor
+) -> Tensor:
+    """Run `model` from layer start_layer on the residual stream x (B, T, n_embd) entering
+    it, with head_gates (n_layer, B, H) or None; each example's mean loss (B,)."""
+    x, _ = model.run_blocks(x, start_layer, head_gates=head_gates)
+    _, loss = model.logits_and_loss(x, targets, reduction="none")  # (B, T)
+    return loss.mean(-1)
 
 
 @torch.no_grad()
@@ -280,33 +269,34 @@ def ablation_importance(
     Each batch is (x, y), both (B, T). Zeroing a head in layer l leaves layers < l
     untouched, so the residual stream entering layer l is computed once and only
     layers l.. rerun per head, with all of that layer's ablations in one batch:
-    the same numbers as `model(x, y, head_gates=...)` at about half the cost.
+    the same numbers as `model(x, y, head_gates=...)` without rerunning every layer
+    for every head.
     """
     model.eval()
     L, H = model.config.n_layer, model.config.n_head
+    every_head_but_one = torch.eye(H, device=model.device).logical_not().float()  # (H, H)
     rise = torch.zeros(L, H, dtype=torch.float64)
     base_total, n_batches = 0.0, 0
     for x_ids, y in batches:
-        B, T = x_ids.shape
-        positions = torch.arange(T, device=x_ids.device)
-        x = model.tok_emb(x_ids) + model.pos_emb(positions)  # (B, T, C)
-        ones = torch.ones(L, B * H, H, device=x_ids.device)
-        base = _loss_from_layer(model, x, 0, ones[:, :B], y).mean().item()
+        B = x_ids.size(0)
+        x = model.embed(x_ids)  # entering layer 0: (B, T, n_embd)
+        base = _loss_per_example(model, x, 0, None, y).mean().item()
         for layer in range(L):
             # H copies of the batch; copy h has head h of this layer zeroed.
-            gates = ones.clone()
-            gates[layer] = (
-                torch.eye(H, device=x_ids.device).logical_not().float().repeat_interleave(B, 0)
-            )
-            loss = _loss_from_layer(
-                model, x.repeat(H, 1, 1), layer, gates, y.repeat(H, 1)
-            )  # (H*B,)
+            gates = torch.ones(L, H * B, H, device=model.device)
+            gates[layer] = every_head_but_one.repeat_interleave(B, 0)  # (H * B, H)
+            copies = x.repeat(H, 1, 1)  # (H * B, T, n_embd)
+            loss = _loss_per_example(model, copies, layer, gates, y.repeat(H, 1))  # (H * B,)
             rise[layer] += (loss.view(H, B).mean(-1) - base).double().cpu()
-            x, _ = model.blocks[layer](x)
+            x, _ = model.run_blocks(x, layer, layer + 1)  # now entering layer + 1
         base_total += base
         n_batches += 1
     if n_batches == 0:
-        raise MinigptError("no batches to measure head importance on")
+        raise MinigptError(
+            "no batches to measure head importance on",
+            hint="pass at least one (x, y) batch",
+            param="batches",
+        )
     return (rise / n_batches).float(), base_total / n_batches
 
 
@@ -327,7 +317,11 @@ def gradient_importance(model: GPT, batches: Iterable[tuple[Tensor, Tensor]]) ->
         total += (grad * B).abs().sum(1).cpu()
         count += B
     if count == 0:
-        raise MinigptError("no batches to measure head importance on")
+        raise MinigptError(
+            "no batches to measure head importance on",
+            hint="pass at least one (x, y) batch",
+            param="batches",
+        )
     return total / count
 
 
@@ -453,6 +447,85 @@ def score_sequences(attention: Tensor, repeated: int | None) -> dict[str, Tensor
     return {k: v.sum(0) for k, v in scores.items()}
 
 
+def _by_length(sequences: Iterable[Tensor]) -> list[list[Tensor]]:
+    """Sequences grouped by length, in order of first appearance: each group stacks
+    into one batch."""
+    groups: dict[int, list[Tensor]] = {}
+    for seq in sequences:
+        groups.setdefault(seq.numel(), []).append(seq)
+    return list(groups.values())
+
+
+def _capture_and_score(
+    model: GPT, sequences: list[Tensor], repeated: int | None
+) -> tuple[dict[str, Tensor], Tensor, Tensor]:
+    """Every sequence's attention, scored: (the metrics' means over the sequences, each
+    (L, H); the mean head similarity (L * H, L * H); the first sequence's attention
+    (L, H, T, T))."""
+    L, H = model.config.n_layer, model.config.n_head
+    sums: dict[str, Tensor] = {}
+    similarity = torch.zeros(L * H, L * H)
+    first_attention = None
+    for group in _by_length(sequences):  # the first group holds sequences[0]
+        idx = torch.stack(group).to(model.device)  # (B, T)
+        attention = capture_attention(model, idx).cpu()  # (B, L, H, T, T)
+        if first_attention is None:
+            first_attention = attention[0]
+        for k, v in score_sequences(attention, repeated).items():
+            sums[k] = sums.get(k, 0) + v
+        T = attention.size(-1)
+        for per_seq in attention:
+            similarity += head_similarity(per_seq.reshape(L * H, T, T))
+    n = len(sequences)
+    return {k: v / n for k, v in sums.items()}, similarity / n, first_attention
+
+
+def _nearest_heads(
+    similarity: Tensor, n_head: int
+) -> list[tuple[tuple[int, int], float] | tuple[None, None]]:
+    """For each head (in layer * n_head + head order) the other head whose attention is
+    closest, as (layer, head), and their JS divergence; (None, None) for a lone head."""
+    if similarity.size(0) < 2:
+        return [(None, None)] * similarity.size(0)
+    others = similarity.clone()
+    others.fill_diagonal_(float("inf"))  # a head is not its own nearest
+    return [(divmod(int(j), n_head), others[i, j].item()) for i, j in enumerate(others.argmin(1))]
+
+
+def _head_metrics(
+    means: dict[str, Tensor],
+    similarity: Tensor,
+    importance: Tensor | None,
+    grad_importance: Tensor | None,
+    thresholds: RoleThresholds,
+) -> list[HeadMetrics]:
+    """One `HeadMetrics` per head, in (layer, head) order, from (L, H) tensors."""
+    L, H = means["previous_token"].shape
+
+    def value(values: Tensor | None, layer: int, head: int) -> float | None:
+        return None if values is None else values[layer, head].item()
+
+    nearest = _nearest_heads(similarity, H)
+    heads = []
+    for layer in range(L):
+        for head in range(H):
+            scores = {k: v[layer, head].item() for k, v in means.items()}
+            closest, closest_js = nearest[layer * H + head]
+            heads.append(
+                HeadMetrics(
+                    layer=layer,
+                    head=head,
+                    role=assign_role(scores, thresholds),
+                    importance=value(importance, layer, head),
+                    grad_importance=value(grad_importance, layer, head),
+                    nearest=closest,
+                    nearest_js=closest_js,
+                    **scores,
+                )
+            )
+    return heads
+
+
 def inspect_heads(
     model: GPT,
     tokenizer: Tokenizer,
@@ -471,75 +544,31 @@ def inspect_heads(
     """
     if not sequences:
         raise MinigptError(
-            "nothing to inspect: no prompt sequences", hint="pass --prompt TEXT or --repeated N"
+            "nothing to inspect: sequences is empty",
+            hint="pass at least one sequence of token ids",
+            param="sequences",
         )
-    for seq in sequences:
+    for number, seq in enumerate(sequences):
         if seq.numel() == 0:
-            raise MinigptError("the prompt is empty", hint="pass a prompt of at least one token")
-    L, H = model.config.n_layer, model.config.n_head
-    device = model.device
-    sums: dict[str, Tensor] = {}
-    similarity = torch.zeros(L * H, L * H)
-    first_attention = None
-    # Group equal-length sequences so probes run as one batch.
-    by_length: dict[int, list[Tensor]] = {}
-    for seq in sequences:
-        by_length.setdefault(seq.numel(), []).append(seq)
-    for seq_group in by_length.values():  # the first group holds sequences[0]
-        attention = capture_attention(
-            model, torch.stack(seq_group).to(device)
-        ).cpu()  # (B, L, H, T, T)
-        if first_attention is None:
-            first_attention = attention[0]
-        for k, v in score_sequences(attention, repeated).items():
-            sums[k] = sums.get(k, 0) + v
-        T = attention.size(-1)
-        for per_seq in attention:
-            similarity += head_similarity(per_seq.reshape(L * H, T, T))
-    n = len(sequences)
-    means = {k: v / n for k, v in sums.items()}
-    similarity /= n
-
+            raise MinigptError(
+                f"sequence {number} is empty",
+                hint="pass sequences of at least one token id",
+                param="sequences",
+            )
+    means, similarity, first_attention = _capture_and_score(model, sequences, repeated)
     importance = grad_importance = base_loss = None
     if importance_batches:
         importance, base_loss = ablation_importance(model, importance_batches)
         grad_importance = gradient_importance(model, importance_batches)
-
-    heads = []
-    for layer in range(L):
-        for head in range(H):
-            values = {k: v[layer, head].item() for k, v in means.items()}
-            flat = layer * H + head
-            if L * H > 1:
-                others = similarity[flat].clone()
-                others[flat] = float("inf")
-                nearest_flat = int(others.argmin())
-                nearest, nearest_js = divmod(nearest_flat, H), others[nearest_flat].item()
-            else:
-                nearest = nearest_js = None
-            heads.append(
-                HeadMetrics(
-                    layer=layer,
-                    head=head,
-                    role=assign_role(values, thresholds),
-                    importance=None if importance is None else importance[layer, head].item(),
-                    grad_importance=None
-                    if grad_importance is None
-                    else grad_importance[layer, head].item(),
-                    nearest=nearest,
-                    nearest_js=nearest_js,
-                    **values,
-                )
-            )
     return Inspection(
-        heads=heads,
-        n_layer=L,
-        n_head=H,
+        heads=_head_metrics(means, similarity, importance, grad_importance, thresholds),
+        n_layer=model.config.n_layer,
+        n_head=model.config.n_head,
         tokens=token_labels(tokenizer, sequences[0].tolist()),
         attention=first_attention,
         similarity=similarity,
         source=source,
-        n_sequences=n,
+        n_sequences=len(sequences),
         repeated=repeated,
         importance_source=importance_source if importance_batches else None,
         base_loss=base_loss,
@@ -557,15 +586,12 @@ def prompt_sequences(
     """Encode prompts, cropping each to its first block_size tokens: (sequences, warnings)."""
     sequences, notes = [], []
     for number, prompt in enumerate(prompts, 1):
-        if not prompt:
-            raise MinigptError(
-                "the prompt is empty", hint="pass some text with --prompt or --prompt-file"
-            )
-        ids = tokenizer.encode(prompt)
+        ids = tokenizer.encode(prompt) if prompt else []
         if not ids:
             raise MinigptError(
-                "the prompt encodes to no tokens",
-                hint="pass some text with --prompt or --prompt-file",
+                "the prompt is empty" if not prompt else "the prompt encodes to no tokens",
+                hint="give every prompt some text",
+                param="prompts",
             )
         if len(ids) > block_size:
             notes.append(
@@ -578,52 +604,43 @@ def prompt_sequences(
 
 
 def check_repeated(n: int, block_size: int) -> None:
-    """--repeated N needs 2N tokens to fit the context."""
+    """The repeated probe [r1..rn, r1..rn] is 2n tokens: they must fit the context."""
     if not 2 <= n <= block_size // 2:
         raise MinigptError(
-            f"--repeated {n} is out of range: the probe is 2N tokens, so with block_size={block_size} "
-            f"N must be from 2 to {block_size // 2}",
-            hint=f"pick N from 2 to {block_size // 2}",
+            f"repeated {n} is out of range: the probe is 2 x {n} tokens, so with "
+            f"block_size={block_size} it must be from 2 to {block_size // 2}",
+            hint=f"pass repeated from 2 to {block_size // 2}",
+            param="repeated",
         )
 
 
-def validation_tokens(config: dict, run_dir: Path) -> tuple[object, str] | None:
-    """The run's prepared validation tokens (a numpy array) and where they are, if findable.
+def validation_tokens(config: dict, run_dir: Path) -> tuple[np.ndarray, str] | None:
+    """The run's prepared validation tokens and where they are, if findable.
 
     config.json's prepared_data.dir names the prepared folder (written by `minigpt train`);
     a relative path is tried from the working directory, then from the run's project.
     """
-    from minigpt.data import load_prepared
-
-    data = config.get("data") or {}
-    candidates = [
-        (config.get("prepared_data") or {}).get("dir"),  # what `minigpt train` writes
-        (data.get("prepared") or {}).get("dir") if isinstance(data.get("prepared"), dict) else None,
-        data.get("prepared_dir"),
-    ]
-    candidates = [c for c in candidates if isinstance(c, str) and c]
-    for candidate in candidates:
-        for base in (Path.cwd(), run_dir.resolve().parent.parent):
-            folder = base / candidate
-            if (folder / "meta.json").exists():
-                try:
-                    prepared = load_prepared(folder)
-                    return prepared.val_tokens(), str(folder / "val.bin")
-                except (MinigptError, OSError, ValueError):
-                    continue
+    name = (config.get("prepared_data") or {}).get("dir")
+    if not isinstance(name, str) or not name:
+        return None
+    for base in (Path.cwd(), run_dir.resolve().parent.parent):
+        folder = base / name
+        if (folder / "meta.json").exists():
+            try:
+                return load_prepared(folder).val_tokens(), str(folder / "val.bin")
+            except (MinigptError, OSError, ValueError):
+                continue
     return None
 
 
 def validation_batches(
-    tokens,
+    tokens: np.ndarray,
     block_size: int,
     n_batches: int = IMPORTANCE_BATCHES,
     batch_size: int = IMPORTANCE_BATCH_SIZE,
     seed: int = 0,
 ) -> list[tuple[Tensor, Tensor]]:
     """`n_batches` seeded random windows of the validation tokens, as (x, y) pairs."""
-    from minigpt.data import Batcher
-
     window = min(block_size, len(tokens) - 1)
     batcher = Batcher(tokens, window, batch_size, seed)
     return [batcher.next() for _ in range(n_batches)]
@@ -631,15 +648,62 @@ def validation_batches(
 
 def prompt_batches(sequences: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
     """The prompts themselves as (x, y) next-token batches, equal lengths grouped."""
-    by_length: dict[int, list[Tensor]] = {}
-    for seq in sequences:
-        if seq.numel() >= 2:
-            by_length.setdefault(seq.numel(), []).append(seq)
-    return [(torch.stack(g)[:, :-1], torch.stack(g)[:, 1:]) for g in by_length.values()]
+    groups = _by_length(seq for seq in sequences if seq.numel() >= 2)
+    return [(torch.stack(g)[:, :-1], torch.stack(g)[:, 1:]) for g in groups]
+
+
+def _sequences_to_inspect(
+    tokenizer: Tokenizer,
+    prompts: list[str] | None,
+    repeated: int | None,
+    block_size: int,
+    n_probes: int,
+    seed: int,
+) -> tuple[list[Tensor], int | None, str, list[str]]:
+    """The prompts, or else the repeated probe: (sequences, the probe's half-length or
+    None, what they are in words, warnings)."""
+    if prompts and repeated is not None:
+        raise MinigptError(
+            "pass either prompts or repeated, not both", hint="drop one of them", param="repeated"
+        )
+    if prompts:
+        sequences, notes = prompt_sequences(tokenizer, prompts, block_size)
+        source = "the prompt" if len(prompts) == 1 else f"{len(prompts)} prompts"
+        return sequences, None, source, notes
+    if repeated is None:
+        repeated = min(32, block_size // 2)
+    check_repeated(repeated, block_size)
+    sequences = list(repeated_probe(tokenizer, repeated, n_probes, seed))
+    source = f"{n_probes} random sequences of {repeated} tokens, each followed by itself"
+    return sequences, repeated, source, []
+
+
+def _importance_batches(
+    run: Run, sequences: list[Tensor], probed: bool, seed: int
+) -> tuple[list[tuple[Tensor, Tensor]] | None, str, list[str]]:
+    """Batches to measure importance on, on the model's device (None if there are none),
+    where they come from in words, and warnings: the run's validation data if it can
+    be found, else the inspected sequences themselves."""
+    model = run.model
+    found = validation_tokens(run.config, run.dir)
+    if found is not None and len(found[0]) >= 2:
+        tokens, where = found
+        batches = validation_batches(tokens, model.config.block_size, seed=seed)
+        B, T = batches[0][0].shape
+        source, notes = f"{len(batches)} validation batches of {B} x {T} tokens from {where}", []
+    else:
+        batches = prompt_batches(sequences)
+        what = "the probe sequences" if probed else "the prompt"
+        source = f"{what} (no validation data found for this run)"
+        notes = [f"importance is measured on {what}: the run's validation data was not found"]
+        if not batches:
+            notes.append("importance skipped: the prompt has fewer than 2 tokens")
+    batches = [(x.to(model.device), y.to(model.device)) for x, y in batches]
+    return batches or None, source, notes
 
 
 def inspect_run(
-    run,
+    run: Run,
     prompts: list[str] | None = None,
     repeated: int | None = None,
     importance: bool = True,
@@ -653,38 +717,15 @@ def inspect_run(
     (with a note saying so) when that data cannot be found.
     """
     model, tokenizer = run.model, run.tokenizer
-    block_size = model.config.block_size
-    notes: list[str] = []
-    if prompts and repeated is not None:
-        raise MinigptError("pass either prompts or --repeated, not both", hint="drop one of them")
-    if not prompts:
-        if repeated is None:
-            repeated = min(32, block_size // 2)
-        check_repeated(repeated, block_size)
-        probes = repeated_probe(tokenizer, repeated, n_probes, seed)
-        sequences = list(probes)
-        source = f"{n_probes} random sequences of {repeated} tokens, each followed by itself"
-    else:
-        sequences, notes = prompt_sequences(tokenizer, prompts, block_size)
-        source = "the prompt" if len(prompts) == 1 else f"{len(prompts)} prompts"
+    sequences, repeated, source, notes = _sequences_to_inspect(
+        tokenizer, prompts, repeated, model.config.block_size, n_probes, seed
+    )
     batches = importance_source = None
     if importance:
-        found = validation_tokens(run.config, Path(run.dir))
-        device = model.device
-        if found is not None and len(found[0]) >= 2:
-            tokens, where = found
-            batches = validation_batches(tokens, block_size, seed=seed)
-            importance_source = f"{len(batches)} validation batches of {batches[0][0].shape[0]} x {batches[0][0].shape[1]} tokens from {where}"
-        else:
-            batches = prompt_batches(sequences)
-            what = "the probe sequences" if repeated is not None else "the prompt"
-            importance_source = f"{what} (no validation data found for this run)"
-            notes.append(
-                f"importance is measured on {what}: the run's validation data was not found"
-            )
-            if not batches:
-                notes.append("importance skipped: the prompt has fewer than 2 tokens")
-        batches = [(x.to(device), y.to(device)) for x, y in batches] or None
+        batches, importance_source, importance_notes = _importance_batches(
+            run, sequences, repeated is not None, seed
+        )
+        notes += importance_notes
     inspection = inspect_heads(
         model,
         tokenizer,
@@ -698,24 +739,20 @@ def inspect_run(
     return inspection
 
 
-def read_prompts(prompts: list[str] | None, prompt_files: list[str] | None) -> list[str]:
-    """The prompts from --prompt (repeatable) and --prompt-file (each file is one prompt)."""
-    texts = list(prompts or [])
-    texts += [read_prompt_file(name) for name in prompt_files or []]
-    return texts
-
-
 def check_head(layer: int | None, head: int | None, n_layer: int, n_head: int) -> None:
-    """--layer / --head must name an existing head."""
+    """layer and head, where given, must name an existing layer and head."""
     if head is not None and layer is None:
+        # A rule about the command line's combination of options, so in its words.
         raise MinigptError("--head needs --layer", hint="pass --layer L --head H")
     if layer is not None and not 0 <= layer < n_layer:
         raise MinigptError(
             f"layer {layer} is out of range: this model has layers 0 to {n_layer - 1}",
-            hint=f"pass --layer from 0 to {n_layer - 1}",
+            hint=f"pass layer from 0 to {n_layer - 1}",
+            param="layer",
         )
     if head is not None and not 0 <= head < n_head:
         raise MinigptError(
             f"head {head} is out of range: this model has heads 0 to {n_head - 1} in each layer",
-            hint=f"pass --head from 0 to {n_head - 1}",
+            hint=f"pass head from 0 to {n_head - 1}",
+            param="head",
         )

@@ -18,7 +18,8 @@ class KVCache:
     """Preallocated per-layer K and V buffers, each (B, H, max_len, d_head), and `pos`.
 
     `pos` is the number of positions already written (the same for every layer).
-    A forward pass calls `append(layer, k, v)` once per layer, then `advance(T)`.
+    A forward pass calls `check_fits` once, `append(layer, k, v)` once per layer,
+    then `advance(T)`.
     """
 
     def __init__(
@@ -38,28 +39,56 @@ class KVCache:
         self.batch_size, self.n_head, self.max_len, self.d_head = shape
         self.pos = 0
 
+    def check_fits(
+        self, n_layer: int, batch_size: int, n_head: int, d_head: int, n_new: int
+    ) -> None:
+        """Raise unless `n_new` more positions of keys and values for `n_layer` layers,
+        each (batch_size, n_head, n_new, d_head), fit this cache.
+
+        Called once where input enters (`GPT.forward`, or an attention module called
+        on its own), so that `append`, which every layer calls on every step, need not.
+        """
+        if n_layer > len(self.keys):
+            raise MinigptError(
+                f"KV cache has {len(self.keys)} layers, {n_layer} are needed",
+                hint="build the cache with model.new_kv_cache(batch_size)",
+                param="kv_cache",
+            )
+        if (batch_size, n_head, d_head) != (self.batch_size, self.n_head, self.d_head):
+            raise MinigptError(
+                f"KV cache holds (batch={self.batch_size}, n_head={self.n_head}, "
+                f"d_head={self.d_head}) but the input needs (batch={batch_size}, "
+                f"n_head={n_head}, d_head={d_head})",
+                hint="build the cache with the model's shape and the batch size you decode with",
+                param="kv_cache",
+            )
+        if n_new > self.remaining:
+            raise MinigptError(
+                f"KV cache is full: {self.pos} positions cached, {n_new} more do not fit "
+                f"in max_len={self.max_len}",
+                hint="reset the cache (or crop the context) before appending more positions",
+                param="kv_cache",
+            )
+
     def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write K, V (B, H, T, d_head) at `pos`; return all keys and values so far.
 
-        Returns views of shape (B, H, pos + T, d_head): no copy of the history.
+        Returns views of shape (B, H, pos + T, d_head): no copy of the history. The
+        shapes are the caller's to check, once per forward pass (`check_fits`).
         """
-        expected = (self.batch_size, self.n_head, k.size(2), self.d_head)
-        if tuple(k.shape) != expected or tuple(v.shape) != expected:
-            raise MinigptError(
-                f"KV cache holds (batch={self.batch_size}, n_head={self.n_head}, "
-                f"d_head={self.d_head}) but got keys {tuple(k.shape)} and values {tuple(v.shape)}",
-                hint="build the cache with the model's shape and the batch size you decode with",
-            )
         end = self.pos + k.size(2)
-        if end > self.max_len:
-            raise MinigptError(
-                f"KV cache is full: {self.pos} positions cached, {k.size(2)} more do not fit "
-                f"in max_len={self.max_len}",
-                hint="reset the cache (or crop the context) before appending more positions",
-            )
         self.keys[layer][:, :, self.pos : end] = k
         self.values[layer][:, :, self.pos : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def fill_from(self, prompt_cache: KVCache) -> None:
+        """Copy a batch-1 cache's positions into every row of this one, which is empty:
+        samples that share a prompt share its keys and values, computed once."""
+        n = prompt_cache.pos
+        for layer, (k, v) in enumerate(zip(prompt_cache.keys, prompt_cache.values, strict=True)):
+            self.keys[layer][:, :, :n] = k[:, :, :n]  # broadcast (1, H, n, d_head) -> (B, ...)
+            self.values[layer][:, :, :n] = v[:, :, :n]
+        self.pos = n
 
     def advance(self, n_tokens: int) -> None:
         """Mark `n_tokens` more positions as written, after every layer appended them."""

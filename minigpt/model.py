@@ -1,8 +1,11 @@
 """The GPT: token + position embeddings, a stack of pre-norm blocks, a tied LM head.
 
-    idx (B, T) -> tok_emb + pos_emb (B, T, n_embd)
-               -> n_layer x Block: x + Attn(LN(x)), then x + MLP(LN(x))
-               -> LN -> lm_head (B, T, vocab_size)
+    idx (B, T) -> tok_emb + pos_emb (B, T, n_embd)                       `GPT.embed`
+               -> n_layer x Block: x + Attn(LN(x)), then x + MLP(LN(x))  `GPT.run_blocks`
+               -> LN -> lm_head (B, T, vocab_size), cross-entropy        `GPT.logits_and_loss`
+
+`GPT.forward` is these three steps; they are public so that a caller (the head
+inspector) can restart the blocks from any layer's residual stream.
 
 Each block's attention is `minigpt.attention.MultiHeadAttention` (or the textbook
 wrapper form when `GPTConfig.attention == "wrapper"`; both save the same weights).
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -137,21 +141,20 @@ class Block(nn.Module):
             config.n_embd,
             config.block_size,
             config.n_head,
-            dropout=config.dropout,
             qkv_bias=config.bias,
             out_bias=config.bias,
+            dropout=config.dropout,
             layer_idx=layer_idx,
+            check_inputs=False,  # GPT.forward checks its input once for every layer
         )
         self.ln_mlp = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(
-        self,
-        x: Tensor,
-        gate: Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        need_weights: bool = False,
+        self, x: Tensor, gate: Tensor | None, kv_cache: KVCache | None, need_weights: bool
     ) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, n_embd) -> (x (B, T, n_embd), A (B, H, T, T_k) or None); the
+        arguments are the attention's (`GPT.run_blocks` passes every one)."""
         attn_out, weights = self.attn(self.ln_attn(x), gate, kv_cache, need_weights)
         x = x + attn_out
         x = x + self.mlp(self.ln_mlp(x))
@@ -211,15 +214,14 @@ class GPT(nn.Module):
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
     ) -> KVCache:
         """An empty KV cache for this model, on its device, in its activation dtype."""
-        weight = self.tok_emb.weight
         return KVCache(
             self.config.n_layer,
             batch_size,
             self.config.n_head,
             max_len or self.config.block_size,
             self.config.d_head,
-            device=weight.device,
-            dtype=dtype or weight.dtype,
+            device=self.device,
+            dtype=dtype or self.tok_emb.weight.dtype,
         )
 
     def forward(
@@ -238,47 +240,94 @@ class GPT(nn.Module):
         last_only: compute logits for the last position only (B, 1, vocab_size), as
             sampling needs; saves the large vocab matmul on every other position.
         """
-        logits, loss, _ = self._run(idx, targets, kv_cache, head_gates, last_only, False)
-        return logits, loss
+        x = self.embed(idx, kv_cache.pos if kv_cache is not None else 0)  # (B, T, n_embd)
+        if kv_cache is not None:
+            B, T = idx.shape
+            kv_cache.check_fits(self.config.n_layer, B, self.config.n_head, self.config.d_head, T)
+        x, _ = self.run_blocks(x, head_gates=head_gates, kv_cache=kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(idx.size(1))
+        return self.logits_and_loss(x, targets, last_only)
 
     def forward_with_attention(
         self, idx: Tensor, targets: Tensor | None = None, head_gates: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
         """Like forward, also returning every layer's attention weights A, each (B, H, T, T)."""
-        return self._run(idx, targets, None, head_gates, False, True)
+        x = self.embed(idx)  # (B, T, n_embd)
+        x, attention = self.run_blocks(x, head_gates=head_gates, need_weights=True)
+        logits, loss = self.logits_and_loss(x, targets)
+        return logits, loss, attention
 
-    def _run(self, idx, targets, kv_cache, head_gates, last_only, need_weights):
+    def embed(self, idx: Tensor, pos: int = 0) -> Tensor:
+        """Token ids idx (B, T) at positions pos.. -> the residual stream x (B, T, n_embd).
+
+        This is where token ids enter the model, so their shape is checked here.
+        """
         if idx.dim() != 2:
             raise MinigptError(
                 f"GPT expects token ids of shape (batch, tokens), got {tuple(idx.shape)}",
                 hint="add a batch dimension with idx[None]",
+                param="idx",
             )
-        B, T = idx.shape
-        pos = kv_cache.pos if kv_cache is not None else 0
+        T = idx.size(1)
         if pos + T > self.config.block_size:
             raise MinigptError(
                 f"{pos + T} positions exceed the model's block_size={self.config.block_size}",
                 hint="crop the input to its last block_size tokens",
+                param="idx",
             )
+        positions = torch.arange(pos, pos + T, device=idx.device)  # (T,)
+        return self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, n_embd)
+
+    def run_blocks(
+        self,
+        x: Tensor,
+        start_layer: int = 0,
+        end_layer: int | None = None,
+        head_gates: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """Blocks start_layer..end_layer-1 (default: to the last) on the residual stream
+        x (B, T, n_embd): (x after them, each block's A (B, H, T, T_k) or None).
+
+        head_gates: (n_layer, H) or (n_layer, B, H), indexed by layer, as in `forward`.
+        kv_cache: each block appends its keys and values; the caller advances it.
+        """
         if head_gates is not None and head_gates.size(0) != self.config.n_layer:
             raise MinigptError(
                 f"head_gates has {head_gates.size(0)} layers, the model has {self.config.n_layer}",
                 hint="pass head_gates of shape (n_layer, n_head)",
+                param="head_gates",
             )
-        positions = torch.arange(pos, pos + T, device=idx.device)  # (T,)
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, n_embd)
         attention = []
-        for i, block in enumerate(self.blocks):
-            gate = head_gates[i] if head_gates is not None else None
-            x, weights = block(x, gate, kv_cache, need_weights)
+        for layer in range(start_layer, self.config.n_layer if end_layer is None else end_layer):
+            gate = head_gates[layer] if head_gates is not None else None
+            x, weights = self.blocks[layer](x, gate, kv_cache, need_weights)
             attention.append(weights)
-        if kv_cache is not None:
-            kv_cache.advance(T)
+        return x, attention
+
+    def logits_and_loss(
+        self,
+        x: Tensor,
+        targets: Tensor | None = None,
+        last_only: bool = False,
+        reduction: Literal["mean", "none"] = "mean",
+    ) -> tuple[Tensor, Tensor | None]:
+        """The residual stream after the last block x (B, T, n_embd) -> (logits
+        (B, T, vocab_size), loss or None): the final norm, the tied LM head, cross-entropy.
+
+        targets: (B, T) next-token ids; -1 marks positions to ignore in the loss.
+        reduction: "mean" gives the mean loss over positions, "none" each position's
+            loss (B, T) (0 where ignored).
+        """
         x = self.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)  # (B, T, vocab_size)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1)
-        return logits, loss, attention
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction=reduction
+        )
+        return logits, loss if reduction == "mean" else loss.view(targets.shape)

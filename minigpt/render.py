@@ -3,7 +3,8 @@
 Every file is written atomically (`minigpt.atomic`), so a failed render never
 leaves a half-written output behind. The HTML file is self-contained (inline CSS,
 JS and SVG, no network) and stores each head's causal attention rows quantised to
-uint8 (base64), which keeps a 6-layer, 6-head, 256-token viewer near 1.6 MB.
+uint8 (base64): one byte per weight and only the lower triangle, so the file
+stays small for long prompts.
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ def print_heatmap(
 
 def save_png(path: str | Path, inspection: Inspection) -> None:
     """A grid (layers x heads) of every head's attention on the first sequence."""
+    # Imported here: matplotlib is slow to import, and only --png needs it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 

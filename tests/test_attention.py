@@ -5,6 +5,7 @@ import torch
 
 from minigpt.attention import CausalAttention, MultiHeadAttention, MultiHeadAttentionWrapper
 from minigpt.errors import MinigptError
+from minigpt.kv_cache import KVCache
 
 D_IN, D_OUT, CTX, N_HEAD = 24, 32, 16, 4
 
@@ -169,3 +170,20 @@ def test_bad_input_raises_clear_value_errors():
             module(torch.randn(2, 4, D_IN), gate=torch.ones(N_HEAD + 1))
     with pytest.raises(MinigptError, match="not divisible"):
         MultiHeadAttention(D_IN, 30, CTX, 4)
+
+
+@pytest.mark.parametrize("form", ["wrapper", "fused"])
+def test_a_module_called_on_its_own_checks_its_kv_cache(form):
+    wrapper, fused = make_pair()
+    module = wrapper if form == "wrapper" else fused
+    x = torch.randn(2, 6, D_IN)
+    cache = KVCache(1, 2, N_HEAD, CTX, D_OUT // N_HEAD)
+    out, _ = module(x[:, :4], kv_cache=cache)
+    cache.advance(4)
+    step, _ = module(x[:, 4:], kv_cache=cache)
+    cache.advance(2)
+    torch.testing.assert_close(torch.cat([out, step], dim=1), module(x)[0], atol=1e-5, rtol=0)
+    with pytest.raises(MinigptError, match="KV cache holds"):
+        module(torch.randn(3, 1, D_IN), kv_cache=cache)
+    with pytest.raises(MinigptError, match="longer than the context length"):
+        module(torch.randn(2, CTX - 5, D_IN), kv_cache=cache)

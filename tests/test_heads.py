@@ -175,7 +175,7 @@ def test_repeated_probe(tiny):
     assert torch.equal(probes, heads.repeated_probe(tokenizer, 7, count=5, seed=3))
     assert not torch.equal(probes, heads.repeated_probe(tokenizer, 7, count=5, seed=4))
     newline = tokenizer.encode("\n")[0]  # the char tokenizer's document separator
-    assert heads.document_separator(tokenizer) == newline
+    assert tokenizer.separator_id == newline
     assert not (heads.repeated_probe(tokenizer, 50, count=20) == newline).any()
     # distinct within each half when the vocabulary allows (27 tokens besides "\n")
     for n in (7, 27):
@@ -315,8 +315,10 @@ def cli(*args, cwd=None):
 
 
 def test_cli_end_to_end(run_dir, tmp_path):
-    out = cli(run_dir, "--repeated", 8, "--layer", 1, "--head", 0, "--json", tmp_path / "h.json",
-              "--html", tmp_path / "h.html", "--png", tmp_path / "h.png")  # fmt: skip
+    outputs = ["--json", tmp_path / "h.json", "--html", tmp_path / "h.html"]
+    out = cli(
+        run_dir, "--repeated", 8, "--layer", 1, "--head", 0, *outputs, "--png", tmp_path / "h.png"
+    )
     assert out.returncode == 0, out.stderr
     assert "L1H0" in out.stdout and "ind" in out.stdout and "nearest" in out.stdout
     assert "validation data was not found" in out.stderr
@@ -414,8 +416,10 @@ def test_html_viewer_script_runs(tmp_path, inspection):
     (tmp_path / "stub.js").write_text(_DOM_STUB)
     out = subprocess.run(
         ["node", str(tmp_path / "stub.js"), str(tmp_path / "h.html")],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok 6 heads 16 tokens; cur 3")  # layer 1, head 0 of 3 heads
 
@@ -428,7 +432,12 @@ def test_help_shows_the_role_thresholds():
     result = CliRunner().invoke(app, ["inspect-heads", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     t = heads.ROLE_THRESHOLDS
-    for rule in (f"induction >= {t.induction}", f"previous-token >= {t.previous_token}",
-                 f"duplicate-token >= {t.duplicate_token}", f"first-token >= {t.first_token}",
-                 f"normalised entropy >= {t.broad_entropy}", f"distance <= {t.local_distance}"):  # fmt: skip
+    for rule in (
+        f"induction >= {t.induction}",
+        f"previous-token >= {t.previous_token}",
+        f"duplicate-token >= {t.duplicate_token}",
+        f"first-token >= {t.first_token}",
+        f"normalised entropy >= {t.broad_entropy}",
+        f"distance <= {t.local_distance}",
+    ):
         assert rule in result.output

@@ -184,3 +184,37 @@ def test_tiny_gpt_overfits_a_short_sequence(attention):
         if loss.item() < 0.1:
             break
     assert loss.item() < 0.1
+
+
+def test_forward_in_steps_equals_forward():
+    model = tiny_gpt()
+    idx, y = torch.randint(0, 13, (3, 10)), torch.randint(0, 13, (3, 10))
+    logits, loss = model(idx, targets=y)
+    x = model.embed(idx)
+    for layer in range(2):
+        x, _ = model.run_blocks(x, layer, layer + 1)
+    stepped, per_token = model.logits_and_loss(x, y, reduction="none")
+    torch.testing.assert_close(stepped, logits, atol=0, rtol=0)
+    assert per_token.shape == (3, 10)
+    torch.testing.assert_close(per_token.mean(), loss)
+    # From layer 1's residual stream with per-example gates, as the head inspector runs it.
+    gates = torch.ones(2, 3, 4)
+    gates[1, 0, 2] = 0
+    _, gated = model(idx, targets=y, head_gates=gates)
+    entering_1, _ = model.run_blocks(model.embed(idx), 0, 1)
+    x, _ = model.run_blocks(entering_1, 1, head_gates=gates)
+    torch.testing.assert_close(model.logits_and_loss(x, y)[1], gated)
+    assert not torch.allclose(gated, loss)
+
+
+def test_kv_cache_is_checked_before_any_layer_writes_to_it():
+    model = tiny_gpt()
+    idx = torch.randint(0, 13, (1, 3))
+    with pytest.raises(MinigptError, match="KV cache has 1 layers, 2 are needed"):
+        model(idx, kv_cache=KVCache(1, 1, 4, 24, 8))
+    with pytest.raises(MinigptError, match="KV cache holds"):
+        model(idx, kv_cache=KVCache(2, 1, 2, 24, 16))
+    cache = model.new_kv_cache(batch_size=1)
+    with pytest.raises(MinigptError, match="head_gates has 3 layers"):
+        model(idx, kv_cache=cache, head_gates=torch.ones(3, 4))
+    assert cache.pos == 0 and not any(keys.any() for keys in cache.keys)
