@@ -1,18 +1,42 @@
 """The `minigpt` command line: thin typer commands over the modules.
 
-Each command parses its options, calls the module that owns the work, and prints.
-Bad input raises `MinigptError` anywhere below; `main` turns it into one line
-and a hint on stderr with exit code 2, never a traceback.
+Each command parses its options, calls the module that owns the work, and prints
+(through `console`). Bad input raises `MinigptError` anywhere below, worded as the
+library names things; `main` renames the argument at fault to its option
+(`OPTION_NAMES`) and prints one line and a hint on stderr with exit code 2, never
+a traceback.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import typer
 
+from minigpt import console
 from minigpt.errors import MinigptError
+
+# The modules that load torch are imported inside the commands that need them, so
+# `minigpt --help` and usage errors answer at once instead of after torch loads.
+
+OPTION_NAMES = {
+    "max_new_tokens": "--max-new-tokens",
+    "num_samples": "--num-samples",
+    "temperature": "--temperature",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "stride": "--overflow-stride",
+    "threads": "--threads",
+    "stop": "--stop",
+    "prompt": "--prompt",
+    "prompts": "--prompt",
+    "layer": "--layer",
+    "head": "--head",
+    "repeated": "--repeated",
+}
+"""The library's name of an argument -> the option that sets it (see MinigptError.param)."""
 
 app = typer.Typer(
     name="minigpt",
@@ -52,13 +76,12 @@ def train(
     from minigpt import train as trainer
     from minigpt.config import build_config
 
-    run_config = build_config(
-        config, sets, resume=resume, data=data, out=out, max_iters=max_iters,
-        max_time=max_time, device=device, seed=seed, compile=compile,
-    )  # fmt: skip
+    flags = dict(data=data, out=out, max_iters=max_iters, max_time=max_time, device=device)
+    flags.update(seed=seed, compile=compile)
+    run_config = build_config(config, sets, resume=resume, **flags)
     result = trainer.train(run_config, resume=resume is not None, force=force)
     if result.signal:
-        print(trainer.resume_hint(result), file=sys.stderr)
+        console.note(trainer.resume_hint(result))
         raise typer.Exit(result.exit_code)
 
 
@@ -113,69 +136,55 @@ def generate(
     ),
 ) -> None:
     """Sample text from a trained run with the KV cache."""
-    import json
-
-    from minigpt import generate as gen
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
     from minigpt.config import resolve_device
+    from minigpt.generate import Sampling, generate_text, set_threads
 
-    options = dict(
-        max_new_tokens=max_new_tokens, num_samples=num_samples, temperature=temperature,
-        top_k=top_k, top_p=top_p, stop=stop or (), use_kv_cache=kv_cache, stride=stride,
-    )  # fmt: skip
-    gen.check_lengths(max_new_tokens, num_samples)
-    gen.set_threads(threads)
-    gen.check_sampling(temperature, top_k, top_p)
-    gen.StopStrings(stop or ())
-    text = gen.read_prompt(prompt, prompt_file)
-    run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
-    stream = stream and not as_json
-
-    def warn(message: str) -> None:
-        print(f"warning: {message}", file=sys.stderr)
-
-    def sample_once(text: str, seed: int | None) -> None:
-        streamed: list[str] = []  # the prompt goes out with the first piece, after any error
-
-        def on_text(i: int, piece: str) -> None:
-            if i == 0:
-                sys.stdout.write(piece if streamed else text + piece)
-                sys.stdout.flush()
-                streamed.append(piece)
-
-        result = gen.generate_text(
-            run.model, run.tokenizer, text, seed=seed, on_text=on_text if stream else None,
-            on_warning=warn, **options,
-        )  # fmt: skip
-        if as_json:
-            print(json.dumps({"run_dir": str(run.dir), "prompt": text, **result.to_json()}))
-        else:
-            for i, sample in enumerate(result.samples):
-                if i > 0:
-                    sys.stdout.write(gen.SAMPLE_SEPARATOR)
-                if i > 0 or not streamed:
-                    sys.stdout.write(text + sample.text)
-            sys.stdout.write("\n")
-            sys.stdout.flush()
-        print(gen.stats_line(result), file=sys.stderr)
-
-    if not interactive:
-        sample_once(text, seed)
-        return
-    print(
-        "interactive: type a prompt and press enter; an empty line or Ctrl-D quits", file=sys.stderr
+    sampling = Sampling(
+        max_new_tokens=max_new_tokens,
+        num_samples=num_samples,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        stop=stop or (),
+        use_kv_cache=kv_cache,
+        stride=stride,
     )
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            break
-        if not line:
-            break
-        try:
-            sample_once(line, seed)
-        except MinigptError as err:  # e.g. unseen characters: say so, keep the loop
-            print(f"error: {err}", file=sys.stderr)
+    set_threads(threads)
+    text = _one_prompt(prompt, prompt_file)
+    run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
+
+    def sample(prompt_text: str) -> None:
+        printer = console.GenerationPrinter(prompt_text, stream, as_json, run.dir)
+        result = generate_text(
+            run.model,
+            run.tokenizer,
+            prompt_text,
+            sampling,
+            on_text=printer.on_text,
+            on_warning=console.warn,
+        )
+        printer.print_result(result)
+
+    if interactive:
+        console.interactive_loop(sample, OPTION_NAMES)
+    else:
+        sample(text)
+
+
+def _one_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """generate's prompt: --prompt or --prompt-file (not both); '' when neither is given."""
+    from minigpt.data import read_prompts
+
+    if prompt is not None and prompt_file is not None:
+        raise MinigptError(
+            "--prompt and --prompt-file were both given", hint="pass the prompt one way"
+        )
+    prompts = read_prompts(
+        [prompt] if prompt is not None else [], [prompt_file] if prompt_file is not None else []
+    )
+    return prompts[0] if prompts else ""
 
 
 @app.command("inspect-heads")
@@ -223,23 +232,24 @@ def inspect_heads(
     from minigpt import heads, render
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
     from minigpt.config import resolve_device
+    from minigpt.data import read_prompts
 
     writers = {render.save_html: html, render.save_png: png, render.save_json: json_file}
     outputs = [(save, render.check_writable(path)) for save, path in writers.items() if path]
-    prompts = heads.read_prompts(prompt, prompt_file)
+    prompts = read_prompts(prompt or (), prompt_file or ())
     run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
     heads.check_head(layer, head, run.model.config.n_layer, run.model.config.n_head)
     inspection = heads.inspect_run(run, prompts=prompts, repeated=repeated, importance=importance)
     for note in inspection.notes:
-        print(f"warning: {note}", file=sys.stderr)
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    render.print_table(console, inspection)
+        console.warn(note)
+    terminal = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    render.print_table(terminal, inspection)
     if layer is not None:
         for h in [head] if head is not None else range(inspection.n_head):
-            render.print_heatmap(console, inspection, layer, h)
+            render.print_heatmap(terminal, inspection, layer, h)
     for save, path in outputs:
         save(path, inspection)
-        print(f"wrote {path}", file=sys.stderr)
+        console.note(f"wrote {path}")
 
 
 @app.command()
@@ -258,8 +268,6 @@ def prepare(
     data_dir: str = typer.Option("data", "--data-dir", help="Where prepared data is kept."),
 ) -> None:
     """Tokenise a corpus once into train/val token files (cached by content hash)."""
-    from pathlib import Path
-
     from minigpt import data
 
     prepared = data.prepare(source, tokenizer, vocab_size, Path(data_dir), glob)
@@ -274,10 +282,8 @@ def main() -> None:
     try:
         app()
     except MinigptError as err:
-        print(f"error: {err}", file=sys.stderr)
-        if err.hint:
-            print(f"hint: {err.hint}", file=sys.stderr)
+        console.print_error(err, OPTION_NAMES)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        console.note("interrupted")
         sys.exit(130)

@@ -20,6 +20,9 @@ block_size tokens" (and costs a full prefill per step); a larger stride trades a
 slightly shorter context right after a crop for one prefill every `stride` steps.
 Both paths (`use_kv_cache=True` and the recomputing `False`) use the same windows,
 so for any stride they give the same tokens: the cache is an optimisation only.
+
+The settings of a generation are one `Sampling`, checked when it is made; this
+module prints nothing (the command line's printing is in `console.py`).
 """
 
 from __future__ import annotations
@@ -28,13 +31,14 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from minigpt.data import read_prompt_file
 from minigpt.errors import MinigptError
+from minigpt.kv_cache import KVCache
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
 
@@ -43,42 +47,97 @@ MAX_NEW_TOKENS = 1_000_000
 MAX_NUM_SAMPLES = 1024
 
 
-# --- checking what the user asked for -----------------------------------------------
+# --- what the user asked for -----------------------------------------------------------
 
 
-def check_sampling(
-    temperature: float, top_k: int | None = None, top_p: float | None = None
-) -> None:
-    """Raise MinigptError for sampling settings that mean nothing."""
-    if not (isinstance(temperature, int | float) and math.isfinite(temperature)) or temperature < 0:
-        raise MinigptError(
-            f"--temperature must be a finite number >= 0, got {temperature}",
-            hint="use 0 for greedy decoding, 0.7-1.0 for varied text",
-        )
-    if top_k is not None and top_k < 1:
-        raise MinigptError(
-            f"--top-k must be at least 1, got {top_k}",
-            hint="top-k 1 is greedy; leave it out to sample from the whole vocabulary",
-        )
-    if top_p is not None and not (0.0 < top_p <= 1.0):
-        raise MinigptError(
-            f"--top-p must be in (0, 1], got {top_p}",
-            hint="0.9 keeps the smallest set of tokens holding 90% of the probability; 1 disables it",
-        )
+@dataclass(frozen=True)
+class Sampling:
+    """The settings of one generation, refused at construction when they mean nothing.
+
+    max_new_tokens: new tokens per sample; num_samples: samples, decoded as one batch.
+    temperature 0 is greedy; top_k / top_p (None: off) narrow the draw (see sample_next).
+    seed: of the draws (None: a fresh one, reported in the result); stop: strings a
+    sample ends before; use_kv_cache=False recomputes every step (same tokens, slower);
+    stride: free cache slots after a crop at context overflow (None: block_size // 4).
+    """
+
+    max_new_tokens: int = 500
+    num_samples: int = 1
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: Sequence[str] = ()
+    use_kv_cache: bool = True
+    stride: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            raise MinigptError(
+                f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS:,},"
+                f" got {self.max_new_tokens}",
+                hint="ask for a few hundred tokens, e.g. max_new_tokens 500",
+                param="max_new_tokens",
+            )
+        if not 1 <= self.num_samples <= MAX_NUM_SAMPLES:
+            raise MinigptError(
+                f"num_samples must be between 1 and {MAX_NUM_SAMPLES}, got {self.num_samples}",
+                hint="samples are generated as one batch; a handful is plenty",
+                param="num_samples",
+            )
+        finite = isinstance(self.temperature, int | float) and math.isfinite(self.temperature)
+        if not finite or self.temperature < 0:
+            raise MinigptError(
+                f"temperature must be a finite number >= 0, got {self.temperature}",
+                hint="use 0 for greedy decoding, 0.7-1.0 for varied text",
+                param="temperature",
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise MinigptError(
+                f"top_k must be at least 1, got {self.top_k}",
+                hint="top_k 1 is greedy; leave it out to sample from the whole vocabulary",
+                param="top_k",
+            )
+        if self.top_p is not None and not (0.0 < self.top_p <= 1.0):
+            raise MinigptError(
+                f"top_p must be in (0, 1], got {self.top_p}",
+                hint="0.9 keeps the smallest set of tokens holding 90% of the probability;"
+                " 1 disables it",
+                param="top_p",
+            )
+        StopStrings(self.stop)  # refuses an empty stop string
+        if self.stride is not None and self.stride < 0:
+            raise MinigptError(
+                f"stride must be at least 0, got {self.stride}",
+                hint="0 crops the context at every step; leave it out for block_size // 4",
+                param="stride",
+            )
+
+    def stride_for(self, block_size: int) -> int:
+        """The stride this generation uses with a model of this block_size."""
+        return default_stride(block_size) if self.stride is None else self.stride
+
+    def to_json(self, block_size: int) -> dict:
+        """The settings as reported with a result (the stride resolved for block_size)."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "num_samples": self.num_samples,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "seed": self.seed,
+            "stop": list(self.stop),
+            "kv_cache": self.use_kv_cache,
+            "stride": self.stride_for(block_size),
+        }
 
 
-def check_lengths(max_new_tokens: int, num_samples: int = 1) -> None:
-    """Raise MinigptError for a negative or absurd number of tokens or samples."""
-    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
-        raise MinigptError(
-            f"--max-new-tokens must be between 1 and {MAX_NEW_TOKENS:,}, got {max_new_tokens}",
-            hint="ask for a few hundred tokens, e.g. --max-new-tokens 500",
-        )
-    if not 1 <= num_samples <= MAX_NUM_SAMPLES:
-        raise MinigptError(
-            f"--num-samples must be between 1 and {MAX_NUM_SAMPLES}, got {num_samples}",
-            hint="samples are generated as one batch; a handful is plenty",
-        )
+def _with_settings(sampling: Sampling | None, settings: dict[str, Any]) -> Sampling:
+    """`sampling` (default: `Sampling()`) with the keyword settings in place of its own."""
+    if sampling is None:
+        return Sampling(**settings)
+    return replace(sampling, **settings) if settings else sampling
 
 
 def default_stride(block_size: int) -> int:
@@ -86,24 +145,38 @@ def default_stride(block_size: int) -> int:
     return block_size // 4
 
 
+def new_seed() -> int:
+    """A fresh seed for when the user gave none; it is reported so the run can be repeated."""
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's CPU threads. Decoding a small model is a chain of tiny matmuls: on a
+    machine whose cores are busy, threads wait for each other far longer than they work."""
+    if threads is None:
+        return
+    if not 1 <= threads <= 1024:
+        raise MinigptError(
+            f"threads must be between 1 and 1024, got {threads}",
+            hint="use 1 on a busy machine, or leave it out",
+            param="threads",
+        )
+    torch.set_num_threads(threads)
+
+
 # --- the prompt ----------------------------------------------------------------------
 
 
-def start_ids(tokenizer: Tokenizer) -> list[int]:
-    """What generation starts from without a prompt: end-of-text, or a newline for `char`."""
-    if tokenizer.eot_id is not None:
-        return [tokenizer.eot_id]
-    try:
-        return tokenizer.encode("\n")
-    except MinigptError:
-        return [0]  # a corpus without newlines: start from its first character
-
-
 def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> tuple[list[int], int]:
-    """Prompt text -> (ids of at most block_size tokens, how many leading tokens were cropped)."""
-    ids = tokenizer.encode(prompt) if prompt else start_ids(tokenizer)
+    """Prompt text -> (ids of at most block_size tokens, how many leading tokens were cropped).
+
+    Without a prompt, generation starts where a new document would: after the
+    tokenizer's separator (end-of-text, or a newline for `char`), else after id 0.
+    """
+    ids = tokenizer.encode(prompt) if prompt else []
     if not ids:
-        ids = start_ids(tokenizer)
+        separator = tokenizer.separator_id
+        ids = [0 if separator is None else separator]
     cropped = max(0, len(ids) - block_size)
     return ids[cropped:], cropped
 
@@ -164,61 +237,65 @@ def window_start(n_tokens: int, start: int, block_size: int, stride: int) -> int
 def generate(
     model: GPT,
     prompt_ids: Sequence[int],
-    max_new_tokens: int,
+    max_new_tokens: int | None = None,
     *,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
+    sampling: Sampling | None = None,
     generator: torch.Generator | None = None,
-    use_kv_cache: bool = True,
-    stride: int | None = None,
+    **settings: Any,
 ) -> Iterator[Tensor]:
     """Yield the next token ids (num_samples,) of every sample, one step at a time.
 
-    prompt_ids: at most block_size ids (see `encode_prompt`); every sample continues it.
-    use_kv_cache=False recomputes the whole window at every step: same tokens, slower.
-    stride: free cache slots after a crop at context overflow (default block_size // 4).
-    Stop consuming the iterator to stop early; nothing is computed ahead.
+    prompt_ids: 1 to block_size ids (see `encode_prompt`); every sample continues it.
+    sampling: the settings; or give them as keywords (max_new_tokens and the other
+    fields of `Sampling`), which also override those of a `sampling` given.
+    The draws come from `generator`, else from one seeded with the seed, else from
+    torch's global generator. The prompt and the stride are checked against the
+    model before this returns; stop consuming the iterator to stop early (nothing
+    is computed ahead).
     """
+    if max_new_tokens is not None:
+        settings["max_new_tokens"] = max_new_tokens
+    sampling = _with_settings(sampling, settings)
     block_size = model.config.block_size
-    stride = default_stride(block_size) if stride is None else stride
-    check_lengths(max_new_tokens, num_samples)
-    check_sampling(temperature, top_k, top_p)
+    stride = sampling.stride_for(block_size)
     if not 0 <= stride < block_size:
         raise MinigptError(
             f"stride must be in [0, block_size={block_size}), got {stride}",
             hint="0 crops the context at every step; block_size // 4 is the default",
+            param="stride",
         )
     if not 1 <= len(prompt_ids) <= block_size:
         raise MinigptError(
             f"the prompt must hold 1 to block_size={block_size} tokens, got {len(prompt_ids)}",
             hint="crop it with encode_prompt",
+            param="prompt_ids",
         )
-    return _decode(
-        model, list(prompt_ids), max_new_tokens, num_samples, temperature, top_k, top_p,
-        generator, use_kv_cache, stride,
-    )  # fmt: skip
+    if generator is None and sampling.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
+    return _decode_steps(model, list(prompt_ids), sampling, stride, generator)
 
 
 @torch.inference_mode()
-def _decode(
-    model, prompt_ids, max_new_tokens, num_samples, temperature, top_k, top_p,
-    generator, use_kv_cache, stride,
-):  # fmt: skip
+def _decode_steps(
+    model: GPT,
+    prompt_ids: list[int],
+    sampling: Sampling,
+    stride: int,
+    generator: torch.Generator | None,
+) -> Iterator[Tensor]:
     # (inference_mode wraps each resume of this generator, not the caller's code.)
     block_size = model.config.block_size
-    device = model.device
+    num_samples, max_new_tokens = sampling.num_samples, sampling.max_new_tokens
     n = len(prompt_ids)
     # Token history: a window never reaches back more than block_size tokens, so keep
     # at most 2 x block_size and slide the last block_size to the front when it is full.
     width = min(n + max_new_tokens, 2 * block_size)
-    tokens = torch.empty((num_samples, width), dtype=torch.long, device=device)  # (B, width)
-    tokens[:, :n] = torch.tensor(prompt_ids, dtype=torch.long, device=device)
+    tokens = torch.empty((num_samples, width), dtype=torch.long, device=model.device)  # (B, width)
+    tokens[:, :n] = torch.tensor(prompt_ids, dtype=torch.long, device=model.device)
     start = 0  # the window the model sees is tokens[:, start:n]
 
     # The prompt is the same for every sample: one forward at batch 1.
-    if use_kv_cache:
+    if sampling.use_kv_cache:
         kv_cache = model.new_kv_cache(num_samples)
         logits = _shared_prefill(model, tokens[:1, :n], kv_cache)
     else:
@@ -226,7 +303,9 @@ def _decode(
     logits = logits[:, -1, :].expand(num_samples, -1)  # (B, V)
 
     for step in range(max_new_tokens):
-        next_ids = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        next_ids = sample_next(
+            logits, sampling.temperature, sampling.top_k, sampling.top_p, generator
+        )  # (B,)
         if n == width:
             tokens[:, :block_size] = tokens[:, n - block_size : n].clone()
             start, n = start - (n - block_size), block_size
@@ -236,7 +315,7 @@ def _decode(
         if step == max_new_tokens - 1:
             break  # no logits needed after the last token
         new_start = window_start(n, start, block_size, stride)
-        if not use_kv_cache:
+        if not sampling.use_kv_cache:
             logits, _ = model(tokens[:, new_start:n], last_only=True)
         elif new_start != start:
             # The cache holds block_size positions: crop, prefill the window again.
@@ -248,7 +327,7 @@ def _decode(
         logits = logits[:, -1, :]  # (B, V)
 
 
-def _shared_prefill(model: GPT, prompt: Tensor, kv_cache) -> Tensor:
+def _shared_prefill(model: GPT, prompt: Tensor, kv_cache: KVCache) -> Tensor:
     """Run the prompt (1, T) once and copy its keys/values into every row of kv_cache."""
     T = prompt.size(1)
     if kv_cache.batch_size == 1:
@@ -256,10 +335,7 @@ def _shared_prefill(model: GPT, prompt: Tensor, kv_cache) -> Tensor:
         return logits
     single = model.new_kv_cache(1, max_len=T)
     logits, _ = model(prompt, kv_cache=single, last_only=True)  # (1, 1, V)
-    for layer in range(len(single.keys)):
-        kv_cache.keys[layer][:, :, :T] = single.keys[layer]  # broadcast (1, H, T, d) -> (B, ...)
-        kv_cache.values[layer][:, :, :T] = single.values[layer]
-    kv_cache.advance(T)
+    kv_cache.fill_from(single)
     return logits
 
 
@@ -276,7 +352,9 @@ class StopStrings:
 
     def __init__(self, stops: Sequence[str] = ()):
         if any(not s for s in stops):
-            raise MinigptError("a stop string is empty", hint="pass --stop with some text")
+            raise MinigptError(
+                "a stop string is empty", hint="give every stop string some text", param="stop"
+            )
         self.stops = list(stops)
         self.pending = ""
         self.stopped = False
@@ -320,6 +398,47 @@ class Sample:
     """'length' (max_new_tokens reached), 'stop' (a stop string) or 'eot' (end-of-text)."""
 
 
+class SampleStream:
+    """One sample's text as its tokens arrive: UTF-8-safe (the tokenizer's stream
+    decoder holds back partial characters) and cut before a stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
+        self.decoder = tokenizer.stream_decoder()
+        self.stopper = StopStrings(stop)
+        self.eot_id = tokenizer.eot_id
+        self.sample = Sample()
+        self.pieces: list[str] = []
+
+    @property
+    def ended(self) -> bool:
+        """Whether the sample ended early (end-of-text or a stop string)."""
+        return self.sample.finish_reason != "length"
+
+    def push(self, token_id: int) -> str:
+        """Take the sample's next token; return the text that became final ('' if none)."""
+        self.sample.new_tokens += 1
+        if token_id == self.eot_id:
+            self.sample.finish_reason = "eot"
+            return ""
+        text, hit = self.stopper.push(self.decoder.push([token_id]))
+        if hit:
+            self.sample.finish_reason = "stop"
+        self.pieces.append(text)
+        return text
+
+    def finish(self) -> str:
+        """Release the text still held back once decoding is over; the sample is complete."""
+        text = ""
+        if self.sample.finish_reason != "stop":
+            text, hit = self.stopper.push(self.decoder.flush())
+            text += self.stopper.flush()
+            if hit:
+                self.sample.finish_reason = "stop"
+        self.pieces.append(text)
+        self.sample.text = "".join(self.pieces)
+        return text
+
+
 @dataclass
 class GenerationResult:
     prompt_tokens: int
@@ -355,40 +474,27 @@ class GenerationResult:
         }
 
 
-def new_seed() -> int:
-    """A fresh seed for when the user gave none; it is reported so the run can be repeated."""
-    return int.from_bytes(os.urandom(4), "little")
-
-
 def generate_text(
     model: GPT,
     tokenizer: Tokenizer,
     prompt: str = "",
+    sampling: Sampling | None = None,
     *,
-    max_new_tokens: int = 500,
-    num_samples: int = 1,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
-    use_kv_cache: bool = True,
-    stride: int | None = None,
     on_text: Callable[[int, str], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    **settings: Any,
 ) -> GenerationResult:
-    """Generate num_samples continuations of `prompt` as text.
+    """Generate sampling.num_samples continuations of `prompt` as text.
 
+    sampling, settings: as for `generate`.
     on_text(sample_index, text) is called with each piece of a sample's text as soon
-    as it is final: UTF-8-safe (the tokenizer's stream decoder holds back partial
-    characters) and stop-safe (text that could begin a stop string is held back).
-    A sample ends at a stop string (excluded from its text), at end-of-text, or at
-    max_new_tokens; generation ends when every sample has. on_warning(message) hears
-    of a prompt cropped to block_size before generation starts.
+    as it is final (see `SampleStream`). A sample ends at a stop string (excluded
+    from its text), at end-of-text, or at max_new_tokens; generation ends when every
+    sample has. on_warning(message) hears of a prompt cropped to block_size.
     """
-    check_lengths(max_new_tokens, num_samples)
-    check_sampling(temperature, top_k, top_p)
-    stoppers = [StopStrings(stop) for _ in range(num_samples)]
+    sampling = _with_settings(sampling, settings)
+    if sampling.seed is None:
+        sampling = replace(sampling, seed=new_seed())
     block_size = model.config.block_size
     prompt_ids, cropped = encode_prompt(tokenizer, prompt, block_size)
     if cropped and on_warning:
@@ -396,115 +502,32 @@ def generate_text(
             f"the prompt has {cropped + len(prompt_ids)} tokens, more than the model's "
             f"block_size={block_size}; only its last {block_size} tokens are used"
         )
-    seed = new_seed() if seed is None else seed
-    device = model.device
-    rng = torch.Generator(device=device).manual_seed(seed)
-    decoders = [tokenizer.stream_decoder() for _ in range(num_samples)]
-    samples = [Sample() for _ in range(num_samples)]
-    pieces: list[list[str]] = [[] for _ in range(num_samples)]
-    emit = on_text or (lambda i, text: None)
-    eot_id = tokenizer.eot_id
+    streams = [SampleStream(tokenizer, sampling.stop) for _ in range(sampling.num_samples)]
 
-    def output(i: int, text: str) -> None:
-        if text:
-            pieces[i].append(text)
-            emit(i, text)
+    def emit(index: int, text: str) -> None:
+        if text and on_text:
+            on_text(index, text)
 
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     first_token_seconds = 0.0
-    steps = generate(
-        model, prompt_ids, max_new_tokens, num_samples=num_samples, temperature=temperature,
-        top_k=top_k, top_p=top_p, generator=rng, use_kv_cache=use_kv_cache, stride=stride,
-    )  # fmt: skip
-    active = set(range(num_samples))
+    steps = generate(model, prompt_ids, sampling=sampling)
     for step, next_ids in enumerate(steps):
-        ids = next_ids.tolist()
         if step == 0:
-            first_token_seconds = time.perf_counter() - t0
-        for i in sorted(active):
-            samples[i].new_tokens += 1
-            if ids[i] == eot_id:
-                samples[i].finish_reason = "eot"
-                active.discard(i)
-                continue
-            text, hit = stoppers[i].push(decoders[i].push([ids[i]]))
-            output(i, text)
-            if hit:
-                samples[i].finish_reason = "stop"
-                active.discard(i)
-        if not active:
+            first_token_seconds = time.perf_counter() - started
+        for index, token_id in enumerate(next_ids.tolist()):
+            if not streams[index].ended:
+                emit(index, streams[index].push(token_id))
+        if all(stream.ended for stream in streams):
             break
     steps.close()
-    seconds = time.perf_counter() - t0
-    for i in range(num_samples):
-        if samples[i].finish_reason != "stop":
-            text, hit = stoppers[i].push(decoders[i].flush())
-            output(i, text + stoppers[i].flush())
-            if hit:
-                samples[i].finish_reason = "stop"
-        samples[i].text = "".join(pieces[i])
+    seconds = time.perf_counter() - started
+    for index, stream in enumerate(streams):
+        emit(index, stream.finish())
     return GenerationResult(
         prompt_tokens=len(prompt_ids),
-        samples=samples,
+        samples=[stream.sample for stream in streams],
         seconds=seconds,
         first_token_seconds=first_token_seconds,
         cropped_prompt_tokens=cropped,
-        settings={
-            "max_new_tokens": max_new_tokens,
-            "num_samples": num_samples,
-            "temperature": temperature,
-            "top_k": top_k,
-            "top_p": top_p,
-            "seed": seed,
-            "stop": list(stop),
-            "kv_cache": use_kv_cache,
-            "stride": default_stride(block_size) if stride is None else stride,
-            "device": str(device),
-        },
+        settings={**sampling.to_json(block_size), "device": str(model.device)},
     )
-
-
-def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
-    """The prompt text from --prompt or --prompt-file (not both); '' when neither is given."""
-    if prompt is not None and prompt_file is not None:
-        raise MinigptError(
-            "--prompt and --prompt-file were both given", hint="pass the prompt one way"
-        )
-    if prompt_file is None:
-        return prompt or ""
-    text = read_prompt_file(prompt_file)
-    if not text:
-        raise MinigptError(
-            f"prompt file {prompt_file} is empty",
-            hint="put some text in it, or leave out --prompt-file to start from scratch",
-        )
-    return text
-
-
-def stats_line(result: GenerationResult) -> str:
-    """The one line of numbers printed on stderr after generating."""
-    settings = result.settings
-    return (
-        f"prompt tokens: {result.prompt_tokens}, new tokens: {result.new_tokens}"
-        f" ({settings['num_samples']} sample{'s' if settings['num_samples'] > 1 else ''}),"
-        f" {result.tokens_per_second:.1f} tokens/s in {result.seconds:.2f} s"
-        f" (first token {1000 * result.first_token_seconds:.0f} ms,"
-        f" kv cache {'on' if settings['kv_cache'] else 'off'}, {settings['device']},"
-        f" seed {settings['seed']})"
-    )
-
-
-SAMPLE_SEPARATOR = "\n---------------\n"
-
-
-def set_threads(threads: int | None) -> None:
-    """Set torch's CPU threads. Decoding a small model is a chain of tiny matmuls: on a
-    machine whose cores are busy, threads wait for each other far longer than they work."""
-    if threads is None:
-        return
-    if not 1 <= threads <= 1024:
-        raise MinigptError(
-            f"--threads must be between 1 and 1024, got {threads}",
-            hint="use 1 on a busy machine, or leave it out",
-        )
-    torch.set_num_threads(threads)

@@ -3,6 +3,11 @@
 import subprocess
 import sys
 
+import typer.main
+
+from minigpt import cli, console
+from minigpt.errors import MinigptError
+
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -22,3 +27,39 @@ def test_unknown_option_is_a_usage_error_not_a_traceback():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "No such option" in result.stderr
+
+
+def test_help_does_not_load_torch():
+    code = "import sys, minigpt.cli; assert 'torch' not in sys.modules, 'torch loaded'"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def test_option_names_name_real_options():
+    group = typer.main.get_command(cli.app)
+    options = {
+        name for command in group.commands.values() for p in command.params for name in p.opts
+    }
+    assert set(cli.OPTION_NAMES.values()) <= options
+
+
+def test_errors_name_the_option_not_the_argument(capsys):
+    err = MinigptError("top_k must be at least 1, got 0", hint="top_k 1 is greedy", param="top_k")
+    console.print_error(err, cli.OPTION_NAMES)
+    assert capsys.readouterr().err == (
+        "error: --top-k must be at least 1, got 0\nhint: --top-k 1 is greedy\n"
+    )
+
+
+def test_the_interactive_loop_renames_errors_and_goes_on(monkeypatch, capsys):
+    lines = iter(["bad", "good", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    answered = []
+
+    def answer(line):
+        if line == "bad":
+            raise MinigptError("num_samples must be between 1 and 1024", param="num_samples")
+        answered.append(line)
+
+    console.interactive_loop(answer, cli.OPTION_NAMES)
+    assert answered == ["good"]
+    assert "error: --num-samples must be between 1 and 1024\n" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from minigpt import cli
 from minigpt.checkpoint import BEST_WEIGHTS, CONFIG_FILE, TOKENIZER_FILE, write_run_files
 from minigpt.errors import MinigptError
 from minigpt.generate import (
+    Sampling,
     StopStrings,
     encode_prompt,
     generate,
@@ -159,6 +160,49 @@ def test_window_start_crops_to_block_size_minus_stride():
     assert window_start(17, 0, 16, 4) == 5  # 12 = block_size - stride tokens remain
     assert window_start(17, 0, 16, 0) == 1  # stride 0: the last block_size tokens
     assert window_start(20, 5, 16, 4) == 5
+
+
+@pytest.mark.parametrize(
+    "settings, param",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"max_new_tokens": 10**9}, "max_new_tokens"),
+        ({"num_samples": 0}, "num_samples"),
+        ({"temperature": -0.5}, "temperature"),
+        ({"temperature": float("nan")}, "temperature"),
+        ({"temperature": float("inf")}, "temperature"),
+        ({"top_k": 0}, "top_k"),
+        ({"top_p": 0.0}, "top_p"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"stop": ["ok", ""]}, "stop"),
+        ({"stride": -1}, "stride"),
+    ],
+)
+def test_sampling_refuses_settings_that_mean_nothing_naming_the_argument(settings, param):
+    with pytest.raises(MinigptError) as caught:
+        Sampling(**settings)
+    assert caught.value.param == param and param in str(caught.value)
+    assert caught.value.hint
+
+
+def test_sampling_accepts_the_edges_and_the_model_checks_the_stride(random_model):
+    Sampling(max_new_tokens=1, num_samples=1, temperature=0, top_k=1, top_p=1.0, stride=0)
+    assert Sampling(stop=["a"]).stop == ("a",) and Sampling().stride_for(16) == 4
+    with pytest.raises(MinigptError, match="block_size=16") as caught:
+        generate(random_model, [1], 5, stride=16)
+    assert caught.value.param == "stride"
+
+
+def test_generate_text_takes_a_sampling_or_its_fields_as_keywords(hello_run):
+    _, model, tokenizer = hello_run
+    sampling = Sampling(max_new_tokens=8, num_samples=2, temperature=1.0, seed=4)
+    by_object = generate_text(model, tokenizer, "he", sampling)
+    by_keywords = generate_text(model, tokenizer, "he", max_new_tokens=8, num_samples=2, seed=4)
+    assert [s.text for s in by_object.samples] == [s.text for s in by_keywords.samples]
+    assert by_object.settings == by_keywords.settings
+    greedy = generate_text(model, tokenizer, "he", sampling, temperature=0)  # keywords win
+    assert greedy.settings["temperature"] == 0 and greedy.settings["seed"] == 4
+    assert [s.text for s in greedy.samples] == ["llo worl"] * 2
 
 
 # --- the KV cache gives exactly what recomputing gives ------------------------------
@@ -391,6 +435,28 @@ def test_cli_json_and_samples(hello_run, monkeypatch, capsys):
     assert data["seconds"] > 0 and data["tokens_per_second"] > 0
     code, out, _ = run_cli(monkeypatch, capsys, run_dir, "-p", "he", "-n", "5", "-s", "3")
     assert code == 0 and out.count("---------------") == 2 and out.count("he") >= 3
+
+
+def test_cli_passes_every_sampling_option(hello_run, monkeypatch, capsys):
+    run_dir, _, _ = hello_run
+    options = ["-n", "7", "-s", "2", "--temperature", "0.5", "--top-k", "3", "--top-p", "0.9"]
+    options += ["--seed", "11", "--stop", "zz", "--no-kv-cache", "--overflow-stride", "5"]
+    code, out, _ = run_cli(
+        monkeypatch, capsys, run_dir, "-p", "he", "--json", "--device", "cpu", *options
+    )
+    assert code == 0
+    assert json.loads(out)["settings"] == {
+        "max_new_tokens": 7,
+        "num_samples": 2,
+        "temperature": 0.5,
+        "top_k": 3,
+        "top_p": 0.9,
+        "seed": 11,
+        "stop": ["zz"],
+        "kv_cache": False,
+        "stride": 5,
+        "device": "cpu",
+    }
 
 
 def test_cli_warns_about_a_cropped_prompt_and_starts_without_one(hello_run, monkeypatch, capsys):

@@ -1,0 +1,112 @@
+"""What the command line prints: errors, warnings and notes, samples as they stream,
+the stats line after generating, and the interactive prompt loop.
+
+stdout carries only what the user asked for (the text, or one JSON object), so it
+can be piped; errors, warnings and numbers go to stderr. This module loads neither
+torch nor the model, so the command line can use it before deciding to.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from minigpt.errors import MinigptError
+
+if TYPE_CHECKING:
+    from minigpt.generate import GenerationResult
+
+SAMPLE_SEPARATOR = "\n---------------\n"
+INTERACTIVE_BANNER = "interactive: type a prompt and press enter; an empty line or Ctrl-D quits"
+
+
+def note(message: str) -> None:
+    """One line on stderr, for the user but not part of the output."""
+    print(message, file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    note(f"warning: {message}")
+
+
+def print_error(err: MinigptError, names: dict[str, str], with_hint: bool = True) -> None:
+    """`error: <message>` and `hint: <hint>` on stderr, the argument at fault written
+    as `names` spells it (e.g. top_k -> --top-k)."""
+    message, hint = err.renamed(names)
+    note(f"error: {message}")
+    if with_hint and hint:
+        note(f"hint: {hint}")
+
+
+def print_json(data: dict) -> None:
+    """One JSON object on one line of stdout."""
+    print(json.dumps(data))
+
+
+def stats_line(result: GenerationResult) -> str:
+    """The one line of numbers printed on stderr after generating."""
+    settings = result.settings
+    return (
+        f"prompt tokens: {result.prompt_tokens}, new tokens: {result.new_tokens}"
+        f" ({settings['num_samples']} sample{'s' if settings['num_samples'] > 1 else ''}),"
+        f" {result.tokens_per_second:.1f} tokens/s in {result.seconds:.2f} s"
+        f" (first token {1000 * result.first_token_seconds:.0f} ms,"
+        f" kv cache {'on' if settings['kv_cache'] else 'off'}, {settings['device']},"
+        f" seed {settings['seed']})"
+    )
+
+
+class GenerationPrinter:
+    """Prints one generation: on stdout each sample after its prompt, sample 0 as it
+    streams (when `stream`), the rest after a separator once all are done, or one
+    JSON object (`as_json`, which never streams); then the stats line on stderr."""
+
+    def __init__(self, prompt: str, stream: bool, as_json: bool, run_dir: Path | str):
+        self.prompt = prompt
+        self.stream = stream and not as_json
+        self.as_json = as_json
+        self.run_dir = run_dir
+        self.streamed = False
+
+    def on_text(self, index: int, piece: str) -> None:
+        """For generate_text's on_text. The prompt goes out with the first piece, so
+        a prompt refused before generation starts leaves stdout empty."""
+        if self.stream and index == 0:
+            sys.stdout.write(piece if self.streamed else self.prompt + piece)
+            sys.stdout.flush()
+            self.streamed = True
+
+    def print_result(self, result: GenerationResult) -> None:
+        """Whatever was not streamed (or the JSON object), then the stats line."""
+        if self.as_json:
+            print_json({"run_dir": str(self.run_dir), "prompt": self.prompt, **result.to_json()})
+        else:
+            for index, sample in enumerate(result.samples):
+                if index > 0:
+                    sys.stdout.write(SAMPLE_SEPARATOR)
+                if index > 0 or not self.streamed:
+                    sys.stdout.write(self.prompt + sample.text)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
+        note(stats_line(result))
+
+
+def interactive_loop(answer: Callable[[str], None], names: dict[str, str]) -> None:
+    """Read prompts until an empty line or end of input and `answer` each; a prompt
+    that raises MinigptError (e.g. unseen characters) prints its error, and the
+    loop goes on."""
+    note(INTERACTIVE_BANNER)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            break
+        if not line:
+            break
+        try:
+            answer(line)
+        except MinigptError as err:
+            print_error(err, names, with_hint=False)
