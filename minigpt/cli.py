@@ -79,10 +79,14 @@ def train(
     flags = dict(data=data, out=out, max_iters=max_iters, max_time=max_time, device=device)
     flags.update(seed=seed, compile=compile)
     run_config = build_config(config, sets, resume=resume, **flags)
-    result = trainer.train(run_config, resume=resume is not None, force=force)
+    result = trainer.train(
+        run_config, resume=resume is not None, force=force, progress=True, log=console.say
+    )
     if result.signal:
-        console.note(trainer.resume_hint(result))
+        console.note(console.resume_hint(result))
         raise typer.Exit(result.exit_code)
+    if result.rank == 0:
+        console.say(console.train_summary(result))
 
 
 @app.command()

@@ -1,5 +1,6 @@
-"""What the command line prints: errors, warnings and notes, samples as they stream,
-the stats line after generating, and the interactive prompt loop.
+"""What the command line prints: errors, warnings and notes, the trainer's lines and
+summary, samples as they stream, the stats line after generating, and the
+interactive prompt loop.
 
 stdout carries only what the user asked for (the text, or one JSON object), so it
 can be piped; errors, warnings and numbers go to stderr. This module loads neither
@@ -9,6 +10,8 @@ torch nor the model, so the command line can use it before deciding to.
 from __future__ import annotations
 
 import json
+import math
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,6 +21,7 @@ from minigpt.errors import MinigptError
 
 if TYPE_CHECKING:
     from minigpt.generate import GenerationResult
+    from minigpt.train import TrainResult
 
 SAMPLE_SEPARATOR = "\n---------------\n"
 INTERACTIVE_BANNER = "interactive: type a prompt and press enter; an empty line or Ctrl-D quits"
@@ -39,6 +43,11 @@ def print_error(err: MinigptError, names: dict[str, str], with_hint: bool = True
     note(f"error: {message}")
     if with_hint and hint:
         note(f"hint: {hint}")
+
+
+def say(message: str) -> None:
+    """One line on stdout, at once (the trainer's progress lines)."""
+    print(message, flush=True)
 
 
 def print_json(data: dict) -> None:
@@ -110,3 +119,25 @@ def interactive_loop(answer: Callable[[str], None], names: dict[str, str]) -> No
             answer(line)
         except MinigptError as err:
             print_error(err, names, with_hint=False)
+
+
+def train_summary(result: TrainResult) -> str:
+    """What `minigpt train` prints when it finishes: the best loss, the run, what next."""
+    best = f"{result.best_val_loss:.4f}" if math.isfinite(result.best_val_loss) else "n/a"
+    why = {"max_iters": "reached max_iters", "max_time": "reached max_time"}[result.stop_reason]
+    minutes, seconds = divmod(int(result.elapsed), 60)
+    return (
+        f"done ({why}) at step {result.step}: best val loss {best}, "
+        f"{minutes}:{seconds:02d} of training, {result.tokens_seen:,} tokens seen\n"
+        f"run: {result.run_dir}\n"
+        f"sample from it: minigpt generate {result.run_dir}"
+    )
+
+
+def resume_hint(result: TrainResult) -> str:
+    """The one line printed when a signal stopped the run."""
+    name = signal.Signals(result.signal).name if result.signal else "signal"
+    return (
+        f"{name}: stopped at step {result.step}, last state saved; "
+        f"resume with: minigpt train --resume {result.run_dir}"
+    )

@@ -62,7 +62,7 @@ class TrainData:
     """What config.json records about the data (source, token counts, ...)."""
 
 
-def load_data(config: RunConfig, is_master: bool = True) -> TrainData:
+def load_data(config: RunConfig, progress: bool = False) -> TrainData:
     """Prepare (or reuse the cached) token files of config.data."""
     d = config.data
     prepared = prepare(
@@ -71,7 +71,7 @@ def load_data(config: RunConfig, is_master: bool = True) -> TrainData:
         vocab_size=d.vocab_size or None,
         data_dir=Path(d.data_dir),
         glob=d.glob,
-        progress=is_master,
+        progress=progress,
     )
     scalars = {k: v for k, v in prepared.meta.items() if isinstance(v, str | int | float | bool)}
     return TrainData(
@@ -267,6 +267,8 @@ class TrainResult:
     stop_reason: str
     """'max_iters', 'max_time' or 'signal'."""
     signal: int | None = None
+    rank: int = 0
+    """This process's rank in a torchrun job: only rank 0 reports."""
 
     @property
     def exit_code(self) -> int:
@@ -284,6 +286,7 @@ def setup(
     force: bool,
     data: TrainData | None,
     log: Callable[[str], None],
+    progress: bool,
 ) -> tuple[Trainer, TrainState]:
     """Check the run directory, load the data, build the model and optimizer, restore a
     resumed run's state, and write the run files. Nothing is written before every
@@ -298,7 +301,7 @@ def setup(
     accum = micro_steps(config, ddp.world_size)
     saved = checkpoint.load_trainer_state(out_dir / TRAINER_STATE) if resume else None
     if data is None:
-        data = _load_data_once(config, ddp)
+        data = _load_data_once(config, ddp, progress)
     _check_data(data, config.model.block_size, out_dir if resume else None)
 
     config = replace(config, model=config.model.with_vocab(data.tokenizer.vocab_size))
@@ -333,11 +336,11 @@ def setup(
     return trainer, state
 
 
-def _load_data_once(config: RunConfig, ddp: Distributed) -> TrainData:
+def _load_data_once(config: RunConfig, ddp: Distributed, progress: bool) -> TrainData:
     """Rank 0 prepares (and caches) the data first; the others then reuse its folder."""
     if not ddp.is_master:
         ddp.barrier()
-    data = load_data(config, ddp.is_master)
+    data = load_data(config, progress and ddp.is_master)
     if ddp.is_master:
         ddp.barrier()
     return data
@@ -574,6 +577,7 @@ def fit(trainer: Trainer, state: TrainState, progress: bool) -> TrainResult:
         elapsed=state.elapsed,
         stop_reason=stop_reason,
         signal=stop_signal,
+        rank=trainer.ddp.rank,
     )
 
 
@@ -583,19 +587,27 @@ def train(
     resume: bool = False,
     force: bool = False,
     data: TrainData | None = None,
-    progress: bool = True,
+    progress: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> TrainResult:
     """Train `config`'s model and write its run directory (train.out_dir).
 
     resume: continue from out_dir/trainer.pt (use `config.resume_config` for the config).
     data: tokenised splits to use instead of preparing config.data (tests, benchmarks).
-    log: receives the trainer's lines (what it trains, each evaluation, the summary).
+    progress: show progress bars (data preparation, steps) on stderr.
+    log: receives the trainer's lines (what it trains, each evaluation); silent if None.
     """
     ddp = setup_distributed(config.train.device)
-    say = log or _print
     try:
-        trainer, state = setup(config, ddp, resume=resume, force=force, data=data, log=say)
+        trainer, state = setup(
+            config,
+            ddp,
+            resume=resume,
+            force=force,
+            data=data,
+            log=log or _silent,
+            progress=progress,
+        )
         try:
             trainer.log(_start_line(trainer))
             if resume:
@@ -608,8 +620,6 @@ def train(
                 trainer.metrics.close()
         if ddp.is_master:
             checkpoint.plot_losses(trainer.out_dir)
-        if result.stop_reason != "signal":
-            trainer.log(_summary(result))
         return result
     finally:
         if ddp.started_here and dist.is_initialized():
@@ -696,11 +706,8 @@ def _silent(_message: str) -> None:
     pass
 
 
-def _print(message: str) -> None:
-    print(message, flush=True)
-
-
 def clock_text(seconds: float) -> str:
+    """Seconds as m:ss."""
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}:{secs:02d}"
 
@@ -713,26 +720,4 @@ def _start_line(trainer: Trainer) -> str:
         f"{' (bf16 autocast)' if trainer.amp else ''}: {trainer.tokens_per_step:,} tokens per step"
         f"{f' ({accum} micro-batches)' if accum > 1 else ''}, "
         f"{len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens"
-    )
-
-
-def _summary(result: TrainResult) -> str:
-    best = f"{result.best_val_loss:.4f}" if math.isfinite(result.best_val_loss) else "n/a"
-    why = {"max_iters": "reached max_iters", "max_time": "reached max_time"}[result.stop_reason]
-    return "\n".join(
-        [
-            f"done ({why}) at step {result.step}: best val loss {best}, "
-            f"{clock_text(result.elapsed)} of training, {result.tokens_seen:,} tokens seen",
-            f"run: {result.run_dir}",
-            f"sample from it: minigpt generate {result.run_dir}",
-        ]
-    )
-
-
-def resume_hint(result: TrainResult) -> str:
-    """The one line printed when a signal stopped the run."""
-    name = signal.Signals(result.signal).name if result.signal else "signal"
-    return (
-        f"{name}: stopped at step {result.step}, last state saved; "
-        f"resume with: minigpt train --resume {result.run_dir}"
     )

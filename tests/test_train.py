@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt import checkpoint
+from minigpt import checkpoint, console
 from minigpt import train as trainer
 from minigpt.checkpoint import BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, load_run
 from minigpt.config import load_config, resume_config
@@ -114,7 +114,8 @@ def test_train_writes_a_loadable_run_dir(tmp_path, data, capsys):
     assert [r["step"] for r in evals] == [3, 6]
     assert result.best_val_loss == min(r["val_loss"] for r in evals)
     assert [s for s, _ in losses(out)] == [1, 2, 3, 4, 5, 6]
-    printed = capsys.readouterr().out
+    assert capsys.readouterr().out == ""  # the library prints nothing; the CLI prints this:
+    printed = console.train_summary(result)
     assert f"minigpt generate {out}" in printed and "best val loss" in printed
     # the best weights are those of the best evaluation; the last ones those of step 6
     last = load_run(out, weights_file=LAST_WEIGHTS).model
@@ -257,7 +258,7 @@ def test_cli_errors_exit_2(tmp_path, monkeypatch, capsys):
 def test_signal_flag_result_exit_codes(tmp_path):
     result = trainer.TrainResult(tmp_path, 7, math.inf, 0, 1.0, "signal", signal=15)
     assert result.exit_code == 143
-    assert f"minigpt train --resume {tmp_path}" in trainer.resume_hint(result)
+    assert f"minigpt train --resume {tmp_path}" in console.resume_hint(result)
     assert trainer.TrainResult(tmp_path, 7, 1.0, 0, 1.0, "signal", signal=2).exit_code == 130
 
 
