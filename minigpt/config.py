@@ -442,9 +442,15 @@ def build_config(
     overrides = parse_overrides(sets or [])
     flags = {
         "data": {"source": data},
-        "train": {"out_dir": out, "max_iters": max_iters, "max_time": max_time,
-                  "device": device, "seed": seed, "compile": compile},
-    }  # fmt: skip
+        "train": {
+            "out_dir": out,
+            "max_iters": max_iters,
+            "max_time": max_time,
+            "device": device,
+            "seed": seed,
+            "compile": compile,
+        },
+    }
     for section, values in flags.items():
         for key, value in values.items():
             if value is not None:
