@@ -38,9 +38,8 @@ def test_shipped_configs_load(path):
 
 def test_named_configs_have_the_promised_shapes():
     baby = load_config(REPO / "configs" / "shakespeare-char.toml").model
-    assert (baby.n_layer, baby.n_head, baby.n_embd, baby.block_size, baby.dropout) == (
-        6, 6, 384, 256, 0.2,
-    )  # fmt: skip
+    shape = (baby.n_layer, baby.n_head, baby.n_embd, baby.block_size, baby.dropout)
+    assert shape == (6, 6, 384, 256, 0.2)
     gpt2 = load_config(REPO / "configs" / "gpt2-124m.toml")
     assert (gpt2.model.n_layer, gpt2.model.n_head, gpt2.model.n_embd) == (12, 12, 768)
     assert gpt2.model.block_size == 1024 and gpt2.data.tokenizer == "gpt2"

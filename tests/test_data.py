@@ -4,7 +4,6 @@ import functools
 import hashlib
 import http.server
 import re
-import sys
 import sysconfig
 import threading
 from pathlib import Path
@@ -14,7 +13,6 @@ import pytest
 import torch
 
 from minigpt import data
-from minigpt.cli import main
 from minigpt.data import (
     BUILTIN_DATASETS,
     SHAKESPEARE_SHA256,
@@ -276,18 +274,10 @@ def test_check_block_size(tmp_path):
         check_block_size(val_tokens, 20, f"the val split of {prepared.meta['source']}")
 
 
-def run_cli(monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["minigpt", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        main()
-    return exit_info.value.code
-
-
-def test_cli_prepare(tmp_path, monkeypatch, capsys):
+def test_cli_prepare(tmp_path, minigpt_cli):
     corpus = tmp_path / "c.txt"
     corpus.write_text(make_text())
-    code = run_cli(monkeypatch, "prepare", str(corpus), "--data-dir", str(tmp_path / "d"))
-    out = capsys.readouterr().out
+    code, out, _ = minigpt_cli("prepare", corpus, "--data-dir", tmp_path / "d")
     assert code == 0
     for word in (
         "characters",
@@ -299,13 +289,10 @@ def test_cli_prepare(tmp_path, monkeypatch, capsys):
     ):
         assert word in out
     assert str(tmp_path / "d") in out
-    code = run_cli(
-        monkeypatch, "prepare", str(tmp_path / "nope"), "--data-dir", str(tmp_path / "d")
-    )
-    err = capsys.readouterr().err
+    code, _, err = minigpt_cli("prepare", tmp_path / "nope", "--data-dir", tmp_path / "d")
     assert code == 2 and err.startswith("error: no file, folder") and "Traceback" not in err
-    code = run_cli(monkeypatch, "prepare", str(corpus), "-t", "bpe", "--vocab-size", "100")
-    assert code == 2 and "too small for BPE" in capsys.readouterr().err
+    code, _, err = minigpt_cli("prepare", corpus, "-t", "bpe", "--vocab-size", "100")
+    assert code == 2 and "too small for BPE" in err
 
 
 # ------------------------------------------------------------------- shakespeare on loopback

@@ -2,14 +2,11 @@
 block_size), batched samples, stop strings, UTF-8-safe streaming, and the CLI."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from minigpt import cli
 from minigpt.checkpoint import BEST_WEIGHTS, CONFIG_FILE, TOKENIZER_FILE, write_run_files
 from minigpt.errors import MinigptError
 from minigpt.generate import (
@@ -21,7 +18,7 @@ from minigpt.generate import (
     sample_next,
     window_start,
 )
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT
 from minigpt.tokenizer import BPETokenizer, CharTokenizer
 
 HELLO = "hello world\n"
@@ -34,14 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def tiny_gpt(vocab_size, block_size=16, seed=0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    config = dict(
-        vocab_size=vocab_size, block_size=block_size, n_layer=2, n_head=2, n_embd=32, bias=True
-    )
-    return GPT(GPTConfig(**{**config, **overrides})).eval()
 
 
 def train(model: GPT, ids: list[int], steps: int = 150, lr: float = 1e-2) -> GPT:
@@ -63,7 +52,7 @@ def train(model: GPT, ids: list[int], steps: int = 150, lr: float = 1e-2) -> GPT
 
 
 @pytest.fixture(scope="module")
-def hello_run(tmp_path_factory):
+def hello_run(tmp_path_factory, tiny_gpt):
     """A char model trained on 'hello world' and its run directory."""
     tokenizer = CharTokenizer.from_text(HELLO)
     model = train(tiny_gpt(tokenizer.vocab_size), tokenizer.encode(HELLO * 20))
@@ -72,7 +61,7 @@ def hello_run(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def random_model():
+def random_model(tiny_gpt):
     """Untrained, float64, with large weights: its greedy output depends on every detail
     of the context (window and positions), and float64 leaves no near-ties to flip."""
     return tiny_gpt(11, block_size=16, seed=3, init_std=0.5).double()
@@ -269,8 +258,17 @@ def test_cache_equals_recompute_in_float32_with_default_stride(hello_run):
 def test_sampling_with_cache_equals_sampling_without(random_model):
     def run(use_kv_cache):
         gen = torch.Generator().manual_seed(5)
-        steps = generate(random_model, [1, 2, 3], 50, num_samples=3, temperature=1.3, top_k=6,
-                         top_p=0.9, generator=gen, use_kv_cache=use_kv_cache)  # fmt: skip
+        steps = generate(
+            random_model,
+            [1, 2, 3],
+            50,
+            num_samples=3,
+            temperature=1.3,
+            top_k=6,
+            top_p=0.9,
+            generator=gen,
+            use_kv_cache=use_kv_cache,
+        )
         return torch.stack(list(steps), dim=1)
 
     assert torch.equal(run(True), run(False))
@@ -298,8 +296,9 @@ def test_samples_share_one_prefill_and_differ_only_through_the_generator(random_
 
 def test_generate_text_batches_samples_and_counts_tokens(hello_run):
     _, model, tokenizer = hello_run
-    result = generate_text(model, tokenizer, "hello", max_new_tokens=12, num_samples=3,
-                           temperature=0, seed=0)  # fmt: skip
+    result = generate_text(
+        model, tokenizer, "hello", max_new_tokens=12, num_samples=3, temperature=0, seed=0
+    )
     assert [s.text for s in result.samples] == [" world\nhello"] * 3
     assert result.new_tokens == 36 and result.prompt_tokens == 5
     assert result.tokens_per_second > 0
@@ -333,8 +332,15 @@ def test_stop_strings_are_caught_across_pieces_and_held_back_text_is_released():
 def test_generation_ends_before_a_stop_string_split_over_tokens(hello_run):
     _, model, tokenizer = hello_run
     pieces = []
-    result = generate_text(model, tokenizer, "hel", max_new_tokens=50, temperature=0,
-                           stop=["xyz", "o w"], on_text=lambda i, t: pieces.append(t))  # fmt: skip
+    result = generate_text(
+        model,
+        tokenizer,
+        "hel",
+        max_new_tokens=50,
+        temperature=0,
+        stop=["xyz", "o w"],
+        on_text=lambda i, t: pieces.append(t),
+    )
     sample = result.samples[0]
     assert sample.text == "l" and "".join(pieces) == "l"
     assert sample.finish_reason == "stop" and sample.new_tokens == 4  # 'l', 'o', ' ', 'w'
@@ -344,7 +350,7 @@ def test_generation_ends_before_a_stop_string_split_over_tokens(hello_run):
 
 
 @pytest.fixture(scope="module")
-def emoji_model():
+def emoji_model(tiny_gpt):
     """Byte-level BPE (256 byte tokens and one merge) and a model trained to write 😀."""
     ranks = {bytes([b]): b for b in range(256)}
     ranks[b"ab"] = 256
@@ -358,8 +364,14 @@ def test_streaming_emoji_with_byte_level_bpe_never_splits_a_character(emoji_mode
     model, tokenizer = emoji_model
     assert len(tokenizer.encode("\U0001f600")) == 4  # the emoji is four byte tokens
     pieces = []
-    result = generate_text(model, tokenizer, "ab ", max_new_tokens=9, temperature=0,
-                           on_text=lambda i, t: pieces.append(t))  # fmt: skip
+    result = generate_text(
+        model,
+        tokenizer,
+        "ab ",
+        max_new_tokens=9,
+        temperature=0,
+        on_text=lambda i, t: pieces.append(t),
+    )
     text = result.samples[0].text
     assert text == "\U0001f600 c\nab "
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
@@ -371,12 +383,13 @@ def test_streaming_emoji_with_byte_level_bpe_never_splits_a_character(emoji_mode
 
 def test_a_stop_string_spread_over_byte_tokens_is_caught(emoji_model):
     model, tokenizer = emoji_model
-    result = generate_text(model, tokenizer, "c\n", max_new_tokens=20, temperature=0,
-                           stop=["\U0001f600"])  # fmt: skip
+    result = generate_text(
+        model, tokenizer, "c\n", max_new_tokens=20, temperature=0, stop=["\U0001f600"]
+    )
     assert result.samples[0].text == "ab " and result.samples[0].finish_reason == "stop"
 
 
-def test_a_sample_ends_at_end_of_text():
+def test_a_sample_ends_at_end_of_text(tiny_gpt):
     tokenizer = BPETokenizer({bytes([b]): b for b in range(256)})
     model = tiny_gpt(tokenizer.vocab_size)
     with torch.no_grad():  # make every position predict <|endoftext|>
@@ -399,33 +412,24 @@ def test_prompt_is_cropped_to_block_size_and_empty_prompt_starts_from_a_newline(
 # --- the command line ---------------------------------------------------------------
 
 
-def run_cli(monkeypatch, capsys, *args):
-    """Run `minigpt generate ARGS` in-process through cli.main: (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["minigpt", "generate", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exit_:
-        code = exit_.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def test_cli_streams_text_and_prints_a_stats_line(hello_run, monkeypatch, capsys):
+def test_cli_streams_text_and_prints_a_stats_line(hello_run, minigpt_cli):
     run_dir, _, _ = hello_run
-    code, out, err = run_cli(monkeypatch, capsys, run_dir, "--prompt", "hello", "-n", "12",
-                             "--temperature", "0", "--device", "cpu")  # fmt: skip
+    greedy = ["-n", "12", "--temperature", "0"]
+    code, out, err = minigpt_cli(
+        "generate", run_dir, "--prompt", "hello", *greedy, "--device", "cpu"
+    )
     assert code == 0 and out == "hello world\nhello\n"
     assert "prompt tokens: 5, new tokens: 12" in err and "tokens/s" in err
-    code, out2, _ = run_cli(monkeypatch, capsys, run_dir, "-p", "hello", "-n", "12",
-                            "--temperature", "0", "--no-kv-cache", "--no-stream")  # fmt: skip
+    code, out2, _ = minigpt_cli(
+        "generate", run_dir, "-p", "hello", *greedy, "--no-kv-cache", "--no-stream"
+    )
     assert code == 0 and out2 == out
 
 
-def test_cli_json_and_samples(hello_run, monkeypatch, capsys):
+def test_cli_json_and_samples(hello_run, minigpt_cli):
     run_dir, _, _ = hello_run
-    code, out, _ = run_cli(monkeypatch, capsys, run_dir, "-p", "he", "-n", "30", "--json",
-                           "--num-samples", "2", "--seed", "3", "--stop", "\n", "--stop", "zz")  # fmt: skip
+    options = ["--num-samples", "2", "--seed", "3", "--stop", "\n", "--stop", "zz"]
+    code, out, _ = minigpt_cli("generate", run_dir, "-p", "he", "-n", "30", "--json", *options)
     assert code == 0
     data = json.loads(out)
     assert data["prompt_tokens"] == 2 and data["settings"]["seed"] == 3
@@ -433,16 +437,16 @@ def test_cli_json_and_samples(hello_run, monkeypatch, capsys):
     assert data["new_tokens"] == sum(s["new_tokens"] for s in data["samples"])
     assert all("\n" not in s["text"] for s in data["samples"])
     assert data["seconds"] > 0 and data["tokens_per_second"] > 0
-    code, out, _ = run_cli(monkeypatch, capsys, run_dir, "-p", "he", "-n", "5", "-s", "3")
+    code, out, _ = minigpt_cli("generate", run_dir, "-p", "he", "-n", "5", "-s", "3")
     assert code == 0 and out.count("---------------") == 2 and out.count("he") >= 3
 
 
-def test_cli_passes_every_sampling_option(hello_run, monkeypatch, capsys):
+def test_cli_passes_every_sampling_option(hello_run, minigpt_cli):
     run_dir, _, _ = hello_run
     options = ["-n", "7", "-s", "2", "--temperature", "0.5", "--top-k", "3", "--top-p", "0.9"]
     options += ["--seed", "11", "--stop", "zz", "--no-kv-cache", "--overflow-stride", "5"]
-    code, out, _ = run_cli(
-        monkeypatch, capsys, run_dir, "-p", "he", "--json", "--device", "cpu", *options
+    code, out, _ = minigpt_cli(
+        "generate", run_dir, "-p", "he", "--json", "--device", "cpu", *options
     )
     assert code == 0
     assert json.loads(out)["settings"] == {
@@ -459,25 +463,27 @@ def test_cli_passes_every_sampling_option(hello_run, monkeypatch, capsys):
     }
 
 
-def test_cli_warns_about_a_cropped_prompt_and_starts_without_one(hello_run, monkeypatch, capsys):
+def test_cli_warns_about_a_cropped_prompt_and_starts_without_one(hello_run, minigpt_cli):
     run_dir, _, _ = hello_run
-    code, out, err = run_cli(monkeypatch, capsys, run_dir, "-p", HELLO * 3, "-n", "4",
-                             "--temperature", "0")  # fmt: skip
+    code, out, err = minigpt_cli(
+        "generate", run_dir, "-p", HELLO * 3, "-n", "4", "--temperature", "0"
+    )
     assert code == 0 and "warning:" in err and "block_size=16" in err
-    code, out, err = run_cli(monkeypatch, capsys, run_dir, "-n", "11", "--temperature", "0")
+    code, out, err = minigpt_cli("generate", run_dir, "-n", "11", "--temperature", "0")
     assert code == 0 and out == "hello world\n"
 
 
-def test_cli_reads_the_prompt_file(hello_run, monkeypatch, capsys, tmp_path):
+def test_cli_reads_the_prompt_file(hello_run, tmp_path, minigpt_cli):
     run_dir, _, _ = hello_run
     (tmp_path / "p.txt").write_text("hello w", encoding="utf-8")
-    code, out, _ = run_cli(monkeypatch, capsys, run_dir, "--prompt-file", tmp_path / "p.txt",
-                           "-n", "4", "--temperature", "0")  # fmt: skip
+    code, out, _ = minigpt_cli(
+        "generate", run_dir, "--prompt-file", tmp_path / "p.txt", "-n", "4", "--temperature", "0"
+    )
     assert code == 0 and out == "hello world\n"
 
 
 def test_cli_interactive_loop_keeps_the_model_and_survives_bad_prompts(
-    hello_run, monkeypatch, capsys
+    hello_run, monkeypatch, minigpt_cli
 ):
     run_dir, _, _ = hello_run
     lines = iter(["hello", "XYZ", "hel"])
@@ -489,7 +495,7 @@ def test_cli_interactive_loop_keeps_the_model_and_survives_bad_prompts(
             raise EOFError from None
 
     monkeypatch.setattr("builtins.input", fake_input)
-    code, out, err = run_cli(monkeypatch, capsys, run_dir, "-i", "-n", "6", "--temperature", "0")
+    code, out, err = minigpt_cli("generate", run_dir, "-i", "-n", "6", "--temperature", "0")
     assert code == 0
     assert out == "hello world\nhello wor\n"
     assert "never saw" in err and err.count("prompt tokens:") == 2
@@ -516,9 +522,9 @@ def broken_runs(hello_run, tmp_path):
     ]
 
 
-def test_cli_refuses_bad_run_directories(hello_run, monkeypatch, capsys, tmp_path):
+def test_cli_refuses_bad_run_directories(hello_run, tmp_path, minigpt_cli):
     for run_dir, words in broken_runs(hello_run, tmp_path):
-        code, out, err = run_cli(monkeypatch, capsys, run_dir, "-p", "hello")
+        code, out, err = minigpt_cli("generate", run_dir, "-p", "hello")
         assert code == 2, (run_dir, err)
         assert err.startswith("error:") and words in err and "Traceback" not in err
         assert out == ""
@@ -545,22 +551,19 @@ def test_cli_refuses_bad_run_directories(hello_run, monkeypatch, capsys, tmp_pat
         (["--threads", "0"], "--threads"),
     ],
 )
-def test_cli_refuses_bad_input_with_exit_code_2(
-    hello_run, monkeypatch, capsys, tmp_path, args, words
-):
+def test_cli_refuses_bad_input_with_exit_code_2(hello_run, tmp_path, args, words, minigpt_cli):
     run_dir, _, _ = hello_run
     (tmp_path / "empty.txt").write_text("")
     paths = {"EMPTY": tmp_path / "empty.txt", "MISSING": tmp_path / "missing.txt"}
     args = [paths.get(a, a) for a in args]
-    code, out, err = run_cli(monkeypatch, capsys, run_dir, *args)
+    code, out, err = minigpt_cli("generate", run_dir, *args)
     assert code == 2, err
     assert err.startswith("error:") and words in err and "Traceback" not in err
     assert out == ""  # nothing printed before the error
 
 
-def test_entry_point_exit_code_and_stderr(hello_run):
+def test_entry_point_exit_code_and_stderr(hello_run, run_minigpt):
     run_dir, _, _ = hello_run
-    cmd = [sys.executable, "-m", "minigpt", "generate", str(run_dir), "--top-k", "0"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(__file__).parent)
+    proc = run_minigpt("generate", run_dir, "--top-k", "0", cwd=Path(__file__).parent)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --top-k must be at least 1")
     assert proc.stdout == ""

@@ -7,14 +7,12 @@ import math
 import re
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from minigpt import heads, render
 from minigpt.checkpoint import write_run_files
-from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer
 
 
@@ -150,21 +148,9 @@ def test_thresholds_are_described():
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    torch.manual_seed(0)
+def tiny(tiny_gpt):
     tokenizer = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz \n")
-    model = GPT(
-        GPTConfig(
-            vocab_size=tokenizer.vocab_size,
-            block_size=32,
-            n_layer=2,
-            n_head=3,
-            n_embd=24,
-            bias=True,
-        )
-    )
-    model.eval()
-    return model, tokenizer
+    return tiny_gpt(tokenizer.vocab_size, block_size=32, n_head=3, n_embd=24), tokenizer
 
 
 def test_repeated_probe(tiny):
@@ -304,20 +290,11 @@ def run_dir(tiny, tmp_path_factory):
     return write_run_files(tmp_path_factory.mktemp("run"), model, tokenizer)
 
 
-def cli(*args, cwd=None):
-    return subprocess.run(
-        [sys.executable, "-m", "minigpt", "inspect-heads", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=120,
-    )
-
-
-def test_cli_end_to_end(run_dir, tmp_path):
+def test_cli_end_to_end(run_dir, tmp_path, run_minigpt):
     outputs = ["--json", tmp_path / "h.json", "--html", tmp_path / "h.html"]
-    out = cli(
-        run_dir, "--repeated", 8, "--layer", 1, "--head", 0, *outputs, "--png", tmp_path / "h.png"
+    outputs += ["--png", tmp_path / "h.png"]
+    out = run_minigpt(
+        "inspect-heads", run_dir, "--repeated", 8, "--layer", 1, "--head", 0, *outputs
     )
     assert out.returncode == 0, out.stderr
     assert "L1H0" in out.stdout and "ind" in out.stdout and "nearest" in out.stdout
@@ -339,17 +316,10 @@ def test_cli_end_to_end(run_dir, tmp_path):
         (["--prompt", "abc", "--repeated", "4"], "not both"),
     ],
 )
-def test_cli_bad_input(run_dir, args, message, monkeypatch, capsys):
+def test_cli_bad_input(run_dir, args, message, minigpt_cli):
     """In-process through `cli.main` (what the `minigpt` script runs): exit 2, one clear line."""
-    from minigpt import cli as cli_module
-
-    monkeypatch.setattr(
-        sys, "argv", ["minigpt", "inspect-heads", str(run_dir), "--no-importance", *args]
-    )
-    with pytest.raises(SystemExit) as exit_info:
-        cli_module.main()
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err
+    code, _, err = minigpt_cli("inspect-heads", run_dir, "--no-importance", *args)
+    assert code == 2
     assert message in err and "Traceback" not in err
 
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -35,27 +33,18 @@ CONFIG = REPO / "configs" / "induction.toml"
 N = 32  # probe half-length, as in the README's command
 
 
-def minigpt(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "minigpt", *args],
-        cwd=cwd,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-
-
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, run_minigpt):
     """Train with the shipped config, inspect with the CLI; (folder, report, stdout)."""
     folder = tmp_path_factory.mktemp("induction")
     start = time.perf_counter()
-    out = minigpt("train", str(CONFIG), "--out", "run", cwd=folder)
+    unbuffered = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out = run_minigpt("train", CONFIG, "--out", "run", cwd=folder, env=unbuffered, timeout=900)
     seconds = time.perf_counter() - start
     assert out.returncode == 0, out.stderr[-3000:]
     assert seconds < 300, f"training took {seconds:.0f} s; the budget is 5 minutes on 2 cores"
-    out = minigpt("inspect-heads", "run", "--repeated", str(N), "--json", "heads.json", cwd=folder)
+    inspect = ["inspect-heads", "run", "--repeated", N, "--json", "heads.json"]
+    out = run_minigpt(*inspect, cwd=folder, env=unbuffered, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads((folder / "heads.json").read_text())
     return folder, report, out.stdout

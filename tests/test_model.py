@@ -7,14 +7,9 @@ import torch
 
 from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPTConfig
 
-TINY = dict(vocab_size=13, block_size=24, n_layer=2, n_head=4, n_embd=32, bias=True)
-
-
-def tiny_gpt(seed=0, **overrides) -> GPT:
-    torch.manual_seed(seed)
-    return GPT(GPTConfig(**{**TINY, **overrides})).eval()
+TINY = dict(vocab_size=13, block_size=24, n_head=4)  # with tiny_gpt's 2 layers of width 32
 
 
 def test_config_rejects_impossible_shapes():
@@ -30,8 +25,8 @@ def test_config_rejects_impossible_shapes():
         GPTConfig.from_dict({"n_heads": 4})
 
 
-def test_forward_shapes_loss_and_tied_head():
-    model = tiny_gpt()
+def test_forward_shapes_loss_and_tied_head(tiny_gpt):
+    model = tiny_gpt(**TINY)
     idx = torch.randint(0, 13, (3, 10))
     logits, loss = model(idx, targets=torch.randint(0, 13, (3, 10)))
     assert logits.shape == (3, 10, 13) and loss.ndim == 0
@@ -42,15 +37,15 @@ def test_forward_shapes_loss_and_tied_head():
     torch.testing.assert_close(last, logits[:, -1:])
 
 
-def test_num_params_counts_tied_weights_once():
-    model = tiny_gpt()
+def test_num_params_counts_tied_weights_once(tiny_gpt):
+    model = tiny_gpt(**TINY)
     unique = {id(p): p.numel() for p in model.parameters()}
     assert model.num_params(non_embedding=False) == sum(unique.values())
     assert model.num_params() == sum(unique.values()) - 24 * 32
 
 
-def test_gpt2_init_scales_residual_projections():
-    model = tiny_gpt(n_layer=8, n_embd=256, n_head=4, vocab_size=50, block_size=64)
+def test_gpt2_init_scales_residual_projections(tiny_gpt):
+    model = tiny_gpt(50, block_size=64, n_layer=8, n_head=4, n_embd=256)
     fc_std = model.blocks[0].mlp.fc.weight.std().item()
     proj_std = model.blocks[0].mlp.proj.weight.std().item()
     assert abs(fc_std - 0.02) < 0.002
@@ -58,8 +53,8 @@ def test_gpt2_init_scales_residual_projections():
 
 
 @pytest.mark.parametrize("attention", ["fused", "wrapper"])
-def test_model_causality_property(attention):
-    model = tiny_gpt(attention=attention)
+def test_model_causality_property(tiny_gpt, attention):
+    model = tiny_gpt(**TINY, attention=attention)
     generator = torch.Generator().manual_seed(3)
     for _ in range(5):
         idx = torch.randint(0, 13, (2, 24), generator=generator)
@@ -73,8 +68,10 @@ def test_model_causality_property(attention):
 
 @pytest.mark.parametrize("attention", ["fused", "wrapper"])
 @pytest.mark.parametrize("prefill", [1, 5, 24])
-def test_kv_cache_prefill_then_one_token_at_a_time_equals_full_forward(attention, prefill):
-    model = tiny_gpt(attention=attention)
+def test_kv_cache_prefill_then_one_token_at_a_time_equals_full_forward(
+    tiny_gpt, attention, prefill
+):
+    model = tiny_gpt(**TINY, attention=attention)
     idx = torch.randint(0, 13, (2, 24))
     full, _ = model(idx)
     cache = model.new_kv_cache(batch_size=2)
@@ -86,8 +83,8 @@ def test_kv_cache_prefill_then_one_token_at_a_time_equals_full_forward(attention
 
 
 @pytest.mark.parametrize("attention", ["fused", "wrapper"])
-def test_chunked_prefill_on_an_existing_cache(attention):
-    model = tiny_gpt(attention=attention)
+def test_chunked_prefill_on_an_existing_cache(tiny_gpt, attention):
+    model = tiny_gpt(**TINY, attention=attention)
     idx = torch.randint(0, 13, (3, 24))
     full, _ = model(idx)
     generator = torch.Generator().manual_seed(0)
@@ -101,8 +98,8 @@ def test_chunked_prefill_on_an_existing_cache(attention):
         torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 
 
-def test_kv_cache_last_only_decoding_matches():
-    model = tiny_gpt()
+def test_kv_cache_last_only_decoding_matches(tiny_gpt):
+    model = tiny_gpt(**TINY)
     idx = torch.randint(0, 13, (1, 12))
     full, _ = model(idx)
     cache = model.new_kv_cache(batch_size=1)
@@ -112,8 +109,8 @@ def test_kv_cache_last_only_decoding_matches():
         torch.testing.assert_close(step[:, 0], full[:, t], atol=1e-5, rtol=0)
 
 
-def test_kv_cache_is_preallocated_in_the_activation_dtype():
-    model = tiny_gpt()
+def test_kv_cache_is_preallocated_in_the_activation_dtype(tiny_gpt):
+    model = tiny_gpt(**TINY)
     cache = model.new_kv_cache(batch_size=2, dtype=torch.bfloat16)
     assert len(cache.keys) == 2 and cache.keys[0].shape == (2, 4, 24, 8)
     assert cache.keys[0].dtype == torch.bfloat16
@@ -122,8 +119,8 @@ def test_kv_cache_is_preallocated_in_the_activation_dtype():
     assert cache.keys[0].data_ptr() == storage and cache.pos == 5
 
 
-def test_full_cache_and_overlong_input_raise():
-    model = tiny_gpt()
+def test_full_cache_and_overlong_input_raise(tiny_gpt):
+    model = tiny_gpt(**TINY)
     with pytest.raises(ValueError, match="exceed the model's block_size=24"):
         model(torch.randint(0, 13, (1, 25)))
     cache = model.new_kv_cache(batch_size=1)
@@ -141,20 +138,20 @@ def test_full_cache_and_overlong_input_raise():
     assert cache.pos == 0 and cache.remaining == 24
 
 
-def test_wrapper_and_fused_models_share_one_checkpoint_layout():
-    fused = tiny_gpt(seed=1)
-    wrapper = tiny_gpt(seed=2, attention="wrapper")
+def test_wrapper_and_fused_models_share_one_checkpoint_layout(tiny_gpt):
+    fused = tiny_gpt(**TINY, seed=1)
+    wrapper = tiny_gpt(**TINY, seed=2, attention="wrapper")
     assert set(wrapper.state_dict()) == set(fused.state_dict())
     wrapper.load_state_dict(fused.state_dict())
     idx = torch.randint(0, 13, (2, 16))
     torch.testing.assert_close(wrapper(idx)[0], fused(idx)[0], atol=1e-5, rtol=0)
-    fused_again = tiny_gpt(seed=3)
+    fused_again = tiny_gpt(**TINY, seed=3)
     fused_again.load_state_dict(wrapper.state_dict())
     torch.testing.assert_close(fused_again(idx)[0], fused(idx)[0], atol=1e-5, rtol=0)
 
 
-def test_head_gates_and_attention_capture():
-    model = tiny_gpt()
+def test_head_gates_and_attention_capture(tiny_gpt):
+    model = tiny_gpt(**TINY)
     idx = torch.randint(0, 13, (2, 10))
     logits, _ = model(idx)
     gated, _ = model(idx, head_gates=torch.ones(2, 4))
@@ -170,9 +167,8 @@ def test_head_gates_and_attention_capture():
 
 
 @pytest.mark.parametrize("attention", ["fused", "wrapper"])
-def test_tiny_gpt_overfits_a_short_sequence(attention):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**TINY, "attention": attention}))
+def test_tiny_gpt_overfits_a_short_sequence(tiny_gpt, attention):
+    model = tiny_gpt(**TINY, attention=attention).train()
     sequence = torch.randint(0, 13, (1, 25))
     x, y = sequence[:, :-1], sequence[:, 1:]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -186,8 +182,8 @@ def test_tiny_gpt_overfits_a_short_sequence(attention):
     assert loss.item() < 0.1
 
 
-def test_forward_in_steps_equals_forward():
-    model = tiny_gpt()
+def test_forward_in_steps_equals_forward(tiny_gpt):
+    model = tiny_gpt(**TINY)
     idx, y = torch.randint(0, 13, (3, 10)), torch.randint(0, 13, (3, 10))
     logits, loss = model(idx, targets=y)
     x = model.embed(idx)
@@ -207,8 +203,8 @@ def test_forward_in_steps_equals_forward():
     assert not torch.allclose(gated, loss)
 
 
-def test_kv_cache_is_checked_before_any_layer_writes_to_it():
-    model = tiny_gpt()
+def test_kv_cache_is_checked_before_any_layer_writes_to_it(tiny_gpt):
+    model = tiny_gpt(**TINY)
     idx = torch.randint(0, 13, (1, 3))
     with pytest.raises(MinigptError, match="KV cache has 1 layers, 2 are needed"):
         model(idx, kv_cache=KVCache(1, 1, 4, 24, 8))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
@@ -71,10 +70,10 @@ def test_lr_schedule_warmup_then_cosine():
     assert lrs[60] == pytest.approx(0.55)  # halfway down the cosine
     assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111], strict=False))
     assert lrs[110] == lrs[119] == pytest.approx(0.1)
+    by_time = ["train.max_time=100", "train.decay_by_time=true"]
     timed = load_config(
-        None, ["train.lr=1.0", "train.min_lr=0.0", "train.warmup_iters=0",
-               "train.max_time=100", "train.decay_by_time=true"],
-    )  # fmt: skip
+        None, ["train.lr=1.0", "train.min_lr=0.0", "train.warmup_iters=0", *by_time]
+    )
     assert trainer.lr_at(5, timed, elapsed=50.0) == pytest.approx(0.5)
     assert trainer.lr_at(5, timed, elapsed=100.0) == pytest.approx(0.0)
 
@@ -101,8 +100,8 @@ def test_train_writes_a_loadable_run_dir(tmp_path, data, capsys):
     )
     assert result.step == 6 and result.stop_reason == "max_iters"
     assert result.tokens_seen == 6 * 4 * 16
-    for name in ("config.json", "tokenizer.json", BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE,
-                 "metrics.jsonl", "loss.png"):  # fmt: skip
+    files = ("config.json", "tokenizer.json", BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE)
+    for name in (*files, "metrics.jsonl", "loss.png"):
         assert (out / name).stat().st_size > 0, name
     assert not list(out.glob(".*.tmp")), "no temporary files are left behind"
     run = load_run(out)
@@ -128,11 +127,9 @@ def test_train_writes_a_loadable_run_dir(tmp_path, data, capsys):
 def test_eval_batches_are_fixed(tmp_path, data):
     # lr tiny, so the weights hardly move: two evaluations of the same batches agree closely
     out = tmp_path / "run"
-    trainer.train(
-        tiny_config(out, "train.max_iters=4", "train.eval_interval=2", "train.lr=1e-9",
-                    "train.min_lr=0", "train.warmup_iters=0"),
-        data=data, progress=False,
-    )  # fmt: skip
+    tiny_lr = ["train.lr=1e-9", "train.min_lr=0", "train.warmup_iters=0"]
+    config = tiny_config(out, "train.max_iters=4", "train.eval_interval=2", *tiny_lr)
+    trainer.train(config, data=data, progress=False)
     evals = [r for r in checkpoint.read_metrics(out / "metrics.jsonl") if "val_loss" in r]
     assert abs(evals[0]["val_loss"] - evals[1]["val_loss"]) < 1e-5
     assert abs(evals[0]["train_loss"] - evals[1]["train_loss"]) < 1e-5
@@ -140,8 +137,8 @@ def test_eval_batches_are_fixed(tmp_path, data):
 
 def test_resume_is_bit_identical(tmp_path, data):
     # dropout on, two micro-batches per step: the RNG and both batch streams must be restored
-    common = ["train.grad_accum=2", "model.dropout=0.1", "train.eval_interval=4",
-              "train.lr_decay_iters=10"]  # fmt: skip
+    common = ["train.grad_accum=2", "model.dropout=0.1"]
+    common += ["train.eval_interval=4", "train.lr_decay_iters=10"]
     straight = tmp_path / "straight"
     trainer.train(tiny_config(straight, *common, "train.max_iters=10"), data=data, progress=False)
     split = tmp_path / "split"
@@ -152,7 +149,8 @@ def test_resume_is_bit_identical(tmp_path, data):
     assert result.step == 10
     assert losses(split) == losses(straight)  # exact float equality, step by step
     assert len(losses(split)) == 10
-    best = {r["step"]: r["val_loss"] for r in checkpoint.read_metrics(split / "metrics.jsonl") if "val_loss" in r}  # fmt: skip
+    metrics = checkpoint.read_metrics(split / "metrics.jsonl")
+    best = {r["step"]: r["val_loss"] for r in metrics if "val_loss" in r}
     assert set(best) == {4, 6, 8, 10}
 
 
@@ -236,9 +234,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monke
     load_run(out)
 
 
-def test_cli_errors_exit_2(tmp_path, monkeypatch, capsys):
-    from minigpt import cli
-
+def test_cli_errors_exit_2(tmp_path, minigpt_cli):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nlr = \n")
     for argv, expected in (
@@ -247,11 +243,8 @@ def test_cli_errors_exit_2(tmp_path, monkeypatch, capsys):
         (["--set", "model.n_head=3", "--set", "model.n_embd=64"], "divisible"),
         (["--resume", str(tmp_path / "nothing")], "does not exist"),
     ):
-        monkeypatch.setattr(sys, "argv", ["minigpt", "train", *argv])
-        with pytest.raises(SystemExit) as info:
-            cli.main()
-        assert info.value.code == 2
-        err = capsys.readouterr().err
+        code, _, err = minigpt_cli("train", *argv)
+        assert code == 2
         assert expected in err and "Traceback" not in err
 
 

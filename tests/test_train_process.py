@@ -31,12 +31,10 @@ def tiny_args(tmp_path: Path) -> list[str]:
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():
         corpus.write_text(TEXT)
-    sets = [
-        "model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16",
-        "train.batch_size=4", "train.eval_iters=1", "train.log_interval=1",
-        "train.warmup_iters=2", "train.lr=1e-2", "train.min_lr=1e-3", "train.threads=1",
-        f"data.data_dir={tmp_path / 'data'}",
-    ]  # fmt: skip
+    sets = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16"]
+    sets += ["train.batch_size=4", "train.eval_iters=1", "train.log_interval=1"]
+    sets += ["train.warmup_iters=2", "train.lr=1e-2", "train.min_lr=1e-3", "train.threads=1"]
+    sets += [f"data.data_dir={tmp_path / 'data'}"]
     args = ["--data", str(corpus), "--device", "cpu"]
     for item in sets:
         args += ["--set", item]
@@ -51,8 +49,12 @@ def env() -> dict:
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "minigpt", "train", *args],
-        cwd=cwd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        cwd=cwd,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 60) -> None:
@@ -70,8 +72,8 @@ def wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 6
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_the_last_state_and_exits(tmp_path, signum, code):
     out = tmp_path / "run"
-    args = [*tiny_args(tmp_path), "--out", str(out), "--max-iters", "100000",
-            "--set", "train.eval_interval=100000"]  # fmt: skip
+    args = [*tiny_args(tmp_path), "--out", str(out), "--max-iters", "100000"]
+    args += ["--set", "train.eval_interval=100000"]
     proc = start(args, tmp_path)
     wait_for_steps(out, proc, 3)
     proc.send_signal(signum)
@@ -85,13 +87,10 @@ def test_signal_saves_the_last_state_and_exits(tmp_path, signum, code):
     load_run(out, weights_file=LAST_WEIGHTS)
 
 
-def test_kill9_at_random_moments_leaves_a_loadable_run(tmp_path):
+def test_kill9_at_random_moments_leaves_a_loadable_run(tmp_path, run_minigpt):
     out = tmp_path / "run"
     args = [*tiny_args(tmp_path), "--set", "train.eval_interval=1"]  # saves every step
-    first = subprocess.run(
-        [sys.executable, "-m", "minigpt", "train", *args, "--out", str(out), "--max-iters", "3"],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    first = run_minigpt("train", *args, "--out", out, "--max-iters", 3, cwd=tmp_path, env=env())
     assert first.returncode == 0, first.stderr
     rng = random.Random(0)
     last_step = 3
@@ -109,11 +108,9 @@ def test_kill9_at_random_moments_leaves_a_loadable_run(tmp_path):
         assert state.step >= last_step
         last_step = state.step
     # and the run resumes cleanly after the last kill
-    done = subprocess.run(
-        [sys.executable, "-m", "minigpt", "train", *args, "--resume", str(out),
-         "--max-iters", str(last_step + 2)],
-        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = run_minigpt(
+        "train", *args, "--resume", out, "--max-iters", last_step + 2, cwd=tmp_path, env=env()
+    )
     assert done.returncode == 0, done.stderr
     assert checkpoint.load_trainer_state(out / TRAINER_STATE).step == last_step + 2
     steps = [step for step, _ in checkpoint.iter_losses(out)]
@@ -130,23 +127,25 @@ def test_torchrun_two_gloo_processes_match_one_with_twice_the_accumulation(tmp_p
     args = tiny_args(tmp_path)
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     steps = "4"
+    launcher = ["--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    launcher += ["--master_port", str(_free_port())]
+    train = ["train", *args, "--out", str(ddp_out), "--max-iters", steps]
+    train += ["--set", "train.grad_accum=2"]
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-         "-m", "minigpt", "train", *args, "--out", str(ddp_out), "--max-iters", steps,
-         "--set", "train.grad_accum=2"],
-        cwd=tmp_path, env={**env(), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        [sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "minigpt", *train],
+        cwd=tmp_path,
+        env={**env(), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
         timeout=240,
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done (reached max_iters)") == 1  # only rank 0 prints
 
     sets = [a for a in args[args.index("--set") :] if a != "--set"]
-    config = load_config(
-        None,
-        [*sets, f"data.source={tmp_path / 'corpus.txt'}", "train.device=cpu",
-         f"train.out_dir={single_out}", f"train.max_iters={steps}", "train.grad_accum=2"],
-    )  # fmt: skip
+    sets += [f"data.source={tmp_path / 'corpus.txt'}", "train.device=cpu"]
+    sets += [f"train.out_dir={single_out}", f"train.max_iters={steps}", "train.grad_accum=2"]
+    config = load_config(None, sets)
     cwd = os.getcwd()
     os.chdir(tmp_path)
     try:
