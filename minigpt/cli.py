@@ -35,6 +35,10 @@ OPTION_NAMES = {
     "layer": "--layer",
     "head": "--head",
     "repeated": "--repeated",
+    "prompt_file": "--prompt-file",
+    "device": "--device",
+    "vocab_size": "--vocab-size",
+    "glob": "--glob",
 }
 """The library's name of an argument -> the option that sets it (see MinigptError.param)."""
 

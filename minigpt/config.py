@@ -408,12 +408,15 @@ def resolve_device(name: str = "auto") -> torch.device:
         ) from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise MinigptError(
-            "--device cuda was asked for but no CUDA GPU is available",
-            hint="use --device cpu (or auto)",
+            "device cuda was asked for but no CUDA GPU is available",
+            hint="use device cpu (or auto)",
+            param="device",
         )
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise MinigptError(
-            "--device mps was asked for but MPS is not available", hint="use --device cpu (or auto)"
+            "device mps was asked for but MPS is not available",
+            hint="use device cpu (or auto)",
+            param="device",
         )
     return device
 

@@ -239,14 +239,16 @@ def read_text(path: Path) -> str:
     if b"\x00" in raw:
         raise MinigptError(
             f"{path} looks binary (it has NUL bytes), not text",
-            hint="point minigpt at text files, or narrow the folder with --glob",
+            hint="point minigpt at text files, or narrow the folder with glob",
+            param="glob",
         )
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         raise MinigptError(
             f"{path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})",
-            hint="convert it, e.g. `iconv -f latin1 -t utf-8`, or leave it out with --glob",
+            hint="convert it, e.g. `iconv -f latin1 -t utf-8`, or leave it out with glob",
+            param="glob",
         ) from None
 
 
@@ -267,13 +269,14 @@ def read_prompt_file(path: str | Path) -> str:
     if not text:
         raise MinigptError(
             f"prompt file {path} is empty",
-            hint="put some text in it, or leave out --prompt-file",
+            hint="put some text in it, or leave out prompt_file",
+            param="prompt_file",
         )
     return text
 
 
 def read_prompts(prompts: Sequence[str] = (), prompt_files: Sequence[str | Path] = ()) -> list[str]:
-    """The prompts given as text (--prompt) and as files (--prompt-file, one prompt each)."""
+    """The prompts given as text and as files (one prompt each), in that order."""
     return [*prompts, *(read_prompt_file(path) for path in prompt_files)]
 
 
@@ -309,7 +312,8 @@ def load_corpus(
         if not files:
             raise MinigptError(
                 f"the folder {path} has no files matching {glob!r}",
-                hint="choose the files with --glob, e.g. --glob '*.py'",
+                hint="choose the files with glob, e.g. glob '*.py'",
+                param="glob",
             )
         documents = [
             read_text(p)

@@ -334,7 +334,8 @@ def check_bpe_vocab_size(vocab_size: int) -> None:
         raise MinigptError(
             f"vocab size {vocab_size} is too small for BPE, which needs more than 257 "
             "(256 bytes + <|endoftext|>)",
-            hint="use --vocab-size 512 or more, e.g. 2048",
+            hint="use a vocab_size of 512 or more, e.g. 2048",
+            param="vocab_size",
         )
 
 
@@ -347,8 +348,9 @@ def check_tokenizer_settings(kind: str, vocab_size: int | None) -> int | None:
     if kind != "bpe":
         if vocab_size is not None:
             raise MinigptError(
-                f"--vocab-size applies only to the bpe tokenizer, not {kind}",
-                hint="drop --vocab-size, or use --tokenizer bpe",
+                f"vocab_size applies only to the bpe tokenizer, not {kind}",
+                hint="drop vocab_size, or use the bpe tokenizer",
+                param="vocab_size",
             )
         return None
     vocab_size = DEFAULT_BPE_VOCAB_SIZE if vocab_size is None else vocab_size
