@@ -5,14 +5,14 @@ a random segment of distinct symbols written three times, generated, not
 downloaded), then `minigpt inspect-heads RUN --repeated 32 --json ...`. The run is
 trained once per session (module fixture) in a temporary folder.
 
-What the issue asks, and what holds (measured: train 103 s on 2 cores):
+What the issue asks, and what holds (docs/induction.md has the measurements):
   - a layer-1 induction head: induction score A[i, i-n+1] >= 0.35, labelled
-    `induction`, and zeroing it raises the loss on repeated sequences (measured: two
-    induction heads, 0.88 and 0.79; zeroing both removes the copying);
+    `induction`; zeroing it raises the loss on repeated sequences, it copies on its
+    own when the other inducting heads are zeroed, and zeroing all of them removes
+    the copying;
   - a layer-0 head that feeds it: the head that looks back most is the one whose
     removal hurts most, and removing it stops the copying;
-  - that layer-0 head's previous-token score >= 0.3, labelled `previous-token`
-    (measured 0.96).
+  - that layer-0 head's previous-token score >= 0.3, labelled `previous-token`.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from minigpt.checkpoint import load_run
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "induction.toml"
 N = 32  # probe half-length, as in the README's command
+INDUCTING = 0.2  # a layer-1 head that puts this much on A[i, i-n+1] takes part in copying
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +78,25 @@ def test_layer1_induction_head(trained):
     run = load_run(folder / "run")
     first, second = probe_losses(run)
     assert second < first - 1.0, (first, second)  # the second copy is predicted from the first
-    gates = torch.ones(2, run.model.config.n_head)
-    gates[1, top["head"]] = 0.0
-    _, second_without = probe_losses(run, gates)
-    # Layer 1 usually grows two induction heads that back each other up, so zeroing the
-    # top one alone raises the loss less than zeroing all of them (measured: 0.03 -> 0.39
-    # nats for the top one, -> 4.9 for both, above the first copy's 3.5).
-    assert second_without > second + 0.2, (second, second_without)
-    for h in layer(report, 1):
-        if h["role"] == "induction":
-            gates[1, h["head"]] = 0.0
-    _, second_without_any = probe_losses(run, gates)
+    n_head = run.model.config.n_head
+    _, second_without = probe_losses(run, gates_without(n_head, [top["head"]]))
+    assert second_without > second, (second, second_without)  # zeroing it raises the loss
+    # Layer 1 grows two or three heads that share the copying; which ones, and how they
+    # split it, depends on the CPU's float rounding (docs/induction.md), so zeroing the
+    # top one alone may cost little. The circuit is the set of heads that induct:
+    inducting = [h["head"] for h in layer(report, 1) if h["induction"] >= INDUCTING]
+    _, second_without_any = probe_losses(run, gates_without(n_head, inducting))
     assert second_without_any > first, (first, second_without_any)  # no copying left
+    others = [h for h in inducting if h != top["head"]]
+    top_alone_first, top_alone = probe_losses(run, gates_without(n_head, others))
+    assert top_alone < top_alone_first - 1.0, (top_alone_first, top_alone)  # it copies alone
+
+
+def gates_without(n_head: int, layer1_heads: list[int]) -> torch.Tensor:
+    """Head gates (2, n_head) of ones, with the given layer-1 heads zeroed."""
+    gates = torch.ones(2, n_head)
+    gates[1, layer1_heads] = 0.0
+    return gates
 
 
 @pytest.mark.slow
