@@ -231,16 +231,24 @@ class Trainer:
     device: torch.device
     data: TrainData
     model: GPT
-    train_model: nn.Module
-    """What the loop calls: the model, compiled and wrapped in DDP as configured."""
     optimizer: torch.optim.Optimizer
     accum: int
     """Micro-batches this process runs per optimizer step."""
-    amp: torch.dtype | None
-    out_dir: Path
     log: Callable[[str], None]
     metrics: MetricsLog | None = None
     """Open on the master process only."""
+    train_model: nn.Module = field(init=False)
+    """What the loop calls: the model, compiled and wrapped in DDP as configured."""
+    amp: torch.dtype | None = field(init=False)
+    """The autocast dtype, or None for plain float32."""
+
+    def __post_init__(self) -> None:
+        self.train_model = _wrap(self.model, self.config, self.ddp, self.device)
+        self.amp = autocast_dtype(self.config.train.dtype, self.device)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.train.out_dir)
 
     @property
     def tokens_per_step(self) -> int:
@@ -314,19 +322,8 @@ def setup(
         Batcher(data.train_tokens, config.model.block_size, t.batch_size, t.seed + j, device)
         for j in range(first_stream, first_stream + accum)
     ]
-    trainer = Trainer(
-        config=config,
-        ddp=ddp,
-        device=device,
-        data=data,
-        model=model,
-        train_model=_wrap(model, config, ddp, device),
-        optimizer=optimizer,
-        accum=accum,
-        amp=autocast_dtype(t.dtype, device),
-        out_dir=out_dir,
-        log=log if ddp.is_master else _silent,
-    )
+    log = log if ddp.is_master else _silent
+    trainer = Trainer(config, ddp, device, data, model, optimizer, accum, log)
     state = TrainState(streams=streams)
     if saved is not None:
         restore(trainer, state, saved)
