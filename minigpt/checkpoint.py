@@ -21,7 +21,7 @@ import json
 import pickle
 import zipfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import IO
 
@@ -211,8 +211,10 @@ class TrainerCheckpoint:
 def save_trainer_state(run_dir: str | Path, checkpoint: TrainerCheckpoint) -> None:
     """trainer.pt (everything resume needs), then model-last.safetensors (its weights)."""
     run_dir = Path(run_dir)
+    # Not dataclasses.asdict: it would deep-copy every weight and optimizer tensor.
+    state = {f.name: getattr(checkpoint, f.name) for f in fields(TrainerCheckpoint)}
     with atomic_path(run_dir / TRAINER_STATE) as tmp:
-        torch.save({"format_version": TRAINER_FORMAT, **asdict(checkpoint)}, tmp)
+        torch.save({"format_version": TRAINER_FORMAT, **state}, tmp)
     save_weights(checkpoint.model, run_dir / LAST_WEIGHTS)
 
 
