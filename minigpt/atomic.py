@@ -8,12 +8,16 @@ old file or the new one, never a mix.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from minigpt.errors import MinigptError, os_error
 
 
 @contextmanager
@@ -21,24 +25,53 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path`.
 
     On any exception (KeyboardInterrupt included) the temporary file is removed
-    and `path` is left as it was.
+    and `path` is left as it was. A write the machine refuses (a full disk, a
+    read-only folder, a path under a file) becomes a MinigptError naming `path`.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise os_error(err, "write", path) from err
     os.close(fd)
-    tmp = Path(tmp)
+    tmp = Path(tmp_name)
     # mkstemp makes the file private (0600); give it the mode a plain open() would
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~current_umask())
     try:
         yield tmp
         with open(tmp, "rb+") as f:  # make the bytes durable before the rename
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.errno is None and _disk_full(err, path.parent):  # numpy: "N requested and M written"
+            err = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        raise os_error(err, "write", path) from err
+    except Exception as err:
+        # torch.save and safetensors report a full disk as their own errors
+        if not isinstance(err, MinigptError) and _disk_full(err, path.parent):
+            full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+            raise os_error(full, "write") from err
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _disk_full(err: Exception, folder: Path, margin: int = 1 << 20) -> bool:
+    """Whether a failed write failed for want of space: the error says so (as
+    safetensors does, "os error 28"), or the disk is all but full."""
+    if "No space left" in str(err) or "os error 28" in str(err):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < margin
+    except OSError:
+        return False
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

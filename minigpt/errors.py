@@ -11,6 +11,7 @@ it as the function does (`top_k must be at least 1`) and says which one in
 (`--top-k must be at least 1`), so neither side has to know the other's names.
 """
 
+import errno
 import re
 
 
@@ -33,3 +34,32 @@ class MinigptError(ValueError):
             message = word.sub(names[self.param], message)
             hint = word.sub(names[self.param], hint) if hint else hint
         return message, hint
+
+
+# errno -> what the user can do about it
+_OS_HINTS = {
+    errno.ENOSPC: "the disk is full: free some space (earlier files were left as they were)",
+    errno.EDQUOT: "the disk quota is used up: free some space",
+    errno.EACCES: "check the permissions of the file and its folder",
+    errno.EPERM: "check the permissions of the file and its folder",
+    errno.EROFS: "the filesystem is read-only: choose another path",
+    errno.ENOTDIR: "a part of the path is a file, not a folder: choose another path",
+    errno.EISDIR: "the path is a folder where a file should be: choose another path",
+    errno.EEXIST: "something is already at that path: choose another path",
+    errno.ENOENT: "check the path",
+    errno.ENAMETOOLONG: "choose a shorter path",
+}
+
+
+def os_error(err: OSError, verb: str = "use", path: object = None) -> MinigptError:
+    """An OSError (a full disk, a permission, a path under a file) as one sentence and
+    a hint: these are facts about the user's machine, not bugs, so they are reported
+    like bad input. `verb` says what failed ("write", "read", "create"); `path` is
+    named when the error does not name a file itself."""
+    filename = err.filename or path
+    what = f" {filename}" if filename else ""
+    reason = err.strerror or str(err) or type(err).__name__
+    return MinigptError(
+        f"cannot {verb}{what}: {reason}",
+        hint=_OS_HINTS.get(err.errno or 0, "check the path and the disk"),
+    )
