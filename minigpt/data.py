@@ -13,38 +13,49 @@ documents at the end when there are several), tokenises once, and writes
 The hash covers the corpus content and the tokenizer settings, so preparing the
 same thing again reuses the folder at once and a changed corpus gets a new one.
 The folder is built under a temporary name and renamed into place, so a crash
-never leaves a half-prepared folder that a later run would trust.
+never leaves a half-prepared folder that a later run would trust; a folder that
+is damaged all the same (a truncated token file, an edited meta.json) fails
+`load_prepared`'s checks, and `prepare` builds it again. The temporary name says
+which host and process own it (`.NAME.HOST.PID.RANDOM.tmp`), so the next prepare
+can clear the leftovers of one that was killed.
 
-Text must be UTF-8: a file that is not (or that holds NUL bytes, i.e. binary) is
-refused with the file and byte offset named, rather than silently corrupted.
+Text must be UTF-8: a file that is not (or that holds NUL bytes, i.e. binary, or
+is UTF-16) is refused with the file and byte offset named, rather than silently
+corrupted.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
 import random
+import re
+import secrets
 import shutil
+import socket
+import stat
 import string
 import sysconfig
-import tempfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from http.client import HTTPException
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from minigpt.atomic import atomic_path, write_json_atomic
-from minigpt.errors import MinigptError
+from minigpt.errors import MinigptError, os_error
 from minigpt.tokenizer import (
     TOKENIZER_FILE,
     Tokenizer,
+    TokenizerFileDamaged,
     check_tokenizer_settings,
     load_tokenizer,
     save_tokenizer,
@@ -233,15 +244,25 @@ BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
 # ---------------------------------------------------------------------------- reading sources
 
 
+# UTF-32's little-endian mark begins with UTF-16's, so it is looked for first
+WIDE_BYTE_ORDER_MARKS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+
+
 def read_text(path: Path) -> str:
-    """Read a UTF-8 text file; refuse binary or non-UTF-8 files in one sentence."""
-    raw = Path(path).read_bytes()
-    if b"\x00" in raw:
-        raise MinigptError(
-            f"{path} looks binary (it has NUL bytes), not text",
-            hint="point minigpt at text files, or narrow the folder with glob",
-            param="glob",
-        )
+    """Read a UTF-8 text file; refuse unreadable, binary, UTF-16 or non-UTF-8 files in one sentence.
+
+    A UTF-8 byte-order mark is UTF-8 and stays in the text, as a plain decode keeps it.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:  # permission denied, vanished since it was listed
+        raise os_error(err, "read", path) from None
+    _refuse_wide_or_binary(path, raw)
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -250,6 +271,43 @@ def read_text(path: Path) -> str:
             hint="convert it, e.g. `iconv -f latin1 -t utf-8`, or leave it out with glob",
             param="glob",
         ) from None
+
+
+def _refuse_wide_or_binary(path: Path, raw: bytes) -> None:
+    """UTF-16 and UTF-32 text, and binary files, named as what they are."""
+    wide = _wide_encoding(raw)
+    if wide is not None:
+        encoding, evidence = wide
+        raise MinigptError(
+            f"{path} looks like {encoding} text ({evidence}), not UTF-8",
+            hint=f"convert it, e.g. `iconv -f {encoding.lower()} -t utf-8`, "
+            "or leave it out with glob",
+            param="glob",
+        )
+    nul = raw.find(b"\x00")
+    if nul != -1:
+        raise MinigptError(
+            f"{path} looks binary (it has a NUL byte at offset {nul}), not text",
+            hint="point minigpt at text files, or narrow the folder with glob",
+            param="glob",
+        )
+
+
+def _wide_encoding(raw: bytes) -> tuple[str, str] | None:
+    """(encoding, what gives it away) when `raw` looks like UTF-16 or UTF-32 text."""
+    for mark, encoding in WIDE_BYTE_ORDER_MARKS:
+        if raw.startswith(mark):
+            return encoding, "it starts with a byte-order mark"
+    # without a mark, ASCII written as UTF-16 has a NUL in every pair, and only there
+    sample = raw[:4096]
+    if len(sample) < 8 or len(raw) % 2:
+        return None
+    even, odd = sample[0::2], sample[1::2]
+    if odd.count(0) == len(odd) and 0 not in even:
+        return "UTF-16LE", "every other byte is NUL"
+    if even.count(0) == len(even) and 0 not in odd:
+        return "UTF-16BE", "every other byte is NUL"
+    return None
 
 
 def read_prompt_file(path: str | Path) -> str:
@@ -288,6 +346,7 @@ class Corpus:
     source: str  # what the user asked for, as they would write it again
     kind: str  # "builtin", "file" or "folder"
     documents: list[str]
+    path: Path | None = None  # absolute and resolved, for a file or folder: found from anywhere
 
 
 def load_corpus(
@@ -301,30 +360,106 @@ def load_corpus(
     if text in BUILTIN_DATASETS:
         documents = BUILTIN_DATASETS[text].documents(Path(data_dir), progress)
         return Corpus(text, text, "builtin", documents)
-    path = Path(source).expanduser()
-    if path.is_file():
-        return Corpus(_slug(path.stem), str(path), "file", [read_text(path)])
-    if path.is_dir():
-        files = sorted(
-            (p for p in path.rglob(glob) if p.is_file()),
-            key=lambda p: p.relative_to(path).as_posix(),
-        )
-        if not files:
-            raise MinigptError(
-                f"the folder {path} has no files matching {glob!r}",
-                hint="choose the files with glob, e.g. glob '*.py'",
-                param="glob",
-            )
-        documents = [
-            read_text(p)
-            for p in tqdm(files, desc="reading", disable=not progress or len(files) < 200)
-        ]
-        return Corpus(_slug(path.resolve().name), str(path), "folder", documents)
-    names = ", ".join(BUILTIN_DATASETS)
+    if not text:  # Path("") is the working directory, which nobody means by it
+        raise _no_source(text)
+    try:
+        path = Path(text).expanduser()
+    except RuntimeError:  # "~someone" with no such user: a plain name, then
+        path = Path(text)
+    mode = _source_mode(path)
+    if mode is None:
+        raise _no_source(text, path)
+    if stat.S_ISREG(mode):
+        return Corpus(_slug(path.stem), str(path), "file", [read_text(path)], path.resolve())
+    if stat.S_ISDIR(mode):
+        return _load_folder(path, glob, progress)
     raise MinigptError(
+        f"{path} is neither a text file nor a folder (a pipe, a socket or a device?)",
+        hint="save the text to a file and give that file",
+    )
+
+
+def _source_mode(path: Path) -> int | None:
+    """st_mode of what `path` leads to, None where nothing is; a path that cannot be
+    followed (permission denied, a loop of links) is an error."""
+    try:
+        return path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in it
+        return None
+    except OSError as err:
+        raise os_error(err, "read", path) from None
+
+
+def _no_source(text: str, path: Path | None = None) -> MinigptError:
+    if path is not None and path.is_symlink():
+        return MinigptError(
+            f"{path} is a symbolic link to {os.readlink(path)}, which does not exist",
+            hint="point the link at a text file or folder, or give the file itself",
+        )
+    names = ", ".join(BUILTIN_DATASETS)
+    return MinigptError(
         f"no file, folder or built-in dataset named {text!r}",
         hint=f"give a path to a text file or folder, or one of the built-in datasets: {names}",
     )
+
+
+def check_glob(glob: str) -> None:
+    """A folder's glob names files inside it: not empty, not absolute, no '..' part."""
+    if not isinstance(glob, str) or not glob.strip():
+        raise MinigptError(
+            f"glob {glob!r} is empty",
+            hint="choose the files with a pattern, e.g. glob '*.txt' or '**/*.md'",
+            param="glob",
+        )
+    # both separators: a backslash is a folder on Windows and an ordinary character here
+    parts = PurePosixPath(glob.replace("\\", "/")).parts
+    if glob.startswith(("/", "\\")) or PureWindowsPath(glob).is_absolute():
+        problem = "is absolute"
+    elif ".." in parts:
+        problem = "has a '..' part"
+    else:
+        return
+    raise MinigptError(
+        f"glob {glob!r} {problem}; it must name files inside the folder",
+        hint="give the folder itself as the source, and a pattern relative to it such as '*.txt'",
+        param="glob",
+    )
+
+
+def _load_folder(path: Path, glob: str, progress: bool) -> Corpus:
+    """Every file under `path` matching `glob` (recursively), sorted by relative path."""
+    check_glob(glob)
+    try:
+        files = sorted(
+            (p for p in path.rglob(glob) if _is_regular_file(p)),
+            key=lambda p: p.relative_to(path).as_posix(),
+        )
+    except (NotImplementedError, ValueError) as err:  # pathlib refuses the pattern
+        raise MinigptError(
+            f"glob {glob!r} is not a pattern minigpt can use ({err})",
+            hint="use a pattern relative to the folder, e.g. glob '*.txt' or '**/*.md'",
+            param="glob",
+        ) from None
+    if not files:
+        raise MinigptError(
+            f"the folder {path} has no files matching {glob!r}",
+            hint="choose the files with glob, e.g. glob '*.py'",
+            param="glob",
+        )
+    documents = [
+        read_text(p) for p in tqdm(files, desc="reading", disable=not progress or len(files) < 200)
+    ]
+    resolved = path.resolve()
+    return Corpus(_slug(resolved.name), str(path), "folder", documents, resolved)
+
+
+def _is_regular_file(path: Path) -> bool:
+    """Pipes, sockets and devices are left out (reading one could block forever); a file
+    that cannot even be looked at is kept, so that reading it says why."""
+    try:
+        return path.is_file()
+    except OSError:
+        return True
 
 
 def _slug(name: str) -> str:
@@ -363,6 +498,10 @@ def split_documents(
 
 
 # ---------------------------------------------------------------------------- preparing
+
+
+class PreparedDataDamaged(MinigptError):
+    """A prepared folder that cannot be trusted: `prepare` builds it again."""
 
 
 @dataclass
@@ -439,12 +578,14 @@ def prepare(
     data_dir: Path = DEFAULT_DATA_DIR,
     glob: str = "*.txt",
     progress: bool = True,
+    expected_hash: str | None = None,
 ) -> PreparedData:
     """Tokenise `source` once into data_dir/<name>-<tokenizer>-<hash>/, or reuse that folder.
 
     `source` is a built-in dataset name, a text file or a folder (read with `glob`);
-    None means the default, pystdlib. Raises MinigptError for bad input, before
-    anything is written.
+    None means the default, pystdlib. `expected_hash`, where given, is the content
+    hash the corpus must still have (a resumed run's). Raises MinigptError for bad
+    input, before anything is written. A damaged folder is built again.
     """
     data_dir = Path(data_dir)
     source = DEFAULT_SOURCE if source is None else source
@@ -456,6 +597,7 @@ def prepare(
             f"the corpus {corpus.source} is empty", hint="give it some text to learn from"
         )
     corpus_hash = content_hash(documents)
+    check_corpus_unchanged(corpus, corpus_hash, expected_hash)
     settings = {
         "format": PREPARED_FORMAT,
         "tokenizer": tokenizer,
@@ -465,45 +607,94 @@ def prepare(
     key = hashlib.sha256((corpus_hash + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
     tag = tokenizer if vocab_size is None else f"{tokenizer}{vocab_size}"
     out_dir = data_dir / f"{corpus.name}-{tag}-{key[:12]}"
-    if (out_dir / META_FILE).exists():
-        return load_prepared(out_dir, reused=True)
+    remove_stale_temp_folders(data_dir)
+    reused = _reuse_prepared(out_dir, corpus)
+    if reused is not None:
+        return reused
+    meta = {
+        "format": PREPARED_FORMAT,
+        "source": corpus.source,
+        "source_kind": corpus.kind,
+        "source_path": _source_path(corpus),
+        "glob": glob if corpus.kind == "folder" else None,
+        "content_hash": corpus_hash,
+        "settings": settings,
+    }
+    _build_prepared(out_dir, documents, tokenizer, vocab_size, meta, progress)
+    return load_prepared(out_dir)
 
-    if tokenizer == "char":
+
+def check_corpus_unchanged(corpus: Corpus, corpus_hash: str, expected_hash: str | None) -> None:
+    """A resumed run must see the corpus it was trained on: refuse a changed one before
+    anything is trained or written."""
+    if expected_hash is None or corpus_hash == expected_hash:
+        return
+    raise MinigptError(
+        f"the corpus {corpus.source} has changed since the run started: its content hash "
+        f"is {corpus_hash[:12]}, the run was trained on {str(expected_hash)[:12]}",
+        hint="restore the original corpus, or start a new run with --out",
+    )
+
+
+def _source_path(corpus: Corpus) -> str | None:
+    return None if corpus.path is None else str(corpus.path)
+
+
+def _reuse_prepared(out_dir: Path, corpus: Corpus) -> PreparedData | None:
+    """The folder an earlier prepare made, if it is whole; a damaged one is removed, to be
+    built again, so that a truncated or edited folder is never trusted."""
+    if not os.path.lexists(out_dir):
+        return None
+    try:
+        prepared = load_prepared(out_dir, reused=True)
+    except PreparedDataDamaged:
+        _discard(out_dir)
+        return None
+    # meta.json names the source of whoever prepared the folder first (the same content,
+    # maybe elsewhere); this caller is told about its own
+    prepared.meta.update(source=corpus.source, source_path=_source_path(corpus))
+    return prepared
+
+
+def _build_prepared(
+    out_dir: Path,
+    documents: list[str],
+    kind: str,
+    vocab_size: int | None,
+    meta: dict,
+    progress: bool,
+) -> None:
+    """Train the tokenizer, tokenise both splits, complete `meta` and write the folder."""
+    if kind == "char":
         # documents without an end-of-text token between them at least end with a newline
         documents = [doc if doc.endswith("\n") else doc + "\n" for doc in documents]
     train_docs, val_docs = split_documents(documents)
     # char: the vocabulary comes from the whole corpus so val has no unseen characters;
     # bpe: merges are learned from the training split only, so val is truly held out.
-    fit_texts = documents if tokenizer == "char" else train_docs
-    tok = train_tokenizer(tokenizer, fit_texts, vocab_size)
+    fit_texts = documents if kind == "char" else train_docs
+    tok = train_tokenizer(kind, fit_texts, vocab_size)
     dtype = token_dtype(tok.vocab_size)
     train_ids = tokenize_documents(tok, train_docs, progress, "tokenizing train")
     val_ids = tokenize_documents(tok, val_docs, progress, "tokenizing val")
-
     n_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
-    meta = {
-        "format": PREPARED_FORMAT,
-        "source": corpus.source,
-        "source_kind": corpus.kind,
-        "glob": glob if corpus.kind == "folder" else None,
-        "content_hash": corpus_hash,
-        "settings": settings,
-        "tokenizer": tok.to_json(),
-        "tokenizer_kind": tok.kind,
-        "vocab_size": tok.vocab_size,
-        "eot_id": tok.eot_id,
-        "dtype": dtype.name,
-        "documents": len(documents),
-        "train_documents": len(train_docs),
-        "val_documents": len(val_docs),
-        "characters": sum(len(doc) for doc in documents),
-        "bytes": n_bytes,
-        "train_tokens": int(len(train_ids)),
-        "val_tokens": int(len(val_ids)),
-        "bytes_per_token": n_bytes / max(1, len(train_ids) + len(val_ids)),
-    }
+    meta.update(
+        {
+            "tokenizer": tok.to_json(),
+            "tokenizer_kind": tok.kind,
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "dtype": dtype.name,
+            "documents": len(documents),
+            "train_documents": len(train_docs),
+            "val_documents": len(val_docs),
+            "characters": sum(len(doc) for doc in documents),
+            "bytes": n_bytes,
+            "train_tokens": int(len(train_ids)),
+            "val_tokens": int(len(val_ids)),
+            "bytes_per_token": n_bytes / max(1, len(train_ids) + len(val_ids)),
+        }
+    )
     _write_prepared(out_dir, tok, train_ids, val_ids, dtype, meta)
-    return load_prepared(out_dir)
 
 
 def _write_prepared(
@@ -514,56 +705,271 @@ def _write_prepared(
     dtype: np.dtype,
     meta: dict,
 ) -> None:
-    """Build the folder under a temporary name, then rename it into place in one step."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
+    """Build the folder under a temporary name, then rename it into place in one step.
+
+    Whatever stops it (an error, Ctrl-C) removes the temporary folder on the way out;
+    only a kill leaves it, for the next prepare to clear.
+    """
+    tmp_dir = _make_temp_dir(out_dir)
     try:
         write_tokens(tmp_dir / TRAIN_FILE, train_ids, dtype)
         write_tokens(tmp_dir / VAL_FILE, val_ids, dtype)
         save_tokenizer(tok, tmp_dir / TOKENIZER_FILE)
         write_json_atomic(tmp_dir / META_FILE, meta)  # last: its presence marks a complete folder
-        if out_dir.exists():  # a leftover without meta.json, or another process won the race
-            if (out_dir / META_FILE).exists():
-                return
-            shutil.rmtree(out_dir)
-        try:
-            os.rename(tmp_dir, out_dir)
-        except OSError:
-            if not (out_dir / META_FILE).exists():
-                raise
+        _move_into_place(tmp_dir, out_dir)
+    except OSError as err:
+        raise os_error(err, "write", out_dir) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
-def load_prepared(directory: str | Path, reused: bool = False) -> PreparedData:
-    """Open a prepared folder (as written by `prepare`)."""
-    directory = Path(directory)
+def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
+    if os.path.lexists(out_dir):  # a leftover without meta.json, or another process won the race
+        if (out_dir / META_FILE).exists():
+            return
+        _discard(out_dir)
     try:
-        meta = json.loads((directory / META_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        os.rename(tmp_dir, out_dir)
+    except OSError:
+        if not (out_dir / META_FILE).exists():
+            raise
+
+
+# ---------------------------------------------------------------------------- temporary folders
+
+STALE_AFTER_S = 24 * 3600
+"""A temporary folder whose owner cannot be asked is stale after a day: writing one
+takes seconds to minutes (everything is tokenised before it is made)."""
+# .NAME.HOST.PID.RANDOM.tmp, NAME ending in the 12 hex digits of the prepared folder's key;
+# OLD_TEMP_NAME is the older .NAME.RANDOM.tmp of tempfile.mkdtemp. Nothing else is touched.
+TEMP_NAME = re.compile(
+    r"\.(?P<name>.+-[0-9a-f]{12})\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp"
+)
+OLD_TEMP_NAME = re.compile(r"\..+-[0-9a-f]{12}\.[a-z0-9_]{8}\.tmp")
+
+
+def _host_tag() -> str:
+    """This host's name with only letters, digits and '-', so the name's dots stay separators."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _temp_path(out_dir: Path) -> Path:
+    owner = f"{_host_tag()}.{os.getpid()}"
+    return out_dir.parent / f".{out_dir.name}.{owner}.{secrets.token_hex(4)}.tmp"
+
+
+def _make_temp_dir(out_dir: Path) -> Path:
+    """A fresh temporary folder beside `out_dir`, named for its owner (see TEMP_NAME).
+
+    Made with mkdir's mode, 0o777 less the umask, so the folder renamed into place has
+    the modes of any folder (mkdtemp's would be 0o700: private to one user).
+    """
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            path = _temp_path(out_dir)
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:  # 32 random bits taken already: draw again
+                continue
+    except OSError as err:  # named for the data folder, not for the hidden name it tried
+        raise os_error(OSError(err.errno, err.strerror), "write in", out_dir.parent) from None
+
+
+def remove_stale_temp_folders(data_dir: Path, now: float | None = None) -> list[Path]:
+    """Remove the temporary folders that killed prepares left in data_dir; returns them.
+
+    One made on this host by a process that is gone is stale at once; one whose owner
+    cannot be asked (another host, or an older name without a pid) after STALE_AFTER_S.
+    """
+    now = time.time() if now is None else now
+    try:
+        entries = list(os.scandir(data_dir))
+    except OSError:  # no data folder yet, or one that cannot be listed: nothing to clear
+        return []
+    stale = [Path(entry.path) for entry in entries if _is_stale_temp(entry, now)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _is_stale_temp(entry: os.DirEntry, now: float) -> bool:
+    match = TEMP_NAME.fullmatch(entry.name)
+    if not (match or OLD_TEMP_NAME.fullmatch(entry.name)):
+        return False
+    try:
+        if not entry.is_dir(follow_symlinks=False):
+            return False
+        age = now - entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return False
+    if match and match["host"] == _host_tag() and os.name == "posix":
+        return not _process_alive(int(match["pid"]))
+    return age > STALE_AFTER_S
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (on POSIX; signal 0 only asks)."""
+    if pid <= 0:  # 0 and -1 would signal whole process groups: never a real owner
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process; larger than any pid
+        return False
+    except OSError:  # PermissionError: it exists, as another user's
+        return True
+    return True
+
+
+def _discard(path: Path) -> None:
+    """Remove a damaged prepared folder (or a link or file in its place).
+
+    A folder is renamed to a temporary name first, so it vanishes in one step: a kill
+    while it is being deleted leaves a temporary folder, never a half-deleted one.
+    """
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()  # a link's target is not ours to delete
+            return
+        doomed = _temp_path(path)
+        os.rename(path, doomed)
+    except FileNotFoundError:  # another prepare removed it first
+        return
+    except OSError as err:
         raise MinigptError(
+            f"the prepared folder {path} is damaged and cannot be removed: {err.strerror}",
+            hint="remove it by hand, then prepare again",
+        ) from None
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+TOKEN_DTYPES = ("uint16", "uint32")
+META_TYPES: dict[str, type | tuple[type, ...]] = {
+    # what load_prepared and describe_prepared read, and the type each must have
+    "format": int,
+    "source": str,
+    "dtype": str,
+    "vocab_size": int,
+    "documents": int,
+    "train_documents": int,
+    "val_documents": int,
+    "characters": int,
+    "bytes": int,
+    "train_tokens": int,
+    "val_tokens": int,
+    "bytes_per_token": (int, float),
+}
+
+
+REPAIR_HINT = "prepare the corpus again (`minigpt prepare` rebuilds a damaged folder)"
+
+
+def _damaged(directory: Path, what: str) -> PreparedDataDamaged:
+    return PreparedDataDamaged(f"the prepared folder {directory} is damaged: {what}", REPAIR_HINT)
+
+
+def load_prepared(directory: str | Path, reused: bool = False) -> PreparedData:
+    """Open a prepared folder (as written by `prepare`), checked: meta.json holds what is
+    read from it, both token files hold the tokens it counts, the tokenizer loads.
+
+    A damaged folder is a PreparedDataDamaged naming it and what is wrong; one that
+    cannot be read (permissions) a MinigptError.
+    """
+    directory = Path(directory)
+    meta = _read_meta(directory)
+    _check_meta(directory, meta)
+    dtype = np.dtype(meta["dtype"])
+    train_path, val_path = directory / TRAIN_FILE, directory / VAL_FILE
+    _check_token_file(directory, train_path, meta["train_tokens"], dtype)
+    _check_token_file(directory, val_path, meta["val_tokens"], dtype)
+    return PreparedData(
+        dir=directory,
+        train_path=train_path,
+        val_path=val_path,
+        meta=meta,
+        tokenizer=_load_prepared_tokenizer(directory, meta, dtype),
+        dtype=dtype,
+        reused=reused,
+    )
+
+
+def _read_meta(directory: Path) -> dict:
+    path = directory / META_FILE
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        raise PreparedDataDamaged(
             f"{directory} is not prepared data (no {META_FILE})",
             hint="run `minigpt prepare` on the corpus first",
         ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise MinigptError(
-            f"{directory / META_FILE} is damaged", hint="delete the folder and prepare again"
-        ) from None
-    tokenizer_path = directory / TOKENIZER_FILE
-    tok = (
-        load_tokenizer(tokenizer_path)
-        if tokenizer_path.exists()
-        else tokenizer_from_json(meta["tokenizer"])
-    )
-    return PreparedData(
-        dir=directory,
-        train_path=directory / TRAIN_FILE,
-        val_path=directory / VAL_FILE,
-        meta=meta,
-        tokenizer=tok,
-        dtype=np.dtype(meta["dtype"]),
-        reused=reused,
-    )
+    except IsADirectoryError:
+        raise _damaged(directory, f"{META_FILE} is a folder") from None
+    except OSError as err:  # permission denied: an error to report, not damage to repair
+        raise os_error(err, "read", path) from None
+    except (ValueError, RecursionError):  # bad JSON or UTF-8; absurdly deep nesting
+        raise _damaged(directory, f"{META_FILE} is not valid JSON") from None
+    if not isinstance(meta, dict):
+        raise _damaged(directory, f"{META_FILE} is not a JSON object")
+    return meta
+
+
+def _check_meta(directory: Path, meta: dict) -> None:
+    for key, kind in META_TYPES.items():
+        value = meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise _damaged(directory, f"{META_FILE} has no valid {key!r}")
+        if kind is int and value < 0:
+            raise _damaged(directory, f"{META_FILE} has a negative {key!r}")
+    if meta["format"] != PREPARED_FORMAT:
+        raise _damaged(
+            directory, f"{META_FILE} says format {meta['format']}, not {PREPARED_FORMAT}"
+        )
+    if meta["dtype"] not in TOKEN_DTYPES:
+        raise _damaged(directory, f"{META_FILE} says dtype {meta['dtype']!r}, not uint16 or uint32")
+
+
+def _check_token_file(directory: Path, path: Path, n_tokens: int, dtype: np.dtype) -> None:
+    """The file holds exactly n_tokens ids of `dtype`: a truncated one is damage, never data."""
+    try:
+        info = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise _damaged(directory, f"{path.name} is missing") from None
+    except OSError as err:
+        raise os_error(err, "read", path) from None
+    if not stat.S_ISREG(info.st_mode):
+        raise _damaged(directory, f"{path.name} is not a regular file")
+    expected = n_tokens * dtype.itemsize
+    if info.st_size != expected:
+        raise _damaged(
+            directory,
+            f"{path.name} has {info.st_size:,} bytes, where {META_FILE}'s {n_tokens:,} "
+            f"{dtype.name} tokens take {expected:,}",
+        )
+    try:
+        open(path, "rb").close()  # unreadable now is clearer than when it is mapped
+    except OSError as err:
+        raise os_error(err, "read", path) from None
+
+
+def _load_prepared_tokenizer(directory: Path, meta: dict, dtype: np.dtype) -> Tokenizer:
+    """tokenizer.json, else (older folders) meta.json's copy; damaged means the folder is."""
+    path = directory / TOKENIZER_FILE
+    try:
+        if path.exists():
+            tok = load_tokenizer(path)
+        else:
+            tok = tokenizer_from_json(meta.get("tokenizer"), where=str(directory / META_FILE))
+    except TokenizerFileDamaged as err:  # its message names the file, in this folder
+        raise PreparedDataDamaged(str(err), REPAIR_HINT) from None
+    if tok.vocab_size - 1 > np.iinfo(dtype).max:
+        raise _damaged(
+            directory, f"its {tok.vocab_size:,}-token vocabulary does not fit {dtype.name}"
+        )
+    return tok
 
 
 def check_block_size(n_tokens: int, block_size: int, what: str) -> None:

@@ -18,13 +18,15 @@ from __future__ import annotations
 import base64
 import codecs
 import json
+import numbers
 import socket
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from minigpt.atomic import write_json_atomic
-from minigpt.errors import MinigptError
+from minigpt.errors import MinigptError, os_error
 
 ENDOFTEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
@@ -32,8 +34,29 @@ TOKENIZER_FILE = "tokenizer.json"
 NAMED_ENCODINGS = ("gpt2", "r50k_base", "cl100k_base", "o200k_base")
 TOKENIZER_KINDS = ("char", "bpe", *NAMED_ENCODINGS)
 DEFAULT_BPE_VOCAB_SIZE = 2048
+MAX_BPE_VOCAB_SIZE = 1 << 20
+"""The largest BPE vocabulary: rustbpe counts in u32, and 2**20 ids is far past what a small
+GPT's corpus can fill (GPT-4's cl100k has about 100k)."""
 # The GPT-4 (cl100k) split: contractions, words, 1-3 digit numbers, punctuation runs, whitespace.
 GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+
+
+class TokenizerFileDamaged(MinigptError):
+    """A saved tokenizer whose content is wrong (not one that cannot be read or fetched):
+    a prepared data folder holding one is rebuilt rather than trusted."""
+
+
+def _damaged(where: str, what: str) -> TokenizerFileDamaged:
+    return TokenizerFileDamaged(
+        f"{where} is damaged: {what}",
+        hint="restore it from a copy, or prepare the data again",
+    )
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """repr(value), cut short: a hostile file must not fill the terminal."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class StreamDecoder:
@@ -238,7 +261,10 @@ class BPETokenizer(TiktokenTokenizer):
         import tiktoken
 
         ranks = sorted(mergeable_ranks.values())
-        if ranks != list(range(len(ranks))) or len(ranks) < 256:
+        # tiktoken panics (a PanicException, which is no Exception) when it meets a byte
+        # that has no token; an empty token could never be produced
+        all_bytes = all(bytes([byte]) in mergeable_ranks for byte in range(256))
+        if ranks != list(range(len(ranks))) or not all_bytes or b"" in mergeable_ranks:
             raise MinigptError(
                 "the BPE merge ranks are not the ids 0..n-1 with all 256 bytes",
                 hint="tokenizer.json is damaged; prepare the data again",
@@ -277,17 +303,26 @@ class BPETokenizer(TiktokenTokenizer):
         }
 
     @classmethod
-    def from_json(cls, data: dict) -> BPETokenizer:
+    def from_json(cls, data: dict, where: str = TOKENIZER_FILE) -> BPETokenizer:
+        """Rebuild from `to_json()`; anything malformed is a TokenizerFileDamaged naming `where`."""
+        ranks, pattern = data.get("ranks"), data.get("pattern")
+        if not isinstance(ranks, list) or not all(isinstance(token, str) for token in ranks):
+            raise _damaged(where, "its bpe 'ranks' is not a list of base64 strings")
+        if not isinstance(pattern, str):
+            raise _damaged(where, "its bpe 'pattern' is not a string")
+        if len(ranks) >= MAX_BPE_VOCAB_SIZE:
+            raise _damaged(where, f"its bpe 'ranks' holds {len(ranks):,} tokens, too many")
         try:
-            ranks = {base64.b64decode(token): rank for rank, token in enumerate(data["ranks"])}
-            return cls(ranks, data["pattern"])
-        except (KeyError, TypeError, ValueError) as err:
-            if isinstance(err, MinigptError):
-                raise
-            raise MinigptError(
-                "tokenizer.json has a damaged bpe tokenizer",
-                hint="prepare the data again or restore the file",
-            ) from err
+            # validate: plain b64decode silently drops characters outside the alphabet
+            tokens = [base64.b64decode(token, validate=True) for token in ranks]
+        except ValueError:
+            raise _damaged(where, "a token in its bpe 'ranks' is not base64") from None
+        try:
+            return cls({token: rank for rank, token in enumerate(tokens)}, pattern)
+        except MinigptError as err:  # duplicates, gaps, a missing byte
+            raise _damaged(where, str(err)) from None
+        except ValueError as err:  # tiktoken cannot compile the split pattern
+            raise _damaged(where, f"its bpe 'pattern' does not compile ({err})") from None
 
 
 class NamedTokenizer(TiktokenTokenizer):
@@ -329,7 +364,21 @@ def load_tiktoken_encoding(name: str):
 
 
 def check_bpe_vocab_size(vocab_size: int) -> None:
-    """A byte-level BPE needs the 256 bytes, <|endoftext|> and at least one merge."""
+    """A byte-level BPE needs the 256 bytes, <|endoftext|> and at least one merge, and at
+    most MAX_BPE_VOCAB_SIZE ids."""
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral):
+        raise MinigptError(
+            f"vocab size must be a whole number, not {_shown(vocab_size)}",
+            hint="use a vocab_size such as 2048",
+            param="vocab_size",
+        )
+    if vocab_size > MAX_BPE_VOCAB_SIZE:
+        raise MinigptError(
+            f"vocab size {vocab_size:,} is too large for BPE, whose most is "
+            f"{MAX_BPE_VOCAB_SIZE:,} (2**20)",
+            hint="use a vocab_size from 512 to 65536; a small corpus runs out of merges long before",
+            param="vocab_size",
+        )
     if vocab_size <= 256 + 1:
         raise MinigptError(
             f"vocab size {vocab_size} is too small for BPE, which needs more than 257 "
@@ -385,19 +434,47 @@ def _chunks(texts: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
             start = end
 
 
-def tokenizer_from_json(data: dict) -> Tokenizer:
-    """Rebuild a tokenizer from its `to_json()` dict."""
-    kind = data.get("kind") if isinstance(data, dict) else None
+def tokenizer_from_json(data: dict, where: str = TOKENIZER_FILE) -> Tokenizer:
+    """Rebuild a tokenizer from its `to_json()` dict, read from `where` (named in errors).
+
+    The dict may come from anywhere, so its shape is checked: anything malformed is a
+    TokenizerFileDamaged, never a traceback or a tokenizer that fails later.
+    """
+    if not isinstance(data, dict):
+        raise _damaged(where, "it is not a JSON object")
+    kind = data.get("kind")
     if kind == "char":
-        return CharTokenizer(data["chars"], unknown=data.get("unknown"))
+        return _char_tokenizer_from_json(data, where)
     if kind == "bpe":
-        return BPETokenizer.from_json(data)
-    if kind in NAMED_ENCODINGS:
+        return BPETokenizer.from_json(data, where)
+    if isinstance(kind, str) and kind in NAMED_ENCODINGS:
         return NamedTokenizer(kind)
-    raise MinigptError(
-        f"unknown tokenizer kind {kind!r} in tokenizer.json",
+    raise TokenizerFileDamaged(
+        f"unknown tokenizer kind {_shown(kind)} in {where}",
         hint="the run was written by a newer minigpt, or the file is damaged",
     )
+
+
+def _is_one_character(value: object) -> bool:
+    # a lone surrogate is one str character that no text contains and no terminal prints
+    return isinstance(value, str) and len(value) == 1 and not "\ud800" <= value <= "\udfff"
+
+
+def _char_tokenizer_from_json(data: dict, where: str) -> CharTokenizer:
+    chars, unknown = data.get("chars"), data.get("unknown")
+    if not isinstance(chars, list) or not chars:
+        raise _damaged(where, "its char 'chars' is not a non-empty list of characters")
+    bad = [ch for ch in chars if not _is_one_character(ch)]
+    if bad:
+        raise _damaged(
+            where, f"its char 'chars' holds {_shown(bad[0])}, which is not one character"
+        )
+    twice = [ch for ch, count in Counter(chars).items() if count > 1]
+    if twice:  # two ids for one character: encode would silently use only the last
+        raise _damaged(where, f"its char 'chars' holds {twice[0]!r} twice")
+    if unknown is not None and (not _is_one_character(unknown) or unknown not in chars):
+        raise _damaged(where, f"its char 'unknown' {_shown(unknown)} is not one of its 'chars'")
+    return CharTokenizer(chars, unknown=unknown)
 
 
 def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
@@ -406,15 +483,19 @@ def save_tokenizer(tokenizer: Tokenizer, path: str | Path) -> None:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """Read a saved tokenizer; a missing, unreadable or damaged file is one clear sentence."""
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as err:
+    except (FileNotFoundError, NotADirectoryError) as err:
         raise MinigptError(
             f"no tokenizer at {path}", hint="is this a minigpt run directory?"
         ) from err
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise MinigptError(
+    except OSError as err:  # permission denied, a folder in the file's place
+        raise os_error(err, "read", path) from err
+    # bad JSON or UTF-8 are ValueErrors; nesting deep enough to overflow the parser is not
+    except (ValueError, RecursionError) as err:
+        raise TokenizerFileDamaged(
             f"{path} is not valid JSON", hint="the file is damaged; retrain or restore it"
         ) from err
-    return tokenizer_from_json(data)
+    return tokenizer_from_json(data, where=str(path))

@@ -1,11 +1,17 @@
 """Corpora, preparation, caching, bad input, the shakespeare download on loopback, the batcher."""
 
+import errno
 import functools
 import hashlib
 import http.server
+import json
+import os
 import re
+import subprocess
+import sys
 import sysconfig
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -219,6 +225,11 @@ def assert_nothing_written(data_dir: Path):
         (lambda d: (d / "empty").mkdir() or d / "empty", "no files matching"),
         (lambda d: (d / "latin1.txt").write_bytes("café\n".encode("latin-1")) and d / "latin1.txt", "not UTF-8 text .*0xe9 at offset 3"),
         (lambda d: (d / "blob.txt").write_bytes(b"PK\x03\x04\x00\x00binary") and d / "blob.txt", "looks binary"),
+        (lambda d: (d / "blob.txt").write_bytes(b"PK\x03\x04\x00\x00binary") and d / "blob.txt", r"NUL byte at offset 4\)"),
+        (lambda d: (d / "u16.txt").write_bytes("héllo\n".encode("utf-16")) and d / "u16.txt", r"looks like UTF-16 text \(it starts with a byte-order mark\)"),
+        (lambda d: (d / "u16.txt").write_bytes("héllo\n".encode("utf-16-be")) and d / "u16.txt", r"looks like UTF-16BE text \(every other byte is NUL\)"),
+        (lambda d: (d / "u16.txt").write_bytes(b"\xfe\xff" + "héllo\n".encode("utf-16-be")) and d / "u16.txt", "looks like UTF-16 text"),
+        (lambda d: (d / "u32.txt").write_bytes("héllo\n".encode("utf-32")) and d / "u32.txt", "looks like UTF-32 text"),
     ],
 )  # fmt: skip
 def test_bad_sources(tmp_path, make, message):
@@ -293,6 +304,389 @@ def test_cli_prepare(tmp_path, minigpt_cli):
     assert code == 2 and err.startswith("error: no file, folder") and "Traceback" not in err
     code, _, err = minigpt_cli("prepare", corpus, "-t", "bpe", "--vocab-size", "100")
     assert code == 2 and "too small for BPE" in err
+
+
+def test_utf16_hint_and_utf8_byte_order_mark(tmp_path):
+    corpus = tmp_path / "u16.txt"
+    corpus.write_bytes("hello\n".encode("utf-16"))
+    with pytest.raises(MinigptError) as err:
+        prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    assert "iconv -f utf-16 -t utf-8" in err.value.hint
+    # a UTF-8 byte-order mark is UTF-8: read as a plain utf-8 decode reads it
+    corpus.write_bytes(b"\xef\xbb\xbf" + make_text().encode())
+    assert data.read_text(corpus) == "\ufeff" + make_text()
+
+
+# --------------------------------------------------------------------- sources that are odd
+
+
+def test_odd_sources_are_one_sentence(tmp_path, monkeypatch):
+    pipe = tmp_path / "pipe.txt"
+    os.mkfifo(pipe)
+    with pytest.raises(MinigptError, match="neither a text file nor a folder"):
+        prepare(pipe, "char", data_dir=tmp_path / "data", progress=False)
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    with pytest.raises(MinigptError, match="cannot read .*loop: Too many levels of symbolic"):
+        prepare(loop, "char", data_dir=tmp_path / "data", progress=False)
+    dangling = tmp_path / "dangling"
+    dangling.symlink_to(tmp_path / "gone.txt")
+    with pytest.raises(MinigptError, match="symbolic link to .*gone.txt, which does not exist"):
+        prepare(dangling, "char", data_dir=tmp_path / "data", progress=False)
+    with pytest.raises(MinigptError, match="no file, folder or built-in dataset"):
+        prepare("~no_such_user_xyz/c.txt", "char", data_dir=tmp_path / "data", progress=False)
+    monkeypatch.chdir(tmp_path)  # "" must not mean the working directory
+    (tmp_path / "c.txt").write_text(make_text())
+    with pytest.raises(MinigptError, match="no file, folder or built-in dataset named ''"):
+        prepare("", "char", data_dir=tmp_path / "data", progress=False)
+    assert_nothing_written(tmp_path / "data")
+
+
+def test_a_pipe_in_a_folder_is_skipped_not_read(tmp_path):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "a.txt").write_text(make_text())
+    os.mkfifo(folder / "b.txt")  # reading it would block forever
+    prepared = prepare(folder, "char", data_dir=tmp_path / "data", progress=False)
+    assert prepared.meta["documents"] == 1
+
+
+def test_unreadable_files_are_one_sentence(tmp_path, monkeypatch):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "a.txt").write_text(make_text())
+    (folder / "secret.txt").write_text(make_text())
+    real_read_bytes = Path.read_bytes
+
+    def refuse_secret(path):
+        if path.name == "secret.txt":  # tests run as root, so chmod cannot refuse
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse_secret)
+    with pytest.raises(MinigptError, match="cannot read .*secret.txt: Permission denied"):
+        prepare(folder, "char", data_dir=tmp_path / "data", progress=False)
+    assert_nothing_written(tmp_path / "data")
+
+
+def test_a_data_dir_that_is_a_file(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    (tmp_path / "data").write_text("not a folder")
+    with pytest.raises(MinigptError, match=f"cannot write in {tmp_path / 'data'}: File exists"):
+        prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    assert (tmp_path / "data").read_text() == "not a folder"
+
+
+# ------------------------------------------------------------------------------------ globs
+
+
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        ("../*.txt", "has a '..' part"),
+        ("sub/../../*.txt", "has a '..' part"),
+        ("..\\*.txt", "has a '..' part"),
+        ("/etc/*", "is absolute"),
+        ("\\secret.txt", "is absolute"),
+        ("", "is empty"),
+        ("   ", "is empty"),
+        ("a**b", "is not a pattern minigpt can use"),
+    ],
+)
+def test_globs_stay_inside_the_folder(tmp_path, monkeypatch, pattern, message):
+    folder = tmp_path / "books"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.txt").write_text(make_text())
+    (tmp_path / "secret.txt").write_text("outside the folder\n" * 50)
+    pattern = pattern.replace("/etc", str(tmp_path)) if pattern == "/etc/*" else pattern
+    read = []
+    monkeypatch.setattr(data, "read_text", lambda path: read.append(path) or "x")
+    with pytest.raises(MinigptError, match=re.escape(message)) as err:
+        prepare(folder, "char", data_dir=tmp_path / "data", glob=pattern, progress=False)
+    assert err.value.param == "glob"
+    assert read == []  # refused before reading anything
+    assert_nothing_written(tmp_path / "data")
+
+
+def test_glob_error_names_the_cli_option(tmp_path, minigpt_cli):
+    folder = tmp_path / "books"
+    folder.mkdir()
+    code, _, err = minigpt_cli("prepare", folder, "--glob", "/etc/*", "--data-dir", tmp_path / "d")
+    assert code == 2 and "--glob '/etc/*' is absolute" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------- damaged prepared data
+
+
+def truncate(path: Path, n_bytes: int) -> None:
+    path.write_bytes(path.read_bytes()[:-n_bytes])
+
+
+def edit_meta(folder: Path, change) -> None:
+    meta = json.loads((folder / "meta.json").read_text())
+    (folder / "meta.json").write_text(json.dumps(change(meta)))
+
+
+DAMAGE = {
+    "truncated train.bin": (lambda d: truncate(d / "train.bin", 2), "train.bin has .* bytes"),
+    "odd-sized train.bin": (lambda d: truncate(d / "train.bin", 1), "train.bin has .* bytes"),
+    "val.bin missing": (lambda d: (d / "val.bin").unlink(), "val.bin is missing"),
+    "val.bin a folder": (lambda d: (d / "val.bin").unlink() or (d / "val.bin").mkdir(), "val.bin is not a regular file"),
+    "meta.json without dtype": (lambda d: edit_meta(d, lambda m: m.pop("dtype") and m), "no valid 'dtype'"),
+    "dtype float64": (lambda d: edit_meta(d, lambda m: m | {"dtype": "float64"}), "dtype 'float64'"),
+    "dtype nonsense": (lambda d: edit_meta(d, lambda m: m | {"dtype": "fancy"}), "dtype 'fancy'"),
+    "train_tokens a string": (lambda d: edit_meta(d, lambda m: m | {"train_tokens": "12"}), "no valid 'train_tokens'"),
+    "val_tokens negative": (lambda d: edit_meta(d, lambda m: m | {"val_tokens": -2}), "negative 'val_tokens'"),
+    "format from elsewhere": (lambda d: edit_meta(d, lambda m: m | {"format": 99}), "format 99"),
+    "meta.json a list": (lambda d: (d / "meta.json").write_text("[1, 2]"), "meta.json is not a JSON object"),
+    "meta.json not JSON": (lambda d: (d / "meta.json").write_text("{oops"), "meta.json is not valid JSON"),
+    "meta.json deeply nested": (lambda d: (d / "meta.json").write_text("[" * 100_000), "not valid JSON"),
+    "meta.json missing": (lambda d: (d / "meta.json").unlink(), "not prepared data"),
+    "tokenizer.json damaged": (lambda d: (d / "tokenizer.json").write_text('{"kind": "char", "chars": 5}'), "tokenizer.json is damaged"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_load_prepared_refuses_a_damaged_folder(tmp_path, damage):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    prepared = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    do_damage, message = DAMAGE[damage]
+    do_damage(prepared.dir)
+    with pytest.raises(MinigptError, match=message) as err:
+        load_prepared(prepared.dir)
+    assert str(prepared.dir) in str(err.value)
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_prepare_rebuilds_a_damaged_folder(tmp_path, damage):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    first = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    DAMAGE[damage][0](first.dir)
+    again = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    assert not again.reused and again.dir == first.dir
+    assert again.meta == first.meta
+    tok = again.tokenizer
+    assert tok.decode(again.train_tokens().tolist()) + tok.decode(again.val_tokens().tolist()) == (
+        make_text()
+    )
+    files = ["meta.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert listing(tmp_path / "data") == [first.dir.name] + [f"{first.dir.name}/{f}" for f in files]
+
+
+def test_a_link_in_the_folders_place_is_removed_not_followed(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    first = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    elsewhere = tmp_path / "precious"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("mine")
+    for name in os.listdir(first.dir):
+        os.unlink(first.dir / name)
+    first.dir.rmdir()
+    first.dir.symlink_to(elsewhere)  # looks like the folder, is not prepared data
+    again = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    assert not again.dir.is_symlink() and not again.reused
+    assert listing(elsewhere) == ["keep.txt"]
+
+
+def test_unreadable_meta_is_an_error_not_a_rebuild(tmp_path, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    first = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    real_read_text = Path.read_text
+
+    def refuse_meta(path, *args, **kwargs):
+        if path.name == "meta.json":  # tests run as root, so chmod cannot refuse
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_read_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refuse_meta)
+    with pytest.raises(MinigptError, match="cannot read .*meta.json: Permission denied"):
+        load_prepared(first.dir)
+    with pytest.raises(MinigptError, match="cannot read .*meta.json: Permission denied"):
+        prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    monkeypatch.undo()
+    assert load_prepared(first.dir).meta == first.meta  # left as it was
+
+
+# -------------------------------------------------------------------------- temporary folders
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: the pid names no process now
+    return child.pid
+
+
+def test_temporary_folder_names_its_owner_and_has_ordinary_modes(tmp_path, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    seen = {}
+    real_write = data.write_tokens
+
+    def look(path, ids, dtype):
+        seen["name"], seen["mode"] = path.parent.name, path.parent.stat().st_mode & 0o777
+        real_write(path, ids, dtype)
+
+    monkeypatch.setattr(data, "write_tokens", look)
+    previous = os.umask(0o027)
+    try:
+        prepared = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    finally:
+        os.umask(previous)
+    match = data.TEMP_NAME.fullmatch(seen["name"])
+    assert match and match["name"] == prepared.dir.name and int(match["pid"]) == os.getpid()
+    assert seen["mode"] == 0o750
+    assert prepared.dir.stat().st_mode & 0o777 == 0o750  # not mkdtemp's 0o700
+    assert (prepared.dir / "train.bin").stat().st_mode & 0o777 == 0o640
+
+
+def test_prepared_folder_mode_follows_the_umask(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    previous = os.umask(0o022)
+    try:
+        prepared = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    finally:
+        os.umask(previous)
+    assert prepared.dir.stat().st_mode & 0o777 == 0o755
+
+
+def test_stale_temporary_folders_are_cleared(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    host = data._host_tag()
+    day_ago = time.time() - 2 * 24 * 3600
+
+    def folder(name: str, old: bool = False) -> Path:
+        path = data_dir / name
+        path.mkdir()
+        (path / "train.bin").write_bytes(b"\0" * 10)
+        if old:
+            os.utime(path, (day_ago, day_ago))
+        return path
+
+    dead = folder(f".c-char-0123456789ab.{host}.{dead_pid()}.0a1b2c3d.tmp")
+    alive = folder(f".c-char-0123456789ab.{host}.{os.getpid()}.0a1b2c3d.tmp")
+    old_style = folder(".c-char-0123456789ab.k2j4_xyz.tmp", old=True)
+    old_style_recent = folder(".c-char-0123456789ab.q9w8_abc.tmp")
+    other_host = folder(".c-char-0123456789ab.elsewhere.12.0a1b2c3d.tmp")
+    other_host_old = folder(".c-char-0123456789ab.elsewhere.13.0a1b2c3d.tmp", old=True)
+    prepared_folder = folder("c-char-0123456789ab", old=True)
+    someone_elses = folder(".notes.tmp", old=True)  # not a name prepare makes: never touched
+    link = data_dir / ".c-char-0123456789ab.k2j4_lnk.tmp"
+    link.symlink_to(tmp_path)
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    prepare(corpus, "char", data_dir=data_dir, progress=False)
+    for gone in (dead, old_style, other_host_old):
+        assert not gone.exists()
+    for kept in (alive, old_style_recent, other_host, prepared_folder, someone_elses, link):
+        assert kept.exists()
+    assert (tmp_path / "c.txt").exists()  # the link was not followed
+
+
+@pytest.mark.parametrize(
+    "step", ["train_tokenizer", "tokenize_documents", "write_tokens", "save_tokenizer", "write_json_atomic"]
+)  # fmt: skip
+def test_ctrl_c_anywhere_leaves_no_folder(tmp_path, monkeypatch, step):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data, step, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    assert_nothing_written(tmp_path / "data")
+
+
+def test_ctrl_c_while_removing_a_damaged_folder_leaves_no_visible_folder(tmp_path, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    first = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    truncate(first.dir / "train.bin", 2)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(data.shutil, "rmtree", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    monkeypatch.undo()
+    assert [p for p in os.listdir(tmp_path / "data") if not p.startswith(".")] == []
+    assert not prepare(corpus, "char", data_dir=tmp_path / "data", progress=False).reused
+
+
+# --------------------------------------------------------------------------- what a resume needs
+
+
+def test_a_changed_corpus_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    first = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
+    trained_on = first.meta["content_hash"]
+    assert prepare(corpus, "char", data_dir=tmp_path / "data", expected_hash=trained_on).reused
+    corpus.write_text(make_text() + "one more line\n")
+    now = data.content_hash([corpus.read_text()])
+    before = listing(tmp_path / "data")
+    monkeypatch.setattr(data, "train_tokenizer", lambda *args: pytest.fail("trained a tokenizer"))
+    with pytest.raises(MinigptError) as err:
+        prepare(corpus, "char", data_dir=tmp_path / "data", expected_hash=trained_on)
+    assert str(err.value) == (
+        f"the corpus {corpus} has changed since the run started: its content hash is "
+        f"{now[:12]}, the run was trained on {trained_on[:12]}"
+    )
+    assert err.value.hint == "restore the original corpus, or start a new run with --out"
+    assert listing(tmp_path / "data") == before
+
+
+def test_meta_records_the_absolute_source_path(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "c.txt").write_text(make_text())
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "a.txt").write_text(make_text())
+    from_file = prepare("c.txt", "char", data_dir=tmp_path / "data", progress=False)
+    assert from_file.meta["source_path"] == str(tmp_path.resolve() / "c.txt")
+    assert load_prepared(from_file.dir).meta["source_path"] == str(tmp_path.resolve() / "c.txt")
+    from_folder = prepare("books", "char", data_dir=tmp_path / "data", progress=False)
+    assert from_folder.meta["source_path"] == str(tmp_path.resolve() / "books")
+    monkeypatch.setitem(
+        BUILTIN_DATASETS, "tiny", data.BuiltinDataset("one", lambda data_dir, progress: ["ab" * 50])
+    )
+    assert prepare("tiny", "char", data_dir=tmp_path / "data").meta["source_path"] is None
+    # the same content elsewhere reuses the folder, and is told its own path
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "c.txt").write_text(make_text())
+    monkeypatch.chdir(tmp_path / "copy")
+    again = prepare("c.txt", "char", data_dir=tmp_path / "data", progress=False)
+    assert again.reused and again.dir == from_file.dir
+    assert again.meta["source_path"] == str(tmp_path.resolve() / "copy" / "c.txt")
+
+
+def test_folder_names_are_unchanged(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(make_text())
+    # names made by the previous release: its prepared folders are still found
+    assert prepare(corpus, "char", data_dir=tmp_path, progress=False).dir.name == (
+        "corpus-char-24ce2b5b16f2"
+    )
+    assert prepare(corpus, "bpe", 300, tmp_path, progress=False).dir.name == (
+        "corpus-bpe300-31f18eee2b32"
+    )
+
+
+def test_absurd_bpe_vocab_size_fails_before_reading(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    with pytest.raises(MinigptError, match="too large for BPE") as err:
+        prepare(corpus, "bpe", 10_000_000_000, tmp_path / "data", progress=False)
+    assert err.value.param == "vocab_size"
+    assert_nothing_written(tmp_path / "data")
 
 
 # ------------------------------------------------------------------- shakespeare on loopback

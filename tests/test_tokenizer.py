@@ -1,8 +1,10 @@
 """Tokenizers: round trips, unseen characters, streaming decode, JSON, tiktoken offline."""
 
 import base64
+import errno
 import hashlib
 import socket
+from pathlib import Path
 
 import pytest
 import tiktoken
@@ -12,9 +14,13 @@ import tiktoken.registry
 from minigpt.errors import MinigptError
 from minigpt.tokenizer import (
     ENDOFTEXT,
+    MAX_BPE_VOCAB_SIZE,
     BPETokenizer,
     CharTokenizer,
     NamedTokenizer,
+    TokenizerFileDamaged,
+    check_bpe_vocab_size,
+    check_tokenizer_settings,
     load_tokenizer,
     save_tokenizer,
     tokenizer_from_json,
@@ -240,3 +246,103 @@ def test_named_encoding_offline_is_one_sentence(fresh_tiktoken, no_network, name
     assert "\n" not in message
     assert no_network  # it did try, and the attempt was refused before any socket opened
     assert list(fresh_tiktoken.iterdir()) == []
+
+
+# ------------------------------------------------------------- tokenizer files from elsewhere
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"kind": "char"}, "'chars' is not a non-empty list"),
+        ({"kind": "char", "chars": 5}, "'chars' is not a non-empty list"),
+        ({"kind": "char", "chars": "abc"}, "'chars' is not a non-empty list"),
+        ({"kind": "char", "chars": []}, "'chars' is not a non-empty list"),
+        ({"kind": "char", "chars": ["a", 5]}, "holds 5, which is not one character"),
+        ({"kind": "char", "chars": ["a", None]}, "holds None, which is not one character"),
+        ({"kind": "char", "chars": ["a", "bc"]}, "holds 'bc', which is not one character"),
+        ({"kind": "char", "chars": ["a", "\ud800"]}, "which is not one character"),
+        ({"kind": "char", "chars": ["a", "b", "a"]}, "holds 'a' twice"),
+        ({"kind": "char", "chars": ["a"], "unknown": 5}, "'unknown' 5 is not one of"),
+        ({"kind": "char", "chars": ["a"], "unknown": "ab"}, "'unknown' 'ab' is not one of"),
+        ({"kind": "char", "chars": ["a"], "unknown": "z"}, "'unknown' 'z' is not one of"),
+        ({"kind": "bpe", "ranks": "AAEC", "pattern": "x"}, "'ranks' is not a list"),
+        ({"kind": "bpe", "ranks": {"AA==": 0}, "pattern": "x"}, "'ranks' is not a list"),
+        ({"kind": "bpe", "ranks": [5], "pattern": "x"}, "'ranks' is not a list"),
+        ({"kind": "bpe", "ranks": ["QQ==junk"], "pattern": "x"}, "is not base64"),
+        ({"kind": "bpe", "ranks": ["AA=="]}, "'pattern' is not a string"),
+        ({"kind": "bpe", "ranks": ["AA=="], "pattern": 5}, "'pattern' is not a string"),
+        ([1, 2], "is not a JSON object"),
+        ("char", "is not a JSON object"),
+        (None, "is not a JSON object"),
+    ],
+)
+def test_damaged_tokenizer_json_is_one_sentence(data, message):
+    with pytest.raises(TokenizerFileDamaged, match=message) as err:
+        tokenizer_from_json(data)
+    assert str(err.value).startswith("tokenizer.json is damaged: ")
+
+
+def byte_ranks() -> list[str]:
+    return [base64.b64encode(bytes([b])).decode() for b in range(256)]
+
+
+@pytest.mark.parametrize(
+    "ranks, pattern, message",
+    [
+        (byte_ranks()[1:] + [base64.b64encode(b"ab").decode()], r"\s+|\S+", "all 256 bytes"),
+        (byte_ranks() + [byte_ranks()[65]], r"\s+|\S+", "not the ids 0..n-1"),
+        (byte_ranks() + [""], r"\s+|\S+", "not the ids 0..n-1"),
+        (byte_ranks(), "(", "'pattern' does not compile"),
+    ],
+)
+def test_damaged_bpe_ranks_are_refused_on_load(ranks, pattern, message):
+    # a missing byte is the dangerous one: tiktoken panics when it meets that byte
+    with pytest.raises(TokenizerFileDamaged, match=message):
+        tokenizer_from_json({"kind": "bpe", "ranks": ranks, "pattern": pattern})
+
+
+def test_load_tokenizer_names_the_file_and_why(tmp_path, monkeypatch):
+    path = tmp_path / "tokenizer.json"
+    path.write_text('{"kind": "char", "chars": 5}')
+    with pytest.raises(MinigptError, match=f"{path} is damaged: its char 'chars'"):
+        load_tokenizer(path)
+    path.write_text("[" * 100_000)  # deep enough to overflow json's parser
+    with pytest.raises(MinigptError, match=f"{path} is not valid JSON"):
+        load_tokenizer(path)
+    path.write_text("[]")
+    with pytest.raises(MinigptError, match="is damaged: it is not a JSON object"):
+        load_tokenizer(path)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(MinigptError, match=f"cannot read {path}: Is a directory") as err:
+        load_tokenizer(path)
+    assert err.value.hint
+    path.rmdir()
+    save_tokenizer(CharTokenizer.from_text("abc"), path)
+
+    def refuse(self, *args, **kwargs):  # tests run as root, so chmod cannot refuse
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", refuse)
+    with pytest.raises(MinigptError, match=f"cannot read {path}: Permission denied") as err:
+        load_tokenizer(path)
+    assert "permission" in err.value.hint
+    monkeypatch.undo()
+    with pytest.raises(MinigptError, match="no tokenizer at"):
+        load_tokenizer(tmp_path / "missing" / "tokenizer.json")
+
+
+@pytest.mark.parametrize("vocab_size", [MAX_BPE_VOCAB_SIZE + 1, 10_000_000_000, 2**64])
+def test_bpe_vocab_too_large(vocab_size):
+    with pytest.raises(MinigptError, match="too large for BPE, whose most is 1,048,576") as err:
+        check_tokenizer_settings("bpe", vocab_size)
+    assert err.value.param == "vocab_size"
+
+
+def test_bpe_vocab_size_limits():
+    assert MAX_BPE_VOCAB_SIZE == 2**20
+    assert check_tokenizer_settings("bpe", MAX_BPE_VOCAB_SIZE) == MAX_BPE_VOCAB_SIZE
+    for bad in (3.5, "2048", True, None):
+        with pytest.raises(MinigptError, match="whole number"):
+            check_bpe_vocab_size(bad)
