@@ -17,8 +17,11 @@ checkpoint loadable.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import pickle
+import socket
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, fields
@@ -30,8 +33,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
+
 from minigpt.atomic import atomic_path, write_json_atomic, write_text_atomic
-from minigpt.errors import MinigptError
+from minigpt.errors import MinigptError, os_error
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
 
@@ -45,6 +54,7 @@ LAST_WEIGHTS = "model-last.safetensors"
 TRAINER_STATE = "trainer.pt"
 METRICS_FILE = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+LOCK_FILE = ".lock"
 RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, METRICS_FILE)
 """The files whose presence means a directory already holds a run."""
 DEFAULT_RUN_DIR = Path("checkpoints/default")
@@ -66,25 +76,49 @@ def save_weights(state_dict: dict[str, Tensor], path: str | Path) -> None:
 
 
 def load_weights(model: GPT, path: str | Path) -> None:
-    """Load safetensors weights into `model`, with a clear error if they do not fit."""
+    """Load safetensors weights into `model`, with a clear error if they do not fit it
+    (names, shapes) or are not finite: such a file never reaches the model."""
     path = Path(path)
     try:
+        with open(path, "rb"):  # safetensors reports an unreadable file as a missing one
+            pass
         state = load_file(str(path), device=str(model.device))
     except FileNotFoundError as err:
         raise MinigptError(f"no weights at {path}", hint="the run directory is incomplete") from err
+    except (PermissionError, IsADirectoryError) as err:
+        raise os_error(err, "read", path) from err
     except (SafetensorError, OSError, ValueError) as err:
         raise MinigptError(
-            f"{path} is not a readable safetensors file ({err})",
+            f"{path} is not a readable safetensors file ({_first_line(err)})",
             hint="the file is damaged or truncated; resume from another run or retrain",
         ) from err
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in _TIED_KEYS]
-    if missing or unexpected:
+    expected = {k: v.shape for k, v in model.state_dict().items() if k not in _TIED_KEYS}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k]]
+    if missing or unexpected or wrong:
+        detail = (
+            f"{wrong[0]} is {tuple(state[wrong[0]].shape)}, the model's is {tuple(expected[wrong[0]])}"
+            if wrong
+            else f"missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
         raise MinigptError(
-            f"{path} does not match the model in config.json "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+            f"{path} does not match the model in config.json ({detail})",
             hint="the weights and config.json come from different runs",
         )
+    bad = next((k for k, v in state.items() if not torch.isfinite(v).all()), None)
+    if bad is not None:
+        raise MinigptError(
+            f"{path} holds NaN or infinite weights ({bad})",
+            hint="the run diverged or the file was altered; use another checkpoint or retrain",
+        )
+    model.load_state_dict(state, strict=False)
+
+
+def _first_line(err: BaseException, limit: int = 100) -> str:
+    """The first line of an exception's message (some have none), for one-line errors."""
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:limit]
 
 
 # --------------------------------------------------------------------------- config.json
@@ -136,6 +170,11 @@ def update_config(run_dir: str | Path, sections: dict) -> None:
 def read_config(run_dir: str | Path) -> dict:
     """config.json of a run directory, checked for presence and format version."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise MinigptError(
+            f"{run_dir} is a file, not a run directory",
+            hint="pass the directory `minigpt train` wrote (e.g. checkpoints/default)",
+        )
     if not run_dir.is_dir():
         raise MinigptError(
             f"run directory {run_dir} does not exist",
@@ -149,6 +188,8 @@ def read_config(run_dir: str | Path) -> dict:
             f"{run_dir} has no {CONFIG_FILE}, so it is not a complete minigpt run",
             hint="pass a directory written by `minigpt train`",
         ) from err
+    except OSError as err:  # unreadable: permissions, a folder named config.json
+        raise os_error(err, "read", path) from err
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise MinigptError(
             f"{path} is not valid JSON", hint="the file is damaged; retrain"
@@ -170,7 +211,7 @@ def load_run(
     """Load a run directory's model (in eval mode, on `device`), tokenizer and config."""
     run_dir = Path(run_dir)
     config = read_config(run_dir)
-    model_config = GPTConfig.from_dict(config.get("model", {}))
+    model_config = GPTConfig.from_dict(config.get("model"), where=f"{run_dir / CONFIG_FILE}")
     tokenizer = load_tokenizer(run_dir / TOKENIZER_FILE)
     if tokenizer.vocab_size > model_config.vocab_size:
         raise MinigptError(
@@ -232,6 +273,8 @@ def load_trainer_state(path: str | Path) -> TrainerCheckpoint:
         )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except (PermissionError, IsADirectoryError) as err:
+        raise os_error(err, "read", path) from err
     except pickle.UnpicklingError as err:
         raise MinigptError(
             f"{path} holds objects other than plain tensors and numbers; refusing to unpickle it",
@@ -239,8 +282,9 @@ def load_trainer_state(path: str | Path) -> TrainerCheckpoint:
         ) from err
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         raise MinigptError(
-            f"{path} is damaged or truncated ({str(err).splitlines()[0][:80]})",
-            hint="the run cannot be resumed; start it again with --force",
+            f"{path} is damaged or truncated ({_first_line(err, 80)})",
+            hint="the run cannot be resumed from it; its weights are still in "
+            f"{BEST_WEIGHTS} and {LAST_WEIGHTS} (start a new run with another --out)",
         ) from err
     names = {f.name for f in fields(TrainerCheckpoint)}
     if not isinstance(state, dict) or not {"format_version", *names} <= set(state):
@@ -259,40 +303,59 @@ class MetricsLog:
     """metrics.jsonl, opened for appending: one JSON object per logged step or evaluation."""
 
     def __init__(self, run_dir: str | Path):
-        self._file: IO[str] = open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115
+        self.path = Path(run_dir) / METRICS_FILE
+        try:
+            self._file: IO[str] = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
+        except OSError as err:
+            raise os_error(err, "write", self.path) from err
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()  # a kill loses at most the line being written
+        try:
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()  # a kill loses at most the line being written
+        except OSError as err:
+            raise os_error(err, "write", self.path) from err
 
     def close(self) -> None:
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # a full disk: the error was reported by write
+            pass
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """metrics.jsonl records; a line cut short by a kill is skipped."""
+    """metrics.jsonl records, each a dict with an integer step; anything else (a line
+    cut short by a kill, or an edited one) is skipped."""
     path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError:
+        return []
+    except OSError as err:
+        raise os_error(err, "read", path) from err
     records = []
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, int) and not isinstance(step, bool):
+            records.append(record)
     return records
 
 
 def iter_losses(run_dir: str | Path) -> Iterator[tuple[int, float]]:
     """(step, train loss) pairs from a run's metrics.jsonl."""
     for record in read_metrics(Path(run_dir) / METRICS_FILE):
-        if "loss" in record:
+        if isinstance(record.get("loss"), int | float):
             yield record["step"], record["loss"]
 
 
 def truncate_metrics(run_dir: str | Path, step: int) -> None:
     """Drop the records after `step`: a resumed run logs them again, from trainer.pt's step."""
     path = Path(run_dir) / METRICS_FILE
-    records = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    records = [r for r in read_metrics(path) if r["step"] <= step]
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
@@ -304,8 +367,10 @@ def plot_losses(run_dir: str | Path) -> None:
     from matplotlib.figure import Figure
 
     records = read_metrics(Path(run_dir) / METRICS_FILE)
-    steps = [r for r in records if "loss" in r]
-    evals = [r for r in records if "val_loss" in r]
+    steps = [r for r in records if _is_number(r.get("loss"))]
+    evals = [
+        r for r in records if _is_number(r.get("val_loss")) and _is_number(r.get("train_loss"))
+    ]
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -324,16 +389,29 @@ def plot_losses(run_dir: str | Path) -> None:
         fig.savefig(tmp, format="png")
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 # --------------------------------------------------------------------------- the out dir
 
 
 def check_out_dir(out_dir: str | Path, resume: bool, force: bool) -> None:
-    """Refuse to start a fresh run over another one unless --force."""
+    """Refuse to start a fresh run over another one unless --force, and any out_dir a
+    run cannot be written to (a file, a run file that is a folder)."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise MinigptError(
+            f"output path {out_dir} is a file, not a directory", hint="choose another --out"
+        )
+    for name in (*RUN_FILES, LOSS_PLOT):
+        if (out_dir / name).is_dir():
+            raise MinigptError(
+                f"{out_dir / name} is a directory where the run's {name} belongs",
+                hint="move it away, or choose another --out",
+            )
     if resume or force or not out_dir.exists():
         return
-    if not out_dir.is_dir():
-        raise MinigptError(f"output path {out_dir} is a file, not a directory")
     found = [name for name in RUN_FILES if (out_dir / name).exists()]
     if found:
         raise MinigptError(
@@ -346,4 +424,80 @@ def check_out_dir(out_dir: str | Path, resume: bool, force: bool) -> None:
 def clear_run(out_dir: str | Path) -> None:
     """--force: remove the previous run's files so no old curve or state mixes in."""
     for name in (*RUN_FILES, LOSS_PLOT):
-        (Path(out_dir) / name).unlink(missing_ok=True)
+        try:
+            (Path(out_dir) / name).unlink(missing_ok=True)
+        except OSError as err:
+            raise os_error(err, "remove", Path(out_dir) / name) from err
+
+
+# --------------------------------------------------------------------------- the run lock
+
+
+class RunLock:
+    """An exclusive lock on a run directory, held for a whole training run.
+
+    Two trainers writing one run directory would interleave their metrics and mix
+    their weights, so the second one is refused at once, naming the first. The lock
+    is an OS file lock (flock) on RUN_DIR/.lock: the kernel drops it when its process
+    dies, so a `kill -9` never leaves a lock that blocks the next run. While it is
+    held, nobody else writes here, so leftover temporary files of a killed writer
+    are removed.
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self._fd: int | None = None
+        self._created_dir = False
+
+    def __enter__(self) -> RunLock:
+        self._created_dir = not self.run_dir.exists()
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            raise MinigptError(
+                f"output path {self.run_dir} is a file, not a directory",
+                hint="choose another --out",
+            )
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise os_error(err, "write to", self.run_dir) from err
+        if not _try_lock(fd):
+            os.lseek(fd, 0, os.SEEK_SET)
+            holder = os.read(fd, 200).decode("utf-8", errors="replace").strip()
+            os.close(fd)
+            raise MinigptError(
+                f"{self.run_dir} is in use by another training run ({holder or 'unknown process'})",
+                hint="wait for it to finish or stop it; use another --out for a second run",
+            )
+        self._fd = fd
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        for leftover in self.run_dir.glob(".*.tmp"):  # a killed writer's half-written files
+            if leftover.is_file():
+                leftover.unlink(missing_ok=True)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is None:
+            return
+        run_files = [name for name in RUN_FILES if (self.run_dir / name).exists()]
+        if self._created_dir and not run_files:  # refused before writing: leave nothing
+            self.path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                self.run_dir.rmdir()
+        os.close(self._fd)  # closing the descriptor releases the lock
+        self._fd = None
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive lock on the open file `fd` without waiting; False if it is held."""
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:  # Windows
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        return False
+    return True

@@ -10,13 +10,14 @@ a traceback.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
 
 import typer
 
 from minigpt import console
-from minigpt.errors import MinigptError
+from minigpt.errors import MinigptError, os_error
 
 # The modules that load torch are imported inside the commands that need them, so
 # `minigpt --help` and usage errors answer at once instead of after torch loads.
@@ -39,6 +40,7 @@ OPTION_NAMES = {
     "device": "--device",
     "vocab_size": "--vocab-size",
     "glob": "--glob",
+    "seed": "--seed",
 }
 """The library's name of an argument -> the option that sets it (see MinigptError.param)."""
 
@@ -282,16 +284,34 @@ def prepare(
     print(data.describe_prepared(prepared))
 
 
+class _Interrupted(BaseException):
+    """Ctrl-C, raised by our own SIGINT handler: typer and click would each turn a
+    KeyboardInterrupt into their own exit (1 with "Aborted!", or a silent 130)."""
+
+
+def _on_sigint(signum, frame) -> None:
+    raise _Interrupted()
+
+
 def main() -> None:
     """Entry point: run the app; bad input becomes one line, a hint and exit code 2.
 
     typer handles its own usage errors (unknown option, bad value) with exit code 2.
+    A machine that refuses a read or a write (a full disk, a permission) is reported
+    the way bad input is: it is a fact about the machine, not a bug. Ctrl-C prints
+    "interrupted" and exits with 130, as shells expect.
     """
+    previous = signal.signal(signal.SIGINT, _on_sigint)
     try:
         app()
+    except _Interrupted:
+        console.note("interrupted")
+        sys.exit(130)
     except MinigptError as err:
         console.print_error(err, OPTION_NAMES)
         sys.exit(2)
-    except KeyboardInterrupt:
-        console.note("interrupted")
-        sys.exit(130)
+    except OSError as err:
+        console.print_error(os_error(err), OPTION_NAMES)
+        sys.exit(2)
+    finally:
+        signal.signal(signal.SIGINT, previous)  # main may be called in-process (tests)

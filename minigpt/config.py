@@ -19,6 +19,7 @@ from __future__ import annotations
 import ast
 import difflib
 import inspect
+import math
 import re
 import tomllib
 import types
@@ -327,9 +328,28 @@ def _positive(where: str, value: float, hint: str | None = None) -> None:
         raise MinigptError(f"{where} must be positive, got {value!r}", hint=hint)
 
 
+MAX_SEED = 2**63 - 1
+"""Seeds are 0..MAX_SEED: torch's generators take 64 bits, and the trainer adds small offsets."""
+MAX_MICRO_STEPS = 1 << 16
+MAX_THREADS = 1024
+
+
 def validate(config: RunConfig) -> None:
     """Check the values that the dataclasses' types cannot: ranges and choices."""
     t = config.train
+    for f in fields(TrainConfig):
+        value = getattr(t, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise MinigptError(
+                f"train.{f.name} must be a finite number, got {value!r}",
+                hint=f"train.{f.name}: {field_docs(TrainConfig).get(f.name, '')}".rstrip(": "),
+            )
+    if not 0 <= t.seed <= MAX_SEED:
+        raise MinigptError(
+            f"train.seed must be from 0 to 2**63 - 1, got {t.seed}", hint="e.g. 1337"
+        )
+    if t.threads > MAX_THREADS:
+        raise MinigptError(f"train.threads must be at most {MAX_THREADS}, got {t.threads}")
     for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.log_interval", t.log_interval)
@@ -384,6 +404,11 @@ def micro_steps(config: RunConfig, world_size: int = 1) -> int:
                 hint=f"use a multiple of {per_micro * world_size}",
             )
         total = t.tokens_per_step // per_micro
+    if total > MAX_MICRO_STEPS:
+        raise MinigptError(
+            f"{total:,} micro-batches per optimizer step is more than {MAX_MICRO_STEPS:,}",
+            hint="lower train.grad_accum or train.tokens_per_step, or raise train.batch_size",
+        )
     if total % world_size != 0:
         raise MinigptError(
             f"{total} micro-batches per step cannot be split over {world_size} processes",

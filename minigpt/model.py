@@ -14,6 +14,7 @@ wrapper form when `GPTConfig.attention == "wrapper"`; both save the same weights
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
@@ -65,6 +66,12 @@ class GPTConfig:
                     f"model.{name} must be {what}, got {value!r}",
                     hint=f"set model.{name} to a whole number of at least {least}",
                 )
+        for name in ("dropout", "init_std"):
+            value = getattr(self, name)
+            if not _is_finite_number(value):
+                raise MinigptError(f"model.{name} must be a finite number, got {value!r}")
+        if not isinstance(self.bias, bool):
+            raise MinigptError(f"model.bias must be true or false, got {self.bias!r}")
         if self.n_embd % self.n_head != 0:
             raise MinigptError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}",
@@ -83,6 +90,23 @@ class GPTConfig:
         if not self.init_std > 0:
             raise MinigptError(f"model.init_std must be positive, got {self.init_std}")
 
+    def num_params(self) -> int:
+        """Parameters of the GPT this config builds (the tied LM head counted once),
+        computed without building it: so an absurd shape is refused before any memory
+        is allocated."""
+        C, biases = self.n_embd, self.bias
+        per_layer = 12 * C * C + 2 * C  # W_qkv 3C², W_o C², MLP 8C², two LayerNorm gains
+        if biases:
+            per_layer += 3 * C + C + 4 * C + C + 2 * C  # qkv, W_o, fc, proj, LayerNorm biases
+        final_norm = 2 * C if biases else C
+        return (self.vocab_size + self.block_size) * C + self.n_layer * per_layer + final_norm
+
+    def module_bytes(self) -> int:
+        """Bytes the built module holds in float32: its weights and the causal masks
+        (one bool block_size² mask per attention module; the wrapper has one per head)."""
+        masks_per_layer = self.n_head if self.attention == "wrapper" else 1
+        return 4 * self.num_params() + self.n_layer * masks_per_layer * self.block_size**2
+
     def with_vocab(self, tokenizer_vocab_size: int) -> GPTConfig:
         """This shape for a tokenizer of `tokenizer_vocab_size` ids: 0 takes the tokenizer's size."""
         if self.vocab_size == 0:
@@ -99,11 +123,24 @@ class GPTConfig:
     def d_head(self) -> int:
         return self.n_embd // self.n_head
 
+    def describe(self) -> str:
+        """The shape in a few words, e.g. '4 layers x 4 heads x 128 wide, ctx 128, vocab 65'."""
+        return (
+            f"{self.n_layer:,} layers x {self.n_head:,} heads x {self.n_embd:,} wide, "
+            f"ctx {self.block_size:,}, vocab {self.vocab_size:,} ({float(self.num_params()):.3g} parameters)"
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> GPTConfig:
+    def from_dict(cls, values: dict, where: str = "config.json") -> GPTConfig:
+        """The config saved as a dict (config.json's "model"), checked key by key."""
+        if not isinstance(values, dict):
+            raise MinigptError(
+                f"{where} has no model config (its 'model' entry is {values!r})",
+                hint="the file is damaged or was not written by minigpt train",
+            )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -112,6 +149,38 @@ class GPTConfig:
                 hint=f"valid keys are {', '.join(sorted(known))}",
             )
         return cls(**values)
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on `device` (a GPU's own; the machine's RAM for cpu and mps),
+    or None where it cannot be told."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+
+
+def check_memory(needed: int, device: torch.device, what: str) -> None:
+    """Refuse, before allocating, what cannot fit on `device` at all: a typo such as
+    n_layer=1e23 must be one sentence, not minutes of swapping and a killed process."""
+    available = device_memory(device)
+    if available is not None and needed > available:
+        raise MinigptError(
+            f"{what} needs at least {_bytes_text(needed)}, more than the "
+            f"{_bytes_text(available)} of memory on {device.type}",
+            hint="make the model or the batch smaller (model.n_layer, model.n_embd, "
+            "model.vocab_size, model.block_size, train.batch_size)",
+        )
+
+
+def _bytes_text(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n < 2**70 else f"{float(n):.3g} bytes"
 
 
 class MLP(nn.Module):
@@ -171,6 +240,7 @@ class GPT(nn.Module):
                 "model.vocab_size is 0 (the tokenizer's size), which a model cannot be built with",
                 hint="resolve it first with config.with_vocab(tokenizer.vocab_size)",
             )
+        check_memory(config.module_bytes(), torch.device("cpu"), f"a model of {config.describe()}")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd)

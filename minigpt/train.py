@@ -37,10 +37,23 @@ from tqdm.auto import tqdm
 
 from minigpt import checkpoint
 from minigpt.checkpoint import BEST_WEIGHTS, TRAINER_STATE, MetricsLog, TrainerCheckpoint
-from minigpt.config import RunConfig, TrainConfig, micro_steps, resolve_device
-from minigpt.data import Batcher, check_block_size, prepare
+from minigpt.config import (
+    RunConfig,
+    TrainConfig,
+    config_from_dict,
+    micro_steps,
+    resolve_device,
+)
+from minigpt.data import (
+    BUILTIN_DATASETS,
+    Batcher,
+    PreparedData,
+    check_block_size,
+    load_prepared,
+    prepare,
+)
 from minigpt.errors import MinigptError
-from minigpt.model import GPT
+from minigpt.model import GPT, check_memory
 from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 EVAL_SEED_OFFSET = 1_000_003  # eval batch streams: far from the training streams' seeds
@@ -62,24 +75,82 @@ class TrainData:
     """What config.json records about the data (source, token counts, ...)."""
 
 
-def load_data(config: RunConfig, progress: bool = False) -> TrainData:
-    """Prepare (or reuse the cached) token files of config.data."""
+def load_data(config: RunConfig, progress: bool = False, run_data: dict | None = None) -> TrainData:
+    """Prepare (or reuse the cached) token files of config.data.
+
+    run_data: a resumed run's config.json "prepared_data". The data must then be
+    exactly what the run was trained on: a corpus file or folder whose content
+    changed is refused before anything is written, and the run's prepared folder is
+    used when the source is gone (or is a built-in dataset). A run directory is data,
+    not instructions: an edited config.json cannot make the trainer tokenise some
+    other file into some other folder.
+    """
     d = config.data
-    prepared = prepare(
-        d.source,
-        tokenizer=d.tokenizer,
-        vocab_size=d.vocab_size or None,
-        data_dir=Path(d.data_dir),
-        glob=d.glob,
-        progress=progress,
-    )
+    prepared, expected_hash, source, data_dir = None, None, d.source, Path(d.data_dir)
+    if run_data is not None:
+        expected_hash = _recorded_hash(run_data)
+        source = _source_to_read(d.source, run_data)
+        if source in BUILTIN_DATASETS or not _exists(source):
+            prepared = _recorded_folder(run_data, expected_hash)
+        recorded = run_data.get("dir")
+        if isinstance(recorded, str) and Path(recorded).is_dir():
+            data_dir = Path(recorded).parent  # where the run's own folder is, from any cwd
+    if prepared is None:
+        prepared = prepare(
+            source,
+            tokenizer=d.tokenizer,
+            vocab_size=d.vocab_size or None,
+            data_dir=data_dir,
+            glob=d.glob,
+            progress=progress,
+            expected_hash=expected_hash,
+        )
     scalars = {k: v for k, v in prepared.meta.items() if isinstance(v, str | int | float | bool)}
     return TrainData(
         tokenizer=prepared.tokenizer,
         train_tokens=prepared.train_tokens(),
         val_tokens=prepared.val_tokens(),
-        summary={"dir": str(prepared.dir), **scalars},
+        summary={**scalars, "dir": str(prepared.dir.resolve())},
     )
+
+
+def _recorded_hash(run_data: dict) -> str:
+    content_hash = run_data.get("content_hash") if isinstance(run_data, dict) else None
+    if not isinstance(content_hash, str):
+        raise MinigptError(
+            "the run's config.json does not record the content hash of its data, so "
+            "resume cannot check that the data is the same",
+            hint="the file was edited or damaged; start a new run with another --out",
+        )
+    return content_hash
+
+
+def _recorded_folder(run_data: dict, content_hash: str) -> PreparedData | None:
+    """The prepared folder a resumed run used, if it is still intact and holds its data."""
+    folder = run_data.get("dir")
+    if not isinstance(folder, str):
+        return None
+    try:
+        prepared = load_prepared(folder)
+    except (MinigptError, OSError):
+        return None
+    return prepared if prepared.meta.get("content_hash") == content_hash else None
+
+
+def _source_to_read(source: str, run_data: dict | None) -> str:
+    """The source as written, or, for a resumed run started from another working
+    directory, the absolute path recorded when it was prepared."""
+    recorded = run_data.get("source_path") if isinstance(run_data, dict) else None
+    if source in BUILTIN_DATASETS or _exists(source):
+        return source
+    return recorded if isinstance(recorded, str) else source
+
+
+def _exists(source: str) -> bool:
+    try:
+        return Path(source).expanduser().exists()
+    except (RuntimeError, OSError):  # ~nouser/..., a path too long
+        return False
 
 
 # --------------------------------------------------------------------------- devices
@@ -217,6 +288,8 @@ class TrainState:
     elapsed: float = 0.0
     """Seconds of training over every session of the run (the clock max_time reads)."""
     best_val_loss: float = math.inf
+    saved_step: int | None = None
+    """The step trainer.pt holds (None before the first save)."""
     streams: list[Batcher] = field(default_factory=list)
     """This process's batch streams, one per micro-batch; each carries its RNG state."""
 
@@ -290,7 +363,7 @@ def setup(
     config: RunConfig,
     ddp: Distributed,
     *,
-    resume: bool,
+    resume: dict | None,
     force: bool,
     data: TrainData | None,
     log: Callable[[str], None],
@@ -298,21 +371,27 @@ def setup(
 ) -> tuple[Trainer, TrainState]:
     """Check the run directory, load the data, build the model and optimizer, restore a
     resumed run's state, and write the run files. Nothing is written before every
-    input has been checked."""
+    input has been checked.
+
+    resume: the resumed run's config.json as it was before this session, or None.
+    """
     t = config.train
     device = process_device(t.device, ddp)
     if t.threads:
         torch.set_num_threads(t.threads)
     out_dir = Path(t.out_dir)
     if ddp.is_master:  # the others would see the files rank 0 is about to write
-        checkpoint.check_out_dir(out_dir, resume, force)
+        checkpoint.check_out_dir(out_dir, resume is not None, force)
     accum = micro_steps(config, ddp.world_size)
+    check_training_memory(config, device)  # before preparing data for a model that cannot fit
     saved = checkpoint.load_trainer_state(out_dir / TRAINER_STATE) if resume else None
     if data is None:
-        data = _load_data_once(config, ddp, progress)
+        run_data = (resume.get("prepared_data") or {}) if resume is not None else None
+        data = _load_data_once(config, ddp, progress, resume is not None, run_data)
     _check_data(data, config.model.block_size, out_dir if resume else None)
 
     config = replace(config, model=config.model.with_vocab(data.tokenizer.vocab_size))
+    check_training_memory(config, device)
     torch.manual_seed(t.seed)
     model = GPT(config.model).to(device)
     optimizer = make_optimizer(model, config, device)
@@ -328,16 +407,31 @@ def setup(
     if saved is not None:
         restore(trainer, state, saved)
     if ddp.is_master:
-        _write_run_files(trainer, resume=resume, force=force, step=state.step)
+        _write_run_files(trainer, resume=resume is not None, force=force, step=state.step)
         trainer.metrics = MetricsLog(out_dir)
     return trainer, state
 
 
-def _load_data_once(config: RunConfig, ddp: Distributed, progress: bool) -> TrainData:
+def check_training_memory(config: RunConfig, device: torch.device) -> None:
+    """Refuse a run whose weights, gradients, AdamW moments (16 bytes a parameter) and
+    one micro-batch's activations cannot fit on the device: a lower bound, so a run
+    that fits is never refused."""
+    model = config.model if config.model.vocab_size else replace(config.model, vocab_size=1)
+    B, T, C = config.train.batch_size, model.block_size, model.n_embd
+    # activations kept for backward: ~14 floats a token per layer (LN, QKV, attention
+    # output, LN, the MLP's 4C twice), plus the logits and their gradient
+    activations = 4 * B * T * (model.n_layer * 14 * C + 2 * model.vocab_size)
+    needed = 16 * model.num_params() + model.module_bytes() + activations
+    check_memory(needed, device, f"training a model of {model.describe()} with batch_size {B:,}")
+
+
+def _load_data_once(
+    config: RunConfig, ddp: Distributed, progress: bool, resumed: bool, run_data: dict | None
+) -> TrainData:
     """Rank 0 prepares (and caches) the data first; the others then reuse its folder."""
     if not ddp.is_master:
         ddp.barrier()
-    data = load_data(config, progress and ddp.is_master)
+    data = load_data(config, progress and ddp.is_master, run_data if resumed else None)
     if ddp.is_master:
         ddp.barrier()
     return data
@@ -385,6 +479,7 @@ def restore(trainer: Trainer, state: TrainState, saved: TrainerCheckpoint) -> No
         ) from err
     state.step, state.tokens_seen = int(saved.step), int(saved.tokens_seen)
     state.elapsed, state.best_val_loss = float(saved.elapsed), float(saved.best_val_loss)
+    state.saved_step = state.step
 
 
 def _write_run_files(trainer: Trainer, *, resume: bool, force: bool, step: int) -> None:
@@ -436,11 +531,7 @@ def train_step(
     loss_value, got_signal, state.elapsed = shared.tolist()
     if not math.isfinite(loss_value):
         trainer.optimizer.zero_grad(set_to_none=True)
-        raise MinigptError(
-            f"the loss became {loss_value} at step {state.step + 1}; training stopped and "
-            f"the last good checkpoint in {trainer.out_dir} is kept",
-            hint="lower train.lr, raise train.warmup_iters, or set train.grad_clip",
-        )
+        raise _diverged(trainer, state, f"the loss became {loss_value} at step {state.step + 1}")
     if trainer.config.train.grad_clip > 0:
         nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.train.grad_clip)
     trainer.optimizer.step()
@@ -454,25 +545,31 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(trainer: Trainer) -> dict[str, float]:
-    """Mean loss on the same eval_iters batches of each split every time.
+def evaluate(trainer: Trainer, signals: _SignalFlag | None = None) -> dict[str, float] | None:
+    """Mean loss on the same eval_iters batches of each split every time; None when a
+    signal arrives meanwhile (a long evaluation must not delay a stop).
 
     Runs the uncompiled module: eval mode would make torch.compile build a
     second graph, which costs more than the few forward passes it speeds up.
     """
     t, ddp, model = trainer.config.train, trainer.ddp, trainer.model
     model.eval()
-    result = {}
+    result: dict[str, float] | None = {}
     for split in ("train", "val"):
         tokens = trainer.data.train_tokens if split == "train" else trainer.data.val_tokens
         seed = t.seed + EVAL_SEED_OFFSET + ddp.rank
         batcher = Batcher(tokens, model.config.block_size, t.batch_size, seed, trainer.device)
         total = torch.zeros((), device=trainer.device)
         for _ in range(t.eval_iters):
+            if signals is not None and _any_rank(ddp, signals.signum != 0, trainer.device):
+                result = None
+                break
             x, y = batcher.next()
             with trainer.autocast():
                 _, loss = model(x, y)
             total += loss.float()
+        if result is None:
+            break
         if ddp.enabled:
             dist.all_reduce(total, op=dist.ReduceOp.SUM)
         result[split] = total.item() / (t.eval_iters * ddp.world_size)
@@ -480,11 +577,31 @@ def evaluate(trainer: Trainer) -> dict[str, float]:
     return result
 
 
+def _any_rank(ddp: Distributed, flag: bool, device: torch.device) -> bool:
+    """Whether `flag` is true on any process (every process must ask together)."""
+    if not ddp.enabled:
+        return flag
+    shared = torch.tensor(float(flag), device=device)
+    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
+    return bool(shared.item())
+
+
 def save(trainer: Trainer, state: TrainState) -> None:
-    """trainer.pt and model-last.safetensors: the state resume continues from."""
+    """trainer.pt and model-last.safetensors: the state resume continues from.
+
+    A diverged state is never saved: not one with a NaN or infinite weight or
+    optimizer moment, nor one whose weights, finite but blown up, give a non-finite
+    loss. The last good state stays on disk, so the run can be resumed from it with
+    a lower lr.
+    """
     ddp = trainer.ddp
+    if not _finite_state(trainer):  # every rank checks the same (all-reduced) weights
+        raise _diverged(trainer, state, f"the weights became NaN or infinite by step {state.step}")
+    if not _finite_loss(trainer):
+        raise _diverged(trainer, state, f"the weights of step {state.step} give a non-finite loss")
     batchers = [s for group in ddp.gather([s.state_dict() for s in state.streams]) for s in group]
     rngs = ddp.gather(_rng_state(trainer.device))
+    state.saved_step = state.step
     if not ddp.is_master:
         return
     saved = TrainerCheckpoint(
@@ -501,9 +618,59 @@ def save(trainer: Trainer, state: TrainState) -> None:
     checkpoint.save_trainer_state(trainer.out_dir, saved)
 
 
-def evaluate_and_save(trainer: Trainer, state: TrainState) -> str:
-    """Evaluate, keep the best weights, save the last state; the line to report."""
-    losses = evaluate(trainer)
+def _finite_state(trainer: Trainer) -> bool:
+    tensors = list(trainer.model.parameters())
+    for moments in trainer.optimizer.state.values():
+        tensors += [v for v in moments.values() if torch.is_tensor(v) and v.is_floating_point()]
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+@torch.no_grad()
+def _finite_loss(trainer: Trainer) -> bool:
+    """Whether the current weights give a finite loss on one fixed batch (a forward in
+    eval mode with its own batch stream: no RNG of the run is touched)."""
+    t, model = trainer.config.train, trainer.model
+    batcher = Batcher(
+        trainer.data.train_tokens,
+        model.config.block_size,
+        t.batch_size,
+        t.seed + EVAL_SEED_OFFSET,
+        trainer.device,
+    )
+    x, y = batcher.next()
+    was_training = model.training
+    model.eval()
+    with trainer.autocast():
+        _, loss = model(x, y)
+    model.train(was_training)
+    return bool(torch.isfinite(loss))
+
+
+def _diverged(trainer: Trainer, state: TrainState, what: str) -> MinigptError:
+    """The error that stops a diverged run, saying which state was kept."""
+    kept = (
+        f"{trainer.out_dir / TRAINER_STATE} still holds step {state.saved_step}, the last good state"
+        if state.saved_step is not None
+        else "nothing was saved"
+    )
+    return MinigptError(
+        f"{what}; training stopped and {kept}",
+        hint=f"resume with a lower lr (minigpt train --resume {trainer.out_dir} --set "
+        "train.lr=...), or raise train.warmup_iters, or set train.grad_clip",
+    )
+
+
+def evaluate_and_save(
+    trainer: Trainer, state: TrainState, signals: _SignalFlag | None = None
+) -> str | None:
+    """Evaluate, keep the best weights, save the last state; the line to report (None
+    when a signal cut the evaluation short: nothing is saved then)."""
+    losses = evaluate(trainer, signals)
+    if losses is None:
+        return None
+    if not all(math.isfinite(loss) for loss in losses.values()):
+        what = f"the evaluation at step {state.step} gave a non-finite loss"
+        raise _diverged(trainer, state, what)
     improved = losses["val"] < state.best_val_loss
     state.best_val_loss = min(state.best_val_loss, losses["val"])
     trainer.record(
@@ -559,7 +726,12 @@ def fit(trainer: Trainer, state: TrainState, progress: bool) -> TrainResult:
                 break
             out_of_time = t.max_time > 0 and state.elapsed >= t.max_time
             if state.step % t.eval_interval == 0 or state.step == t.max_iters or out_of_time:
-                bar.write(evaluate_and_save(trainer, state))
+                line = evaluate_and_save(trainer, state, signals)
+                if line is None:  # a signal arrived during the evaluation
+                    stop_reason, stop_signal = "signal", signals.signum or signal.SIGTERM
+                    save(trainer, state)
+                    break
+                bar.write(line)
                 if trainer.ddp.is_master and time.perf_counter() - last_plot > PLOT_EVERY_SECONDS:
                     checkpoint.plot_losses(trainer.out_dir)
                     last_plot = time.perf_counter()
@@ -595,32 +767,73 @@ def train(
     log: receives the trainer's lines (what it trains, each evaluation); silent if None.
     """
     ddp = setup_distributed(config.train.device)
+    out_dir = Path(config.train.out_dir)
+    # One trainer per run directory, for the whole run: rank 0 holds the lock.
+    lock = checkpoint.RunLock(out_dir) if ddp.is_master else contextlib.nullcontext()
     try:
-        trainer, state = setup(
-            config,
-            ddp,
-            resume=resume,
-            force=force,
-            data=data,
-            log=log or _silent,
-            progress=progress,
-        )
-        try:
-            trainer.log(_start_line(trainer))
-            if resume:
-                trainer.log(f"resuming {trainer.out_dir} at step {state.step}")
-            else:
-                save(trainer, state)  # a fresh run is resumable from step 0
-            result = fit(trainer, state, progress)
-        finally:
-            if trainer.metrics is not None:
-                trainer.metrics.close()
-        if ddp.is_master:
-            checkpoint.plot_losses(trainer.out_dir)
-        return result
+        with lock:
+            before = checkpoint.read_config(out_dir) if resume else None
+            trainer, state = setup(
+                config,
+                ddp,
+                resume=before,
+                force=force,
+                data=data,
+                log=log or _silent,
+                progress=progress,
+            )
+            return _run(trainer, state, before, progress)
     finally:
         if ddp.started_here and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _run(trainer: Trainer, state: TrainState, before: dict | None, progress: bool) -> TrainResult:
+    """Report what is trained, save step 0 of a fresh run, fit, and draw the curves."""
+    try:
+        trainer.log(_start_line(trainer))
+        if before is not None:
+            trainer.log(f"resuming {trainer.out_dir} at step {state.step}")
+            change = schedule_change(
+                config_from_dict(before).train, trainer.config.train, state.step
+            )
+            if change:
+                trainer.log(change)
+        else:
+            save(trainer, state)  # a fresh run is resumable from step 0
+        result = fit(trainer, state, progress)
+    finally:
+        if trainer.metrics is not None:
+            trainer.metrics.close()
+    if trainer.ddp.is_master:
+        checkpoint.plot_losses(trainer.out_dir)
+    return result
+
+
+def schedule_change(before: TrainConfig, now: TrainConfig, step: int) -> str | None:
+    """One line when a resumed run's lr schedule differs from the one it was started
+    with (a new max_iters moves the end of the cosine decay), else None. Resume
+    reproduces a run exactly only when the schedule is unchanged."""
+    old, new = _schedule(before), _schedule(now)
+    changed = [f"{key} {old[key]} -> {new[key]}" for key in old if old[key] != new[key]]
+    if not changed:
+        return None
+    return (
+        f"the lr schedule changed on resume ({', '.join(changed)}): from step {step + 1} "
+        "the lr follows the new one, so this run differs from one trained with these "
+        "settings from the start"
+    )
+
+
+def _schedule(t: TrainConfig) -> dict[str, object]:
+    """What `lr_at` depends on."""
+    decay_end = f"{t.max_time} s" if t.decay_by_time else f"step {t.lr_decay_iters or t.max_iters}"
+    return {
+        "lr": t.lr,
+        "min_lr": t.min_lr,
+        "warmup_iters": t.warmup_iters,
+        "decay ends at": decay_end,
+    }
 
 
 # --------------------------------------------------------------------------- reporting

@@ -135,8 +135,11 @@ def test_eval_batches_are_fixed(tmp_path, data):
     assert abs(evals[0]["train_loss"] - evals[1]["train_loss"]) < 1e-5
 
 
-def test_resume_is_bit_identical(tmp_path, data):
-    # dropout on, two micro-batches per step: the RNG and both batch streams must be restored
+def test_extending_a_run_with_a_pinned_decay_end_is_bit_identical(tmp_path, data):
+    """6 steps, then a resume to 10, equal 10 straight when lr_decay_iters pins the
+    schedule (else the new max_iters moves the cosine decay: test_reliability.py).
+    Dropout on and two micro-batches per step: the RNG and both batch streams must be
+    restored."""
     common = ["train.grad_accum=2", "model.dropout=0.1"]
     common += ["train.eval_interval=4", "train.lr_decay_iters=10"]
     straight = tmp_path / "straight"

@@ -1,0 +1,280 @@
+"""Reliability as processes (issue 11): two trainers on one run directory, a stale lock
+after kill -9, SIGTERM during a long evaluation, Ctrl-C in generate, a full disk (a
+2 MB tmpfs, mounted where the tests run as root), and files the user cannot read or
+write (run as an unprivileged user, since root ignores file modes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from minigpt import checkpoint
+from minigpt.checkpoint import CONFIG_FILE, LAST_WEIGHTS, METRICS_FILE, TRAINER_STATE, load_run
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = (
+    "for item in items:\n    if item is None:\n        continue\n    total += item\n"
+    "while queue:\n    node = queue.pop()\n    seen.add(node)\n"
+) * 60
+NOBODY = 65534
+
+
+def env() -> dict:
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+def tiny_args(folder: Path, *extra: str) -> list[str]:
+    corpus = folder / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text(TEXT)
+    sets = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16"]
+    sets += ["train.batch_size=4", "train.eval_iters=1", "train.log_interval=1"]
+    sets += ["train.threads=1", f"data.data_dir={folder / 'data'}", *extra]
+    args = ["--data", str(corpus), "--device", "cpu"]
+    for item in sets:
+        args += ["--set", item]
+    return args
+
+
+def start(args: list[str], cwd: Path, user: int | None = None) -> subprocess.Popen:
+    prefix = _as_user(user)
+    return subprocess.Popen(
+        [*prefix, sys.executable, "-m", "minigpt", *args],
+        cwd=cwd,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def run(args: list[str], cwd: Path, user: int | None = None, timeout: float = 120):
+    return subprocess.run(
+        [*_as_user(user), sys.executable, "-m", "minigpt", *args],
+        cwd=cwd,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _as_user(user: int | None) -> list[str]:
+    if user is None:
+        return []
+    return ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
+
+
+def wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(list(checkpoint.iter_losses(out))) >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended early: {proc.communicate()}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("training did not start in time")
+
+
+def one_error(stderr: str) -> bool:
+    """The promise for bad input: an `error:` line, at most a hint, no traceback."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return "Traceback" not in stderr and any(line.startswith("error: ") for line in lines)
+
+
+# --------------------------------------------------------------------------- two processes
+
+
+def test_two_trainers_on_one_run_dir_one_runs_and_the_other_is_refused(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", *tiny_args(tmp_path), "--out", str(out), "--max-iters", "200"]
+    first, second = start(args, tmp_path), start(args, tmp_path)
+    results = [(p.wait(timeout=240), *p.communicate()) for p in (first, second)]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], results
+    refused = next(err for code, _, err in results if code == 2)
+    assert "in use by another training run (pid" in refused and one_error(refused)
+    steps = [step for step, _ in checkpoint.iter_losses(out)]
+    assert steps == list(range(1, 201))  # every step once
+
+
+def test_a_killed_trainers_lock_does_not_block_the_next_one(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", *tiny_args(tmp_path), "--out", str(out), "--max-iters", "100000"]
+    proc = start([*args, "--set", "train.eval_interval=5"], tmp_path)
+    wait_for_steps(out, proc, 6)
+    proc.kill()
+    proc.communicate()
+    resumed = run(["train", "--resume", str(out), "--max-iters", "12"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+
+
+# --------------------------------------------------------------------------- signals
+
+
+def test_sigterm_during_a_long_evaluation_stops_within_seconds(tmp_path):
+    out = tmp_path / "run"
+    sets = ["train.eval_interval=3", "train.eval_iters=10000000"]
+    args = ["train", *tiny_args(tmp_path, *sets), "--out", str(out), "--max-iters", "1000"]
+    proc = start(args, tmp_path)
+    wait_for_steps(out, proc, 3)
+    time.sleep(1.0)  # well inside the evaluation at step 3
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 143, stderr
+    assert checkpoint.load_trainer_state(out / TRAINER_STATE).step == 3
+
+
+def test_ctrl_c_in_generate_prints_interrupted_and_exits_130(tmp_path):
+    out = tmp_path / "run"
+    done = run(["train", *tiny_args(tmp_path), "--out", str(out), "--max-iters", "2"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    proc = start(["generate", str(out), "-n", "1000000", "--device", "cpu"], tmp_path)
+    time.sleep(4.0)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+
+
+# --------------------------------------------------------------------------- a full disk
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs; tests needing it are skipped where mounting is not allowed."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)])
+    if done.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_prepare_on_a_full_disk_is_one_sentence_and_leaves_no_folder(tmp_path, small_disk):
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(TEXT * 300)  # 2.3 MB of text: twice that as uint16 tokens
+    done = run(["prepare", str(corpus), "--data-dir", str(small_disk / "data")], tmp_path)
+    assert done.returncode == 2 and one_error(done.stderr), done.stderr
+    assert "No space left on device" in done.stderr
+    assert not [p for p in (small_disk / "data").iterdir()]  # no folder, hidden or not
+
+
+def test_a_save_that_fills_the_disk_stops_the_run_and_keeps_the_last_state(tmp_path, small_disk):
+    out = small_disk / "run"
+    args = ["train", *tiny_args(tmp_path), "--out", str(out), "--set", "train.eval_interval=2"]
+    done = run([*args, "--max-iters", "2"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    free = shutil.disk_usage(small_disk).free
+    (small_disk / "filler").write_bytes(b"\0" * (free - 16 * 1024))  # leave 16 KB
+    resumed = run(["train", "--resume", str(out), "--max-iters", "6"], tmp_path)
+    assert resumed.returncode == 2 and one_error(resumed.stderr), resumed.stderr
+    assert "No space left on device" in resumed.stderr
+    assert checkpoint.load_trainer_state(out / TRAINER_STATE).step == 2  # the last good state
+    load_run(out)
+    load_run(out, weights_file=LAST_WEIGHTS)
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_a_run_too_big_for_the_disk_is_one_sentence(tmp_path, small_disk):
+    out = small_disk / "run"
+    args = ["train", *tiny_args(tmp_path, "model.n_embd=256", "model.n_layer=2")]
+    done = run([*args, "--out", str(out), "--max-iters", "2"], tmp_path)
+    assert done.returncode == 2 and one_error(done.stderr), done.stderr
+    leftovers = [p.name for p in out.iterdir() if p.name.endswith(".tmp")] if out.exists() else []
+    assert not leftovers
+
+
+# --------------------------------------------------------------------------- permissions
+
+
+@pytest.fixture
+def shared_dir():
+    """A folder an unprivileged user can use (pytest's tmp_path is private to root)."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root to run commands as another user")
+    folder = Path(tempfile.mkdtemp(prefix="minigpt-perm-"))
+    folder.chmod(0o777)
+    probe = subprocess.run(
+        [*_as_user(NOBODY), sys.executable, "-c", "import minigpt.checkpoint"],
+        env=env(),
+        cwd=folder,
+        capture_output=True,
+    )
+    if probe.returncode != 0:
+        shutil.rmtree(folder)
+        pytest.skip("the unprivileged user cannot import minigpt here")
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def nobodys_run(shared_dir) -> Path:
+    out = shared_dir / "run"
+    done = run(
+        ["train", *tiny_args(shared_dir), "--out", str(out), "--max-iters", "2"],
+        shared_dir,
+        user=NOBODY,
+    )
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+@pytest.mark.parametrize("name", [CONFIG_FILE, "tokenizer.json", "model.safetensors", "."])
+def test_an_unreadable_run_file_is_one_sentence_naming_the_permission(nobodys_run, name):
+    path = nobodys_run / name
+    path.chmod(0)
+    done = run(["generate", str(nobodys_run), "-n", "3"], nobodys_run.parent, user=NOBODY)
+    path.chmod(0o755 if path.is_dir() else 0o644)
+    assert done.returncode == 2 and one_error(done.stderr), done.stderr
+    assert "Permission denied" in done.stderr
+    assert "no weights" not in done.stderr and "does not exist" not in done.stderr
+
+
+def test_an_unreadable_trainer_state_is_not_called_damaged(nobodys_run):
+    (nobodys_run / TRAINER_STATE).chmod(0)
+    args = ["train", "--resume", str(nobodys_run), "--max-iters", "4"]
+    done = run(args, nobodys_run.parent, user=NOBODY)
+    assert done.returncode == 2 and one_error(done.stderr), done.stderr
+    assert "Permission denied" in done.stderr
+    assert "damaged" not in done.stderr and "--force" not in done.stderr
+
+
+def test_a_read_only_run_dir_refuses_resume_before_writing(nobodys_run):
+    metrics = (nobodys_run / METRICS_FILE).read_text()
+    nobodys_run.chmod(0o555)
+    args = ["train", "--resume", str(nobodys_run), "--max-iters", "4"]
+    done = run(args, nobodys_run.parent, user=NOBODY)
+    nobodys_run.chmod(0o755)
+    assert done.returncode == 2 and one_error(done.stderr), done.stderr
+    assert (nobodys_run / METRICS_FILE).read_text() == metrics
+
+
+def test_a_read_only_data_dir_is_one_sentence(shared_dir):
+    data = shared_dir / "data"
+    data.mkdir()
+    data.chmod(0o555)
+    corpus = shared_dir / "corpus.txt"
+    corpus.write_text(TEXT)
+    done = run(["prepare", str(corpus), "--data-dir", str(data)], shared_dir, user=NOBODY)
+    assert done.returncode == 2 and one_error(done.stderr), done.stderr
+    assert "Permission denied" in done.stderr
