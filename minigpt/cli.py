@@ -41,6 +41,9 @@ OPTION_NAMES = {
     "vocab_size": "--vocab-size",
     "glob": "--glob",
     "seed": "--seed",
+    "html_file": "--html",
+    "png_file": "--png",
+    "json_file": "--json",
 }
 """The library's name of an argument -> the option that sets it (see MinigptError.param)."""
 
@@ -178,7 +181,7 @@ def generate(
         printer.print_result(result)
 
     if interactive:
-        console.interactive_loop(sample, OPTION_NAMES)
+        console.interactive_loop(sample, OPTION_NAMES, as_json=as_json)
     else:
         sample(text)
 
@@ -244,8 +247,16 @@ def inspect_heads(
     from minigpt.config import resolve_device
     from minigpt.data import read_prompts
 
-    writers = {render.save_html: html, render.save_png: png, render.save_json: json_file}
-    outputs = [(save, render.check_writable(path)) for save, path in writers.items() if path]
+    writers = [
+        (render.save_html, html, "html_file"),
+        (render.save_png, png, "png_file"),
+        (render.save_json, json_file, "json_file"),
+    ]
+    outputs = [
+        (save, render.check_writable(path, param))
+        for save, path, param in writers
+        if path is not None
+    ]
     prompts = read_prompts(prompt or (), prompt_file or ())
     run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
     heads.check_head(layer, head, run.model.config.n_layer, run.model.config.n_head)

@@ -103,14 +103,20 @@ class GenerationPrinter:
         note(stats_line(result))
 
 
-def interactive_loop(answer: Callable[[str], None], names: dict[str, str]) -> None:
+def interactive_loop(
+    answer: Callable[[str], None], names: dict[str, str], as_json: bool = False
+) -> None:
     """Read prompts until an empty line or end of input and `answer` each; a prompt
     that raises MinigptError (e.g. unseen characters) prints its error, and the
-    loop goes on."""
+    loop goes on.
+
+    as_json: stdout carries only the answers' JSON objects, one a line (JSON Lines),
+    so the `> ` marker goes to stderr instead.
+    """
     note(INTERACTIVE_BANNER)
     while True:
         try:
-            line = input("> ")
+            line = _read_prompt(as_json)
         except EOFError:
             break
         if not line:
@@ -119,6 +125,16 @@ def interactive_loop(answer: Callable[[str], None], names: dict[str, str]) -> No
             answer(line)
         except MinigptError as err:
             print_error(err, names, with_hint=False)
+
+
+def _read_prompt(as_json: bool) -> str:
+    """One line of input after the `> ` marker: on stdout (input's own), or on stderr
+    when stdout must hold nothing but JSON."""
+    if not as_json:
+        return input("> ")
+    sys.stderr.write("> ")
+    sys.stderr.flush()
+    return input()
 
 
 def train_summary(result: TrainResult) -> str:

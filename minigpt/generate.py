@@ -5,6 +5,7 @@
         ┌──────────────── one new position per step ◄─┘
         ▼
     logits (B, V) ─► top-k ─► / temperature ─► top-p ─► draw (seeded) ─► next ids (B,)
+    (only ids the tokenizer has: a padded model vocabulary's extra rows are never drawn)
         ▲                                                                   │
         └──────────── forward(next ids, kv_cache, last_only) ◄──────────────┘
 
@@ -39,12 +40,18 @@ from torch import Tensor
 
 from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
-from minigpt.model import GPT
+from minigpt.model import GPT, device_memory
 from minigpt.tokenizer import Tokenizer
 
 MAX_NEW_TOKENS = 1_000_000
 """More new tokens than this in one call is a typo, not a request."""
 MAX_NUM_SAMPLES = 1024
+MAX_SEED = 2**64 - 1
+"""torch's generators take seeds in [0, 2**64)."""
+MAX_CACHE_BYTES = 2**34
+"""The keys and values of a batch of samples may take at most this much memory (16 GiB),
+and at most half of the device's memory: beyond that the allocation fails with a
+traceback, or the machine swaps, long after the user could have been told."""
 
 
 # --- what the user asked for -----------------------------------------------------------
@@ -107,6 +114,7 @@ class Sampling:
                 param="top_p",
             )
         StopStrings(self.stop)  # refuses an empty stop string
+        check_seed(self.seed)
         if self.stride is not None and self.stride < 0:
             raise MinigptError(
                 f"stride must be at least 0, got {self.stride}",
@@ -143,6 +151,18 @@ def _with_settings(sampling: Sampling | None, settings: dict[str, Any]) -> Sampl
 def default_stride(block_size: int) -> int:
     """Free cache slots after a crop: a quarter of the context (nanoGPT-sized models: 64)."""
     return block_size // 4
+
+
+def check_seed(seed: int | None) -> None:
+    """A seed is None (a fresh one) or an integer torch's generators take."""
+    if seed is None:
+        return
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise MinigptError(
+            f"seed must be an integer from 0 to 2**64 - 1 = {MAX_SEED}, got {seed}",
+            hint="any number in that range repeats a generation; leave it out for a fresh one",
+            param="seed",
+        )
 
 
 def new_seed() -> int:
@@ -190,12 +210,16 @@ def sample_next(
     top_k: int | None = None,
     top_p: float | None = None,
     generator: torch.Generator | None = None,
+    vocab_limit: int | None = None,
 ) -> Tensor:
     """Logits at the last position (B, V) -> next token ids (B,).
 
     Order: top-k (exactly k, clamped to V) -> temperature -> top-p -> a draw from
     `generator`. Temperature 0 is argmax whatever top-k and top-p say.
+    vocab_limit: only ids below it are ever drawn (a model's vocabulary padded past
+    its tokenizer's has rows for ids the tokenizer cannot decode); None: all V.
     """
+    logits = logits[..., :vocab_limit]  # (B, V'): the ids beyond are never candidates
     if temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float()
@@ -206,9 +230,8 @@ def sample_next(
     elif top_p is not None and top_p < 1.0:
         candidates, candidate_ids = torch.sort(logits, dim=-1, descending=True)  # (B, V)
     else:
-        probs = torch.softmax(logits / temperature, dim=-1)  # (B, V)
-        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    candidates = candidates / temperature
+        candidates, candidate_ids = logits, None  # (B, V), the ids are the positions
+    candidates = over_temperature(candidates, temperature)
     if top_p is not None and top_p < 1.0:
         probs = torch.softmax(candidates, dim=-1)  # (B, k), sorted descending
         # Keep the smallest prefix whose mass reaches top_p: drop a token when the
@@ -217,7 +240,22 @@ def sample_next(
         candidates = candidates.masked_fill(mass_before >= top_p, float("-inf"))
     probs = torch.softmax(candidates, dim=-1)
     choice = torch.multinomial(probs, 1, generator=generator)  # (B, 1) index into candidates
+    if candidate_ids is None:
+        return choice.squeeze(-1)
     return candidate_ids.gather(-1, choice).squeeze(-1)
+
+
+def over_temperature(logits: Tensor, temperature: float) -> Tensor:
+    """(logits - their max) / temperature, row by row: the same softmax as logits /
+    temperature, but finite or -inf for any temperature > 0.
+
+    Dividing first overflows: logits / 1e-40 is +inf, and softmax of +inf is NaN.
+    Shifted, the top logit is 0 and the rest negative, so a tiny temperature sends
+    them to -inf: the draw becomes the argmax, which is what such a temperature means.
+    The top logit stays 0 even when the temperature underflows to 0 in float32 (0 / 0).
+    """
+    shifted = logits - logits.amax(dim=-1, keepdim=True)  # (B, V), <= 0
+    return torch.where(shifted == 0, shifted, shifted / temperature)
 
 
 def window_start(n_tokens: int, start: int, block_size: int, stride: int) -> int:
@@ -241,6 +279,7 @@ def generate(
     *,
     sampling: Sampling | None = None,
     generator: torch.Generator | None = None,
+    vocab_limit: int | None = None,
     **settings: Any,
 ) -> Iterator[Tensor]:
     """Yield the next token ids (num_samples,) of every sample, one step at a time.
@@ -249,9 +288,11 @@ def generate(
     sampling: the settings; or give them as keywords (max_new_tokens and the other
     fields of `Sampling`), which also override those of a `sampling` given.
     The draws come from `generator`, else from one seeded with the seed, else from
-    torch's global generator. The prompt and the stride are checked against the
+    torch's global generator. vocab_limit: only ids below it are drawn (the
+    tokenizer's vocab_size; None: the model's, which may be padded past it).
+    The prompt, the stride and the memory the samples need are checked against the
     model before this returns; stop consuming the iterator to stop early (nothing
-    is computed ahead).
+    is computed ahead). A step whose logits are not finite raises MinigptError.
     """
     if max_new_tokens is not None:
         settings["max_new_tokens"] = max_new_tokens
@@ -264,15 +305,74 @@ def generate(
             hint="0 crops the context at every step; block_size // 4 is the default",
             param="stride",
         )
+    vocab_limit = _check_vocab_limit(vocab_limit, model.config.vocab_size)
+    _check_prompt_ids(prompt_ids, block_size, vocab_limit)
+    check_memory(model, sampling.num_samples)
+    if generator is None and sampling.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
+    return _decode_steps(model, list(prompt_ids), sampling, stride, generator, vocab_limit)
+
+
+def _check_vocab_limit(vocab_limit: int | None, model_vocab_size: int) -> int:
+    """The ids a draw may give: [0, vocab_limit), within the model's vocabulary."""
+    if vocab_limit is None:
+        return model_vocab_size
+    if not 1 <= vocab_limit <= model_vocab_size:
+        raise MinigptError(
+            f"vocab_limit must be from 1 to the model's vocab_size={model_vocab_size},"
+            f" got {vocab_limit}",
+            hint="pass the tokenizer's vocab_size; the tokenizer must belong to this model",
+            param="vocab_limit",
+        )
+    return vocab_limit
+
+
+def _check_prompt_ids(prompt_ids: Sequence[int], block_size: int, vocab_limit: int) -> None:
+    """1 to block_size ids, each one the tokenizer has (the embedding would fail deep
+    inside the model, or an id past the tokenizer would be decoded nowhere)."""
     if not 1 <= len(prompt_ids) <= block_size:
         raise MinigptError(
             f"the prompt must hold 1 to block_size={block_size} tokens, got {len(prompt_ids)}",
             hint="crop it with encode_prompt",
             param="prompt_ids",
         )
-    if generator is None and sampling.seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
-    return _decode_steps(model, list(prompt_ids), sampling, stride, generator)
+    bad = next((i for i in prompt_ids if not 0 <= i < vocab_limit), None)
+    if bad is not None:
+        raise MinigptError(
+            f"the prompt holds token id {bad}, outside the vocabulary of {vocab_limit}",
+            hint="encode the prompt with the model's own tokenizer",
+            param="prompt_ids",
+        )
+
+
+def cache_bytes(model: GPT, num_samples: int) -> int:
+    """Memory of the keys and values of num_samples full contexts: every layer keeps
+    K and V, each (num_samples, n_head, block_size, d_head), in the weights' dtype.
+    Without the cache a forward over that batch holds as much, so both paths count it."""
+    c = model.config
+    element = model.tok_emb.weight.element_size()
+    return num_samples * c.n_layer * 2 * c.n_head * c.block_size * c.d_head * element
+
+
+def memory_limit(device: torch.device) -> int:
+    """The most the samples' keys and values may take on `device`: MAX_CACHE_BYTES,
+    and at most half the device's memory where it can be told."""
+    total = device_memory(device)
+    return min(MAX_CACHE_BYTES, total // 2) if total else MAX_CACHE_BYTES
+
+
+def check_memory(model: GPT, num_samples: int) -> None:
+    """Refuse a batch of samples whose keys and values would not fit (see memory_limit)."""
+    needed, limit = cache_bytes(model, num_samples), memory_limit(model.device)
+    if needed <= limit:
+        return
+    most = max(1, limit // cache_bytes(model, 1))
+    raise MinigptError(
+        f"num_samples={num_samples} samples need {needed / 2**30:.1f} GiB of keys and values"
+        f" with this model, more than the {limit / 2**30:.1f} GiB allowed on {model.device}",
+        hint=f"ask for at most {most} samples at a time",
+        param="num_samples",
+    )
 
 
 @torch.inference_mode()
@@ -282,6 +382,7 @@ def _decode_steps(
     sampling: Sampling,
     stride: int,
     generator: torch.Generator | None,
+    vocab_limit: int,
 ) -> Iterator[Tensor]:
     # (inference_mode wraps each resume of this generator, not the caller's code.)
     block_size = model.config.block_size
@@ -303,9 +404,7 @@ def _decode_steps(
     logits = logits[:, -1, :].expand(num_samples, -1)  # (B, V)
 
     for step in range(max_new_tokens):
-        next_ids = sample_next(
-            logits, sampling.temperature, sampling.top_k, sampling.top_p, generator
-        )  # (B,)
+        next_ids = _next_ids(logits[:, :vocab_limit], sampling, generator)  # (B,)
         if n == width:
             tokens[:, :block_size] = tokens[:, n - block_size : n].clone()
             start, n = start - (n - block_size), block_size
@@ -325,6 +424,19 @@ def _decode_steps(
             logits, _ = model(tokens[:, n - 1 : n], kv_cache=kv_cache, last_only=True)
         start = new_start
         logits = logits[:, -1, :]  # (B, V)
+
+
+def _next_ids(logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> Tensor:
+    """The draw of one step from logits (B, V), after checking the model gave numbers:
+    NaN weights give NaN logits, which argmax turns into garbage ids and multinomial
+    into a traceback. One reduction per step, small next to the forward pass."""
+    if not torch.isfinite(logits).all():
+        raise MinigptError(
+            "the model produced non-finite logits (NaN or inf): its weights are damaged",
+            hint="load another checkpoint (model-last.safetensors, or retrain with a lower"
+            " learning rate)",
+        )
+    return sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
 
 
 def _shared_prefill(model: GPT, prompt: Tensor, kv_cache: KVCache) -> Tensor:
@@ -510,7 +622,7 @@ def generate_text(
 
     started = time.perf_counter()
     first_token_seconds = 0.0
-    steps = generate(model, prompt_ids, sampling=sampling)
+    steps = generate(model, prompt_ids, sampling=sampling, vocab_limit=tokenizer.vocab_size)
     for step, next_ids in enumerate(steps):
         if step == 0:
             first_token_seconds = time.perf_counter() - started

@@ -35,10 +35,10 @@ import torch
 from torch import Tensor
 
 from minigpt.checkpoint import Run
-from minigpt.data import Batcher, load_prepared
+from minigpt.data import META_FILE, VAL_FILE, Batcher, load_prepared
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
-from minigpt.tokenizer import Tokenizer
+from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer
 
 # ---------------------------------------------------------------------------
 # Roles
@@ -614,23 +614,51 @@ def check_repeated(n: int, block_size: int) -> None:
         )
 
 
-def validation_tokens(config: dict, run_dir: Path) -> tuple[np.ndarray, str] | None:
+def validation_tokens(
+    config: dict, run_dir: Path, tokenizer: Tokenizer
+) -> tuple[np.ndarray, str] | None:
     """The run's prepared validation tokens and where they are, if findable.
 
-    config.json's prepared_data.dir names the prepared folder (written by `minigpt train`);
-    a relative path is tried from the working directory, then from the run's project.
+    config.json's prepared_data names the prepared folder (`dir`, written by `minigpt
+    train`) and its corpus (`content_hash`); a relative dir is tried from the working
+    directory, then from the run's project. A run directory is data, not instructions:
+    a folder is used only if it is genuinely this run's data (see `_genuine_val_tokens`).
     """
-    name = (config.get("prepared_data") or {}).get("dir")
-    if not isinstance(name, str) or not name:
+    recorded = config.get("prepared_data")
+    if not isinstance(recorded, dict):
+        return None
+    name, content_hash = recorded.get("dir"), recorded.get("content_hash")
+    if not (isinstance(name, str) and name and isinstance(content_hash, str) and content_hash):
         return None
     for base in (Path.cwd(), run_dir.resolve().parent.parent):
-        folder = base / name
-        if (folder / "meta.json").exists():
-            try:
-                return load_prepared(folder).val_tokens(), str(folder / "val.bin")
-            except (MinigptError, OSError, ValueError):
-                continue
+        tokens = _genuine_val_tokens(base / name, content_hash, tokenizer)
+        if tokens is not None:
+            return tokens, str(base / name / VAL_FILE)
     return None
+
+
+def _genuine_val_tokens(folder: Path, content_hash: str, tokenizer: Tokenizer) -> np.ndarray | None:
+    """The validation tokens of `folder` if it is prepared data of the corpus with this
+    content hash, tokenised by this very tokenizer; else None.
+
+    Its files must be regular files (a FIFO or a device named by a hostile config
+    would block or stream forever), and `load_prepared` must accept the folder.
+    """
+    files = (folder / META_FILE, folder / VAL_FILE)
+    tokenizer_file = folder / TOKENIZER_FILE
+    try:
+        if not all(f.is_file() for f in files):
+            return None
+        if tokenizer_file.exists() and not tokenizer_file.is_file():
+            return None
+        prepared = load_prepared(folder)
+        if not isinstance(prepared.meta, dict) or prepared.meta.get("content_hash") != content_hash:
+            return None
+        if prepared.tokenizer.to_json() != tokenizer.to_json():
+            return None
+        return prepared.val_tokens()
+    except (MinigptError, OSError, ValueError, KeyError, TypeError):
+        return None  # damaged or not prepared data: the caller falls back to the prompt
 
 
 def validation_batches(
@@ -685,10 +713,14 @@ def _importance_batches(
     where they come from in words, and warnings: the run's validation data if it can
     be found, else the inspected sequences themselves."""
     model = run.model
-    found = validation_tokens(run.config, run.dir)
+    found = validation_tokens(run.config, run.dir, run.tokenizer)
+    batches = None
     if found is not None and len(found[0]) >= 2:
         tokens, where = found
         batches = validation_batches(tokens, model.config.block_size, seed=seed)
+        if not _within_vocab(batches, run.tokenizer.vocab_size):
+            batches = None  # the token file does not match its tokenizer: not usable
+    if batches is not None:
         B, T = batches[0][0].shape
         source, notes = f"{len(batches)} validation batches of {B} x {T} tokens from {where}", []
     else:
@@ -700,6 +732,12 @@ def _importance_batches(
             notes.append("importance skipped: the prompt has fewer than 2 tokens")
     batches = [(x.to(model.device), y.to(model.device)) for x, y in batches]
     return batches or None, source, notes
+
+
+def _within_vocab(batches: list[tuple[Tensor, Tensor]], vocab_size: int) -> bool:
+    """Whether every id of the (x, y) batches is one the tokenizer has: the embedding
+    would fail on a larger one, or score a padded row the model never learned."""
+    return all(int(t.min()) >= 0 and int(t.max()) < vocab_size for x, y in batches for t in (x, y))
 
 
 def inspect_run(

@@ -162,8 +162,8 @@ def device_memory(device: torch.device) -> int | None:
         if device.type == "cuda":
             return torch.cuda.get_device_properties(device).total_memory
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError, RuntimeError):
-        return None
+    except (AttributeError, ValueError, OSError, RuntimeError, AssertionError):
+        return None  # no sysconf (Windows), or torch built without CUDA
 
 
 def check_memory(needed: int, device: torch.device, what: str) -> None:

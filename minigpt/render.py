@@ -14,9 +14,11 @@ import html
 import json
 import math
 import os
+import re
 from pathlib import Path
 
 import numpy as np
+import torch
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
@@ -43,8 +45,18 @@ ROLE_COLOURS = {
 }
 
 
-def check_writable(path: str | Path) -> Path:
-    """Fail early (before any model work) if `path` cannot be written."""
+def check_writable(path: str | Path, param: str | None = None) -> Path:
+    """Fail early (before any model work) if `path` cannot be written.
+
+    param: the argument that gave the path (e.g. html_file), named by the error about
+    an empty path; the other errors name the path itself.
+    """
+    if str(path) == "":  # Path("") is ".", the working directory: never what was meant
+        raise MinigptError(
+            f"{param or 'the output file'} needs a file name, got an empty one",
+            hint="pass a file name, or leave the option out",
+            param=param,
+        )
     path = Path(path)
     if path.is_dir():
         raise MinigptError(f"{path} is a directory, not a file", hint="pass a file name")
@@ -165,6 +177,7 @@ def print_heatmap(
                 row.append(" ")
                 continue
             value = float(A[i, j])
+            value = 0.0 if math.isnan(value) else min(1.0, max(0.0, value))  # damaged weights
             shade = SHADES[min(len(SHADES) - 1, int(value * (len(SHADES) - 1) + 0.5))]
             green = int(80 + 175 * value)
             row.append(
@@ -226,10 +239,30 @@ def save_png(path: str | Path, inspection: Inspection) -> None:
 # ---------------------------------------------------------------------------- JSON
 
 
+def json_safe(value):
+    """`value` as strict JSON data: NaN and infinities become null (JSON has no such
+    numbers, and Python's `NaN` literal breaks other readers), tensors and numpy
+    values plain lists and numbers, tuples lists; at any depth."""
+    if isinstance(value, torch.Tensor | np.ndarray | np.generic):
+        value = value.tolist()
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def strict_json(data, **options) -> str:
+    """json.dumps of json_safe(data); anything still not JSON raises instead of writing it."""
+    return json.dumps(json_safe(data), allow_nan=False, **options)
+
+
 def save_json(path: str | Path, inspection: Inspection) -> None:
     """Everything computed: metrics, roles, thresholds, similarity, tokens, attention."""
     try:
-        write_text_atomic(path, json.dumps(inspection.to_dict(), ensure_ascii=False) + "\n")
+        write_text_atomic(path, strict_json(inspection.to_dict(), ensure_ascii=False) + "\n")
     except OSError as err:
         raise MinigptError(
             f"cannot write {path}: {err.strerror or err}", hint="choose another output path"
@@ -247,6 +280,7 @@ def quantised_attention(inspection: Inspection) -> str:
     L, H, T, _ = inspection.attention.shape
     rows, cols = np.tril_indices(T)
     A = inspection.attention.numpy()[:, :, rows, cols]  # (L, H, T (T + 1) / 2)
+    A = np.nan_to_num(A, nan=0.0)  # damaged weights: show nothing rather than wrapped bytes
     q = np.clip(np.rint(A * 255.0), 0, 255).astype(np.uint8)
     return base64.b64encode(q.tobytes()).decode("ascii")
 
@@ -273,7 +307,6 @@ def html_document(inspection: Inspection) -> str:
         }
         for h in inspection.heads
     ]
-    heads = [{k: _nan_to_none(v) for k, v in h.items()} for h in heads]
     data = {
         "L": inspection.n_layer,
         "H": inspection.n_head,
@@ -282,8 +315,7 @@ def html_document(inspection: Inspection) -> str:
         "colours": ROLE_COLOURS,
         "attention": quantised_attention(inspection),
     }
-    payload = json.dumps(data, ensure_ascii=False, allow_nan=False, default=str)
-    payload = payload.replace("</", "<\\/")  # never close the script tag early
+    payload = script_json(data)
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in inspection.notes)
     info = (
         f"{inspection.n_layer} layers x {inspection.n_head} heads; metrics are means over "
@@ -292,13 +324,40 @@ def html_document(inspection: Inspection) -> str:
     )
     if inspection.importance_source:
         info += f" Importance measured on {inspection.importance_source}."
-    return (
-        _HTML_TEMPLATE.replace("__TITLE__", html.escape(f"minigpt heads: {inspection.source}"))
-        .replace("__INFO__", html.escape(info))
-        .replace("__RULES__", html.escape(inspection.thresholds.describe()))
-        .replace("__NOTES__", notes)
-        .replace("__DATA__", payload)
-    )
+    fills = {
+        "TITLE": html.escape(f"minigpt heads: {inspection.source}"),
+        "INFO": html.escape(info),
+        "RULES": html.escape(inspection.thresholds.describe()),
+        "NOTES": notes,
+        "DATA": payload,
+    }
+    # One pass: a placeholder's text inside a filled-in value (a note, a token) stays text.
+    return _PLACEHOLDER.sub(lambda m: fills[m.group(1)], _HTML_TEMPLATE)
+
+
+_PLACEHOLDER = re.compile(r"__(TITLE|INFO|RULES|NOTES|DATA)__")
+
+_SCRIPT_ESCAPES = {
+    "<": "\\u003c",
+    ">": "\\u003e",
+    "&": "\\u0026",
+    "\u2028": "\\u2028",
+    "\u2029": "\\u2029",
+}
+
+
+def script_json(data) -> str:
+    """`data` as a JS expression that is safe inside <script>...</script>.
+
+    Escaping `</` is not enough: in a script element `<!--` followed by `<script`
+    switches the HTML parser into a state where `</script>` no longer ends it, and
+    the rest of the page is swallowed. So no `<` (nor `>`, `&`) appears at all:
+    inside JSON strings, the only place they can occur, they become \\u003c etc.,
+    which JSON and JS read back as the same characters. U+2028/U+2029 are escaped
+    for older JS engines, where they end a line even inside a string.
+    """
+    payload = strict_json(data, ensure_ascii=False, default=str)
+    return re.sub("[<>&\u2028\u2029]", lambda m: _SCRIPT_ESCAPES[m.group(0)], payload)
 
 
 def save_html(path: str | Path, inspection: Inspection) -> None:
@@ -310,10 +369,6 @@ def save_html(path: str | Path, inspection: Inspection) -> None:
         raise MinigptError(
             f"cannot write {path}: {err.strerror or err}", hint="choose another output path"
         ) from err
-
-
-def _nan_to_none(value):
-    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 _HTML_TEMPLATE = """<!doctype html>

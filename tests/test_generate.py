@@ -1,17 +1,23 @@
 """Sampling: the sampler's order and edge cases, KV cache == recompute (also far past
 block_size), batched samples, stop strings, UTF-8-safe streaming, and the CLI."""
 
+import copy
+import io
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from minigpt import console
+from minigpt import generate as generate_module
 from minigpt.checkpoint import BEST_WEIGHTS, CONFIG_FILE, TOKENIZER_FILE, write_run_files
 from minigpt.errors import MinigptError
 from minigpt.generate import (
+    MAX_SEED,
     Sampling,
     StopStrings,
+    cache_bytes,
     encode_prompt,
     generate,
     generate_text,
@@ -144,6 +150,58 @@ def test_combined_top_k_temperature_top_p_distribution():
     assert torch.allclose(counts / counts.sum(), expected, atol=0.015)
 
 
+def test_a_tiny_temperature_is_greedy_not_nan():
+    """logits / 1e-40 overflows to inf and softmax gives NaN: the sampler must not care."""
+    logits = torch.randn(64, 50, generator=torch.Generator().manual_seed(2)) * 5
+    for dtype in (torch.float32, torch.float64, torch.float16):
+        for top_k, top_p in [(None, None), (5, None), (None, 0.9), (10, 0.5)]:
+            for temperature in (1e-40, 1e-320, 5e-324):
+                gen = torch.Generator().manual_seed(0)
+                ids = sample_next(logits.to(dtype), temperature, top_k, top_p, generator=gen)
+                assert torch.equal(ids, logits.to(dtype).argmax(-1)), (dtype, top_k, top_p)
+
+
+def test_a_huge_temperature_draws_uniformly_and_never_nan():
+    counts = draws([30.0, 0.0, -30.0, -1e4], n=8000, temperature=1e300).double()
+    assert torch.allclose(
+        counts / counts.sum(), torch.full((4,), 0.25, dtype=torch.double), atol=0.03
+    )
+
+
+def test_generate_at_a_tiny_temperature_equals_greedy(random_model):
+    prompt = [1, 2, 3]
+    greedy = greedy_ids(random_model, prompt, 40, num_samples=2)
+    for use_kv_cache in (True, False):
+        steps = generate(
+            random_model,
+            prompt,
+            40,
+            num_samples=2,
+            temperature=1e-40,
+            seed=1,
+            use_kv_cache=use_kv_cache,
+        )
+        assert torch.equal(torch.stack(list(steps), dim=1), greedy)
+
+
+def test_vocab_limit_is_never_exceeded_by_any_sampler():
+    """The best logits sit past the limit: every sampler must still stay below it."""
+    logits = torch.randn(32, 20, generator=torch.Generator().manual_seed(3))
+    logits[:, 12:] += 100.0  # ids 12.. would win every draw
+    for temperature, top_k, top_p in [
+        (0, None, None),
+        (1.0, None, None),
+        (1.0, 3, None),
+        (0.7, None, 0.9),
+        (2.0, 50, 0.99),
+        (1e-40, None, None),
+    ]:
+        gen = torch.Generator().manual_seed(0)
+        ids = sample_next(logits, temperature, top_k, top_p, generator=gen, vocab_limit=12)
+        assert ids.max() < 12, (temperature, top_k, top_p)
+    assert torch.equal(sample_next(logits, 0, vocab_limit=12), logits[:, :12].argmax(-1))
+
+
 def test_window_start_crops_to_block_size_minus_stride():
     assert window_start(16, 0, 16, 4) == 0  # full but not over
     assert window_start(17, 0, 16, 4) == 5  # 12 = block_size - stride tokens remain
@@ -165,6 +223,10 @@ def test_window_start_crops_to_block_size_minus_stride():
         ({"top_p": 1.5}, "top_p"),
         ({"stop": ["ok", ""]}, "stop"),
         ({"stride": -1}, "stride"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": 99999999999999999999999}, "seed"),
+        ({"seed": 1.5}, "seed"),
     ],
 )
 def test_sampling_refuses_settings_that_mean_nothing_naming_the_argument(settings, param):
@@ -180,6 +242,44 @@ def test_sampling_accepts_the_edges_and_the_model_checks_the_stride(random_model
     with pytest.raises(MinigptError, match="block_size=16") as caught:
         generate(random_model, [1], 5, stride=16)
     assert caught.value.param == "stride"
+
+
+def test_seeds_at_both_edges_of_torchs_range_work(random_model):
+    assert "2**64 - 1" in str(pytest.raises(MinigptError, Sampling, seed=2**64).value)
+    for seed in (0, MAX_SEED):
+        first = torch.stack(list(generate(random_model, [1, 2], 10, seed=seed)), dim=1)
+        again = torch.stack(list(generate(random_model, [1, 2], 10, seed=seed)), dim=1)
+        assert torch.equal(first, again)
+
+
+def test_prompt_ids_and_vocab_limit_are_checked_against_the_model(random_model):
+    for prompt in ([11], [1, -1]):  # the model has 11 ids: 0..10
+        with pytest.raises(MinigptError, match="outside the vocabulary of 11") as caught:
+            generate(random_model, prompt, 3)
+        assert caught.value.param == "prompt_ids"
+    with pytest.raises(MinigptError, match="outside the vocabulary of 5"):
+        generate(random_model, [7], 3, vocab_limit=5)  # the tokenizer has 5 ids
+    for limit in (0, 12):
+        with pytest.raises(MinigptError, match="vocab_limit") as caught:
+            generate(random_model, [1], 3, vocab_limit=limit)
+        assert caught.value.param == "vocab_limit"
+
+
+def test_cache_bytes_is_what_the_kv_cache_allocates(random_model):
+    cache = random_model.new_kv_cache(3)
+    allocated = sum(t.numel() * t.element_size() for t in cache.keys + cache.values)
+    assert cache_bytes(random_model, 3) == allocated
+    assert 0 < generate_module.memory_limit(random_model.device) <= generate_module.MAX_CACHE_BYTES
+
+
+def test_too_many_samples_for_memory_are_refused_before_any_work(hello_run, monkeypatch):
+    _, model, tokenizer = hello_run
+    per_sample = cache_bytes(model, 1)
+    monkeypatch.setattr(generate_module, "MAX_CACHE_BYTES", 100 * per_sample)
+    generate_text(model, tokenizer, "he", max_new_tokens=2, num_samples=100, seed=0)  # fits
+    with pytest.raises(MinigptError, match="num_samples=101 samples need") as caught:
+        generate_text(model, tokenizer, "he", max_new_tokens=2, num_samples=101, seed=0)
+    assert caught.value.param == "num_samples" and "at most 100 samples" in caught.value.hint
 
 
 def test_generate_text_takes_a_sampling_or_its_fields_as_keywords(hello_run):
@@ -399,6 +499,69 @@ def test_a_sample_ends_at_end_of_text(tiny_gpt):
     assert [(s.text, s.new_tokens, s.finish_reason) for s in result.samples] == [("", 1, "eot")] * 2
 
 
+# --- a padded vocabulary and damaged weights -----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def padded_run(tmp_path_factory, tiny_gpt):
+    """A char model of 9 characters with model.vocab_size=64, whose unused ids 9..63
+    have the largest logits everywhere: any sampler that looks past 9 picks them."""
+    tokenizer = CharTokenizer.from_text(HELLO)
+    assert tokenizer.vocab_size == 9
+    model = tiny_gpt(64)
+    with torch.no_grad():
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.normal_(generator=torch.Generator().manual_seed(0))
+        model.tok_emb.weight[9:] = 10 * model.ln_f.bias  # ids 9.. dominate every position
+        assert model(torch.tensor([[1, 2]]))[0][0, -1].argmax() >= 9
+    run_dir = write_run_files(tmp_path_factory.mktemp("runs") / "padded", model, tokenizer)
+    return run_dir, model, tokenizer
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"temperature": 0},
+        {"temperature": 1.0},
+        {"temperature": 1.0, "top_k": 20},
+        {"temperature": 0.8, "top_p": 0.95},
+        {"temperature": 0, "use_kv_cache": False},
+        {"temperature": 1.0, "use_kv_cache": False, "num_samples": 3},
+    ],
+)
+def test_a_padded_vocabulary_only_samples_ids_the_tokenizer_has(padded_run, settings):
+    _, model, tokenizer = padded_run
+    result = generate_text(model, tokenizer, "he", max_new_tokens=40, seed=0, **settings)
+    for sample in result.samples:
+        assert sample.new_tokens == 40 and set(sample.text) <= set(HELLO)
+
+
+def test_cli_generates_from_a_padded_vocabulary(padded_run, minigpt_cli):
+    run_dir, _, _ = padded_run
+    for options in (["--temperature", "0"], ["-s", "2", "--no-kv-cache", "--seed", "1"]):
+        code, out, err = minigpt_cli("generate", run_dir, "-p", "he", "-n", "30", *options)
+        assert code == 0, err
+        assert set(out) <= set(HELLO + "-")  # the samples and their separator line
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"temperature": 0},
+        {"temperature": 0.8, "top_k": 3},
+        {"temperature": 1.0, "use_kv_cache": False},
+    ],
+)
+def test_nan_weights_are_reported_not_sampled(hello_run, settings):
+    _, model, tokenizer = hello_run
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.ln_f.weight[0] = float("nan")
+    with pytest.raises(MinigptError, match="non-finite logits") as caught:
+        generate_text(broken, tokenizer, "he", max_new_tokens=5, seed=0, **settings)
+    assert caught.value.hint
+
+
 # --- the prompt ---------------------------------------------------------------------
 
 
@@ -501,6 +664,31 @@ def test_cli_interactive_loop_keeps_the_model_and_survives_bad_prompts(
     assert "never saw" in err and err.count("prompt tokens:") == 2
 
 
+def interactive_output(monkeypatch, capsys, as_json):
+    """What the interactive loop writes when each prompt's answer is one JSON object;
+    input() itself (not a stand-in) reads the prompts, so its marker shows."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nXYZ\nhel\n"))
+
+    def answer(line):
+        if line == "XYZ":
+            raise MinigptError("the text has 3 character(s) the char tokenizer never saw")
+        console.print_json({"prompt": line})
+
+    console.interactive_loop(answer, {}, as_json=as_json)
+    return capsys.readouterr()
+
+
+def test_interactive_json_writes_only_json_lines_to_stdout(monkeypatch, capsys):
+    out, err = interactive_output(monkeypatch, capsys, as_json=True)
+    assert [json.loads(line) for line in out.splitlines()] == [
+        {"prompt": "hello"},
+        {"prompt": "hel"},
+    ]
+    assert err.count("> ") == 4 and "never saw" in err  # three prompts and the end of input
+    out, err = interactive_output(monkeypatch, capsys, as_json=False)
+    assert out.startswith("> {") and out.count("> ") == 4  # the terminal loop is unchanged
+
+
 def broken_runs(hello_run, tmp_path):
     """Run directories that must be refused, each with a word the error must contain."""
     run_dir, model, tokenizer = hello_run
@@ -549,6 +737,10 @@ def test_cli_refuses_bad_run_directories(hello_run, tmp_path, minigpt_cli):
         (["--prompt-file", "EMPTY", "-p", "he"], "both"),
         (["--device", "warp9"], "unknown device"),
         (["--threads", "0"], "--threads"),
+        (["--seed", "99999999999999999999999"], "--seed must be an integer from 0 to 2**64 - 1"),
+        (["--seed", "-1"], "--seed must be"),
+        (["--top-p", "nan"], "--top-p"),
+        (["--temperature", "inf"], "--temperature"),
     ],
 )
 def test_cli_refuses_bad_input_with_exit_code_2(hello_run, tmp_path, args, words, minigpt_cli):
@@ -567,3 +759,13 @@ def test_entry_point_exit_code_and_stderr(hello_run, run_minigpt):
     proc = run_minigpt("generate", run_dir, "--top-k", "0", cwd=Path(__file__).parent)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --top-k must be at least 1")
     assert proc.stdout == ""
+
+
+def test_cli_interactive_json_is_json_lines(hello_run, monkeypatch, minigpt_cli):
+    """--json with --interactive: stdout carries one JSON object per prompt, nothing else."""
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nhel\n"))
+    code, out, err = minigpt_cli(
+        "generate", hello_run[0], "-i", "--json", "-n", "3", "--temperature", "0"
+    )
+    assert code == 0, err
+    assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["hello", "hel"]

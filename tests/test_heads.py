@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
+import threading
+import time
 
 import pytest
 import torch
 
 from minigpt import heads, render
-from minigpt.checkpoint import write_run_files
+from minigpt.checkpoint import load_run, write_run_files
+from minigpt.errors import MinigptError
 from minigpt.tokenizer import CharTokenizer
 
 
@@ -263,6 +268,66 @@ def test_json_and_html(tmp_path, inspection):
     assert len(base64.b64decode(decoded)) == 6 * 16 * 17 // 2
 
 
+@pytest.fixture
+def damaged(inspection):
+    """The inspection as NaN weights leave it: NaN metrics, similarity and attention."""
+    bad = copy.deepcopy(inspection)
+    bad.heads[0].entropy = float("nan")
+    bad.heads[1].importance = float("inf")
+    bad.heads[2].nearest_js = float("nan")
+    bad.similarity[0, 1] = float("nan")
+    bad.attention[1, 2, 5, :3] = float("nan")
+    bad.base_loss = float("nan")
+    return bad
+
+
+def no_constants(name):
+    raise AssertionError(f"{name} is not JSON")
+
+
+def test_json_is_strict_even_with_nan_metrics(tmp_path, damaged):
+    render.save_json(tmp_path / "h.json", damaged)
+    data = json.loads((tmp_path / "h.json").read_text(), parse_constant=no_constants)
+    assert data["heads"][0]["entropy"] is None and data["heads"][1]["importance"] is None
+    assert data["base_loss"] is None and data["similarity_js_bits"][0][1] is None
+    assert data["attention_first_sequence"][1][2][5][:3] == [None] * 3
+    assert data["heads"][0]["previous_token"] == pytest.approx(damaged.heads[0].previous_token)
+    # nested tensors, numpy values and tuples too
+    text = render.strict_json({"t": torch.tensor([1.0, math.nan]), "n": [(math.inf, 2)]})
+    assert json.loads(text, parse_constant=no_constants) == {"t": [1.0, None], "n": [[None, 2]]}
+
+
+def test_html_and_heatmap_survive_nan_attention(tmp_path, damaged):
+    from rich.console import Console
+
+    render.save_html(tmp_path / "h.html", damaged)
+    assert "NaN" not in (tmp_path / "h.html").read_text()
+    console = Console(record=True, width=140)
+    render.print_heatmap(console, damaged, 1, 2)
+    render.print_table(console, damaged)
+    assert "L1H2" in console.export_text()
+
+
+def script_payload(page: str) -> str:
+    return page.split("const D = ", 1)[1].split(";\nconst T = ", 1)[0]
+
+
+def test_html_payload_cannot_end_or_hijack_the_script(inspection):
+    hostile = ["<!--<script>", "</script>", "a&b>c", "\u2028\u2029", "</SCRIPT >"]
+    labelled = copy.deepcopy(inspection)
+    labelled.tokens[: len(hostile)] = hostile
+    labelled.notes = ["a note that says __DATA__ and __TITLE__ <b>"]
+    page = render.html_document(labelled)
+    payload = script_payload(page)
+    assert not set("<>&\u2028\u2029") & set(payload)
+    assert json.loads(payload)["tokens"][: len(hostile)] == hostile  # the labels round-trip
+    assert page.count("<script") == 1 and page.lower().count("</script") == 1
+    assert "<!--" not in page
+    # placeholders are filled in one pass: a note's text is not replaced by the data
+    assert page.count("const D = ") == 1
+    assert "<li>a note that says __DATA__ and __TITLE__ &lt;b&gt;</li>" in page
+
+
 def test_png_and_terminal(tmp_path, inspection):
     from rich.console import Console
 
@@ -282,6 +347,18 @@ def test_unwritable_output_is_refused(tmp_path):
         render.check_writable(blocker / "out.html")
     with pytest.raises(ValueError, match="directory"):
         render.check_writable(tmp_path)
+
+
+def test_an_empty_output_name_is_refused_naming_the_option():
+    with pytest.raises(MinigptError, match="html_file needs a file name") as caught:
+        render.check_writable("", "html_file")
+    assert caught.value.param == "html_file" and caught.value.hint
+    from minigpt.cli import OPTION_NAMES
+
+    names = {**OPTION_NAMES, "html_file": "--html"}
+    assert caught.value.renamed(names)[0] == "--html needs a file name, got an empty one"
+    with pytest.raises(MinigptError, match="the output file needs a file name"):
+        render.check_writable("")
 
 
 @pytest.fixture(scope="module")
@@ -314,6 +391,11 @@ def test_cli_end_to_end(run_dir, tmp_path, run_minigpt):
         (["--prompt-file", "/nonexistent/prompt.txt"], "does not exist"),
         (["--head", "1"], "--head needs --layer"),
         (["--prompt", "abc", "--repeated", "4"], "not both"),
+        (["--layer", "-1"], "layer -1 is out of range"),
+        (["--layer", "0", "--head", "-1"], "head -1 is out of range"),
+        (["--repeated", "-3"], "from 2 to 16"),
+        (["--html", ""], "--html needs a file name"),
+        (["--png", ""], "--png needs a file name"),
     ],
 )
 def test_cli_bad_input(run_dir, args, message, minigpt_cli):
@@ -331,11 +413,9 @@ def test_importance_uses_the_runs_validation_data(tiny, tmp_path):
     source = tmp_path / "corpus.txt"
     source.write_text("the quick brown fox jumps over the lazy dog\n" * 80)
     prepared = data.prepare(str(source), "char", data_dir=tmp_path / "data", progress=False)
+    recorded = {"dir": str(prepared.dir), "content_hash": prepared.meta["content_hash"]}
     run_dir = write_run_files(
-        tmp_path / "run",
-        model,
-        tokenizer,
-        extra_config={"prepared_data": {"dir": str(prepared.dir)}},
+        tmp_path / "run", model, tokenizer, extra_config={"prepared_data": recorded}
     )
     inspection = heads.inspect_run(load_run(run_dir), repeated=8)
     assert inspection.importance_source.startswith("8 validation batches of 4 x 32 tokens")
@@ -344,6 +424,92 @@ def test_importance_uses_the_runs_validation_data(tiny, tmp_path):
     no_data = write_run_files(tmp_path / "run2", model, tokenizer)
     inspection = heads.inspect_run(load_run(no_data), repeated=8)
     assert "validation data was not found" in inspection.notes[0]
+
+
+def importance_source(run_dir, prepared_data) -> str:
+    """Where inspect_run measured importance for a run whose config.json says prepared_data."""
+    config_file = run_dir / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "prepared_data": prepared_data}))
+    return heads.inspect_run(load_run(run_dir), repeated=4).importance_source
+
+
+def test_only_this_runs_own_prepared_data_is_used(tiny, tmp_path, monkeypatch):
+    """A run directory is data: its prepared_data may name any folder on the machine."""
+    from minigpt import data
+
+    model, tokenizer = tiny
+    source = tmp_path / "corpus.txt"
+    source.write_text("the quick brown fox jumps over the lazy dog\n" * 80)
+    own = data.prepare(str(source), "char", data_dir=tmp_path / "data", progress=False)
+    source.write_text("hello there, general kenobi\n" * 80)  # another tokenizer's corpus
+    other = data.prepare(str(source), "char", data_dir=tmp_path / "data", progress=False)
+    run_dir = write_run_files(tmp_path / "run", model, tokenizer)
+    own_hash = own.meta["content_hash"]
+    used = "validation batches"
+    assert used in importance_source(run_dir, {"dir": str(own.dir), "content_hash": own_hash})
+    monkeypatch.chdir(tmp_path)  # a relative dir is still found from the working directory
+    relative = os.path.relpath(own.dir, tmp_path)
+    assert used in importance_source(run_dir, {"dir": relative, "content_hash": own_hash})
+    for bad in [
+        {"dir": str(own.dir)},  # no content hash to check it against
+        {"dir": str(own.dir), "content_hash": "0" * 64},  # another corpus
+        {"dir": str(other.dir), "content_hash": other.meta["content_hash"]},  # another tokenizer
+        {"dir": "/", "content_hash": own_hash},  # not prepared data at all
+        {"dir": str(tmp_path / "missing"), "content_hash": own_hash},
+        {"dir": 7, "content_hash": own_hash},
+        "not a table",
+        ["a", "list"],
+    ]:
+        assert "no validation data found" in importance_source(run_dir, bad), bad
+
+
+def test_a_token_file_with_ids_past_the_tokenizer_is_not_used(tiny_gpt, tiny, tmp_path):
+    """A padded model (vocab 64) and val.bin holding ids 40: the embedding would take them,
+    the tokenizer (28 ids) could not have written them. The probe stays in the tokenizer."""
+    from minigpt import data
+
+    _, tokenizer = tiny
+    model = tiny_gpt(64, block_size=32, n_head=3, n_embd=24)
+    source = tmp_path / "corpus.txt"
+    source.write_text("the quick brown fox jumps over the lazy dog\n" * 80)
+    prepared = data.prepare(str(source), "char", data_dir=tmp_path / "data", progress=False)
+    val = prepared.val_path.read_bytes()
+    prepared.val_path.write_bytes(bytes([40, 0]) * (len(val) // 2))  # uint16 ids: 40
+    recorded = {"dir": str(prepared.dir), "content_hash": prepared.meta["content_hash"]}
+    run_dir = write_run_files(tmp_path / "run", model, tokenizer)
+    assert "no validation data found" in importance_source(run_dir, recorded)
+    probes = heads.repeated_probe(tokenizer, 20, count=50)
+    assert probes.max() < tokenizer.vocab_size
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes here")
+def test_a_pipe_named_as_prepared_data_is_not_read(tiny, tmp_path):
+    """Reading a FIFO blocks until someone writes: a hostile config must not hang us."""
+    model, tokenizer = tiny
+    folder = tmp_path / "trap"
+    folder.mkdir()
+    os.mkfifo(folder / "meta.json")
+    (folder / "val.bin").write_bytes(b"\0\0" * 100)
+
+    done = threading.Event()
+
+    def unblock():  # if the FIFO is opened after all, let its readers go after 5 s
+        done.wait(5)
+        while not done.wait(0.1):
+            try:  # non-blocking: with no reader waiting this fails instead of waiting
+                os.close(os.open(folder / "meta.json", os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                pass
+
+    threading.Thread(target=unblock, daemon=True).start()
+    run_dir = write_run_files(tmp_path / "run", model, tokenizer)
+    started = time.perf_counter()
+    try:
+        source = importance_source(run_dir, {"dir": str(folder), "content_hash": "x"})
+    finally:
+        done.set()
+    assert "no validation data" in source and time.perf_counter() - started < 4
 
 
 # A few lines of fake DOM, enough to run the viewer's script under node: it must
