@@ -36,10 +36,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise os_error(err, "write", path) from err
     os.close(fd)
     tmp = Path(tmp_name)
-    # mkstemp makes the file private (0600); give it the mode a plain open() would
-    os.chmod(tmp, 0o666 & ~current_umask())
     try:
         yield tmp
+        # mkstemp makes the file private (0600), and some writers (safetensors) create
+        # the file anew with that mode: give it the mode a plain open() would
+        os.chmod(tmp, 0o666 & ~current_umask())
         with open(tmp, "rb+") as f:  # make the bytes durable before the rename
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -317,6 +318,15 @@ def test_resume_survives_a_metrics_file_with_junk_lines(tmp_path, run_dir, junk)
         f.write(junk)
     assert resume(tmp_path, max_iters=6).step == 6
     assert sorted(losses(run_dir)) == list(range(1, 7))
+
+
+def test_run_files_have_ordinary_modes(run_dir):
+    """Files keep the mode a plain open() gives (0644 under umask 022), so a run can be
+    shared; mkstemp's private 0600 must not leak through any writer."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in (BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, CONFIG_FILE, "tokenizer.json"):
+        assert (run_dir / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
 
 
 def test_a_file_given_as_the_run_dir_is_named_a_file(tmp_path):
