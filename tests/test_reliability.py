@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_train import TEXT, TINY  # the same tiny model and corpus as the trainer's tests
 
 from minigpt import checkpoint
 from minigpt import train as trainer
@@ -33,26 +34,6 @@ from minigpt.checkpoint import (
 from minigpt.config import build_config, load_config
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPTConfig
-
-TEXT = (
-    "def add(a, b):\n    return a + b\n\n"
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n"
-) * 40
-
-TINY = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=16",
-    "model.block_size=16",
-    "train.batch_size=4",
-    "train.eval_iters=2",
-    "train.log_interval=1",
-    "train.warmup_iters=2",
-    "train.lr=1e-2",
-    "train.min_lr=1e-3",
-    "train.device=cpu",
-    "train.threads=1",
-]
 
 
 @pytest.fixture

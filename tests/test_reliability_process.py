@@ -16,15 +16,12 @@ import time
 from pathlib import Path
 
 import pytest
+from test_train_process import TEXT, wait_for_steps  # the process tests' corpus and poll
 
 from minigpt import checkpoint
 from minigpt.checkpoint import CONFIG_FILE, LAST_WEIGHTS, METRICS_FILE, TRAINER_STATE, load_run
 
 REPO = Path(__file__).resolve().parents[1]
-TEXT = (
-    "for item in items:\n    if item is None:\n        continue\n    total += item\n"
-    "while queue:\n    node = queue.pop()\n    seen.add(node)\n"
-) * 60
 NOBODY = 65534
 
 
@@ -76,18 +73,6 @@ def _as_user(user: int | None) -> list[str]:
     if user is None:
         return []
     return ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"]
-
-
-def wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(list(checkpoint.iter_losses(out))) >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended early: {proc.communicate()}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("training did not start in time")
 
 
 def one_error(stderr: str) -> bool:
