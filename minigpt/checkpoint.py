@@ -9,6 +9,7 @@
                                optimizer, step, RNG and batcher state (plain tensors and numbers,
                                one file, so a kill can never pair new weights with an old optimizer)
       metrics.jsonl, loss.png  the training curves
+      .lock                    held (flock) by the one trainer writing the run (`RunLock`)
 
 Weights are safetensors (no pickle); trainer.pt is read with weights_only=True.
 Every file is written atomically, so a crash at any moment leaves the previous
