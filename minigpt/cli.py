@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 
 from minigpt import console
-from minigpt.errors import MinigptError, os_error
+from minigpt.errors import MinigptError, Terminated, os_error
 
 # The modules that load torch are imported inside the commands that need them, so
 # `minigpt --help` and usage errors answer at once instead of after torch loads.
@@ -318,6 +318,9 @@ def main() -> None:
     except _Interrupted:
         console.note("interrupted")
         sys.exit(130)
+    except Terminated:
+        console.note("terminated")
+        sys.exit(143)
     except MinigptError as err:
         console.print_error(err, OPTION_NAMES)
         sys.exit(2)

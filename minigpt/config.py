@@ -318,9 +318,15 @@ def load_config(
 
 
 def config_from_dict(values: dict) -> RunConfig:
-    """Rebuild a RunConfig from a run's config.json sections (what resume uses)."""
-    tables = {s: values[s] for s in SECTIONS if isinstance(values.get(s), dict)}
-    return merge(RunConfig(), tables)
+    """Rebuild a RunConfig from a run's config.json sections (what resume uses); each
+    section must be there, as a table: a damaged one must not fall back to defaults."""
+    bad = [s for s in SECTIONS if not isinstance(values.get(s), dict)]
+    if bad:
+        raise MinigptError(
+            f"config.json's {bad[0]!r} entry is {values.get(bad[0])!r}, not a table of settings",
+            hint="the file is damaged or was not written by `minigpt train`",
+        )
+    return merge(RunConfig(), {s: values[s] for s in SECTIONS})
 
 
 def _positive(where: str, value: float, hint: str | None = None) -> None:

@@ -63,3 +63,10 @@ def os_error(err: OSError, verb: str = "use", path: object = None) -> MinigptErr
         f"cannot {verb}{what}: {reason}",
         hint=_OS_HINTS.get(err.errno or 0, "check the path and the disk"),
     )
+
+
+class Terminated(BaseException):
+    """SIGTERM while a trainer sets up (preparing data, building the model): raised by
+    its handler so that the `finally` blocks remove what was half made, and the command
+    line exits with 143, as a process killed by SIGTERM does. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` swallows it."""

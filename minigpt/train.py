@@ -52,7 +52,7 @@ from minigpt.data import (
     load_prepared,
     prepare,
 )
-from minigpt.errors import MinigptError
+from minigpt.errors import MinigptError, Terminated
 from minigpt.model import GPT, check_memory
 from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
@@ -89,12 +89,14 @@ def load_data(config: RunConfig, progress: bool = False, run_data: dict | None =
     prepared, expected_hash, source, data_dir = None, None, d.source, Path(d.data_dir)
     if run_data is not None:
         expected_hash = _recorded_hash(run_data)
-        source = _source_to_read(d.source, run_data)
+        projects = _project_dirs(Path(config.train.out_dir))
+        source = _source_to_read(d.source, run_data, projects)
+        folders = _recorded_folders(run_data, d.data_dir, projects)
         if source in BUILTIN_DATASETS or not _exists(source):
-            prepared = _recorded_folder(run_data, expected_hash)
-        recorded = run_data.get("dir")
-        if isinstance(recorded, str) and Path(recorded).is_dir():
-            data_dir = Path(recorded).parent  # where the run's own folder is, from any cwd
+            prepared = next(
+                (p for p in map(_intact(expected_hash), folders) if p is not None), None
+            )
+        data_dir = next((f.parent for f in folders if _is_dir(f)), data_dir)
     if prepared is None:
         prepared = prepare(
             source,
@@ -125,31 +127,61 @@ def _recorded_hash(run_data: dict) -> str:
     return content_hash
 
 
-def _recorded_folder(run_data: dict, content_hash: str) -> PreparedData | None:
-    """The prepared folder a resumed run used, if it is still intact and holds its data."""
-    folder = run_data.get("dir")
-    if not isinstance(folder, str):
-        return None
-    try:
-        prepared = load_prepared(folder)
-    except (MinigptError, OSError):
-        return None
-    return prepared if prepared.meta.get("content_hash") == content_hash else None
+def _project_dirs(run_dir: Path) -> list[Path]:
+    """Where a run's relative paths may start from besides the working directory: the
+    folder holding the run, and the one above (checkpoints/<run> sits in a project)."""
+    run_dir = run_dir.resolve()
+    return [run_dir.parent, run_dir.parent.parent]
 
 
-def _source_to_read(source: str, run_data: dict | None) -> str:
-    """The source as written, or, for a resumed run started from another working
-    directory, the absolute path recorded when it was prepared."""
-    recorded = run_data.get("source_path") if isinstance(run_data, dict) else None
+def _recorded_folders(run_data: dict, data_dir: str, projects: list[Path]) -> list[Path]:
+    """Where a resumed run's prepared folder may be: where config.json says, and under
+    data_dir from the run's project (a project copied elsewhere, with its runs)."""
+    recorded = run_data.get("dir")
+    if not isinstance(recorded, str) or not recorded:
+        return []
+    return [Path(recorded), *(base / data_dir / Path(recorded).name for base in projects)]
+
+
+def _intact(content_hash: str) -> Callable[[Path], PreparedData | None]:
+    """A check of a folder: the prepared data of the corpus with this content hash, if
+    it is whole (load_prepared checks it), else None."""
+
+    def check(folder: Path) -> PreparedData | None:
+        try:
+            prepared = load_prepared(folder)
+        except (MinigptError, OSError):
+            return None
+        return prepared if prepared.meta.get("content_hash") == content_hash else None
+
+    return check
+
+
+def _source_to_read(source: str, run_data: dict, projects: list[Path]) -> str:
+    """The source as written; or, for a run resumed from another working directory
+    or copied with its project, the absolute path recorded when it was prepared, or
+    the relative path taken from the run's project. Whichever is read, its content
+    hash must still be the run's."""
     if source in BUILTIN_DATASETS or _exists(source):
         return source
-    return recorded if isinstance(recorded, str) else source
+    recorded = run_data.get("source_path")
+    candidates = [recorded] if isinstance(recorded, str) else []
+    if not Path(source).is_absolute():
+        candidates += [str(base / source) for base in projects]
+    return next((c for c in candidates if _exists(c)), source)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):  # a NUL in an edited path
+        return False
 
 
 def _exists(source: str) -> bool:
     try:
         return Path(source).expanduser().exists()
-    except (RuntimeError, OSError):  # ~nouser/..., a path too long
+    except (RuntimeError, OSError, ValueError):  # ~nouser/..., too long, a NUL in it
         return False
 
 
@@ -407,9 +439,22 @@ def setup(
     if saved is not None:
         restore(trainer, state, saved)
     if ddp.is_master:
-        _write_run_files(trainer, resume=resume is not None, force=force, step=state.step)
-        trainer.metrics = MetricsLog(out_dir)
+        with _cleared_on_failure(out_dir, fresh=resume is None):
+            _write_run_files(trainer, resume=resume is not None, force=force, step=state.step)
+            trainer.metrics = MetricsLog(out_dir)
     return trainer, state
+
+
+@contextlib.contextmanager
+def _cleared_on_failure(out_dir: Path, fresh: bool):
+    """A fresh run whose first files cannot all be written (a full disk) leaves none:
+    a run directory without weights would pass for a run and load as nothing."""
+    try:
+        yield
+    except BaseException:
+        if fresh:
+            checkpoint.clear_run(out_dir)
+        raise
 
 
 def check_training_memory(config: RunConfig, device: torch.device) -> None:
@@ -771,7 +816,7 @@ def train(
     # One trainer per run directory, for the whole run: rank 0 holds the lock.
     lock = checkpoint.RunLock(out_dir) if ddp.is_master else contextlib.nullcontext()
     try:
-        with lock:
+        with lock, _sigterm_raises():
             before = checkpoint.read_config(out_dir) if resume else None
             trainer, state = setup(
                 config,
@@ -800,7 +845,8 @@ def _run(trainer: Trainer, state: TrainState, before: dict | None, progress: boo
             if change:
                 trainer.log(change)
         else:
-            save(trainer, state)  # a fresh run is resumable from step 0
+            with _cleared_on_failure(trainer.out_dir, fresh=trainer.ddp.is_master):
+                save(trainer, state)  # a fresh run is resumable from step 0
         result = fit(trainer, state, progress)
     finally:
         if trainer.metrics is not None:
@@ -837,6 +883,25 @@ def _schedule(t: TrainConfig) -> dict[str, object]:
 
 
 # --------------------------------------------------------------------------- reporting
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """Until the loop's own handler takes over (`_SignalFlag`), SIGTERM raises
+    Terminated: preparing data or building a model stops within seconds and cleans up
+    after itself, where the default action would kill the process mid-write."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handle(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _SignalFlag:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,35 @@ def test_resume_from_another_working_directory_finds_a_relative_corpus(
     corpus.write_text(TEXT.replace("Point", "Vector"))  # and its content is still checked
     with pytest.raises(MinigptError, match="has changed since the run started"):
         resume(tmp_path, max_iters=8)
+
+
+def test_resume_of_a_project_copied_elsewhere_finds_its_corpus_and_data(
+    tmp_path, corpus, monkeypatch
+):
+    """config.json's absolute paths point at the old place; relative ones are taken from
+    the run's project, and the run's own prepared folder there is reused."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "corpus.txt").write_text(TEXT)
+    monkeypatch.chdir(project)
+    sets = [*TINY, "data.data_dir=data", "train.max_iters=4"]
+    trainer.train(build_config(None, sets, data="corpus.txt", out="checkpoints/run"))
+    copy = tmp_path / "copy"
+    shutil.copytree(project, copy)
+    shutil.rmtree(project)
+    (copy / "sub").mkdir()
+    monkeypatch.chdir(copy / "sub")
+    config = build_config(None, [], resume="../checkpoints/run", max_iters=6)
+    assert trainer.train(config, resume=True).step == 6
+    assert sorted(p.name for p in (copy / "sub").iterdir()) == []  # nothing prepared here
+
+
+@pytest.mark.parametrize("section", ["train", "data", "model"])
+def test_resume_refuses_a_config_json_whose_section_is_not_a_table(tmp_path, corpus, section):
+    train_run(tmp_path, corpus, "train.max_iters=2")
+    edit_config(tmp_path / "run", lambda c: c.update({section: []}))
+    with pytest.raises(MinigptError, match=f"'{section}' entry is \\[\\], not a table"):
+        resume(tmp_path, max_iters=4)
 
 
 def test_resume_refuses_an_edited_config_that_points_at_other_data(tmp_path, corpus):
