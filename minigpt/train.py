@@ -93,9 +93,9 @@ def load_data(config: RunConfig, progress: bool = False, run_data: dict | None =
         source = _source_to_read(d.source, run_data, projects)
         folders = _recorded_folders(run_data, d.data_dir, projects)
         if source in BUILTIN_DATASETS or not _exists(source):
-            prepared = next(
-                (p for p in map(_intact(expected_hash), folders) if p is not None), None
-            )
+            builtin = source if source in BUILTIN_DATASETS else None
+            check = _intact(expected_hash, builtin)
+            prepared = next((p for p in map(check, folders) if p is not None), None)
         data_dir = next((f.parent for f in folders if _is_dir(f)), data_dir)
     if prepared is None:
         prepared = prepare(
@@ -143,16 +143,20 @@ def _recorded_folders(run_data: dict, data_dir: str, projects: list[Path]) -> li
     return [Path(recorded), *(base / data_dir / Path(recorded).name for base in projects)]
 
 
-def _intact(content_hash: str) -> Callable[[Path], PreparedData | None]:
-    """A check of a folder: the prepared data of the corpus with this content hash, if
-    it is whole (load_prepared checks it), else None."""
+def _intact(content_hash: str, builtin: str | None) -> Callable[[Path], PreparedData | None]:
+    """A check of a folder: the prepared data of the corpus with this content hash (and
+    of this built-in dataset, where one is named), if it is whole (load_prepared checks
+    it), else None."""
 
     def check(folder: Path) -> PreparedData | None:
         try:
             prepared = load_prepared(folder)
         except (MinigptError, OSError):
             return None
-        return prepared if prepared.meta.get("content_hash") == content_hash else None
+        meta = prepared.meta
+        if meta.get("content_hash") != content_hash:
+            return None
+        return prepared if builtin is None or meta.get("source") == builtin else None
 
     return check
 

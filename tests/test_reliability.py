@@ -197,6 +197,13 @@ def test_resume_refuses_a_config_json_whose_section_is_not_a_table(tmp_path, cor
         resume(tmp_path, max_iters=4)
 
 
+def test_resume_refuses_an_edited_config_that_names_a_builtin_dataset(tmp_path, corpus):
+    train_run(tmp_path, corpus, "train.max_iters=2")
+    edit_config(tmp_path / "run", lambda c: c["data"].update(source="induction"))
+    with pytest.raises(MinigptError, match="has changed since the run started"):
+        resume(tmp_path, max_iters=4)
+
+
 def test_resume_refuses_an_edited_config_that_points_at_other_data(tmp_path, corpus):
     train_run(tmp_path, corpus, "train.max_iters=4")
     path = tmp_path / "run" / CONFIG_FILE
