@@ -1000,6 +1000,120 @@ def describe_prepared(prepared: PreparedData) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------- a resumed run's data
+
+
+def prepare_for_resume(
+    source: str,
+    data_dir: Path,
+    run_data: dict,
+    run_dir: Path,
+    *,
+    tokenizer: str,
+    vocab_size: int | None,
+    glob: str,
+    progress: bool = True,
+) -> PreparedData:
+    """The data a resumed run was trained on, and nothing else.
+
+    run_data is the run's config.json "prepared_data" (its folder and the corpus's
+    content hash). A corpus file or folder whose content changed is refused before
+    anything is written; the run's prepared folder is used when the source is gone
+    (or is a built-in dataset, which a new Python may change). Relative paths are
+    also looked for from the run's project, so a run resumes from another working
+    directory or in a copied project. A run directory is data, not instructions: an
+    edited config.json cannot make minigpt tokenise some other file into some other
+    folder, because whatever it reads must have the recorded content hash.
+    """
+    expected_hash = _recorded_hash(run_data)
+    projects = _project_dirs(run_dir)
+    source = _source_to_read(source, run_data, projects)
+    folders = _recorded_folders(run_data, str(data_dir), projects)
+    if source in BUILTIN_DATASETS or not _exists(source):
+        builtin = source if source in BUILTIN_DATASETS else None
+        check = _intact(expected_hash, builtin)
+        prepared = next((p for p in map(check, folders) if p is not None), None)
+        if prepared is not None:
+            return prepared
+    data_dir = next((f.parent for f in folders if _is_dir(f)), data_dir)
+    return prepare(
+        source, tokenizer, vocab_size, data_dir, glob, progress, expected_hash=expected_hash
+    )
+
+
+def _recorded_hash(run_data: dict) -> str:
+    content_hash = run_data.get("content_hash") if isinstance(run_data, dict) else None
+    if not isinstance(content_hash, str):
+        raise MinigptError(
+            "the run's config.json does not record the content hash of its data, so "
+            "resume cannot check that the data is the same",
+            hint="the file was edited or damaged; start a new run with another --out",
+        )
+    return content_hash
+
+
+def _project_dirs(run_dir: Path) -> list[Path]:
+    """Where a run's relative paths may start from besides the working directory: the
+    folder holding the run, and the one above (checkpoints/<run> sits in a project)."""
+    run_dir = run_dir.resolve()
+    return [run_dir.parent, run_dir.parent.parent]
+
+
+def _recorded_folders(run_data: dict, data_dir: str, projects: list[Path]) -> list[Path]:
+    """Where a resumed run's prepared folder may be: where config.json says, and under
+    data_dir from the run's project (a project copied elsewhere, with its runs)."""
+    recorded = run_data.get("dir")
+    if not isinstance(recorded, str) or not recorded:
+        return []
+    return [Path(recorded), *(base / data_dir / Path(recorded).name for base in projects)]
+
+
+def _intact(content_hash: str, builtin: str | None) -> Callable[[Path], PreparedData | None]:
+    """A check of a folder: the prepared data of the corpus with this content hash (and
+    of this built-in dataset, where one is named), if it is whole (load_prepared checks
+    it), else None."""
+
+    def check(folder: Path) -> PreparedData | None:
+        try:
+            prepared = load_prepared(folder)
+        except (MinigptError, OSError):
+            return None
+        meta = prepared.meta
+        if meta.get("content_hash") != content_hash:
+            return None
+        return prepared if builtin is None or meta.get("source") == builtin else None
+
+    return check
+
+
+def _source_to_read(source: str, run_data: dict, projects: list[Path]) -> str:
+    """The source as written; or, for a run resumed from another working directory
+    or copied with its project, the absolute path recorded when it was prepared, or
+    the relative path taken from the run's project. Whichever is read, its content
+    hash must still be the run's."""
+    if source in BUILTIN_DATASETS or _exists(source):
+        return source
+    recorded = run_data.get("source_path")
+    candidates = [recorded] if isinstance(recorded, str) else []
+    if not Path(source).is_absolute():
+        candidates += [str(base / source) for base in projects]
+    return next((c for c in candidates if _exists(c)), source)
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):  # a NUL in an edited path
+        return False
+
+
+def _exists(source: str) -> bool:
+    try:
+        return Path(source).expanduser().exists()
+    except (RuntimeError, OSError, ValueError):  # ~nouser/..., too long, a NUL in it
+        return False
+
+
 # ---------------------------------------------------------------------------- batches
 
 

@@ -44,14 +44,7 @@ from minigpt.config import (
     micro_steps,
     resolve_device,
 )
-from minigpt.data import (
-    BUILTIN_DATASETS,
-    Batcher,
-    PreparedData,
-    check_block_size,
-    load_prepared,
-    prepare,
-)
+from minigpt.data import Batcher, check_block_size, prepare, prepare_for_resume
 from minigpt.errors import MinigptError, Terminated
 from minigpt.model import GPT, check_memory
 from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
@@ -78,34 +71,17 @@ class TrainData:
 def load_data(config: RunConfig, progress: bool = False, run_data: dict | None = None) -> TrainData:
     """Prepare (or reuse the cached) token files of config.data.
 
-    run_data: a resumed run's config.json "prepared_data". The data must then be
-    exactly what the run was trained on: a corpus file or folder whose content
-    changed is refused before anything is written, and the run's prepared folder is
-    used when the source is gone (or is a built-in dataset). A run directory is data,
-    not instructions: an edited config.json cannot make the trainer tokenise some
-    other file into some other folder.
+    run_data: a resumed run's config.json "prepared_data": the data must then be
+    exactly what the run was trained on (see `data.prepare_for_resume`).
     """
     d = config.data
-    prepared, expected_hash, source, data_dir = None, None, d.source, Path(d.data_dir)
-    if run_data is not None:
-        expected_hash = _recorded_hash(run_data)
-        projects = _project_dirs(Path(config.train.out_dir))
-        source = _source_to_read(d.source, run_data, projects)
-        folders = _recorded_folders(run_data, d.data_dir, projects)
-        if source in BUILTIN_DATASETS or not _exists(source):
-            builtin = source if source in BUILTIN_DATASETS else None
-            check = _intact(expected_hash, builtin)
-            prepared = next((p for p in map(check, folders) if p is not None), None)
-        data_dir = next((f.parent for f in folders if _is_dir(f)), data_dir)
-    if prepared is None:
-        prepared = prepare(
-            source,
-            tokenizer=d.tokenizer,
-            vocab_size=d.vocab_size or None,
-            data_dir=data_dir,
-            glob=d.glob,
-            progress=progress,
-            expected_hash=expected_hash,
+    settings = dict(tokenizer=d.tokenizer, vocab_size=d.vocab_size or None, glob=d.glob)
+    if run_data is None:
+        prepared = prepare(d.source, data_dir=Path(d.data_dir), progress=progress, **settings)
+    else:
+        run_dir = Path(config.train.out_dir)
+        prepared = prepare_for_resume(
+            d.source, Path(d.data_dir), run_data, run_dir, progress=progress, **settings
         )
     scalars = {k: v for k, v in prepared.meta.items() if isinstance(v, str | int | float | bool)}
     return TrainData(
@@ -114,79 +90,6 @@ def load_data(config: RunConfig, progress: bool = False, run_data: dict | None =
         val_tokens=prepared.val_tokens(),
         summary={**scalars, "dir": str(prepared.dir.resolve())},
     )
-
-
-def _recorded_hash(run_data: dict) -> str:
-    content_hash = run_data.get("content_hash") if isinstance(run_data, dict) else None
-    if not isinstance(content_hash, str):
-        raise MinigptError(
-            "the run's config.json does not record the content hash of its data, so "
-            "resume cannot check that the data is the same",
-            hint="the file was edited or damaged; start a new run with another --out",
-        )
-    return content_hash
-
-
-def _project_dirs(run_dir: Path) -> list[Path]:
-    """Where a run's relative paths may start from besides the working directory: the
-    folder holding the run, and the one above (checkpoints/<run> sits in a project)."""
-    run_dir = run_dir.resolve()
-    return [run_dir.parent, run_dir.parent.parent]
-
-
-def _recorded_folders(run_data: dict, data_dir: str, projects: list[Path]) -> list[Path]:
-    """Where a resumed run's prepared folder may be: where config.json says, and under
-    data_dir from the run's project (a project copied elsewhere, with its runs)."""
-    recorded = run_data.get("dir")
-    if not isinstance(recorded, str) or not recorded:
-        return []
-    return [Path(recorded), *(base / data_dir / Path(recorded).name for base in projects)]
-
-
-def _intact(content_hash: str, builtin: str | None) -> Callable[[Path], PreparedData | None]:
-    """A check of a folder: the prepared data of the corpus with this content hash (and
-    of this built-in dataset, where one is named), if it is whole (load_prepared checks
-    it), else None."""
-
-    def check(folder: Path) -> PreparedData | None:
-        try:
-            prepared = load_prepared(folder)
-        except (MinigptError, OSError):
-            return None
-        meta = prepared.meta
-        if meta.get("content_hash") != content_hash:
-            return None
-        return prepared if builtin is None or meta.get("source") == builtin else None
-
-    return check
-
-
-def _source_to_read(source: str, run_data: dict, projects: list[Path]) -> str:
-    """The source as written; or, for a run resumed from another working directory
-    or copied with its project, the absolute path recorded when it was prepared, or
-    the relative path taken from the run's project. Whichever is read, its content
-    hash must still be the run's."""
-    if source in BUILTIN_DATASETS or _exists(source):
-        return source
-    recorded = run_data.get("source_path")
-    candidates = [recorded] if isinstance(recorded, str) else []
-    if not Path(source).is_absolute():
-        candidates += [str(base / source) for base in projects]
-    return next((c for c in candidates if _exists(c)), source)
-
-
-def _is_dir(path: Path) -> bool:
-    try:
-        return path.is_dir()
-    except (OSError, ValueError):  # a NUL in an edited path
-        return False
-
-
-def _exists(source: str) -> bool:
-    try:
-        return Path(source).expanduser().exists()
-    except (RuntimeError, OSError, ValueError):  # ~nouser/..., too long, a NUL in it
-        return False
 
 
 # --------------------------------------------------------------------------- devices
