@@ -24,6 +24,7 @@ a small tmpfs. Where either is impossible those cases are skipped and say why.
 
 Run (about 10 minutes on 2 cores):
 
+    git worktree add --detach /tmp/minigpt-base f4bbfeb   # the code before issue 11
     python bench/abuse.py --tree /tmp/minigpt-base --json-out bench/results/abuse-before.json
     python bench/abuse.py --tree /work/main --json-out bench/results/abuse-after.json
     python bench/abuse.py --only 8 --case safetensors   # one class, cases matching a word
