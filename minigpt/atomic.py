@@ -40,7 +40,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         # mkstemp makes the file private (0600), and some writers (safetensors) create
         # the file anew with that mode: give it the mode a plain open() would
-        os.chmod(tmp, 0o666 & ~current_umask())
+        os.chmod(tmp, 0o666 & ~_current_umask())
         with open(tmp, "rb+") as f:  # make the bytes durable before the rename
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -58,7 +58,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def current_umask() -> int:
+def _current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask

@@ -307,7 +307,7 @@ def generate(
         )
     vocab_limit = _check_vocab_limit(vocab_limit, model.config.vocab_size)
     _check_prompt_ids(prompt_ids, block_size, vocab_limit)
-    check_memory(model, sampling.num_samples)
+    check_cache_memory(model, sampling.num_samples)
     if generator is None and sampling.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
     return _decode_steps(model, list(prompt_ids), sampling, stride, generator, vocab_limit)
@@ -361,7 +361,7 @@ def memory_limit(device: torch.device) -> int:
     return min(MAX_CACHE_BYTES, total // 2) if total else MAX_CACHE_BYTES
 
 
-def check_memory(model: GPT, num_samples: int) -> None:
+def check_cache_memory(model: GPT, num_samples: int) -> None:
     """Refuse a batch of samples whose keys and values would not fit (see memory_limit)."""
     needed, limit = cache_bytes(model, num_samples), memory_limit(model.device)
     if needed <= limit:

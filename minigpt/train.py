@@ -538,18 +538,19 @@ def _any_rank(ddp: Distributed, flag: bool, device: torch.device) -> bool:
     return bool(shared.item())
 
 
-def save(trainer: Trainer, state: TrainState) -> None:
+def save(trainer: Trainer, state: TrainState, loss_checked: bool = False) -> None:
     """trainer.pt and model-last.safetensors: the state resume continues from.
 
     A diverged state is never saved: not one with a NaN or infinite weight or
     optimizer moment, nor one whose weights, finite but blown up, give a non-finite
     loss. The last good state stays on disk, so the run can be resumed from it with
-    a lower lr.
+    a lower lr. loss_checked: an evaluation of these weights just gave finite losses,
+    so the one-batch loss check is not run again.
     """
     ddp = trainer.ddp
     if not _finite_state(trainer):  # every rank checks the same (all-reduced) weights
         raise _diverged(trainer, state, f"the weights became NaN or infinite by step {state.step}")
-    if not _finite_loss(trainer):
+    if not loss_checked and not _finite_loss(trainer):
         raise _diverged(trainer, state, f"the weights of step {state.step} give a non-finite loss")
     batchers = [s for group in ddp.gather([s.state_dict() for s in state.streams]) for s in group]
     rngs = ddp.gather(_rng_state(trainer.device))
@@ -635,7 +636,7 @@ def evaluate_and_save(
     )
     if improved and trainer.ddp.is_master:
         checkpoint.save_weights(trainer.model.state_dict(), trainer.out_dir / BEST_WEIGHTS)
-    save(trainer, state)
+    save(trainer, state, loss_checked=True)  # the losses above are finite
     return (
         f"step {state.step:>6}: train loss {losses['train']:.4f}, val loss "
         f"{losses['val']:.4f}{' (best)' if improved else ''}  [{clock_text(state.elapsed)}]"
