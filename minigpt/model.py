@@ -27,6 +27,7 @@ from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
 
 ATTENTION_FORMS = ("fused", "wrapper")
+ACTIVATIONS = ("gelu", "gelu_tanh")
 
 
 @dataclass
@@ -55,6 +56,10 @@ class GPTConfig:
     """'fused' (one QKV matmul + SDPA, fast) or 'wrapper' (one module per head, textbook)."""
     init_std: float = 0.02
     """Std of the normal init of weights (GPT-2: 0.02); residual projections get / sqrt(2 n_layer)."""
+    activation: str = "gelu"
+    """The MLP's nonlinearity: 'gelu' (exact, erf) or 'gelu_tanh' (the tanh approximation GPT-2 was trained with)."""
+    layer_norm_eps: float = 1e-5
+    """The epsilon added to the variance in every LayerNorm (GPT-2: 1e-5)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -66,7 +71,7 @@ class GPTConfig:
                     f"model.{name} must be {what}, got {value!r}",
                     hint=f"set model.{name} to a whole number of at least {least}",
                 )
-        for name in ("dropout", "init_std"):
+        for name in ("dropout", "init_std", "layer_norm_eps"):
             value = getattr(self, name)
             if not _is_finite_number(value):
                 raise MinigptError(f"model.{name} must be a finite number, got {value!r}")
@@ -89,6 +94,16 @@ class GPTConfig:
             )
         if not self.init_std > 0:
             raise MinigptError(f"model.init_std must be positive, got {self.init_std}")
+        if self.activation not in ACTIVATIONS:
+            raise MinigptError(
+                f"model.activation must be one of {ACTIVATIONS}, got {self.activation!r}",
+                hint="'gelu_tanh' is GPT-2's (Hugging Face calls it gelu_new); 'gelu' is exact",
+            )
+        if not self.layer_norm_eps > 0:
+            raise MinigptError(
+                f"model.layer_norm_eps must be positive, got {self.layer_norm_eps}",
+                hint="GPT-2 uses 1e-5",
+            )
 
     def num_params(self) -> int:
         """Parameters of the GPT this config builds (the tied LM head counted once),
@@ -191,9 +206,12 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        # GPT-2 was trained with the tanh approximation of GELU, which differs from the
+        # exact one by up to ~1e-3 per activation: an imported model keeps the one it had.
+        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x))))
+        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
 
 
 class Block(nn.Module):
@@ -204,7 +222,7 @@ class Block(nn.Module):
         attention_cls = (
             MultiHeadAttention if config.attention == "fused" else MultiHeadAttentionWrapper
         )
-        self.ln_attn = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_attn = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.attn = attention_cls(
             config.n_embd,
             config.n_embd,
@@ -216,7 +234,7 @@ class Block(nn.Module):
             layer_idx=layer_idx,
             check_inputs=False,  # GPT.forward checks its input once for every layer
         )
-        self.ln_mlp = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_mlp = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(
@@ -246,7 +264,7 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (Press & Wolf, 2017): the output embedding is the input one.
         # Saves vocab_size * n_embd parameters and trains better on small data.
