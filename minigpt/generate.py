@@ -193,7 +193,7 @@ def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> tuple[l
     Without a prompt, generation starts where a new document would: after the
     tokenizer's separator (end-of-text, or a newline for `char`), else after id 0.
     """
-    ids = tokenizer.encode(prompt) if prompt else []
+    ids = tokenizer.encode_prompt(prompt) if prompt else []
     if not ids:
         separator = tokenizer.separator_id
         ids = [0 if separator is None else separator]

@@ -586,7 +586,7 @@ def prompt_sequences(
     """Encode prompts, cropping each to its first block_size tokens: (sequences, warnings)."""
     sequences, notes = [], []
     for number, prompt in enumerate(prompts, 1):
-        ids = tokenizer.encode(prompt) if prompt else []
+        ids = tokenizer.encode_prompt(prompt) if prompt else []
         if not ids:
             raise MinigptError(
                 "the prompt is empty" if not prompt else "the prompt encodes to no tokens",

@@ -125,6 +125,13 @@ class Tokenizer(ABC):
     @abstractmethod
     def decode(self, ids: list[int]) -> str: ...
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """Encode a prompt typed by a person: as `encode`, except that a tokenizer with
+        special tokens reads them where they are written (Hugging Face's tokenizers do
+        the same, so "<|endoftext|>Hello" gives GPT-2 the ids it was trained on).
+        Corpora are encoded with `encode`, so no document can forge a separator."""
+        return self.encode(text)
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Encode many texts; byte-level tokenizers do it on several threads."""
         return [self.encode(text) for text in texts]
@@ -225,6 +232,9 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        return self.encoding.encode(text, allowed_special="all")
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.encoding.encode_ordinary_batch(texts)
