@@ -147,16 +147,31 @@ def write_run_files(
 
     extra_config: more top-level sections for config.json (e.g. 'train', 'data').
     """
+    return write_run(
+        run_dir, model.config, model.state_dict(), tokenizer, extra_config, weights_file
+    )
+
+
+def write_run(
+    run_dir: str | Path,
+    model_config: GPTConfig,
+    state_dict: dict[str, Tensor],
+    tokenizer: Tokenizer,
+    extra_config: dict | None = None,
+    weights_file: str = BEST_WEIGHTS,
+) -> Path:
+    """`write_run_files` for weights that need not be a module (an imported checkpoint's).
+    config.json is written last: a run directory without it is not a run."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config = {
         "format_version": RUN_FORMAT,
-        "model": model.config.to_dict(),
+        "model": model_config.to_dict(),
         "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size},
         **(extra_config or {}),
     }
     save_tokenizer(tokenizer, run_dir / TOKENIZER_FILE)
-    save_weights(model.state_dict(), run_dir / weights_file)
+    save_weights(state_dict, run_dir / weights_file)
     write_json_atomic(run_dir / CONFIG_FILE, config)
     return run_dir
 
