@@ -104,6 +104,8 @@ class TrainConfig:
     """CPU threads for torch (0: torch's default)."""
     out_dir: str = "checkpoints/default"
     """The run directory to write."""
+    init_from: str = ""
+    """Fine-tune: a run directory, Hugging Face GPT-2 folder or hub name whose weights, shape and tokenizer the run starts from."""
 
 
 @dataclass
@@ -113,6 +115,9 @@ class RunConfig:
     model: GPTConfig = field(default_factory=GPTConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
+    """The 'section.key' settings given by a file, --set or a flag rather than defaulted:
+    with train.init_from, a [model] setting given here must agree with the source."""
 
     def to_dict(self) -> dict:
         return {
@@ -241,6 +246,7 @@ def _check_key(section: str, key: str) -> None:
 def merge(base: RunConfig, values: dict[str, dict[str, object]]) -> RunConfig:
     """A new RunConfig: `base` with the {section: {key: value}} entries applied, checked."""
     sections = {s: asdict(getattr(base, s)) for s in SECTIONS}
+    explicit = set(base.explicit)
     for section, table in values.items():
         if section not in SECTIONS:
             _check_key(section, "")
@@ -253,10 +259,12 @@ def merge(base: RunConfig, values: dict[str, dict[str, object]]) -> RunConfig:
         for key, value in table.items():
             _check_key(section, key)
             sections[section][key] = _coerce(section, key, value, kinds[key])
+            explicit.add(f"{section}.{key}")
     config = RunConfig(
         model=GPTConfig(**sections["model"]),
         data=DataConfig(**sections["data"]),
         train=TrainConfig(**sections["train"]),
+        explicit=frozenset(explicit),
     )
     validate(config)
     return config
@@ -467,6 +475,7 @@ def build_config(
     device: str | None = None,
     seed: int | None = None,
     compile: bool | None = None,
+    init_from: str | None = None,
 ) -> RunConfig:
     """The config `minigpt train` runs: defaults < CONFIG.toml < --set < the named flags.
 
@@ -483,6 +492,7 @@ def build_config(
             "device": device,
             "seed": seed,
             "compile": compile,
+            "init_from": init_from,
         },
     }
     for section, values in flags.items():
@@ -498,6 +508,11 @@ def build_config(
         )
     if out is not None and Path(out) != Path(resume):
         raise MinigptError("--resume and --out name different directories")
+    if init_from is not None:
+        raise MinigptError(
+            "--init-from starts a new run from a model; --resume continues a run",
+            hint=f"drop --init-from to continue {resume}, or give a new --out to fine-tune",
+        )
     return resume_config(resume, overrides)
 
 
@@ -506,8 +521,14 @@ def resume_config(
 ) -> RunConfig:
     """The config a run was started with (its config.json), with train.* overrides applied."""
     run_dir = Path(run_dir)
+    saved = read_config(run_dir)
+    if "imported_from" in saved and "train" not in saved:
+        raise MinigptError(
+            f"{run_dir} was imported, not trained, so there is no training to resume",
+            hint=f"fine-tune it in a new run: minigpt train --init-from {run_dir} --out DIR",
+        )
     try:
-        config = config_from_dict(read_config(run_dir))
+        config = config_from_dict(saved)
     except (TypeError, KeyError) as err:
         raise MinigptError(f"{run_dir / CONFIG_FILE} does not hold a training config") from err
     overrides = dict(overrides or {})

@@ -573,7 +573,7 @@ def tokenize_documents(
 
 def prepare(
     source: str | Path | None = DEFAULT_SOURCE,
-    tokenizer: str = "char",
+    tokenizer: str | Tokenizer = "char",
     vocab_size: int | None = None,
     data_dir: Path = DEFAULT_DATA_DIR,
     glob: str = "*.txt",
@@ -583,13 +583,24 @@ def prepare(
     """Tokenise `source` once into data_dir/<name>-<tokenizer>-<hash>/, or reuse that folder.
 
     `source` is a built-in dataset name, a text file or a folder (read with `glob`);
-    None means the default, pystdlib. `expected_hash`, where given, is the content
-    hash the corpus must still have (a resumed run's). Raises MinigptError for bad
-    input, before anything is written. A damaged folder is built again.
+    None means the default, pystdlib. `tokenizer` is a kind to build for this corpus
+    ('char', 'bpe', a tiktoken name), or a ready Tokenizer (a fine-tuned model's own).
+    `expected_hash`, where given, is the content hash the corpus must still have (a
+    resumed run's). Raises MinigptError for bad input, before anything is written. A
+    damaged folder is built again.
     """
     data_dir = Path(data_dir)
     source = DEFAULT_SOURCE if source is None else source
-    vocab_size = check_tokenizer_settings(tokenizer, vocab_size)
+    if isinstance(tokenizer, Tokenizer):
+        given, kind = tokenizer, tokenizer.kind
+        # the folder is keyed by the tokenizer's content: two BPEs of one size differ
+        fingerprint = hashlib.sha256(json.dumps(given.to_json()).encode()).hexdigest()[:16]
+        settings_tokenizer, tag = f"{kind}:{fingerprint}", f"{kind}{given.vocab_size}"
+    else:
+        given, kind = None, tokenizer
+        vocab_size = check_tokenizer_settings(tokenizer, vocab_size)
+        settings_tokenizer = tokenizer
+        tag = tokenizer if vocab_size is None else f"{tokenizer}{vocab_size}"
     corpus = load_corpus(source, data_dir, glob, progress)
     documents = [doc for doc in corpus.documents if doc]  # an empty file adds nothing
     if not documents:
@@ -600,12 +611,11 @@ def prepare(
     check_corpus_unchanged(corpus, corpus_hash, expected_hash)
     settings = {
         "format": PREPARED_FORMAT,
-        "tokenizer": tokenizer,
+        "tokenizer": settings_tokenizer,
         "vocab_size": vocab_size,
         "val_fraction": VAL_FRACTION,
     }
     key = hashlib.sha256((corpus_hash + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
-    tag = tokenizer if vocab_size is None else f"{tokenizer}{vocab_size}"
     out_dir = data_dir / f"{corpus.name}-{tag}-{key[:12]}"
     remove_stale_temp_folders(data_dir)
     reused = _reuse_prepared(out_dir, corpus)
@@ -620,7 +630,7 @@ def prepare(
         "content_hash": corpus_hash,
         "settings": settings,
     }
-    _build_prepared(out_dir, documents, tokenizer, vocab_size, meta, progress)
+    _build_prepared(out_dir, documents, given or kind, vocab_size, meta, progress)
     return load_prepared(out_dir)
 
 
@@ -659,20 +669,25 @@ def _reuse_prepared(out_dir: Path, corpus: Corpus) -> PreparedData | None:
 def _build_prepared(
     out_dir: Path,
     documents: list[str],
-    kind: str,
+    tokenizer: str | Tokenizer,
     vocab_size: int | None,
     meta: dict,
     progress: bool,
 ) -> None:
-    """Train the tokenizer, tokenise both splits, complete `meta` and write the folder."""
+    """Train the tokenizer (unless one is given), tokenise both splits, complete `meta`
+    and write the folder."""
+    kind = tokenizer.kind if isinstance(tokenizer, Tokenizer) else tokenizer
     if kind == "char":
         # documents without an end-of-text token between them at least end with a newline
         documents = [doc if doc.endswith("\n") else doc + "\n" for doc in documents]
     train_docs, val_docs = split_documents(documents)
-    # char: the vocabulary comes from the whole corpus so val has no unseen characters;
-    # bpe: merges are learned from the training split only, so val is truly held out.
-    fit_texts = documents if kind == "char" else train_docs
-    tok = train_tokenizer(kind, fit_texts, vocab_size)
+    if isinstance(tokenizer, Tokenizer):
+        tok = tokenizer
+    else:
+        # char: the vocabulary comes from the whole corpus so val has no unseen characters;
+        # bpe: merges are learned from the training split only, so val is truly held out.
+        fit_texts = documents if kind == "char" else train_docs
+        tok = train_tokenizer(kind, fit_texts, vocab_size)
     dtype = token_dtype(tok.vocab_size)
     train_ids = tokenize_documents(tok, train_docs, progress, "tokenizing train")
     val_ids = tokenize_documents(tok, val_docs, progress, "tokenizing val")
@@ -1009,7 +1024,7 @@ def prepare_for_resume(
     run_data: dict,
     run_dir: Path,
     *,
-    tokenizer: str,
+    tokenizer: str | Tokenizer,
     vocab_size: int | None,
     glob: str,
     progress: bool = True,

@@ -46,6 +46,7 @@ from minigpt.config import (
 )
 from minigpt.data import Batcher, check_block_size, prepare, prepare_for_resume
 from minigpt.errors import MinigptError, Terminated
+from minigpt.hf import Checkpoint, load_checkpoint
 from minigpt.model import GPT, check_memory
 from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
@@ -68,14 +69,25 @@ class TrainData:
     """What config.json records about the data (source, token counts, ...)."""
 
 
-def load_data(config: RunConfig, progress: bool = False, run_data: dict | None = None) -> TrainData:
+def load_data(
+    config: RunConfig,
+    progress: bool = False,
+    run_data: dict | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> TrainData:
     """Prepare (or reuse the cached) token files of config.data.
 
     run_data: a resumed run's config.json "prepared_data": the data must then be
     exactly what the run was trained on (see `data.prepare_for_resume`).
+    tokenizer: tokenise with this one (a fine-tuned model's) instead of building
+    config.data.tokenizer for the corpus.
     """
     d = config.data
-    settings = dict(tokenizer=d.tokenizer, vocab_size=d.vocab_size or None, glob=d.glob)
+    settings = dict(
+        tokenizer=tokenizer or d.tokenizer,
+        vocab_size=None if tokenizer else d.vocab_size or None,
+        glob=d.glob,
+    )
     if run_data is None:
         prepared = prepare(d.source, data_dir=Path(d.data_dir), progress=progress, **settings)
     else:
@@ -321,18 +333,25 @@ def setup(
     out_dir = Path(t.out_dir)
     if ddp.is_master:  # the others would see the files rank 0 is about to write
         checkpoint.check_out_dir(out_dir, resume is not None, force)
+    source = None
+    if t.init_from and resume is None:
+        source = load_checkpoint(t.init_from)
+        config = fine_tune_config(config, source)
     accum = micro_steps(config, ddp.world_size)
     check_training_memory(config, device)  # before preparing data for a model that cannot fit
     saved = checkpoint.load_trainer_state(out_dir / TRAINER_STATE) if resume else None
     if data is None:
         run_data = (resume.get("prepared_data") or {}) if resume is not None else None
-        data = _load_data_once(config, ddp, progress, resume is not None, run_data)
+        tokenizer = _fixed_tokenizer(source, config, out_dir)
+        data = _load_data_once(config, ddp, progress, resume is not None, run_data, tokenizer)
     _check_data(data, config.model.block_size, out_dir if resume else None)
 
     config = replace(config, model=config.model.with_vocab(data.tokenizer.vocab_size))
     check_training_memory(config, device)
     torch.manual_seed(t.seed)
     model = GPT(config.model).to(device)
+    if source is not None:
+        _load_source_weights(model, source)
     optimizer = make_optimizer(model, config, device)
     torch.manual_seed(t.seed + 7919 * (ddp.rank + 1))  # dropout: differs per rank
     first_stream = ddp.rank * accum
@@ -378,15 +397,92 @@ def check_training_memory(config: RunConfig, device: torch.device) -> None:
 
 
 def _load_data_once(
-    config: RunConfig, ddp: Distributed, progress: bool, resumed: bool, run_data: dict | None
+    config: RunConfig,
+    ddp: Distributed,
+    progress: bool,
+    resumed: bool,
+    run_data: dict | None,
+    tokenizer: Tokenizer | None,
 ) -> TrainData:
     """Rank 0 prepares (and caches) the data first; the others then reuse its folder."""
     if not ddp.is_master:
         ddp.barrier()
-    data = load_data(config, progress and ddp.is_master, run_data if resumed else None)
+    run_data = run_data if resumed else None
+    data = load_data(config, progress and ddp.is_master, run_data, tokenizer)
     if ddp.is_master:
         ddp.barrier()
     return data
+
+
+# --------------------------------------------------------------------------- fine-tuning
+
+# [model] settings a fine-tune may choose for itself: they change how the source's
+# weights are trained or computed, not what the weights are
+FREE_MODEL_SETTINGS = ("dropout", "attention", "init_std")
+
+
+def fine_tune_config(config: RunConfig, source: Checkpoint) -> RunConfig:
+    """The config of a run that starts from `source`: its model shape and tokenizer.
+
+    A [model] setting given explicitly must agree with the source, except those in
+    FREE_MODEL_SETTINGS and a smaller block_size (the positions are cropped, as
+    nanoGPT's crop_block_size does). A tokenizer setting is an error: the source's
+    token ids are what its embeddings mean.
+    """
+    given = {key.split(".", 1)[1] for key in config.explicit if key.startswith("model.")}
+    model = source.config
+    for key in sorted(given):
+        ours, theirs = getattr(config.model, key), getattr(source.config, key)
+        if key == "vocab_size" and ours == 0:  # 0 means "the tokenizer's": the source's
+            continue
+        if key in FREE_MODEL_SETTINGS or ours == theirs:
+            model = replace(model, **{key: ours})
+        elif key == "block_size" and ours < theirs:
+            model = replace(model, block_size=ours)
+        else:
+            theirs_text = (
+                f"larger than the {theirs} positions {source.source} has"
+                if key == "block_size"
+                else f"but {source.source} has {key}={theirs!r}"
+            )
+            raise MinigptError(
+                f"model.{key}={ours!r} is set, {theirs_text}",
+                hint=f"drop model.{key} from the config: --init-from takes the model's "
+                "shape from the source (block_size may only be lowered)",
+            )
+    for key in ("data.tokenizer", "data.vocab_size"):
+        if key in config.explicit:
+            raise MinigptError(
+                f"{key} is set, but a run started from {source.source} uses its tokenizer",
+                hint=f"drop {key} from the config",
+            )
+    data = replace(config.data, tokenizer=source.tokenizer.kind, vocab_size=0)
+    return replace(config, model=model, data=data)
+
+
+def _fixed_tokenizer(
+    source: Checkpoint | None, config: RunConfig, out_dir: Path
+) -> Tokenizer | None:
+    """The tokenizer the data must be tokenised with, when the corpus does not choose
+    it: a fine-tune's source's; on resume, the one the fine-tune saved."""
+    if source is not None:
+        return source.tokenizer
+    if config.train.init_from:  # a resumed fine-tune
+        return load_tokenizer(out_dir / TOKENIZER_FILE)
+    return None
+
+
+def _load_source_weights(model: GPT, source: Checkpoint) -> None:
+    """The source's weights, positions cropped to the model's block_size."""
+    state = dict(source.state)
+    state["pos_emb.weight"] = state["pos_emb.weight"][: model.config.block_size]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if [k for k in missing if k != "lm_head.weight"] or unexpected:  # the head is tied
+        raise MinigptError(
+            f"the weights of {source.source} do not fit the model "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
+            hint="the source is damaged",
+        )
 
 
 def _check_data(data: TrainData, block_size: int, resumed_run: Path | None) -> None:
@@ -752,6 +848,10 @@ def _run(trainer: Trainer, state: TrainState, before: dict | None, progress: boo
             )
             if change:
                 trainer.log(change)
+        elif trainer.config.train.init_from:
+            # where a fine-tune starts: the source's loss on this data, kept as the best
+            with _cleared_on_failure(trainer.out_dir, fresh=trainer.ddp.is_master):
+                trainer.log(evaluate_and_save(trainer, state) or "")
         else:
             with _cleared_on_failure(trainer.out_dir, fresh=trainer.ddp.is_master):
                 save(trainer, state)  # a fresh run is resumable from step 0
