@@ -44,6 +44,7 @@ OPTION_NAMES = {
     "html_file": "--html",
     "png_file": "--png",
     "json_file": "--json",
+    "data": "--data",
 }
 """The library's name of an argument -> the option that sets it (see MinigptError.param)."""
 
@@ -77,6 +78,11 @@ def train(
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N or mps."),
     seed: int | None = typer.Option(None, "--seed", help="Seed for init, dropout and batches."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="Use torch.compile."),
+    init_from: str | None = typer.Option(
+        None,
+        "--init-from",
+        help="Fine-tune: start from this run directory, Hugging Face GPT-2 folder or hub name.",
+    ),
 ) -> None:
     """Train a GPT on a text corpus (default: char-level on the Python standard library)."""
     # Before torch loads: OpenMP threads that spin while waiting stall badly when the
@@ -86,7 +92,7 @@ def train(
     from minigpt.config import build_config
 
     flags = dict(data=data, out=out, max_iters=max_iters, max_time=max_time, device=device)
-    flags.update(seed=seed, compile=compile)
+    flags.update(seed=seed, compile=compile, init_from=init_from)
     run_config = build_config(config, sets, resume=resume, **flags)
     result = trainer.train(
         run_config, resume=resume is not None, force=force, progress=True, log=console.say
@@ -293,6 +299,70 @@ def prepare(
 
     prepared = data.prepare(source, tokenizer, vocab_size, Path(data_dir), glob)
     print(data.describe_prepared(prepared))
+
+
+@app.command()
+def eval(
+    run_dir: str | None = typer.Argument(
+        None, help="Run directory to evaluate (default: checkpoints/default)."
+    ),
+    data: str | None = typer.Option(
+        None,
+        "--data",
+        help="A file, folder or built-in dataset to evaluate on (default: the run's validation split).",
+    ),
+    stride: int | None = typer.Option(
+        None,
+        "--stride",
+        help="Tokens between the starts of successive block_size windows (default block_size/2).",
+    ),
+    glob: str = typer.Option("*.txt", "--glob", help="Which files of a --data folder to read."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+) -> None:
+    """Loss, perplexity and bits per byte of a run, over sliding windows."""
+    from minigpt import evaluate
+    from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
+    from minigpt.config import resolve_device
+
+    run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
+    result = evaluate.evaluate_run(run, data, stride, glob=glob, progress=True)
+    if as_json:
+        console.print_json(result.to_dict())
+    else:
+        print(evaluate.describe(result))
+
+
+@app.command("import")
+def import_(
+    source: str = typer.Argument(
+        ..., help="A Hugging Face GPT-2 folder, or a hub name such as gpt2 or distilgpt2."
+    ),
+    out: str = typer.Option(..., "--out", help="The run directory to write."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a run already in --out."),
+) -> None:
+    """Make a run directory from a GPT-2 checkpoint in Hugging Face format."""
+    from minigpt import hf
+
+    loaded = hf.import_checkpoint(source, Path(out), force=force)
+    print(f"imported {source}: {loaded.config.describe()}, {loaded.tokenizer.describe()} tokenizer")
+    print(f"  in {out}  (try: minigpt generate {out} --prompt 'Hello')")
+
+
+@app.command()
+def export(
+    run_dir: str = typer.Argument(..., help="The run directory to export."),
+    out: str = typer.Option(..., "--out", help="The folder to write (Hugging Face format)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a model already in --out."),
+) -> None:
+    """Write a run as a Hugging Face GPT-2 folder (transformers, TransformerLens)."""
+    from minigpt import hf
+
+    exported = hf.export_run(Path(run_dir), Path(out), force=force)
+    print(f"wrote {', '.join(exported.files)} to {out}")
+    if exported.tokenizer_note:
+        console.warn(exported.tokenizer_note)
+    print(f"  load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 
 
 class _Interrupted(BaseException):
