@@ -326,7 +326,8 @@ def eval(
     from minigpt.config import resolve_device
 
     run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
-    result = evaluate.evaluate_run(run, data, stride, glob=glob, progress=True)
+    # the window bar only where someone watches it: not in a log or a pipe
+    result = evaluate.evaluate_run(run, data, stride, glob=glob, progress=sys.stderr.isatty())
     if as_json:
         console.print_json(result.to_dict())
     else:

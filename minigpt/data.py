@@ -725,7 +725,7 @@ def _write_prepared(
     Whatever stops it (an error, Ctrl-C) removes the temporary folder on the way out;
     only a kill leaves it, for the next prepare to clear.
     """
-    tmp_dir = _make_temp_dir(out_dir)
+    tmp_dir = make_temp_dir(out_dir)
     try:
         write_tokens(tmp_dir / TRAIN_FILE, train_ids, dtype)
         write_tokens(tmp_dir / VAL_FILE, val_ids, dtype)
@@ -773,7 +773,7 @@ def _temp_path(out_dir: Path) -> Path:
     return out_dir.parent / f".{out_dir.name}.{owner}.{secrets.token_hex(4)}.tmp"
 
 
-def _make_temp_dir(out_dir: Path) -> Path:
+def make_temp_dir(out_dir: Path) -> Path:
     """A fresh temporary folder beside `out_dir`, named for its owner (see TEMP_NAME).
 
     Made with mkdir's mode, 0o777 less the umask, so the folder renamed into place has

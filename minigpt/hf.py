@@ -25,10 +25,12 @@ an unpadded vocab. A checkpoint that needs anything else is refused by name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
 import re
+import shutil
 import zipfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -41,6 +43,7 @@ from torch import Tensor
 from minigpt import checkpoint
 from minigpt.atomic import atomic_path, write_json_atomic
 from minigpt.checkpoint import CONFIG_FILE, RunLock, load_run, read_config
+from minigpt.data import make_temp_dir
 from minigpt.errors import MinigptError, os_error
 from minigpt.hf_tokenizer import tokenizer_from_hf, write_hf_tokenizer
 from minigpt.model import GPT, GPTConfig
@@ -84,8 +87,9 @@ _HF_BUFFERS = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 
 
 @dataclass
-class Checkpoint:
-    """A GPT-2 checkpoint, converted: minigpt's model config, tokenizer and weights."""
+class Pretrained:
+    """A trained model to start from or to import (a GPT-2 checkpoint, converted; or a
+    minigpt run): minigpt's model config, its tokenizer and its weights."""
 
     source: str
     """What the user named: a folder, a hub name, or a minigpt run directory."""
@@ -419,7 +423,7 @@ def _hub_error(repo_id: str, err: Exception) -> MinigptError:
     )
 
 
-def load_hf_checkpoint(source: str, cache_dir: Path | None = None) -> Checkpoint:
+def load_hf_checkpoint(source: str, cache_dir: Path | None = None) -> Pretrained:
     """A GPT-2 checkpoint (folder or hub name) converted to minigpt's config, tokenizer
     and weights; anything minigpt cannot express is refused by name."""
     folder = resolve_source(source, cache_dir)
@@ -435,7 +439,7 @@ def load_hf_checkpoint(source: str, cache_dir: Path | None = None) -> Checkpoint
         )
     state = state_from_hf(read_hf_weights(folder), config, str(source))
     _check_finite(state, source)
-    return Checkpoint(source=source, config=config, tokenizer=tokenizer, state=state)
+    return Pretrained(source=source, config=config, tokenizer=tokenizer, state=state)
 
 
 def _check_finite(state: dict[str, Tensor], source: str) -> None:
@@ -447,21 +451,21 @@ def _check_finite(state: dict[str, Tensor], source: str) -> None:
         )
 
 
-def load_checkpoint(source: str, cache_dir: Path | None = None) -> Checkpoint:
+def load_pretrained(source: str, cache_dir: Path | None = None) -> Pretrained:
     """What `train --init-from` starts from: a minigpt run directory (its best
     weights), a Hugging Face checkpoint folder, or a hub name."""
     path = Path(source).expanduser()
     if path.is_dir() and is_minigpt_run(path):
         run = load_run(path)
         state = {k: v for k, v in run.model.state_dict().items() if k != "lm_head.weight"}
-        return Checkpoint(str(source), run.model.config, run.tokenizer, state)
+        return Pretrained(str(source), run.model.config, run.tokenizer, state)
     return load_hf_checkpoint(source, cache_dir)
 
 
 # --------------------------------------------------------------------------- import / export
 
 
-def import_checkpoint(source: str, out_dir: Path, force: bool = False) -> Checkpoint:
+def import_checkpoint(source: str, out_dir: Path, force: bool = False) -> Pretrained:
     """`minigpt import`: write a run directory (config.json, tokenizer.json,
     model.safetensors) that generate, inspect-heads, eval and train --init-from read."""
     out_dir = Path(out_dir)
@@ -505,21 +509,39 @@ def export_run(run_dir: Path, out_dir: Path, force: bool = False) -> Export:
     eot = byte_level.eot_id if byte_level is not None else None
     hf_config = hf_config_from_gpt(config, eot)
     hf_state = state_to_hf(run.model.state_dict(), config)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out_dir / HF_SAFETENSORS) as tmp:
-        save_file(hf_state, str(tmp), metadata={"format": "pt"})
-    write_json_atomic(out_dir / HF_CONFIG, hf_config)
     generation = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
-    write_json_atomic(out_dir / HF_GENERATION_CONFIG, generation)
-    files = [HF_CONFIG, HF_SAFETENSORS, HF_GENERATION_CONFIG]
+    with _staging(out_dir) as staging:
+        with atomic_path(staging / HF_SAFETENSORS) as tmp:
+            save_file(hf_state, str(tmp), metadata={"format": "pt"})
+        write_json_atomic(staging / HF_GENERATION_CONFIG, generation)
+        files = [HF_CONFIG, HF_SAFETENSORS, HF_GENERATION_CONFIG]
+        if byte_level is not None:
+            files += write_hf_tokenizer(byte_level, staging, model_max_length=config.block_size)
+        write_json_atomic(staging / HF_CONFIG, hf_config)
     if byte_level is None:
         note = (
             f"the run's {tokenizer.kind} tokenizer has no Hugging Face equivalent, so only "
             "the weights were exported"
         )
         return Export(out_dir, files, note)
-    files += write_hf_tokenizer(byte_level, out_dir, model_max_length=config.block_size)
     return Export(out_dir, files, None)
+
+
+@contextlib.contextmanager
+def _staging(out_dir: Path):
+    """A hidden folder beside out_dir to write the export into, moved into place whole:
+    an interrupted export leaves no folder that looks like a model but is half of one."""
+    staging = make_temp_dir(out_dir)
+    try:
+        yield staging
+        if not out_dir.exists():
+            os.rename(staging, out_dir)
+            return
+        names = sorted(os.listdir(staging), key=lambda name: name == HF_CONFIG)  # config last
+        for name in names:
+            os.replace(staging / name, out_dir / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _byte_level(tokenizer: Tokenizer) -> BPETokenizer | None:
@@ -528,8 +550,10 @@ def _byte_level(tokenizer: Tokenizer) -> BPETokenizer | None:
     if isinstance(tokenizer, BPETokenizer):
         return tokenizer
     if isinstance(tokenizer, NamedTokenizer) and tokenizer.kind in ("gpt2", "r50k_base"):
-        encoding = tokenizer.encoding
-        return BPETokenizer(encoding._mergeable_ranks, encoding._pat_str)
+        # tiktoken keeps an encoding's ranks and split private; they are GPT-2's own
+        ranks = getattr(tokenizer.encoding, "_mergeable_ranks", None)
+        pattern = getattr(tokenizer.encoding, "_pat_str", None)
+        return BPETokenizer(ranks, pattern) if ranks and pattern else None
     return None  # char, or cl100k/o200k, whose special tokens GPT-2's layout cannot hold
 
 

@@ -46,7 +46,7 @@ from minigpt.config import (
 )
 from minigpt.data import Batcher, check_block_size, prepare, prepare_for_resume
 from minigpt.errors import MinigptError, Terminated
-from minigpt.hf import Checkpoint, load_checkpoint
+from minigpt.hf import Pretrained, load_pretrained
 from minigpt.model import GPT, check_memory
 from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
@@ -335,7 +335,7 @@ def setup(
         checkpoint.check_out_dir(out_dir, resume is not None, force)
     source = None
     if t.init_from and resume is None:
-        source = load_checkpoint(t.init_from)
+        source = load_pretrained(t.init_from)
         config = fine_tune_config(config, source)
     accum = micro_steps(config, ddp.world_size)
     check_training_memory(config, device)  # before preparing data for a model that cannot fit
@@ -421,7 +421,7 @@ def _load_data_once(
 FREE_MODEL_SETTINGS = ("dropout", "attention", "init_std")
 
 
-def fine_tune_config(config: RunConfig, source: Checkpoint) -> RunConfig:
+def fine_tune_config(config: RunConfig, source: Pretrained) -> RunConfig:
     """The config of a run that starts from `source`: its model shape and tokenizer.
 
     A [model] setting given explicitly must agree with the source, except those in
@@ -461,7 +461,7 @@ def fine_tune_config(config: RunConfig, source: Checkpoint) -> RunConfig:
 
 
 def _fixed_tokenizer(
-    source: Checkpoint | None, config: RunConfig, out_dir: Path
+    source: Pretrained | None, config: RunConfig, out_dir: Path
 ) -> Tokenizer | None:
     """The tokenizer the data must be tokenised with, when the corpus does not choose
     it: a fine-tune's source's; on resume, the one the fine-tune saved."""
@@ -472,7 +472,7 @@ def _fixed_tokenizer(
     return None
 
 
-def _load_source_weights(model: GPT, source: Checkpoint) -> None:
+def _load_source_weights(model: GPT, source: Pretrained) -> None:
     """The source's weights, positions cropped to the model's block_size."""
     state = dict(source.state)
     state["pos_emb.weight"] = state["pos_emb.weight"][: model.config.block_size]
@@ -849,6 +849,7 @@ def _run(trainer: Trainer, state: TrainState, before: dict | None, progress: boo
             if change:
                 trainer.log(change)
         elif trainer.config.train.init_from:
+            trainer.log(f"starting from {trainer.config.train.init_from}")
             # where a fine-tune starts: the source's loss on this data, kept as the best
             with _cleared_on_failure(trainer.out_dir, fresh=trainer.ddp.is_master):
                 trainer.log(evaluate_and_save(trainer, state) or "")

@@ -520,3 +520,19 @@ def test_the_finetune_recipe_runs(gpt2_dir, tmp_path, minigpt_cli):
     config = json.loads((tmp_path / "ft" / "config.json").read_text())
     assert config["train"]["weight_decay"] == 0.0
     assert config["model"]["dropout"] == 0.1 and config["model"]["n_layer"] == 3
+
+
+def test_a_failed_import_or_export_leaves_nothing_half_written(
+    gpt2_dir, imported, tmp_path, monkeypatch, minigpt_cli
+):
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hf.checkpoint, "save_weights", full_disk)
+    code, _, err = minigpt_cli("import", gpt2_dir, "--out", tmp_path / "run")
+    assert code == 2 and "No space left" in err
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setattr(hf, "write_hf_tokenizer", full_disk)
+    code, _, err = minigpt_cli("export", imported, "--out", tmp_path / "hf")
+    assert code == 2 and "No space left" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder, no staging leftovers
