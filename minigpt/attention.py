@@ -54,7 +54,7 @@ def _check_input(x: Tensor, d_in: int, context_length: int, pos: int = 0) -> Non
         )
 
 
-def _causal_mask(context_length: int) -> Tensor:
+def causal_mask(context_length: int) -> Tensor:
     """M as booleans (context_length, context_length): True above the diagonal,
     where a query would see the future."""
     return torch.triu(torch.ones(context_length, context_length, dtype=torch.bool), diagonal=1)
@@ -88,7 +88,7 @@ def explicit_attention(
 
     q: Q (..., T_q, d_head); k, v: K and V (..., T_k, d_head); the leading dims are
         (B,) for one head or (B, H) for all heads at once.
-    mask: M as booleans, True where hidden (`_causal_mask`), or None for no mask.
+    mask: M as booleans, True where hidden (`causal_mask`), or None for no mask.
         Its rows from q_pos are used: with a KV cache the keys cover positions
         0..T_k-1 and the queries are the last T_q of them.
     dropout: applied to A before it weights V; the A returned is the one before
@@ -127,7 +127,7 @@ class CausalAttention(nn.Module):
         self.dropout = nn.Dropout(dropout)
         # M of the formula, kept as a buffer so it moves with the module between devices;
         # not persistent: it is derived from context_length, so it is not a weight.
-        self.register_buffer("mask", _causal_mask(context_length), persistent=False)
+        self.register_buffer("mask", causal_mask(context_length), persistent=False)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """X (B, T, d_in) -> Q_h, K_h, V_h, each (B, T, d_head)."""
@@ -294,7 +294,7 @@ class MultiHeadAttention(_MultiHeadAttentionBase):
         self.qkv = nn.Linear(self.d_in, 3 * self.d_out, bias=self.qkv_bias)
         self.attn_dropout = nn.Dropout(self.dropout)
         # M of the formula, as in `CausalAttention`
-        self.register_buffer("mask", _causal_mask(self.context_length), persistent=False)
+        self.register_buffer("mask", causal_mask(self.context_length), persistent=False)
 
     def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """X (B, T, d_in) -> Q, K, V, each (B, H, T, d_head): one matmul, then split by head."""

@@ -234,7 +234,7 @@ def load_run(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model_config.vocab_size}",
             hint="tokenizer.json and config.json come from different runs",
         )
-    model = GPT(model_config).to(device)
+    model = GPT.for_weights(model_config, device)
     load_weights(model, run_dir / weights_file)
     model.eval()
     return Run(dir=run_dir, model=model, tokenizer=tokenizer, config=config)

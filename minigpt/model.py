@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minigpt.attention import MultiHeadAttention, MultiHeadAttentionWrapper
+from minigpt.attention import MultiHeadAttention, MultiHeadAttentionWrapper, causal_mask
 from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
 
@@ -270,6 +270,20 @@ class GPT(nn.Module):
         # Saves vocab_size * n_embd parameters and trains better on small data.
         self.lm_head.weight = self.tok_emb.weight
         self.reset_parameters()
+
+    @classmethod
+    def for_weights(cls, config: GPTConfig, device: str | torch.device = "cpu") -> GPT:
+        """A model whose every weight is about to be loaded: built on the meta device and
+        given uninitialised memory, so no weight is drawn at random only to be
+        overwritten (for GPT-2 small that drawing is 2 s of every command's start-up)."""
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device)
+        model.lm_head.weight = model.tok_emb.weight  # to_empty gave each its own tensor
+        for module in model.modules():  # M, the one buffer: derived, so never loaded
+            if isinstance(getattr(module, "mask", None), Tensor):
+                module.mask = causal_mask(module.context_length).to(model.device)
+        return model
 
     def reset_parameters(self) -> None:
         """GPT-2 init: N(0, init_std) weights, zero biases; residual projections

@@ -7,7 +7,7 @@ import torch
 
 from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
-from minigpt.model import GPTConfig
+from minigpt.model import GPT, GPTConfig
 
 TINY = dict(vocab_size=13, block_size=24, n_head=4)  # with tiny_gpt's 2 layers of width 32
 
@@ -214,3 +214,23 @@ def test_kv_cache_is_checked_before_any_layer_writes_to_it(tiny_gpt):
     with pytest.raises(MinigptError, match="head_gates has 3 layers"):
         model(idx, kv_cache=cache, head_gates=torch.ones(3, 4))
     assert cache.pos == 0 and not any(keys.any() for keys in cache.keys)
+
+
+@pytest.mark.parametrize("attention", ["fused", "wrapper"])
+def test_a_model_built_for_weights_computes_what_the_original_does(attention):
+    # load_run builds on the meta device and loads over uninitialised memory: the
+    # masks (never saved) and the tied head must come out as a normal build's
+    config = GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32,
+                       attention=attention, bias=True)  # fmt: skip
+    torch.manual_seed(0)
+    original = GPT(config).eval()
+    loaded = GPT.for_weights(config)
+    loaded.load_state_dict(original.state_dict())
+    loaded.eval()
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+    idx = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx)[0], original(idx)[0])
+        assert torch.equal(
+            loaded.forward_with_attention(idx)[2][1], original.forward_with_attention(idx)[2][1]
+        )
