@@ -32,7 +32,7 @@ import pickle
 import re
 import shutil
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -566,12 +566,3 @@ def _check_export_dir(out_dir: Path, force: bool) -> None:
             f"{out_dir} already holds a model ({', '.join(present)})",
             hint="choose another --out, or overwrite it with --force",
         )
-
-
-def crop_block_size(
-    state: dict[str, Tensor], config: GPTConfig, block_size: int
-) -> tuple[dict[str, Tensor], GPTConfig]:
-    """Weights and config for a shorter context: the first block_size position
-    embeddings (nanoGPT's crop_block_size); the rest of the model does not depend on it."""
-    state = {**state, "pos_emb.weight": state["pos_emb.weight"][:block_size]}
-    return state, replace(config, block_size=block_size)
