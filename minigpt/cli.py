@@ -44,7 +44,7 @@ OPTION_NAMES = {
     "html_file": "--html",
     "png_file": "--png",
     "json_file": "--json",
-    "data": "--data",
+    "window_stride": "--stride",
 }
 """The library's name of an argument -> the option that sets it (see MinigptError.param)."""
 

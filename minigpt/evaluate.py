@@ -98,10 +98,11 @@ def check_stride(stride: int, block_size: int) -> None:
     """A window moves on by 1 to block_size tokens: more would skip tokens unscored."""
     if isinstance(stride, bool) or not isinstance(stride, int) or not 1 <= stride <= block_size:
         raise MinigptError(
-            f"stride must be a whole number from 1 to block_size={block_size}, got {stride!r}",
-            hint=f"pass stride from 1 to {block_size}; {max(1, block_size // 2)} "
+            f"window_stride must be a whole number from 1 to block_size={block_size}, "
+            f"got {stride!r}",
+            hint=f"pass window_stride from 1 to {block_size}; {max(1, block_size // 2)} "
             "(half the context) is the usual choice",
-            param="stride",
+            param="window_stride",  # not generate's overflow "stride": the CLI names differ
         )
 
 

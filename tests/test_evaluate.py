@@ -125,7 +125,7 @@ def test_overlap_gives_later_tokens_more_context(model):
 def test_a_bad_stride_is_refused(model, stride):
     with pytest.raises(MinigptError, match="stride must be") as err:
         sliding_window_nll(model, random_ids(30), stride)
-    assert err.value.param == "stride" and str(BLOCK) in err.value.hint
+    assert err.value.param == "window_stride" and str(BLOCK) in err.value.hint
 
 
 def test_too_few_or_bad_ids_are_refused(model):
@@ -265,7 +265,7 @@ def test_a_bad_stride_or_short_data_is_refused_for_a_run(runs):
     for stride in (0, BLOCK + 1):
         with pytest.raises(MinigptError) as err:
             evaluate_run(run, stride=stride)
-        assert err.value.param == "stride"
+        assert err.value.param == "window_stride"
     short = root / "short.txt"
     short.write_text("a")
     with pytest.raises(MinigptError, match="at least 2"):

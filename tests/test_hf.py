@@ -536,3 +536,9 @@ def test_a_failed_import_or_export_leaves_nothing_half_written(
     code, _, err = minigpt_cli("export", imported, "--out", tmp_path / "hf")
     assert code == 2 and "No space left" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no folder, no staging leftovers
+
+
+def test_eval_names_its_own_stride_option(imported, minigpt_cli):
+    code, _, err = minigpt_cli("eval", imported, "--stride", "0")
+    assert code == 2
+    assert err.startswith("error: --stride must be a whole number from 1 to block_size=64")
