@@ -301,8 +301,8 @@ def prepare(
     print(data.describe_prepared(prepared))
 
 
-@app.command()
-def eval(
+@app.command("eval")
+def eval_(
     run_dir: str | None = typer.Argument(
         None, help="Run directory to evaluate (default: checkpoints/default)."
     ),

@@ -235,14 +235,15 @@ def state_from_hf(hf_state: dict[str, Tensor], config: GPTConfig, where: str) ->
     expected.pop("lm_head.weight")
     state, missing = {}, []
     for name, shape in expected.items():
-        tensor = hf_state.pop(_hf_name(name), None)
+        hf_name = _hf_name(name)
+        tensor = hf_state.pop(hf_name, None)
         if tensor is None:
-            missing.append(_hf_name(name))
+            missing.append(hf_name)
             continue
         tensor = tensor.t() if _is_conv1d(name) else tensor
         if tensor.shape != shape:
             raise MinigptError(
-                f"{where}: {_hf_name(name)} is {tuple(tensor.shape)}, config.json's shape "
+                f"{where}: {hf_name} is {tuple(tensor.shape)}, config.json's shape "
                 f"needs {tuple(shape)}",
                 hint="the weights and config.json come from different models",
             )
@@ -259,25 +260,15 @@ def state_from_hf(hf_state: dict[str, Tensor], config: GPTConfig, where: str) ->
 def state_to_hf(state: dict[str, Tensor], config: GPTConfig) -> dict[str, Tensor]:
     """minigpt's weights under GPT-2's names; a model without biases gets zero ones
     (the same function: GPT-2 always has them)."""
-    hf_state = {}
-    for name, tensor in state.items():
-        if name == "lm_head.weight":  # tied: GPT2LMHeadModel re-ties it to wte on load
-            continue
-        tensor = tensor.detach().to(torch.float32).cpu()
-        hf_state["transformer." + _hf_name(name)] = (
-            tensor.t() if _is_conv1d(name) else tensor
-        ).contiguous()
-    if not config.bias:
-        for name in list(hf_state):
-            if name.endswith(".weight") and "wte" not in name and "wpe" not in name:
-                bias = name.removesuffix(".weight") + ".bias"
-                width = hf_state[name].shape[-1] if _is_hf_conv1d(name) else hf_state[name].shape[0]
-                hf_state.setdefault(bias, torch.zeros(width))
-    return hf_state
-
-
-def _is_hf_conv1d(name: str) -> bool:
-    return any(f".{part}.weight" in name for part in ("c_attn", "c_proj", "c_fc"))
+    state = {k: v.detach().to(torch.float32).cpu() for k, v in state.items()}
+    state.pop("lm_head.weight", None)  # tied: GPT2LMHeadModel re-ties it to wte on load
+    if not config.bias:  # every Linear and LayerNorm: its weight's first dim is its output
+        for name in [n for n in state if not n.startswith(("tok_emb.", "pos_emb."))]:
+            state.setdefault(name.removesuffix(".weight") + ".bias", torch.zeros(len(state[name])))
+    return {
+        "transformer." + _hf_name(name): (tensor.t() if _is_conv1d(name) else tensor).contiguous()
+        for name, tensor in state.items()
+    }
 
 
 def read_hf_weights(folder: Path) -> dict[str, Tensor]:
