@@ -40,6 +40,10 @@ OPTION_NAMES = {
     "device": "--device",
     "vocab_size": "--vocab-size",
     "glob": "--glob",
+    "field": "--field",
+    "workers": "--workers",
+    "bpe_sample_chars": "--bpe-sample-chars",
+    "data_dir": "--data-dir",
     "seed": "--seed",
     "html_file": "--html",
     "png_file": "--png",
@@ -194,7 +198,7 @@ def generate(
 
 def _one_prompt(prompt: str | None, prompt_file: str | None) -> str:
     """generate's prompt: --prompt or --prompt-file (not both); '' when neither is given."""
-    from minigpt.data import read_prompts
+    from minigpt.corpus import read_prompts
 
     if prompt is not None and prompt_file is not None:
         raise MinigptError(
@@ -251,7 +255,7 @@ def inspect_heads(
     from minigpt import heads, render
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
     from minigpt.config import resolve_device
-    from minigpt.data import read_prompts
+    from minigpt.corpus import read_prompts
 
     writers = [
         (render.save_html, html, "html_file"),
@@ -291,13 +295,35 @@ def prepare(
     vocab_size: int | None = typer.Option(
         None, "--vocab-size", help="Vocabulary size for bpe (default 2048)."
     ),
-    glob: str = typer.Option("*.txt", "--glob", help="Which files of a folder to read."),
+    glob: str = typer.Option(
+        "auto",
+        "--glob",
+        help="Which files of a folder to read (auto: its .txt, .jsonl or .parquet).",
+    ),
+    field: str = typer.Option(
+        "text", "--field", help="The JSONL field or Parquet column that holds the text."
+    ),
+    workers: int = typer.Option(0, "--workers", help="Threads that tokenise (0: every core)."),
+    bpe_sample_chars: int | None = typer.Option(
+        None,
+        "--bpe-sample-chars",
+        help="bpe learns its merges from at most this many characters of train (default 300M).",
+    ),
     data_dir: str = typer.Option("data", "--data-dir", help="Where prepared data is kept."),
 ) -> None:
     """Tokenise a corpus once into train/val token files (cached by content hash)."""
     from minigpt import data
 
-    prepared = data.prepare(source, tokenizer, vocab_size, Path(data_dir), glob)
+    prepared = data.prepare(
+        source,
+        tokenizer,
+        vocab_size,
+        Path(data_dir),
+        glob,
+        field=field,
+        workers=workers,
+        bpe_sample_chars=bpe_sample_chars,
+    )
     print(data.describe_prepared(prepared))
 
 
@@ -316,7 +342,8 @@ def eval_(
         "--stride",
         help="Tokens between the starts of successive block_size windows (default block_size/2).",
     ),
-    glob: str = typer.Option("*.txt", "--glob", help="Which files of a --data folder to read."),
+    glob: str = typer.Option("auto", "--glob", help="Which files of a --data folder to read."),
+    field: str = typer.Option("text", "--field", help="The --data JSONL field or Parquet column."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
@@ -327,7 +354,9 @@ def eval_(
 
     run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
     # the window bar only where someone watches it: not in a log or a pipe
-    result = evaluate.evaluate_run(run, data, stride, glob=glob, progress=sys.stderr.isatty())
+    result = evaluate.evaluate_run(
+        run, data, stride, glob=glob, field=field, progress=sys.stderr.isatty()
+    )
     if as_json:
         console.print_json(result.to_dict())
     else:

@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from minigpt.checkpoint import CONFIG_FILE, read_config
+from minigpt.data import DEFAULT_BPE_SAMPLE_CHARS
 from minigpt.errors import MinigptError
 from minigpt.model import GPTConfig
 
@@ -48,10 +49,16 @@ class DataConfig:
     """'char', 'bpe' (trained on the corpus) or a tiktoken encoding such as 'gpt2'."""
     vocab_size: int = 0
     """Vocabulary size for the 'bpe' tokenizer; 0 means its default."""
-    glob: str = "*.txt"
-    """Which files of a source folder to read."""
+    glob: str = "auto"
+    """Which files of a source folder to read; 'auto': its .txt, .jsonl or .parquet files."""
+    field: str = "text"
+    """The JSONL field or Parquet column that holds each document's text."""
     data_dir: str = "data"
     """Where prepared token files are cached."""
+    workers: int = 0
+    """Threads that tokenise the corpus; 0 means every core."""
+    bpe_sample_chars: int = DEFAULT_BPE_SAMPLE_CHARS
+    """The 'bpe' tokenizer learns its merges from at most this many characters of train."""
 
 
 @dataclass
@@ -403,6 +410,17 @@ def validate(config: RunConfig) -> None:
         raise MinigptError("data.source must not be empty", hint="e.g. pystdlib or a path")
     if d.vocab_size < 0:
         raise MinigptError(f"data.vocab_size must not be negative, got {d.vocab_size}")
+    if d.workers < 0:
+        raise MinigptError(
+            f"data.workers must not be negative, got {d.workers}", hint="0 uses every core"
+        )
+    if d.bpe_sample_chars < 1:
+        raise MinigptError(
+            f"data.bpe_sample_chars must be at least 1, got {d.bpe_sample_chars}",
+            hint=f"the default is {DEFAULT_BPE_SAMPLE_CHARS}",
+        )
+    if not d.field.strip():
+        raise MinigptError("data.field must not be empty", hint="e.g. text")
 
 
 def micro_steps(config: RunConfig, world_size: int = 1) -> int:

@@ -1,62 +1,83 @@
-"""Corpora, preparation into token files, and the random-window batcher.
+"""Preparing corpora into token files, loading them, and the random-window batcher.
 
-A source is a text file, a folder (every file matching a glob, recursively, one
-document per file), or a built-in dataset name from `BUILTIN_DATASETS`. `prepare`
-reads it, builds the tokenizer, splits off the last 10% as validation (whole
-documents at the end when there are several), tokenises once, and writes
+`prepare` turns a source (see corpus.py: a built-in dataset, a file or a folder
+of .txt, .jsonl or .parquet files) into
 
     data/<name>-<tokenizer>-<hash>/
         train.bin, val.bin   token ids, uint16 when the vocab fits, else uint32
         tokenizer.json       everything needed to encode and decode
         meta.json            tokenizer, token counts, source, content hash, sizes
 
-The hash covers the corpus content and the tokenizer settings, so preparing the
-same thing again reuses the folder at once and a changed corpus gets a new one.
+in two streaming passes, so memory is bounded by a chunk, never by the corpus:
+
+1. scan: read every document once for the content hash, each document's length
+   and (for char) the characters. The hash, with the tokenizer settings, names
+   the folder: preparing the same thing again reuses it at once, and a changed
+   corpus gets a new one. The lengths place the split: validation is the last
+   10% (for one document, its last 10% of characters; for several, whole
+   documents from the end).
+2. tokenise: train the BPE on a bounded sample of the training split, if one is
+   asked for, then read the corpus again, encode it on every core (tiktoken
+   releases the GIL, so threads run in parallel) and append the ids to the token
+   files in order. Documents are joined by <|endoftext|> (char: each ends in a
+   newline). The pass hashes what it reads too: a corpus edited in between is an
+   error, never a folder of mixed tokens.
+
 The folder is built under a temporary name and renamed into place, so a crash
 never leaves a half-prepared folder that a later run would trust; a folder that
 is damaged all the same (a truncated token file, an edited meta.json) fails
 `load_prepared`'s checks, and `prepare` builds it again. The temporary name says
 which host and process own it (`.NAME.HOST.PID.RANDOM.tmp`), so the next prepare
 can clear the leftovers of one that was killed.
-
-Text must be UTF-8: a file that is not (or that holds NUL bytes, i.e. binary, or
-is UTF-16) is refused with the file and byte offset named, rather than silently
-corrupted.
 """
 
 from __future__ import annotations
 
-import codecs
 import hashlib
+import itertools
 import json
 import os
-import random
 import re
 import secrets
 import shutil
 import socket
 import stat
-import string
-import sysconfig
+import sys
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Sequence
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass, field
-from http.client import HTTPException
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from minigpt.atomic import atomic_path, write_json_atomic
+from minigpt.atomic import write_json_atomic
+from minigpt.corpus import (
+    AUTO_GLOB,
+    BUILTIN_DATASETS,
+    DEFAULT_FIELD,
+    DEFAULT_SOURCE,
+    TEXT,
+    ContentHash,
+    Corpus,
+    Document,
+    OnBytes,
+    load_corpus,
+)
 from minigpt.errors import MinigptError, os_error
 from minigpt.tokenizer import (
     TOKENIZER_FILE,
+    BPETokenizer,
+    CharTokenizer,
     Tokenizer,
     TokenizerFileDamaged,
     check_tokenizer_settings,
+    line_chunks,
     load_tokenizer,
     save_tokenizer,
     tokenizer_from_json,
@@ -65,437 +86,21 @@ from minigpt.tokenizer import (
 
 PREPARED_FORMAT = 1
 """Version of the prepared folder's layout (meta.json's "format")."""
-DEFAULT_SOURCE = "pystdlib"
 DEFAULT_DATA_DIR = Path("data")
 VAL_FRACTION = 0.1
 TRAIN_FILE, VAL_FILE, META_FILE = "train.bin", "val.bin", "meta.json"
-
-# ---------------------------------------------------------------------------- built-in datasets
-
-
-@dataclass
-class BuiltinDataset:
-    """A named corpus: `documents(data_dir, progress)` returns its documents (downloading if it must)."""
-
-    description: str
-    documents: Callable[[Path, bool], list[str]]
-
-
-STDLIB_SKIP_DIRS = {
-    "test",
-    "tests",
-    "idle_test",
-    "idlelib",
-    "site-packages",
-    "dist-packages",
-    "__pycache__",
-}
-
-
-def stdlib_files(root: Path | None = None) -> list[Path]:
-    """The running Python's standard-library .py files, test suites and site-packages left out, sorted."""
-    root = Path(root or sysconfig.get_paths()["stdlib"])
-    files = []
-    for folder, dirs, names in os.walk(root):
-        dirs[:] = [d for d in dirs if d not in STDLIB_SKIP_DIRS]  # prune: never walk into them
-        files += [Path(folder, n) for n in names if n.endswith(".py") and not n.startswith("test_")]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-def pystdlib_documents(data_dir: Path, progress: bool = True) -> list[str]:
-    files = stdlib_files()
-    if not files:
-        raise MinigptError(
-            "found no standard-library .py files in this Python",
-            hint="point minigpt at a text file or folder instead",
-        )
-    return [read_text(path) for path in files]
-
-
-SHAKESPEARE_URL = (
-    "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-)
-SHAKESPEARE_URL_ENV = "MINIGPT_SHAKESPEARE_URL"
-SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def shakespeare_path(data_dir: Path) -> Path:
-    return Path(data_dir) / "shakespeare" / "input.txt"
-
-
-def fetch_shakespeare(data_dir: Path, url: str | None = None, progress: bool = True) -> Path:
-    """Download tiny shakespeare once into data_dir/shakespeare/input.txt, checksum verified.
-
-    The URL is `url`, else $MINIGPT_SHAKESPEARE_URL, else the char-rnn address.
-    The file appears only when complete and correct; a failure leaves nothing behind.
-    """
-    path = shakespeare_path(data_dir)
-    if path.exists():
-        if _sha256_file(path) != SHAKESPEARE_SHA256:
-            raise MinigptError(
-                f"{path} is not tiny shakespeare (its sha256 does not match)",
-                hint="delete it to download it again, or put the right file there",
-            )
-        return path
-    url = url or os.environ.get(SHAKESPEARE_URL_ENV) or SHAKESPEARE_URL
-    by_hand = f"download {SHAKESPEARE_URL} by hand and put it at {path} (sha256 {SHAKESPEARE_SHA256[:16]}...)"
-    made_folder = not path.parent.exists()
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response, atomic_path(path) as tmp:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            hasher = hashlib.sha256()
-            with (
-                open(tmp, "wb") as f,
-                tqdm(
-                    total=total,
-                    unit="B",
-                    unit_scale=True,
-                    desc="tiny shakespeare",
-                    disable=not progress,
-                ) as bar,
-            ):
-                while chunk := response.read(1 << 16):
-                    f.write(chunk)
-                    hasher.update(chunk)
-                    bar.update(len(chunk))
-            if hasher.hexdigest() != SHAKESPEARE_SHA256:
-                raise MinigptError(
-                    f"the file downloaded from {url} is not tiny shakespeare (wrong sha256)",
-                    hint=by_hand,
-                )
-    except (OSError, HTTPException) as err:  # URLError, refused, timeout, HTTP errors
-        reason = getattr(err, "reason", None) or err
-        raise MinigptError(
-            f"could not download tiny shakespeare from {url} ({reason})", hint=by_hand
-        ) from err
-    finally:
-        if made_folder and path.parent.exists() and not any(path.parent.iterdir()):
-            path.parent.rmdir()
-    return path
-
-
-def shakespeare_documents(data_dir: Path, progress: bool = True) -> list[str]:
-    return [read_text(fetch_shakespeare(data_dir, progress=progress))]
-
-
-INDUCTION_ALPHABET = string.ascii_lowercase + string.digits  # 36 symbols
-
-
-def induction_documents(
-    n_documents: int = 6000,
-    min_segment: int = 8,
-    max_segment: int = 32,
-    copies: int = 3,
-    alphabet: str = INDUCTION_ALPHABET,
-    seed: int = 0,
-) -> list[str]:
-    """Lines made of one random segment of distinct symbols from `alphabet`, written
-    `copies` times.
-
-    The first copy is noise; every later symbol is predictable only by finding the
-    same symbol earlier in the line and reading what followed it there. That is the
-    job of an induction head (Olsson et al., 2022): a layer-1 head whose keys carry
-    the previous token, written there by a previous-token head in layer 0.
-
-    Distinct symbols, so that "the symbol before me" names the one place to copy
-    from (with repeats, layer 0 learns a fuzzier key smeared over several tokens);
-    segments up to 32 long, as long as the halves of `inspect-heads --repeated 32`.
-    docs/induction.md tells how these choices were measured.
-    """
-    if not (1 <= min_segment <= max_segment and copies >= 2 and n_documents >= 1):
-        raise MinigptError(
-            "induction documents need n_documents >= 1, 1 <= min_segment <= max_segment "
-            "and copies >= 2"
-        )
-    symbols = sorted(set(alphabet) - {"\n"})
-    if len(symbols) < max_segment:
-        raise MinigptError(
-            f"the alphabet has {len(symbols)} distinct symbols, fewer than max_segment "
-            f"({max_segment})",
-            hint="each segment uses distinct symbols: lower max_segment or add symbols",
-        )
-    rng = random.Random(seed)
-    documents = []
-    for _ in range(n_documents):
-        length = rng.randint(min_segment, max_segment)
-        segment = "".join(rng.sample(symbols, length))
-        documents.append(segment * copies + "\n")
-    return documents
-
-
-BUILTIN_DATASETS: dict[str, BuiltinDataset] = {
-    "pystdlib": BuiltinDataset(
-        "the .py sources of this Python's standard library (no download)", pystdlib_documents
-    ),
-    "shakespeare": BuiltinDataset(
-        "tiny shakespeare, 1.1M characters (downloaded once into data/)", shakespeare_documents
-    ),
-    "induction": BuiltinDataset(
-        "synthetic lines with a repeated random segment, for induction heads",
-        lambda data_dir, progress: induction_documents(),
-    ),
-}
-
-
-# ---------------------------------------------------------------------------- reading sources
-
-
-# UTF-32's little-endian mark begins with UTF-16's, so it is looked for first
-WIDE_BYTE_ORDER_MARKS = (
-    (codecs.BOM_UTF32_LE, "UTF-32"),
-    (codecs.BOM_UTF32_BE, "UTF-32"),
-    (codecs.BOM_UTF16_LE, "UTF-16"),
-    (codecs.BOM_UTF16_BE, "UTF-16"),
-)
-
-
-def read_text(path: Path) -> str:
-    """Read a UTF-8 text file; refuse unreadable, binary, UTF-16 or non-UTF-8 files in one sentence.
-
-    A UTF-8 byte-order mark is UTF-8 and stays in the text, as a plain decode keeps it.
-    """
-    try:
-        raw = Path(path).read_bytes()
-    except OSError as err:  # permission denied, vanished since it was listed
-        raise os_error(err, "read", path) from None
-    _refuse_wide_or_binary(path, raw)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as err:
-        raise MinigptError(
-            f"{path} is not UTF-8 text (byte 0x{raw[err.start]:02x} at offset {err.start})",
-            hint="convert it, e.g. `iconv -f latin1 -t utf-8`, or leave it out with glob",
-            param="glob",
-        ) from None
-
-
-def _refuse_wide_or_binary(path: Path, raw: bytes) -> None:
-    """UTF-16 and UTF-32 text, and binary files, named as what they are."""
-    wide = _wide_encoding(raw)
-    if wide is not None:
-        encoding, evidence = wide
-        raise MinigptError(
-            f"{path} looks like {encoding} text ({evidence}), not UTF-8",
-            hint=f"convert it, e.g. `iconv -f {encoding.lower()} -t utf-8`, "
-            "or leave it out with glob",
-            param="glob",
-        )
-    nul = raw.find(b"\x00")
-    if nul != -1:
-        raise MinigptError(
-            f"{path} looks binary (it has a NUL byte at offset {nul}), not text",
-            hint="point minigpt at text files, or narrow the folder with glob",
-            param="glob",
-        )
-
-
-def _wide_encoding(raw: bytes) -> tuple[str, str] | None:
-    """(encoding, what gives it away) when `raw` looks like UTF-16 or UTF-32 text."""
-    for mark, encoding in WIDE_BYTE_ORDER_MARKS:
-        if raw.startswith(mark):
-            return encoding, "it starts with a byte-order mark"
-    # without a mark, ASCII written as UTF-16 has a NUL in every pair, and only there
-    sample = raw[:4096]
-    if len(sample) < 8 or len(raw) % 2:
-        return None
-    even, odd = sample[0::2], sample[1::2]
-    if odd.count(0) == len(odd) and 0 not in even:
-        return "UTF-16LE", "every other byte is NUL"
-    if even.count(0) == len(even) and 0 not in odd:
-        return "UTF-16BE", "every other byte is NUL"
-    return None
-
-
-def read_prompt_file(path: str | Path) -> str:
-    """A prompt file's text, or one clear sentence why not (missing, empty, not UTF-8)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise MinigptError(f"prompt file {path} does not exist", hint="check the path") from err
-    except IsADirectoryError as err:
-        raise MinigptError(f"prompt file {path} is a directory", hint="pass a text file") from err
-    except UnicodeDecodeError as err:
-        raise MinigptError(
-            f"prompt file {path} is not UTF-8 text", hint="save it as UTF-8"
-        ) from err
-    except OSError as err:
-        raise MinigptError(f"cannot read prompt file {path}: {err.strerror}") from err
-    if not text:
-        raise MinigptError(
-            f"prompt file {path} is empty",
-            hint="put some text in it, or leave out prompt_file",
-            param="prompt_file",
-        )
-    return text
-
-
-def read_prompts(prompts: Sequence[str] = (), prompt_files: Sequence[str | Path] = ()) -> list[str]:
-    """The prompts given as text and as files (one prompt each), in that order."""
-    return [*prompts, *(read_prompt_file(path) for path in prompt_files)]
-
-
-@dataclass
-class Corpus:
-    """The documents of a source, and names for it."""
-
-    name: str  # short, for the prepared folder's name
-    source: str  # what the user asked for, as they would write it again
-    kind: str  # "builtin", "file" or "folder"
-    documents: list[str]
-    path: Path | None = None  # absolute and resolved, for a file or folder: found from anywhere
-
-
-def load_corpus(
-    source: str | Path = DEFAULT_SOURCE,
-    data_dir: Path = DEFAULT_DATA_DIR,
-    glob: str = "*.txt",
-    progress: bool = True,
-) -> Corpus:
-    """Read a source: a built-in dataset name (these win over same-named paths), a file, or a folder."""
-    text = str(source)
-    if text in BUILTIN_DATASETS:
-        documents = BUILTIN_DATASETS[text].documents(Path(data_dir), progress)
-        return Corpus(text, text, "builtin", documents)
-    if not text:  # Path("") is the working directory, which nobody means by it
-        raise _no_source(text)
-    try:
-        path = Path(text).expanduser()
-    except RuntimeError:  # "~someone" with no such user: a plain name, then
-        path = Path(text)
-    mode = _source_mode(path)
-    if mode is None:
-        raise _no_source(text, path)
-    if stat.S_ISREG(mode):
-        return Corpus(_slug(path.stem), str(path), "file", [read_text(path)], path.resolve())
-    if stat.S_ISDIR(mode):
-        return _load_folder(path, glob, progress)
-    raise MinigptError(
-        f"{path} is neither a text file nor a folder (a pipe, a socket or a device?)",
-        hint="save the text to a file and give that file",
-    )
-
-
-def _source_mode(path: Path) -> int | None:
-    """st_mode of what `path` leads to, None where nothing is; a path that cannot be
-    followed (permission denied, a loop of links) is an error."""
-    try:
-        return path.stat().st_mode
-    except (FileNotFoundError, NotADirectoryError, ValueError):  # ValueError: a NUL in it
-        return None
-    except OSError as err:
-        raise os_error(err, "read", path) from None
-
-
-def _no_source(text: str, path: Path | None = None) -> MinigptError:
-    if path is not None and path.is_symlink():
-        return MinigptError(
-            f"{path} is a symbolic link to {os.readlink(path)}, which does not exist",
-            hint="point the link at a text file or folder, or give the file itself",
-        )
-    names = ", ".join(BUILTIN_DATASETS)
-    return MinigptError(
-        f"no file, folder or built-in dataset named {text!r}",
-        hint=f"give a path to a text file or folder, or one of the built-in datasets: {names}",
-    )
-
-
-def check_glob(glob: str) -> None:
-    """A folder's glob names files inside it: not empty, not absolute, no '..' part."""
-    if not isinstance(glob, str) or not glob.strip():
-        raise MinigptError(
-            f"glob {glob!r} is empty",
-            hint="choose the files with a pattern, e.g. glob '*.txt' or '**/*.md'",
-            param="glob",
-        )
-    # both separators: a backslash is a folder on Windows and an ordinary character here
-    parts = PurePosixPath(glob.replace("\\", "/")).parts
-    if glob.startswith(("/", "\\")) or PureWindowsPath(glob).is_absolute():
-        problem = "is absolute"
-    elif ".." in parts:
-        problem = "has a '..' part"
-    else:
-        return
-    raise MinigptError(
-        f"glob {glob!r} {problem}; it must name files inside the folder",
-        hint="give the folder itself as the source, and a pattern relative to it such as '*.txt'",
-        param="glob",
-    )
-
-
-def _load_folder(path: Path, glob: str, progress: bool) -> Corpus:
-    """Every file under `path` matching `glob` (recursively), sorted by relative path."""
-    check_glob(glob)
-    try:
-        files = sorted(
-            (p for p in path.rglob(glob) if _is_regular_file(p)),
-            key=lambda p: p.relative_to(path).as_posix(),
-        )
-    except (NotImplementedError, ValueError) as err:  # pathlib refuses the pattern
-        raise MinigptError(
-            f"glob {glob!r} is not a pattern minigpt can use ({err})",
-            hint="use a pattern relative to the folder, e.g. glob '*.txt' or '**/*.md'",
-            param="glob",
-        ) from None
-    if not files:
-        raise MinigptError(
-            f"the folder {path} has no files matching {glob!r}",
-            hint="choose the files with glob, e.g. glob '*.py'",
-            param="glob",
-        )
-    documents = [
-        read_text(p) for p in tqdm(files, desc="reading", disable=not progress or len(files) < 200)
-    ]
-    resolved = path.resolve()
-    return Corpus(_slug(resolved.name), str(path), "folder", documents, resolved)
-
-
-def _is_regular_file(path: Path) -> bool:
-    """Pipes, sockets and devices are left out (reading one could block forever); a file
-    that cannot even be looked at is kept, so that reading it says why."""
-    try:
-        return path.is_file()
-    except OSError:
-        return True
-
-
-def _slug(name: str) -> str:
-    slug = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name).strip("._")
-    return slug[:40] or "corpus"
-
-
-def content_hash(documents: list[str]) -> str:
-    """sha256 over the documents, each length-prefixed so boundaries count."""
-    hasher = hashlib.sha256()
-    for doc in documents:
-        raw = doc.encode("utf-8")
-        hasher.update(len(raw).to_bytes(8, "little"))
-        hasher.update(raw)
-    return hasher.hexdigest()
-
-
-def split_documents(
-    documents: list[str], val_fraction: float = VAL_FRACTION
-) -> tuple[list[str], list[str]]:
-    """The last `val_fraction` of the corpus as validation.
-
-    One document: cut at that fraction of its characters. Several: whole documents
-    from the end until they hold at least that fraction; train keeps at least one.
-    """
-    if len(documents) == 1:
-        text = documents[0]
-        cut = int(len(text) * (1 - val_fraction))
-        return [text[:cut]], [text[cut:]]
-    total = sum(len(doc) for doc in documents)
-    first_val, val_chars = len(documents), 0
-    while first_val > 1 and val_chars < val_fraction * total:
-        first_val -= 1
-        val_chars += len(documents[first_val])
-    return documents[:first_val], documents[first_val:]
-
+TRAIN, VAL = 0, 1
+DEFAULT_BPE_SAMPLE_CHARS = 300_000_000
+"""BPE merges are learned from at most this many characters of the training split
+(nanochat trains on its first 2B): plenty for a small vocabulary, and bounded time."""
+TASK_CHARS = 1 << 20
+"""Text per tokenising task: enough that a thread's work dwarfs handing it over, little
+enough that the tasks in flight (two per worker) hold a few MB."""
+CUT_CHARS = 1 << 20
+"""A document longer than this is tokenised a piece of about this size at a time, cut
+where its tokenizer allows (`Tokenizer.cut_point`) so the ids are those of the whole."""
+SHOW_PROGRESS_BYTES = 5_000_000
+"""Progress bars appear only for sources at least this big, where the wait is noticeable."""
 
 # ---------------------------------------------------------------------------- preparing
 
@@ -515,6 +120,8 @@ class PreparedData:
     tokenizer: Tokenizer
     dtype: np.dtype
     reused: bool = field(default=False, compare=False)  # True when an earlier prepare made it
+    seconds: float | None = field(default=None, compare=False)  # how long prepare took
+    workers: int | None = field(default=None, compare=False)  # threads it tokenised on
 
     def train_tokens(self) -> np.ndarray:
         return _memmap(self.train_path, self.dtype)
@@ -538,37 +145,496 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
-def write_tokens(path: Path, ids: np.ndarray, dtype: np.dtype) -> None:
-    """Write ids as `dtype` atomically; an id that does not fit is an error, never wrapped."""
-    dtype = np.dtype(dtype)
-    if len(ids) and (ids.min() < 0 or ids.max() > np.iinfo(dtype).max):
-        bad = int(ids.max()) if ids.max() > np.iinfo(dtype).max else int(ids.min())
+def default_workers() -> int:
+    """The cores this process may run on (its affinity mask, where the OS keeps one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def check_workers(workers: int | None) -> int:
+    """The threads to tokenise on: `workers`, or every core for None or 0."""
+    if isinstance(workers, bool) or not isinstance(workers, int | None) or (workers or 0) < 0:
         raise MinigptError(
-            f"token id {bad} does not fit the token file's {dtype.name}",
-            hint="the tokenizer's vocab_size is wrong; prepare again with a fresh tokenizer",
+            f"workers must be a whole number, at least 1 (or 0 for every core), not {workers!r}",
+            hint="e.g. workers 4; the default uses every core",
+            param="workers",
         )
-    with atomic_path(path) as tmp:
-        ids.astype(dtype).tofile(tmp)
+    return workers or default_workers()
+
+
+def check_sample_chars(sample_chars: int) -> None:
+    if isinstance(sample_chars, bool) or not isinstance(sample_chars, int) or sample_chars < 1:
+        raise MinigptError(
+            f"bpe_sample_chars must be a whole number of characters, at least 1, not "
+            f"{sample_chars!r}",
+            hint=f"the default is {DEFAULT_BPE_SAMPLE_CHARS:,}",
+            param="bpe_sample_chars",
+        )
+
+
+class ByteProgress:
+    """A progress bar over the bytes of a source, with throughput and time left. Calls
+    are gathered a megabyte at a time, so a corpus of tiny documents is not slowed by it."""
+
+    def __init__(self, total: int, desc: str, show: bool):
+        show = show and total >= SHOW_PROGRESS_BYTES
+        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not show)
+        self.pending = 0
+
+    def __call__(self, n_bytes: int) -> None:
+        self.pending += n_bytes
+        if self.pending >= 1 << 20:
+            self.bar.update(self.pending)
+            self.pending = 0
+
+    def __enter__(self) -> ByteProgress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.update(self.pending)
+        self.bar.close()
+
+
+# ---------------------------------------------------------------------------- pass 1: the scan
+
+
+@dataclass
+class CorpusScan:
+    """What one quick pass over a corpus learns before anything is tokenised."""
+
+    content_hash: str  # names the prepared folder (with the tokenizer settings)
+    doc_chars: array  # characters of each non-empty document, in order: they place the split
+    n_bytes: int  # UTF-8 bytes of those documents
+    chars: list[str] | None  # every character, sorted (for a char vocabulary)
+
+
+def _hashed_pieces(doc: Document, hasher: ContentHash) -> Iterator[tuple[str, int]]:
+    """(text, its UTF-8 bytes) of a non-empty document, a piece at a time, fed to the hash."""
+    if isinstance(doc, str):
+        if doc:
+            raw = doc.encode("utf-8")
+            hasher.begin(len(raw))
+            hasher.update(raw)
+            yield doc, len(raw)
+        return
+    hasher.begin(doc.n_bytes)
+    for piece in doc.pieces:
+        raw = piece.encode("utf-8")
+        hasher.update(raw)
+        yield piece, len(raw)
+
+
+class CharSet:
+    """The characters seen so far, as a bitmap over code points (numpy, not a Python
+    set: a set costs an object per character looked at)."""
+
+    def __init__(self):
+        self.seen = np.zeros(0x110000, dtype=bool)
+        self.pending: list[str] = []
+        self.n_pending = 0
+
+    def add(self, text: str) -> None:
+        self.pending.append(text)
+        self.n_pending += len(text)
+        if self.n_pending >= 1 << 22:
+            self._flush()
+
+    def _flush(self) -> None:
+        codes = np.frombuffer("".join(self.pending).encode("utf-32-le"), dtype=np.uint32)
+        self.seen[codes] = True
+        self.pending, self.n_pending = [], 0
+
+    def sorted(self) -> list[str]:
+        self._flush()
+        return [chr(code) for code in np.flatnonzero(self.seen)]
+
+
+def scan_corpus(
+    corpus: Corpus, end_with_newline: bool, collect_chars: bool, progress: bool = True
+) -> CorpusScan:
+    """Pass 1: the content hash, document lengths, size and (collect_chars) characters.
+
+    end_with_newline (char): a document that does not end in a newline is counted with
+    the one that tokenising will add.
+    """
+    hasher, doc_chars, n_bytes = ContentHash(), array("q"), 0
+    seen = CharSet() if collect_chars else None
+    with ByteProgress(corpus.n_bytes, "reading", progress) as bar:
+        for doc in corpus.documents(bar):
+            n_chars, last = 0, ""
+            for piece, piece_bytes in _hashed_pieces(doc, hasher):
+                n_chars, n_bytes, last = n_chars + len(piece), n_bytes + piece_bytes, piece[-1]
+                if seen is not None:
+                    seen.add(piece)
+            if n_chars == 0:  # an empty file adds nothing
+                continue
+            if end_with_newline and last != "\n":
+                n_chars, n_bytes = n_chars + 1, n_bytes + 1
+                if seen is not None:
+                    seen.add("\n")
+            doc_chars.append(n_chars)
+    chars = seen.sorted() if seen is not None else None
+    return CorpusScan(hasher.hexdigest(), doc_chars, n_bytes, chars)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Where validation begins: at document `val_start`, after its first `cut`
+    characters. One document is cut inside (val_start 0); several, between documents."""
+
+    documents: int
+    val_start: int
+    cut: int = 0
+
+    @property
+    def train_documents(self) -> int:
+        return 1 if self.documents == 1 else self.val_start
+
+    @property
+    def val_documents(self) -> int:
+        return 1 if self.documents == 1 else self.documents - self.val_start
+
+
+def split_point(doc_chars: Sequence[int], val_fraction: float = VAL_FRACTION) -> Split:
+    """The last `val_fraction` of the corpus as validation.
+
+    One document: cut at that fraction of its characters. Several: whole documents
+    from the end until they hold at least that fraction; train keeps at least one.
+    """
+    if len(doc_chars) == 1:
+        return Split(1, 0, int(doc_chars[0] * (1 - val_fraction)))
+    total = sum(doc_chars)
+    first_val, val_chars = len(doc_chars), 0
+    while first_val > 1 and val_chars < val_fraction * total:
+        first_val -= 1
+        val_chars += doc_chars[first_val]
+    return Split(len(doc_chars), first_val)
+
+
+def _train_chars(scan: CorpusScan, split: Split) -> int:
+    return sum(scan.doc_chars[: split.val_start]) + split.cut
+
+
+# ---------------------------------------------------------------------------- pass 2: tokenising
+
+Cutter = Callable[[str, int], "int | None"]
+"""`Tokenizer.cut_point`: where a long text may be cut for tokenising a piece at a time."""
+
+
+def _never_cut(text: str, start: int) -> None:
+    return None
+
+
+def split_texts(
+    corpus: Corpus,
+    split: Split,
+    cut_point: Cutter,
+    end_with_newline: bool,
+    hasher: ContentHash,
+    on_bytes: OnBytes,
+) -> Iterator[tuple[int, str, bool]]:
+    """(split, text, starts_document) for the whole corpus, in order.
+
+    Each non-empty document comes whole, or (a long one) in pieces of about CUT_CHARS
+    cut at `cut_point`; the document the split falls in comes as a train part and a
+    val part. Everything read is fed to `hasher`.
+    """
+    index = 0
+    for doc in corpus.documents(on_bytes):
+        if isinstance(doc, str) and not doc:
+            continue
+        pieces = (piece for piece, _ in _hashed_pieces(doc, hasher))
+        if end_with_newline:
+            pieces = _ending_in_newline(pieces)
+        if index == split.val_start and split.cut:
+            tagged = _cut_at(pieces, split.cut)
+        else:
+            where = TRAIN if index < split.val_start else VAL
+            tagged = ((where, piece) for piece in pieces)
+        for part, texts in itertools.groupby(tagged, key=lambda tagged_piece: tagged_piece[0]):
+            starts = True
+            for text in _in_pieces((text for _, text in texts), cut_point):
+                yield part, text, starts
+                starts = False
+        index += 1
+
+
+def _ending_in_newline(pieces: Iterator[str]) -> Iterator[str]:
+    last = ""
+    for piece in pieces:
+        last = piece[-1:] or last
+        yield piece
+    if last != "\n":
+        yield "\n"
+
+
+def _cut_at(pieces: Iterator[str], cut: int) -> Iterator[tuple[int, str]]:
+    """(TRAIN, text) for the first `cut` characters of the pieces, (VAL, text) after."""
+    seen = 0
+    for piece in pieces:
+        if seen >= cut:
+            yield VAL, piece
+        elif seen + len(piece) <= cut:
+            yield TRAIN, piece
+        else:
+            yield TRAIN, piece[: cut - seen]
+            yield VAL, piece[cut - seen :]
+        seen += len(piece)
+
+
+def _in_pieces(texts: Iterable[str], cut_point: Cutter) -> Iterator[str]:
+    """The texts joined, then cut into pieces of about CUT_CHARS where `cut_point`
+    allows (a document with no such place stays whole); nothing empty."""
+    buffer = ""
+    for text in texts:
+        buffer = buffer + text if buffer else text
+        while len(buffer) > CUT_CHARS:
+            at = cut_point(buffer, CUT_CHARS)
+            if at is None:
+                break
+            yield buffer[:at]
+            buffer = buffer[at:]
+    if buffer:
+        yield buffer
+
+
+@dataclass
+class EncodedTask:
+    split: int
+    ids: np.ndarray
+    n_chars: int
+
+
+def _tasks(
+    texts: Iterable[tuple[int, str, bool]], separated: bool
+) -> Iterator[tuple[int, list[tuple[bool, str]], int]]:
+    """The texts grouped into tasks of about TASK_CHARS of one split: (split, [(separator
+    before it?, text)], characters). A separator goes before every document of a split
+    but its first."""
+    started = [False, False]
+    items: list[tuple[bool, str]] = []
+    current, n_chars = TRAIN, 0
+    for part, text, starts in texts:
+        if items and (part != current or n_chars >= TASK_CHARS):
+            yield current, items, n_chars
+            items, n_chars = [], 0
+        current = part
+        items.append((separated and starts and started[part], text))
+        started[part] = True
+        n_chars += len(text)
+    if items:
+        yield current, items, n_chars
+
+
+def _encode_task(tok: Tokenizer, split: int, items: list[tuple[bool, str]], n_chars: int):
+    eot = np.array([tok.eot_id or 0], dtype=np.int64)
+    parts = []
+    for separator, text in items:
+        if separator:
+            parts.append(eot)
+        parts.append(tok.encode_array(text))
+    return EncodedTask(split, np.concatenate(parts), n_chars)
+
+
+def encode_in_order(
+    tok: Tokenizer, texts: Iterable[tuple[int, str, bool]], workers: int
+) -> Iterator[EncodedTask]:
+    """The texts' ids, in order, encoded on `workers` threads: tiktoken releases the GIL
+    while it encodes, so the threads run at once while this one reads ahead. At most
+    two tasks per worker are in flight, so memory stays a few MB."""
+    tasks = _tasks(texts, separated=tok.eot_id is not None)
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
+    pending: deque = deque()
+    try:
+        for task in tasks:
+            pending.append(pool.submit(_encode_task, tok, *task))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+class TokenFiles:
+    """train.bin and val.bin, appended to as ids arrive. An id that does not fit the
+    dtype is an error, never wrapped; the disk is checked for room once the size of
+    the rest can be estimated."""
+
+    def __init__(self, folder: Path, dtype: np.dtype):
+        self.folder, self.dtype = folder, np.dtype(dtype)
+        self.files = [open(folder / TRAIN_FILE, "wb"), open(folder / VAL_FILE, "wb")]
+        self.counts = [0, 0]
+
+    def write(self, split: int, ids: np.ndarray) -> None:
+        if len(ids) and (ids.min() < 0 or ids.max() > np.iinfo(self.dtype).max):
+            bad = int(ids.max()) if ids.max() > np.iinfo(self.dtype).max else int(ids.min())
+            raise MinigptError(
+                f"token id {bad} does not fit the token file's {self.dtype.name}",
+                hint="the tokenizer's vocab_size is wrong; prepare again with a fresh tokenizer",
+            )
+        self.files[split].write(ids.astype(self.dtype, copy=False).data)
+        self.counts[split] += len(ids)
+
+    def check_room(self, tokens_left: float) -> None:
+        """Refuse to go on when the tokens still to come will not fit on the disk."""
+        need = int(tokens_left * self.dtype.itemsize)
+        free = shutil.disk_usage(self.folder).free
+        if need > free:
+            raise MinigptError(
+                f"the token files need about {_gb(need)} more, and the disk holding "
+                f"{self.folder.parent} has {_gb(free)} free",
+                hint="free some space, or prepare into another data_dir",
+                param="data_dir",
+            )
+
+    def close(self, durable: bool) -> None:
+        """Close both files; `durable`: flushed to the disk first (before the folder is
+        renamed into place, so a power cut cannot leave a renamed folder of zeros)."""
+        for f in self.files:
+            if durable and not f.closed:
+                f.flush()
+                os.fsync(f.fileno())
+            f.close()
+
+
+def _gb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+
+
+ROOM_CHECK_CHARS = 8_000_000
+"""Tokenise this much before estimating the token files' size from it (BPE's bytes per
+token vary with the text; char's are known at once)."""
+KEEP_FRESH_S = 600.0
+"""Touch the temporary folder this often: a prepare on another host takes a folder
+untouched for STALE_AFTER_S as a killed one's."""
+
+
+def tokenize_into(
+    folder: Path,
+    corpus: Corpus,
+    scan: CorpusScan,
+    split: Split,
+    tok: Tokenizer,
+    workers: int,
+    progress: bool = True,
+) -> list[int]:
+    """Pass 2: tokenise the corpus into folder's train.bin and val.bin; returns the token
+    counts. The content hash is checked again: an edited corpus is an error."""
+    hasher = ContentHash()
+    files = TokenFiles(folder, token_dtype(tok.vocab_size))
+    total_chars, done_chars, checked = sum(scan.doc_chars), 0, False
+    fresh_at = time.monotonic()
+    try:
+        with ByteProgress(corpus.n_bytes, "tokenizing", progress) as bar:
+            end_with_newline = tok.kind == "char"
+            texts = split_texts(corpus, split, tok.cut_point, end_with_newline, hasher, bar)
+            for task in encode_in_order(tok, texts, workers):
+                done_chars += task.n_chars
+                if not checked and (done_chars >= ROOM_CHECK_CHARS or tok.kind == "char"):
+                    # before this task is written: its ids say how many the rest will take
+                    tokens_per_char = (sum(files.counts) + len(task.ids)) / max(1, done_chars)
+                    files.check_room(
+                        len(task.ids) + (total_chars - done_chars) * tokens_per_char * 1.05
+                    )
+                    checked = True
+                files.write(task.split, task.ids)
+                if time.monotonic() - fresh_at > KEEP_FRESH_S:
+                    os.utime(folder)
+                    fresh_at = time.monotonic()
+        if hasher.hexdigest() != scan.content_hash:
+            raise MinigptError(
+                f"the corpus {corpus.source} changed while it was being prepared",
+                hint="prepare it again once nothing is writing to it",
+            )
+        files.close(durable=True)
+    finally:
+        files.close(durable=False)
+    return files.counts
+
+
+def tokenize_corpus(
+    tok: Tokenizer, corpus: Corpus, workers: int | None = None, progress: bool = True
+) -> np.ndarray:
+    """All of a corpus's ids in memory, documents joined by the end-of-text id where the
+    tokenizer has one (no split, no added newline): what `minigpt eval --data` scores."""
+    everything = Split(documents=0, val_start=sys.maxsize)
+    with ByteProgress(corpus.n_bytes, "tokenizing", progress) as bar:
+        texts = split_texts(corpus, everything, tok.cut_point, False, ContentHash(), bar)
+        parts = [task.ids for task in encode_in_order(tok, texts, check_workers(workers))]
+    return np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, dtype=np.int64)
 
 
 def tokenize_documents(
-    tokenizer: Tokenizer, documents: list[str], progress: bool = True, desc: str = "tokenizing"
+    tok: Tokenizer, documents: Iterable[str], progress: bool = False, workers: int | None = None
 ) -> np.ndarray:
-    """Token ids of the documents, joined by the end-of-text id where the tokenizer has one."""
-    eot = tokenizer.eot_id
-    parts: list[np.ndarray] = []
-    batch = 64
-    total_chars = sum(len(doc) for doc in documents)
-    show = progress and total_chars >= 5_000_000  # a bar only where the wait is noticeable
-    with tqdm(total=total_chars, unit="char", unit_scale=True, desc=desc, disable=not show) as bar:
-        for start in range(0, len(documents), batch):
-            chunk = documents[start : start + batch]
-            for i, ids in enumerate(tokenizer.encode_batch(chunk)):
-                if eot is not None and (start + i) > 0:
-                    parts.append(np.array([eot], dtype=np.int64))
-                parts.append(np.asarray(ids, dtype=np.int64))
-            bar.update(sum(len(doc) for doc in chunk))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    """`tokenize_corpus` of documents held in memory."""
+    texts = list(documents)
+    corpus = Corpus("documents", "documents", "builtin", texts=texts, n_bytes=sum(map(len, texts)))
+    return tokenize_corpus(tok, corpus, workers, progress)
+
+
+def bpe_sample(corpus: Corpus, split: Split, sample_chars: int) -> Iterator[str]:
+    """The first `sample_chars` characters of the training split, as the texts BPE
+    training counts (`line_chunks` of each document, as ever: a corpus smaller than
+    the sample learns exactly the merges it always did)."""
+    left = sample_chars
+    texts = split_texts(corpus, split, _never_cut, False, ContentHash(), lambda n: None)
+    with closing(texts):
+        for part, document in _documents_of(texts):
+            if part != TRAIN or left <= 0:
+                return
+            for chunk in line_chunks(document):
+                yield chunk[:left]
+                left -= len(chunk)
+                if left <= 0:
+                    return
+
+
+def _documents_of(texts: Iterator[tuple[int, str, bool]]):
+    """(split, that document's texts) for each document part in `texts`."""
+    for (part, _), group in itertools.groupby(texts, key=_DocumentKey()):
+        yield part, (text for _, text, _ in group)
+
+
+class _DocumentKey:
+    """A groupby key that changes at every document part's start."""
+
+    def __init__(self):
+        self.number = 0
+
+    def __call__(self, item: tuple[int, str, bool]) -> tuple[int, int]:
+        part, _, starts = item
+        self.number += starts
+        return part, self.number
+
+
+# ---------------------------------------------------------------------------- prepare
+
+
+@dataclass(frozen=True)
+class TokenizerChoice:
+    """The tokenizer a prepare asks for: a kind to build for the corpus, or a ready one."""
+
+    kind: str
+    vocab_size: int | None  # bpe's, checked
+    given: Tokenizer | None  # a fine-tuned model's own tokenizer
+    setting: str  # what the folder's key records: the kind, or kind:fingerprint
+    tag: str  # what the folder's name says: char, bpe2048, gpt2, ...
+
+    @classmethod
+    def of(cls, tokenizer: str | Tokenizer, vocab_size: int | None) -> TokenizerChoice:
+        if isinstance(tokenizer, Tokenizer):
+            kind = tokenizer.kind
+            # the folder is keyed by the tokenizer's content: two BPEs of one size differ
+            fingerprint = hashlib.sha256(json.dumps(tokenizer.to_json()).encode()).hexdigest()
+            tag = f"{kind}{tokenizer.vocab_size}"
+            return cls(kind, vocab_size, tokenizer, f"{kind}:{fingerprint[:16]}", tag)
+        vocab_size = check_tokenizer_settings(tokenizer, vocab_size)
+        tag = tokenizer if vocab_size is None else f"{tokenizer}{vocab_size}"
+        return cls(tokenizer, vocab_size, None, tokenizer, tag)
 
 
 def prepare(
@@ -576,47 +642,57 @@ def prepare(
     tokenizer: str | Tokenizer = "char",
     vocab_size: int | None = None,
     data_dir: Path = DEFAULT_DATA_DIR,
-    glob: str = "*.txt",
+    glob: str = AUTO_GLOB,
     progress: bool = True,
     expected_hash: str | None = None,
+    *,
+    field: str = DEFAULT_FIELD,
+    workers: int | None = None,
+    bpe_sample_chars: int | None = None,
 ) -> PreparedData:
     """Tokenise `source` once into data_dir/<name>-<tokenizer>-<hash>/, or reuse that folder.
 
-    `source` is a built-in dataset name, a text file or a folder (read with `glob`);
-    None means the default, pystdlib. `tokenizer` is a kind to build for this corpus
-    ('char', 'bpe', a tiktoken name), or a ready Tokenizer (a fine-tuned model's own).
-    `expected_hash`, where given, is the content hash the corpus must still have (a
-    resumed run's). Raises MinigptError for bad input, before anything is written. A
-    damaged folder is built again.
+    `source` is a built-in dataset name, a file or a folder (read with `glob`; see
+    corpus.py), None meaning the default, pystdlib; `field` is the text's JSONL field or
+    Parquet column. `tokenizer` is a kind to build for this corpus ('char', 'bpe', a
+    tiktoken name), or a ready Tokenizer (a fine-tuned model's own). `workers`: threads
+    to tokenise on (None or 0: every core). A BPE learns from the first
+    `bpe_sample_chars` characters of the training split (None: DEFAULT_BPE_SAMPLE_CHARS). `expected_hash`, where given,
+    is the content hash the corpus must still have (a resumed run's). Raises
+    MinigptError for bad input, before anything is written. A damaged folder is built
+    again.
     """
+    started = time.perf_counter()
     data_dir = Path(data_dir)
-    source = DEFAULT_SOURCE if source is None else source
-    if isinstance(tokenizer, Tokenizer):
-        given, kind = tokenizer, tokenizer.kind
-        # the folder is keyed by the tokenizer's content: two BPEs of one size differ
-        fingerprint = hashlib.sha256(json.dumps(given.to_json()).encode()).hexdigest()[:16]
-        settings_tokenizer, tag = f"{kind}:{fingerprint}", f"{kind}{given.vocab_size}"
-    else:
-        given, kind = None, tokenizer
-        vocab_size = check_tokenizer_settings(tokenizer, vocab_size)
-        settings_tokenizer = tokenizer
-        tag = tokenizer if vocab_size is None else f"{tokenizer}{vocab_size}"
-    corpus = load_corpus(source, data_dir, glob, progress)
-    documents = [doc for doc in corpus.documents if doc]  # an empty file adds nothing
-    if not documents:
+    choice = TokenizerChoice.of(tokenizer, vocab_size)
+    workers = check_workers(workers)
+    bpe_sample_chars = bpe_sample_chars or DEFAULT_BPE_SAMPLE_CHARS
+    check_sample_chars(bpe_sample_chars)
+    corpus = load_corpus(
+        DEFAULT_SOURCE if source is None else source, data_dir, glob, progress, field
+    )
+    char = choice.kind == "char"
+    scan = scan_corpus(corpus, char, collect_chars=char and choice.given is None, progress=progress)
+    if not scan.doc_chars:
         raise MinigptError(
             f"the corpus {corpus.source} is empty", hint="give it some text to learn from"
         )
-    corpus_hash = content_hash(documents)
-    check_corpus_unchanged(corpus, corpus_hash, expected_hash)
+    check_corpus_unchanged(corpus, scan.content_hash, expected_hash)
+    split = split_point(scan.doc_chars)
     settings = {
         "format": PREPARED_FORMAT,
-        "tokenizer": settings_tokenizer,
-        "vocab_size": vocab_size,
+        "tokenizer": choice.setting,
+        "vocab_size": choice.vocab_size,
         "val_fraction": VAL_FRACTION,
     }
-    key = hashlib.sha256((corpus_hash + json.dumps(settings, sort_keys=True)).encode()).hexdigest()
-    out_dir = data_dir / f"{corpus.name}-{tag}-{key[:12]}"
+    if (
+        choice.kind == "bpe"
+        and choice.given is None
+        and _train_chars(scan, split) > bpe_sample_chars
+    ):
+        settings["bpe_sample_chars"] = bpe_sample_chars  # only where it changes the merges
+    key = hashlib.sha256((scan.content_hash + json.dumps(settings, sort_keys=True)).encode())
+    out_dir = data_dir / f"{corpus.name}-{choice.tag}-{key.hexdigest()[:12]}"
     remove_stale_temp_folders(data_dir)
     reused = _reuse_prepared(out_dir, corpus)
     if reused is not None:
@@ -626,12 +702,17 @@ def prepare(
         "source": corpus.source,
         "source_kind": corpus.kind,
         "source_path": _source_path(corpus),
-        "glob": glob if corpus.kind == "folder" else None,
-        "content_hash": corpus_hash,
+        "glob": corpus.glob,
+        "content_hash": scan.content_hash,
         "settings": settings,
+        "source_format": corpus.format,
     }
-    _build_prepared(out_dir, documents, given or kind, vocab_size, meta, progress)
-    return load_prepared(out_dir)
+    if corpus.format != TEXT:
+        meta["field"] = corpus.field
+    _build_prepared(out_dir, corpus, scan, split, choice, meta, workers, progress, bpe_sample_chars)
+    prepared = load_prepared(out_dir)
+    prepared.seconds, prepared.workers = time.perf_counter() - started, workers
+    return prepared
 
 
 def check_corpus_unchanged(corpus: Corpus, corpus_hash: str, expected_hash: str | None) -> None:
@@ -666,59 +747,38 @@ def _reuse_prepared(out_dir: Path, corpus: Corpus) -> PreparedData | None:
     return prepared
 
 
+def build_tokenizer(
+    choice: TokenizerChoice,
+    corpus: Corpus,
+    scan: CorpusScan,
+    split: Split,
+    sample_chars: int,
+    progress: bool = True,
+) -> Tokenizer:
+    """The given tokenizer; or char's vocabulary from the scan (the whole corpus, so val
+    has no unseen characters); or BPE merges learned from a sample of the training
+    split only, so val is truly held out; or a named encoding."""
+    if choice.given is not None:
+        return choice.given
+    if choice.kind == "char":
+        return CharTokenizer(scan.chars)
+    if choice.kind == "bpe":
+        total = min(corpus.n_bytes, sample_chars)
+        with ByteProgress(total, "learning bpe", progress):
+            return BPETokenizer.train(bpe_sample(corpus, split, sample_chars), choice.vocab_size)
+    return train_tokenizer(choice.kind, [], choice.vocab_size)
+
+
 def _build_prepared(
     out_dir: Path,
-    documents: list[str],
-    tokenizer: str | Tokenizer,
-    vocab_size: int | None,
+    corpus: Corpus,
+    scan: CorpusScan,
+    split: Split,
+    choice: TokenizerChoice,
     meta: dict,
+    workers: int,
     progress: bool,
-) -> None:
-    """Train the tokenizer (unless one is given), tokenise both splits, complete `meta`
-    and write the folder."""
-    kind = tokenizer.kind if isinstance(tokenizer, Tokenizer) else tokenizer
-    if kind == "char":
-        # documents without an end-of-text token between them at least end with a newline
-        documents = [doc if doc.endswith("\n") else doc + "\n" for doc in documents]
-    train_docs, val_docs = split_documents(documents)
-    if isinstance(tokenizer, Tokenizer):
-        tok = tokenizer
-    else:
-        # char: the vocabulary comes from the whole corpus so val has no unseen characters;
-        # bpe: merges are learned from the training split only, so val is truly held out.
-        fit_texts = documents if kind == "char" else train_docs
-        tok = train_tokenizer(kind, fit_texts, vocab_size)
-    dtype = token_dtype(tok.vocab_size)
-    train_ids = tokenize_documents(tok, train_docs, progress, "tokenizing train")
-    val_ids = tokenize_documents(tok, val_docs, progress, "tokenizing val")
-    n_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
-    meta.update(
-        {
-            "tokenizer": tok.to_json(),
-            "tokenizer_kind": tok.kind,
-            "vocab_size": tok.vocab_size,
-            "eot_id": tok.eot_id,
-            "dtype": dtype.name,
-            "documents": len(documents),
-            "train_documents": len(train_docs),
-            "val_documents": len(val_docs),
-            "characters": sum(len(doc) for doc in documents),
-            "bytes": n_bytes,
-            "train_tokens": int(len(train_ids)),
-            "val_tokens": int(len(val_ids)),
-            "bytes_per_token": n_bytes / max(1, len(train_ids) + len(val_ids)),
-        }
-    )
-    _write_prepared(out_dir, tok, train_ids, val_ids, dtype, meta)
-
-
-def _write_prepared(
-    out_dir: Path,
-    tok: Tokenizer,
-    train_ids: np.ndarray,
-    val_ids: np.ndarray,
-    dtype: np.dtype,
-    meta: dict,
+    sample_chars: int,
 ) -> None:
     """Build the folder under a temporary name, then rename it into place in one step.
 
@@ -727,8 +787,27 @@ def _write_prepared(
     """
     tmp_dir = make_temp_dir(out_dir)
     try:
-        write_tokens(tmp_dir / TRAIN_FILE, train_ids, dtype)
-        write_tokens(tmp_dir / VAL_FILE, val_ids, dtype)
+        tok = build_tokenizer(choice, corpus, scan, split, sample_chars, progress)
+        train_tokens, val_tokens = tokenize_into(
+            tmp_dir, corpus, scan, split, tok, workers, progress
+        )
+        meta.update(
+            {
+                "tokenizer": tok.to_json(),
+                "tokenizer_kind": tok.kind,
+                "vocab_size": tok.vocab_size,
+                "eot_id": tok.eot_id,
+                "dtype": token_dtype(tok.vocab_size).name,
+                "documents": split.documents,
+                "train_documents": split.train_documents,
+                "val_documents": split.val_documents,
+                "characters": sum(scan.doc_chars),
+                "bytes": scan.n_bytes,
+                "train_tokens": train_tokens,
+                "val_tokens": val_tokens,
+                "bytes_per_token": scan.n_bytes / max(1, train_tokens + val_tokens),
+            }
+        )
         save_tokenizer(tok, tmp_dir / TOKENIZER_FILE)
         write_json_atomic(tmp_dir / META_FILE, meta)  # last: its presence marks a complete folder
         _move_into_place(tmp_dir, out_dir)
@@ -1012,6 +1091,12 @@ def describe_prepared(prepared: PreparedData) -> str:
         f"  bytes/token    {meta['bytes_per_token']:.2f}",
         f"  in             {prepared.dir}",
     ]
+    if prepared.seconds is not None:
+        rate = meta["bytes"] / 1e6 / max(prepared.seconds, 1e-9)
+        lines.append(
+            f"  took           {prepared.seconds:.1f} s ({rate:.1f} MB/s, "
+            f"{prepared.workers} worker{'s' if prepared.workers != 1 else ''})"
+        )
     return "\n".join(lines)
 
 
@@ -1028,6 +1113,7 @@ def prepare_for_resume(
     vocab_size: int | None,
     glob: str,
     progress: bool = True,
+    **options,
 ) -> PreparedData:
     """The data a resumed run was trained on, and nothing else.
 
@@ -1036,7 +1122,8 @@ def prepare_for_resume(
     anything is written; the run's prepared folder is used when the source is gone
     (or is a built-in dataset, which a new Python may change). Relative paths are
     also looked for from the run's project, so a run resumes from another working
-    directory or in a copied project. A run directory is data, not instructions: an
+    directory or in a copied project. `options` are prepare's field, workers and
+    bpe_sample_chars. A run directory is data, not instructions: an
     edited config.json cannot make minigpt tokenise some other file into some other
     folder, because whatever it reads must have the recorded content hash.
     """
@@ -1052,7 +1139,7 @@ def prepare_for_resume(
             return prepared
     data_dir = next((f.parent for f in folders if _is_dir(f)), data_dir)
     return prepare(
-        source, tokenizer, vocab_size, data_dir, glob, progress, expected_hash=expected_hash
+        source, tokenizer, vocab_size, data_dir, glob, progress, expected_hash, **options
     )
 
 

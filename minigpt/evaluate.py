@@ -26,7 +26,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from minigpt.checkpoint import Run
-from minigpt.data import DEFAULT_DATA_DIR, load_corpus, tokenize_documents
+from minigpt.corpus import AUTO_GLOB, DEFAULT_FIELD, load_corpus
+from minigpt.data import DEFAULT_DATA_DIR, tokenize_corpus
 from minigpt.errors import MinigptError
 from minigpt.heads import validation_tokens
 from minigpt.model import GPT, GPTConfig
@@ -281,15 +282,17 @@ def evaluate_run(
     stride: int | None = None,
     *,
     data_dir: Path = DEFAULT_DATA_DIR,
-    glob: str = "*.txt",
+    glob: str = AUTO_GLOB,
+    field: str = DEFAULT_FIELD,
     batch_size: int | None = None,
     progress: bool = False,
 ) -> Evaluation:
     """Evaluate a loaded run (`checkpoint.load_run`) on its validation split, or on
-    `data` (a text file, a folder or a built-in dataset name), on the run's device."""
+    `data` (a file, a folder or a built-in dataset name; a folder's files chosen by
+    `glob`, a JSONL or Parquet file's text in `field`), on the run's device."""
     if stride is not None:
         check_stride(stride, run.model.config.block_size)  # before any data is read
-    ids, source = _tokens_to_evaluate(run, data, data_dir, glob, progress)
+    ids, source = _tokens_to_evaluate(run, data, data_dir, glob, field, progress)
     if len(ids) < 2:
         raise MinigptError(
             f"{source} has {len(ids)} token(s): evaluating needs at least 2",
@@ -301,14 +304,13 @@ def evaluate_run(
 
 
 def _tokens_to_evaluate(
-    run: Run, data: str | None, data_dir: Path, glob: str, progress: bool
+    run: Run, data: str | None, data_dir: Path, glob: str, field: str, progress: bool
 ) -> tuple[np.ndarray, str]:
     """(token ids, what they are in words): `data` tokenised by the run's tokenizer,
     else the run's prepared validation split."""
     if data is not None:
-        corpus = load_corpus(data, Path(data_dir), glob, progress)
-        documents = [doc for doc in corpus.documents if doc]  # an empty file adds nothing
-        return tokenize_documents(run.tokenizer, documents, progress), str(data)
+        corpus = load_corpus(data, Path(data_dir), glob, progress, field)
+        return tokenize_corpus(run.tokenizer, corpus, progress=progress), str(data)
     found = validation_tokens(run.config, run.dir, run.tokenizer)
     if found is None:
         raise MinigptError(

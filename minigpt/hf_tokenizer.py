@@ -27,19 +27,12 @@ from pathlib import Path
 
 from minigpt.atomic import write_json_atomic, write_text_atomic
 from minigpt.errors import MinigptError, os_error
-from minigpt.tokenizer import ENDOFTEXT, BPETokenizer
-
-# GPT-2's split, in the form tiktoken's r50k/gpt2 encodings use: the release's pattern
-# (HF_GPT2_SPLIT_PATTERN) with possessive quantifiers, which cannot change a match here
-# because nothing follows them, and its whitespace tail rewritten: `\s++$` takes trailing
-# whitespace, and a lone `\s` is all `\s+` can still match once `\s+(?!\S)` has failed.
-GPT2_SPLIT_PATTERN = (
-    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+from minigpt.tokenizer import (
+    ENDOFTEXT,
+    GPT2_SPLIT_PATTERN,
+    HF_GPT2_SPLIT_PATTERN,
+    BPETokenizer,
 )
-HF_GPT2_SPLIT_PATTERN = (
-    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-)
-"""The split exactly as the GPT-2 release and Hugging Face's ByteLevel pre-tokenizer write it."""
 
 VOCAB_FILE, MERGES_FILE, TOKENIZER_JSON = "vocab.json", "merges.txt", "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"

@@ -25,6 +25,8 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
+
 from minigpt.atomic import write_json_atomic
 from minigpt.errors import MinigptError, os_error
 
@@ -39,6 +41,44 @@ MAX_BPE_VOCAB_SIZE = 1 << 20
 GPT's corpus can fill (GPT-4's cl100k has about 100k)."""
 # The GPT-4 (cl100k) split: contractions, words, 1-3 digit numbers, punctuation runs, whitespace.
 GPT4_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
+# GPT-2's split, in the form tiktoken's r50k/gpt2 encodings use: the release's pattern
+# (HF_GPT2_SPLIT_PATTERN) with possessive quantifiers, which cannot change a match here
+# because nothing follows them, and its whitespace tail rewritten: `\s++$` takes trailing
+# whitespace, and a lone `\s` is all `\s+` can still match once `\s+(?!\S)` has failed.
+GPT2_SPLIT_PATTERN = (
+    r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+)
+HF_GPT2_SPLIT_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+"""The split exactly as the GPT-2 release and Hugging Face's ByteLevel pre-tokenizer write it."""
+# the splits of tiktoken's cl100k_base and o200k_base (tiktoken_ext.openai_public, tiktoken 0.14)
+CL100K_SPLIT_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"""
+O200K_SPLIT_PATTERN = "|".join(
+    [
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?""",
+        r"""\p{N}{1,3}""",
+        r""" ?[^\s\p{L}\p{N}]+[\r\n/]*""",
+        r"""\s*[\r\n]+""",
+        r"""\s+(?!\S)""",
+        r"""\s+""",
+    ]
+)
+LINE_CUT_PATTERNS = frozenset(
+    {
+        GPT4_SPLIT_PATTERN,
+        GPT2_SPLIT_PATTERN,
+        HF_GPT2_SPLIT_PATTERN,
+        CL100K_SPLIT_PATTERN,
+        O200K_SPLIT_PATTERN,
+    }
+)
+"""Splits under which text cut at a line start (after a newline that ends a non-blank
+line, before a letter or digit) encodes, half by half, to the ids of the whole: in each,
+a piece that holds a newline ends there (or, after punctuation, at the newlines' end),
+no piece reaches from a newline into a letter or digit, and the one whitespace character
+left at a half's end is the piece it would be anyway. tests/test_tokenizer.py checks it."""
 
 
 class TokenizerFileDamaged(MinigptError):
@@ -136,6 +176,17 @@ class Tokenizer(ABC):
         """Encode many texts; byte-level tokenizers do it on several threads."""
         return [self.encode(text) for text in texts]
 
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` as a numpy array of ids: how corpora are tokenised (numpy lookups for
+        char, tiktoken's buffer for byte-level BPE), without a Python int per token."""
+        return np.asarray(self.encode(text), dtype=np.int64)
+
+    def cut_point(self, text: str, start: int) -> int | None:
+        """A place at or after `start` where `text` may be cut so that its halves, encoded
+        apart, give the ids of the whole; None where none is known. Lets a huge document
+        be tokenised a piece at a time."""
+        return None
+
     def stream_decoder(self) -> StreamDecoder:
         """A fresh incremental decoder for streaming generated tokens."""
         return StreamDecoder(self)
@@ -195,6 +246,26 @@ class CharTokenizer(Tokenizer):
             hint="a char model knows only the characters of its training corpus; leave the others out",
         )
 
+    def encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+        lookup = self._lookup()
+        ids = lookup[np.minimum(codes, len(lookup) - 1)]  # the last entry is -1: unseen
+        if len(ids) and ids.min() < 0:  # an unseen character: the fallback, or the error
+            return np.asarray(self.encode(text), dtype=np.int64)
+        return ids
+
+    def _lookup(self) -> np.ndarray:
+        """id of each code point up to the largest in the vocabulary, -1 where none; built once."""
+        if getattr(self, "_lookup_table", None) is None:
+            codes = np.array([ord(ch) for ch in self.chars], dtype=np.int64)
+            table = np.full(int(codes.max()) + 2, -1, dtype=np.int64)
+            table[codes] = np.arange(len(codes))
+            self._lookup_table = table
+        return self._lookup_table
+
+    def cut_point(self, text: str, start: int) -> int | None:
+        return start if start < len(text) else None  # one token per character: anywhere
+
     def decode(self, ids: list[int]) -> str:
         chars = self.chars
         bad = next((i for i in ids if not 0 <= i < len(chars)), None)  # -1 must not mean "last"
@@ -238,6 +309,23 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return self.encoding.encode_ordinary_batch(texts)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        # tiktoken's buffer, read by numpy in place; with no special token allowed it is
+        # encode_ordinary's ids (and, like it, releases the GIL: threads tokenise in parallel)
+        return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+
+    def cut_point(self, text: str, start: int) -> int | None:
+        if self.encoding._pat_str not in LINE_CUT_PATTERNS:
+            return None  # a split we do not know: never cut
+        while (newline := text.find("\n", max(start - 1, 1))) != -1:
+            after = newline + 1
+            if after >= len(text):
+                return None
+            if not text[newline - 1].isspace() and text[after].isalnum():
+                return after
+            start = after + 1
+        return None
 
     def decode(self, ids: list[int]) -> str:
         """Decode ids; bytes that are not valid UTF-8 become U+FFFD."""
@@ -297,9 +385,9 @@ class BPETokenizer(TiktokenTokenizer):
 
         check_bpe_vocab_size(vocab_size)
         trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(
-            _chunks(texts), vocab_size - 1, pattern=GPT4_SPLIT_PATTERN
-        )  # rustbpe's vocab is bytes + merges; the special token is ours
+        trainer.train_from_iterator(  # rustbpe's vocab is bytes + merges; the special token is ours
+            _chunks(texts), vocab_size - 1, buffer_size=BPE_TRAIN_BUFFER, pattern=GPT4_SPLIT_PATTERN
+        )
         return cls(dict(trainer.get_mergeable_ranks()), trainer.get_pattern())
 
     def to_json(self) -> dict:
@@ -430,18 +518,27 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int | None = None) 
     return NamedTokenizer(kind)
 
 
-def _chunks(texts: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
-    """Cut long texts at line ends into ~64 KB pieces so rustbpe can count them in parallel."""
+BPE_TRAIN_BUFFER = 512
+"""Texts rustbpe holds at once while it counts (its default, 8192 texts of up to 64 KB,
+could hold half a GB): counts are summed over batches, so the merges are the same."""
+
+
+def line_chunks(pieces: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
+    """One text (whole, or in pieces) cut after the first newline at or past every `size`
+    characters: ~64 KB texts that rustbpe counts in parallel."""
+    buffer, start = "", 0
+    for piece in pieces:
+        buffer, start = buffer[start:] + piece, 0
+        while (end := buffer.find("\n", start + size)) != -1:
+            yield buffer[start : end + 1]
+            start = end + 1
+    if start < len(buffer):
+        yield buffer[start:]
+
+
+def _chunks(texts: Iterable[str]) -> Iterator[str]:
     for text in texts:
-        if len(text) <= size:
-            yield text
-            continue
-        start = 0
-        while start < len(text):
-            end = text.find("\n", start + size)
-            end = len(text) if end == -1 else end + 1
-            yield text[start:end]
-            start = end
+        yield from line_chunks((text,))
 
 
 def tokenizer_from_json(data: dict, where: str = TOKENIZER_FILE) -> Tokenizer:

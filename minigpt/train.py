@@ -87,6 +87,9 @@ def load_data(
         tokenizer=tokenizer or d.tokenizer,
         vocab_size=None if tokenizer else d.vocab_size or None,
         glob=d.glob,
+        field=d.field,
+        workers=d.workers,
+        bpe_sample_chars=d.bpe_sample_chars,
     )
     if run_data is None:
         prepared = prepare(d.source, data_dir=Path(d.data_dir), progress=progress, **settings)

@@ -18,19 +18,25 @@ import numpy as np
 import pytest
 import torch
 
+from minigpt import corpus as corpora
 from minigpt import data
-from minigpt.data import (
+from minigpt.corpus import (
     BUILTIN_DATASETS,
     SHAKESPEARE_SHA256,
-    Batcher,
-    check_block_size,
     fetch_shakespeare,
     induction_documents,
+    stdlib_files,
+)
+from minigpt.data import (
+    TRAIN,
+    VAL,
+    Batcher,
+    Split,
+    TokenFiles,
+    check_block_size,
     load_prepared,
     prepare,
-    split_documents,
-    stdlib_files,
-    write_tokens,
+    split_point,
 )
 from minigpt.errors import MinigptError
 
@@ -52,16 +58,16 @@ def listing(folder: Path) -> list[str]:
 
 
 def test_split_one_document_at_ninety_percent():
-    train, val = split_documents(["x" * 1000])
-    assert len(train[0]) == 900 and len(val[0]) == 100
+    split = split_point([1000])
+    assert split == Split(documents=1, val_start=0, cut=900)
+    assert (split.train_documents, split.val_documents) == (1, 1)
 
 
 def test_split_many_documents_keeps_whole_documents_at_the_end():
-    docs = [f"doc{i}" * 10 for i in range(20)]
-    train, val = split_documents(docs)
-    assert train + val == docs
-    assert len(val) == 2  # 2 of 20 equal documents hold 10%
-    assert split_documents(["a" * 5, "b" * 100]) == (["a" * 5], ["b" * 100])  # train keeps one
+    split = split_point([40] * 20)
+    assert split == Split(documents=20, val_start=18)  # 2 of 20 equal documents hold 10%
+    assert (split.train_documents, split.val_documents) == (18, 2)
+    assert split_point([5, 100]) == Split(2, 1)  # train keeps one
 
 
 # ------------------------------------------------------------------------------- preparation
@@ -163,7 +169,7 @@ def test_prepare_builtin_registry_and_induction(tmp_path, monkeypatch):
     monkeypatch.setitem(
         BUILTIN_DATASETS,
         "tiny",
-        data.BuiltinDataset("two documents", lambda data_dir, progress: ["ab" * 50, "ba" * 50]),
+        corpora.BuiltinDataset("two documents", lambda data_dir, progress: ["ab" * 50, "ba" * 50]),
     )
     prepared = prepare("tiny", "char", data_dir=tmp_path, progress=False)
     assert prepared.meta["source"] == "tiny" and prepared.meta["source_kind"] == "builtin"
@@ -222,7 +228,7 @@ def assert_nothing_written(data_dir: Path):
     [
         (lambda d: d / "missing.txt", "no file, folder or built-in dataset"),
         (lambda d: (d / "empty.txt").write_text("") and None or d / "empty.txt", "is empty"),
-        (lambda d: (d / "empty").mkdir() or d / "empty", "no files matching"),
+        (lambda d: (d / "empty").mkdir() or d / "empty", r"no \.txt, \.jsonl or \.parquet files"),
         (lambda d: (d / "latin1.txt").write_bytes("café\n".encode("latin-1")) and d / "latin1.txt", "not UTF-8 text .*0xe9 at offset 3"),
         (lambda d: (d / "blob.txt").write_bytes(b"PK\x03\x04\x00\x00binary") and d / "blob.txt", "looks binary"),
         (lambda d: (d / "blob.txt").write_bytes(b"PK\x03\x04\x00\x00binary") and d / "blob.txt", r"NUL byte at offset 4\)"),
@@ -252,25 +258,30 @@ def test_bad_tokenizer_settings_fail_before_reading(tmp_path):
 def test_a_failure_while_writing_leaves_nothing(tmp_path, monkeypatch):
     corpus = tmp_path / "c.txt"
     corpus.write_text(make_text())
-    real_write = data.write_tokens
+    real_write = TokenFiles.write
 
-    def write_then_fail(path, ids, dtype):
-        real_write(path, ids, dtype)
-        if path.name == "val.bin":
+    def write_then_fail(self, split, ids):
+        real_write(self, split, ids)
+        if split == VAL:
             raise KeyboardInterrupt  # killed half way through the folder
 
-    monkeypatch.setattr(data, "write_tokens", write_then_fail)
+    monkeypatch.setattr(TokenFiles, "write", write_then_fail)
     with pytest.raises(KeyboardInterrupt):
         prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
     assert listing(tmp_path / "data") == []
 
 
 def test_token_id_that_does_not_fit_the_dtype(tmp_path):
+    files = TokenFiles(tmp_path, np.uint16)
     with pytest.raises(MinigptError, match="token id 70000 does not fit the token file's uint16"):
-        write_tokens(tmp_path / "x.bin", np.array([1, 70000]), np.uint16)
-    assert listing(tmp_path) == []
-    write_tokens(tmp_path / "x.bin", np.array([1, 70000]), np.uint32)
-    assert np.fromfile(tmp_path / "x.bin", dtype=np.uint32).tolist() == [1, 70000]
+        files.write(TRAIN, np.array([1, 70000]))
+    files.close(durable=True)
+    assert (tmp_path / "train.bin").stat().st_size == 0  # nothing wrapped, nothing written
+    files = TokenFiles(tmp_path, np.uint32)
+    files.write(TRAIN, np.array([1, 70000]))
+    files.write(TRAIN, np.array([3], dtype=np.uint32))
+    files.close(durable=True)
+    assert np.fromfile(tmp_path / "train.bin", dtype=np.uint32).tolist() == [1, 70000, 3]
 
 
 def test_check_block_size(tmp_path):
@@ -314,7 +325,7 @@ def test_utf16_hint_and_utf8_byte_order_mark(tmp_path):
     assert "iconv -f utf-16 -t utf-8" in err.value.hint
     # a UTF-8 byte-order mark is UTF-8: read as a plain utf-8 decode reads it
     corpus.write_bytes(b"\xef\xbb\xbf" + make_text().encode())
-    assert data.read_text(corpus) == "\ufeff" + make_text()
+    assert corpora.read_text(corpus) == "\ufeff" + make_text()
 
 
 # --------------------------------------------------------------------- sources that are odd
@@ -356,14 +367,13 @@ def test_unreadable_files_are_one_sentence(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "a.txt").write_text(make_text())
     (folder / "secret.txt").write_text(make_text())
-    real_read_bytes = Path.read_bytes
 
-    def refuse_secret(path):
-        if path.name == "secret.txt":  # tests run as root, so chmod cannot refuse
+    def refuse_secret(path, mode="r"):
+        if Path(path).name == "secret.txt":  # tests run as root, so chmod cannot refuse
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
-        return real_read_bytes(path)
+        return open(path, mode)
 
-    monkeypatch.setattr(Path, "read_bytes", refuse_secret)
+    monkeypatch.setattr(corpora, "open", refuse_secret, raising=False)  # what corpus.py opens
     with pytest.raises(MinigptError, match="cannot read .*secret.txt: Permission denied"):
         prepare(folder, "char", data_dir=tmp_path / "data", progress=False)
     assert_nothing_written(tmp_path / "data")
@@ -401,7 +411,7 @@ def test_globs_stay_inside_the_folder(tmp_path, monkeypatch, pattern, message):
     (tmp_path / "secret.txt").write_text("outside the folder\n" * 50)
     pattern = pattern.replace("/etc", str(tmp_path)) if pattern == "/etc/*" else pattern
     read = []
-    monkeypatch.setattr(data, "read_text", lambda path: read.append(path) or "x")
+    monkeypatch.setattr(corpora, "_open", lambda path: read.append(path) or open(path, "rb"))
     with pytest.raises(MinigptError, match=re.escape(message)) as err:
         prepare(folder, "char", data_dir=tmp_path / "data", glob=pattern, progress=False)
     assert err.value.param == "glob"
@@ -525,13 +535,13 @@ def test_temporary_folder_names_its_owner_and_has_ordinary_modes(tmp_path, monke
     corpus = tmp_path / "c.txt"
     corpus.write_text(make_text())
     seen = {}
-    real_write = data.write_tokens
+    real_tokenize = data.tokenize_into
 
-    def look(path, ids, dtype):
-        seen["name"], seen["mode"] = path.parent.name, path.parent.stat().st_mode & 0o777
-        real_write(path, ids, dtype)
+    def look(folder, *args, **kwargs):
+        seen["name"], seen["mode"] = folder.name, folder.stat().st_mode & 0o777
+        return real_tokenize(folder, *args, **kwargs)
 
-    monkeypatch.setattr(data, "write_tokens", look)
+    monkeypatch.setattr(data, "tokenize_into", look)
     previous = os.umask(0o027)
     try:
         prepared = prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
@@ -590,8 +600,9 @@ def test_stale_temporary_folders_are_cleared(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "step", ["train_tokenizer", "tokenize_documents", "write_tokens", "save_tokenizer", "write_json_atomic"]
-)  # fmt: skip
+    "step",
+    ["build_tokenizer", "tokenize_into", "encode_in_order", "save_tokenizer", "write_json_atomic"],
+)
 def test_ctrl_c_anywhere_leaves_no_folder(tmp_path, monkeypatch, step):
     corpus = tmp_path / "c.txt"
     corpus.write_text(make_text())
@@ -632,7 +643,7 @@ def test_a_changed_corpus_is_refused_before_anything_is_written(tmp_path, monkey
     trained_on = first.meta["content_hash"]
     assert prepare(corpus, "char", data_dir=tmp_path / "data", expected_hash=trained_on).reused
     corpus.write_text(make_text() + "one more line\n")
-    now = data.content_hash([corpus.read_text()])
+    now = corpora.content_hash([corpus.read_text()])
     before = listing(tmp_path / "data")
     monkeypatch.setattr(data, "train_tokenizer", lambda *args: pytest.fail("trained a tokenizer"))
     with pytest.raises(MinigptError) as err:
@@ -656,7 +667,7 @@ def test_meta_records_the_absolute_source_path(tmp_path, monkeypatch):
     from_folder = prepare("books", "char", data_dir=tmp_path / "data", progress=False)
     assert from_folder.meta["source_path"] == str(tmp_path.resolve() / "books")
     monkeypatch.setitem(
-        BUILTIN_DATASETS, "tiny", data.BuiltinDataset("one", lambda data_dir, progress: ["ab" * 50])
+        BUILTIN_DATASETS, "tiny", corpora.BuiltinDataset("one", lambda data_dir, progress: ["ab" * 50])
     )
     assert prepare("tiny", "char", data_dir=tmp_path / "data").meta["source_path"] is None
     # the same content elsewhere reuses the folder, and is told its own path
@@ -722,7 +733,7 @@ def test_shakespeare_download_on_loopback(tmp_path, serve, monkeypatch):
     assert hashlib.sha256(path.read_bytes()).hexdigest() == SHAKESPEARE_SHA256
     assert listing(path.parent) == ["input.txt"]
     # once there, it is never fetched again (the URL now goes nowhere)
-    monkeypatch.setenv(data.SHAKESPEARE_URL_ENV, "http://127.0.0.1:9/input.txt")
+    monkeypatch.setenv(corpora.SHAKESPEARE_URL_ENV, "http://127.0.0.1:9/input.txt")
     prepared = prepare("shakespeare", "char", data_dir=tmp_path / "data", progress=False)
     assert prepared.meta["characters"] == 1115394 and prepared.tokenizer.vocab_size == 65
 
@@ -731,7 +742,7 @@ def test_shakespeare_wrong_checksum_leaves_nothing(tmp_path, serve, monkeypatch)
     site = tmp_path / "site"
     site.mkdir()
     (site / "input.txt").write_text("To be, or not to be\n" * 100)
-    monkeypatch.setenv(data.SHAKESPEARE_URL_ENV, serve(site) + "/input.txt")
+    monkeypatch.setenv(corpora.SHAKESPEARE_URL_ENV, serve(site) + "/input.txt")
     with pytest.raises(MinigptError, match="not tiny shakespeare \\(wrong sha256\\)") as err:
         prepare("shakespeare", "char", data_dir=tmp_path / "data", progress=False)
     assert "shakespeare/input.txt" in err.value.hint

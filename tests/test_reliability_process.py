@@ -7,6 +7,7 @@ write (run as an unprivileged user, since root ignores file modes).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,8 +19,9 @@ from pathlib import Path
 import pytest
 from test_train_process import TEXT, wait_for_steps  # the process tests' corpus and poll
 
-from minigpt import checkpoint
+from minigpt import checkpoint, data
 from minigpt.checkpoint import CONFIG_FILE, LAST_WEIGHTS, METRICS_FILE, TRAINER_STATE, load_run
+from minigpt.errors import MinigptError
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -180,8 +182,21 @@ def test_prepare_on_a_full_disk_is_one_sentence_and_leaves_no_folder(tmp_path, s
     corpus.write_text(TEXT * 300)  # 2.3 MB of text: twice that as uint16 tokens
     done = run(["prepare", str(corpus), "--data-dir", str(small_disk / "data")], tmp_path)
     assert done.returncode == 2 and one_error(done.stderr), done.stderr
-    assert "No space left on device" in done.stderr
+    # checked before the first token is written: char's token count is known exactly
+    assert re.search(r"need about 4\.\d MB more, and the disk .* has 2\.\d MB free", done.stderr)
     assert not [p for p in (small_disk / "data").iterdir()]  # no folder, hidden or not
+
+
+def test_a_disk_that_fills_while_tokens_are_written_is_one_sentence(
+    tmp_path, small_disk, monkeypatch
+):
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(TEXT * 300)
+    monkeypatch.setattr(data.TokenFiles, "check_room", lambda self, tokens: None)  # misjudged
+    with pytest.raises(MinigptError, match="No space left on device") as err:
+        data.prepare(corpus, "char", data_dir=small_disk / "data", progress=False)
+    assert "\n" not in str(err.value) and "free some space" in err.value.hint
+    assert not [p for p in (small_disk / "data").iterdir()]
 
 
 def test_a_save_that_fills_the_disk_stops_the_run_and_keeps_the_last_state(tmp_path, small_disk):
