@@ -34,8 +34,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from minigpt.batches import Batcher
 from minigpt.checkpoint import Run
-from minigpt.data import META_FILE, VAL_FILE, Batcher, load_prepared
+from minigpt.data import META_FILE, VAL_FILE, load_prepared
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
 from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer

@@ -36,6 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from minigpt import checkpoint
+from minigpt.batches import Batcher
 from minigpt.checkpoint import BEST_WEIGHTS, TRAINER_STATE, MetricsLog, TrainerCheckpoint
 from minigpt.config import (
     RunConfig,
@@ -44,7 +45,7 @@ from minigpt.config import (
     micro_steps,
     resolve_device,
 )
-from minigpt.data import Batcher, check_block_size, prepare, prepare_for_resume
+from minigpt.data import check_block_size, prepare, prepare_for_resume
 from minigpt.errors import MinigptError, Terminated
 from minigpt.hf import Pretrained, load_pretrained
 from minigpt.model import GPT, check_memory

@@ -20,6 +20,7 @@ import torch
 
 from minigpt import corpus as corpora
 from minigpt import data
+from minigpt.batches import Batcher
 from minigpt.corpus import (
     BUILTIN_DATASETS,
     SHAKESPEARE_SHA256,
@@ -30,7 +31,6 @@ from minigpt.corpus import (
 from minigpt.data import (
     TRAIN,
     VAL,
-    Batcher,
     Split,
     TokenFiles,
     check_block_size,
@@ -667,7 +667,9 @@ def test_meta_records_the_absolute_source_path(tmp_path, monkeypatch):
     from_folder = prepare("books", "char", data_dir=tmp_path / "data", progress=False)
     assert from_folder.meta["source_path"] == str(tmp_path.resolve() / "books")
     monkeypatch.setitem(
-        BUILTIN_DATASETS, "tiny", corpora.BuiltinDataset("one", lambda data_dir, progress: ["ab" * 50])
+        BUILTIN_DATASETS,
+        "tiny",
+        corpora.BuiltinDataset("one", lambda data_dir, progress: ["ab" * 50]),
     )
     assert prepare("tiny", "char", data_dir=tmp_path / "data").meta["source_path"] is None
     # the same content elsewhere reuses the folder, and is told its own path

@@ -21,8 +21,8 @@ transformers = pytest.importorskip("transformers")
 from gpt2_files import HARD_TEXTS, write_gpt2_vocab  # noqa: E402
 
 from minigpt import hf  # noqa: E402
+from minigpt.batches import Batcher  # noqa: E402
 from minigpt.checkpoint import load_run, read_metrics  # noqa: E402
-from minigpt.data import Batcher  # noqa: E402
 from minigpt.generate import generate  # noqa: E402
 from minigpt.train import EVAL_SEED_OFFSET  # noqa: E402
 
