@@ -40,7 +40,7 @@ OPTION_NAMES = {
     "device": "--device",
     "vocab_size": "--vocab-size",
     "glob": "--glob",
-    "field": "--field",
+    "text_field": "--field",
     "workers": "--workers",
     "bpe_sample_chars": "--bpe-sample-chars",
     "data_dir": "--data-dir",
@@ -320,7 +320,7 @@ def prepare(
         vocab_size,
         Path(data_dir),
         glob,
-        field=field,
+        text_field=field,
         workers=workers,
         bpe_sample_chars=bpe_sample_chars,
     )
@@ -355,7 +355,7 @@ def eval_(
     run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
     # the window bar only where someone watches it: not in a log or a pipe
     result = evaluate.evaluate_run(
-        run, data, stride, glob=glob, field=field, progress=sys.stderr.isatty()
+        run, data, stride, glob=glob, text_field=field, progress=sys.stderr.isatty()
     )
     if as_json:
         console.print_json(result.to_dict())

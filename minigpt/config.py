@@ -51,7 +51,7 @@ class DataConfig:
     """Vocabulary size for the 'bpe' tokenizer; 0 means its default."""
     glob: str = "auto"
     """Which files of a source folder to read; 'auto': its .txt, .jsonl or .parquet files."""
-    field: str = "text"
+    text_field: str = "text"
     """The JSONL field or Parquet column that holds each document's text."""
     data_dir: str = "data"
     """Where prepared token files are cached."""
@@ -419,8 +419,8 @@ def validate(config: RunConfig) -> None:
             f"data.bpe_sample_chars must be at least 1, got {d.bpe_sample_chars}",
             hint=f"the default is {DEFAULT_BPE_SAMPLE_CHARS}",
         )
-    if not d.field.strip():
-        raise MinigptError("data.field must not be empty", hint="e.g. text")
+    if not d.text_field.strip():
+        raise MinigptError("data.text_field must not be empty", hint="e.g. text")
 
 
 def micro_steps(config: RunConfig, world_size: int = 1) -> int:

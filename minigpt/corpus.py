@@ -9,7 +9,7 @@ one kind it has. Each format gives documents:
     .jsonl                    one document per line: a JSON object's "text" field
     .parquet                  one document per row: the "text" column (needs pyarrow)
 
-(`field` names another field or column.) `Corpus.documents()` yields them one at a
+(`text_field` names another field or column.) `Corpus.documents()` yields them one at a
 time, so a corpus of any size streams through `prepare` in bounded memory: a text
 file larger than PIECE_BYTES comes as a `LargeDocument`, its text in pieces.
 
@@ -351,7 +351,8 @@ def read_prompts(prompts: Sequence[str] = (), prompt_files: Sequence[str | Path]
 @dataclass
 class LargeDocument:
     """A document too large to hold twice: its UTF-8 size (known before its text, so
-    the content hash can begin), and its text in pieces, to be read once, in order."""
+    the content hash can begin), and its text in pieces: read them, in order, before
+    asking for the next document (the file closes then)."""
 
     n_bytes: int
     pieces: Iterator[str]
@@ -377,7 +378,7 @@ class Corpus:
     path: Path | None = None  # absolute and resolved, for a file or folder: found from anywhere
     files: list[Path] = field(default_factory=list)  # what is read, in order
     format: str = TEXT  # of every file: text, jsonl or parquet
-    field: str = DEFAULT_FIELD  # the text's field (jsonl) or column (parquet)
+    text_field: str = DEFAULT_FIELD  # the field (jsonl) or column (parquet) of the text
     glob: str | None = None  # a folder's glob, as resolved ("auto" becomes "*.jsonl", ...)
     texts: list[str] | None = None  # a built-in dataset's documents, made in memory
     n_bytes: int = 0  # the size of what is read: files on disk, or the texts
@@ -391,7 +392,7 @@ class Corpus:
             return
         read = {TEXT: _text_documents, JSONL: _jsonl_documents, PARQUET: _parquet_documents}
         for path in self.files:
-            yield from read[self.format](path, self.field, on_bytes)
+            yield from read[self.format](path, self.text_field, on_bytes)
 
 
 def _open(path: Path):
@@ -435,7 +436,8 @@ def _text_pieces(f, path: Path, size: int, on_bytes: OnBytes) -> Iterator[str]:
         whole = _utf8_complete(raw)
         text = _decode(path, raw[:whole], offset - len(carry))
         carry, offset = raw[whole:], offset + len(block)
-        yield text
+        if text:  # a piece of a character's bytes alone waits for the rest
+            yield text
     if carry:  # the file ends inside a character
         _decode(path, carry, offset - len(carry))
     if offset != size:
@@ -477,15 +479,15 @@ def _jsonl_text(path: Path, number: int, line: str, field: str) -> str:
         has = f"its keys: {keys}" if keys else "it is not an object with fields"
         raise MinigptError(
             f"{where} has no {field!r} field ({has})",
-            hint="name the field that holds the text with field, e.g. --field content",
-            param="field",
+            hint="name the field that holds the text with text_field, e.g. text_field content",
+            param="text_field",
         )
     text = record[field]
     if not isinstance(text, str):
         raise MinigptError(
             f"{where}: its {field!r} field is {type(text).__name__}, not text",
-            hint="name the field that holds the text with field",
-            param="field",
+            hint="name the field that holds the text with text_field",
+            param="text_field",
         )
     return text
 
@@ -545,15 +547,15 @@ def _check_parquet_column(path: Path, schema, field: str) -> None:
         columns = ", ".join(map(repr, schema.names[:8]))
         raise MinigptError(
             f"{path} has no {field!r} column (its columns: {columns})",
-            hint="name the column that holds the text with field, e.g. --field content",
-            param="field",
+            hint="name the column that holds the text with text_field, e.g. text_field content",
+            param="text_field",
         )
     kind = schema.field(field).type
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise MinigptError(
             f"{path}'s {field!r} column holds {kind}, not text",
-            hint="name the column that holds the text with field",
-            param="field",
+            hint="name the column that holds the text with text_field",
+            param="text_field",
         )
 
 
@@ -569,7 +571,7 @@ def load_corpus(
     data_dir: Path = Path("data"),
     glob: str = AUTO_GLOB,
     progress: bool = True,
-    field: str = DEFAULT_FIELD,
+    text_field: str = DEFAULT_FIELD,
 ) -> Corpus:
     """Find a source: a built-in dataset name (these win over same-named paths), a file,
     or a folder. Reads nothing but a built-in dataset (which is made in memory) and the
@@ -578,7 +580,7 @@ def load_corpus(
     if text in BUILTIN_DATASETS:
         texts = BUILTIN_DATASETS[text].documents(Path(data_dir), progress)
         return Corpus(text, text, "builtin", texts=texts, n_bytes=sum(map(len, texts)))
-    check_field(field)
+    check_text_field(text_field)
     if not text:  # Path("") is the working directory, which nobody means by it
         raise _no_source(text)
     try:
@@ -602,16 +604,24 @@ def load_corpus(
     if fmt == PARQUET:
         _pyarrow_parquet()  # missing is one sentence now, not after a long listing
     return Corpus(
-        _slug(name), str(path), kind, path.resolve(), files, fmt, field, glob, n_bytes=_size(files)
+        _slug(name),
+        str(path),
+        kind,
+        path.resolve(),
+        files,
+        fmt,
+        text_field,
+        glob,
+        n_bytes=_size(files),
     )
 
 
-def check_field(field: str) -> None:
-    if not isinstance(field, str) or not field:
+def check_text_field(text_field: str) -> None:
+    if not isinstance(text_field, str) or not text_field:
         raise MinigptError(
-            f"field {field!r} is empty",
+            f"text_field {text_field!r} is empty",
             hint="name the JSONL field or Parquet column that holds the text, e.g. text",
-            param="field",
+            param="text_field",
         )
 
 

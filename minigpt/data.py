@@ -645,14 +645,14 @@ def prepare(
     progress: bool = True,
     expected_hash: str | None = None,
     *,
-    field: str = DEFAULT_FIELD,
+    text_field: str = DEFAULT_FIELD,
     workers: int | None = None,
     bpe_sample_chars: int | None = None,
 ) -> PreparedData:
     """Tokenise `source` once into data_dir/<name>-<tokenizer>-<hash>/, or reuse that folder.
 
     `source` is a built-in dataset name, a file or a folder (read with `glob`; see
-    corpus.py), None meaning the default, pystdlib; `field` is the text's JSONL field or
+    corpus.py), None meaning the default, pystdlib; `text_field` is the JSONL field or
     Parquet column. `tokenizer` is a kind to build for this corpus ('char', 'bpe', a
     tiktoken name), or a ready Tokenizer (a fine-tuned model's own). `workers`: threads
     to tokenise on (None or 0: every core). A BPE learns from the first
@@ -665,10 +665,11 @@ def prepare(
     data_dir = Path(data_dir)
     choice = TokenizerChoice.of(tokenizer, vocab_size)
     workers = check_workers(workers)
-    bpe_sample_chars = bpe_sample_chars or DEFAULT_BPE_SAMPLE_CHARS
+    if bpe_sample_chars is None:
+        bpe_sample_chars = DEFAULT_BPE_SAMPLE_CHARS
     check_sample_chars(bpe_sample_chars)
     corpus = load_corpus(
-        DEFAULT_SOURCE if source is None else source, data_dir, glob, progress, field
+        DEFAULT_SOURCE if source is None else source, data_dir, glob, progress, text_field
     )
     char = choice.kind == "char"
     scan = scan_corpus(corpus, char, collect_chars=char and choice.given is None, progress=progress)
@@ -707,7 +708,7 @@ def prepare(
         "source_format": corpus.format,
     }
     if corpus.format != TEXT:
-        meta["field"] = corpus.field
+        meta["text_field"] = corpus.text_field
     _build_prepared(out_dir, corpus, scan, split, choice, meta, workers, progress, bpe_sample_chars)
     prepared = load_prepared(out_dir)
     prepared.seconds, prepared.workers = time.perf_counter() - started, workers
@@ -1121,7 +1122,7 @@ def prepare_for_resume(
     anything is written; the run's prepared folder is used when the source is gone
     (or is a built-in dataset, which a new Python may change). Relative paths are
     also looked for from the run's project, so a run resumes from another working
-    directory or in a copied project. `options` are prepare's field, workers and
+    directory or in a copied project. `options` are prepare's text_field, workers and
     bpe_sample_chars. A run directory is data, not instructions: an
     edited config.json cannot make minigpt tokenise some other file into some other
     folder, because whatever it reads must have the recorded content hash.

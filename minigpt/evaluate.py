@@ -283,16 +283,16 @@ def evaluate_run(
     *,
     data_dir: Path = DEFAULT_DATA_DIR,
     glob: str = AUTO_GLOB,
-    field: str = DEFAULT_FIELD,
+    text_field: str = DEFAULT_FIELD,
     batch_size: int | None = None,
     progress: bool = False,
 ) -> Evaluation:
     """Evaluate a loaded run (`checkpoint.load_run`) on its validation split, or on
     `data` (a file, a folder or a built-in dataset name; a folder's files chosen by
-    `glob`, a JSONL or Parquet file's text in `field`), on the run's device."""
+    `glob`, a JSONL or Parquet file's text in `text_field`), on the run's device."""
     if stride is not None:
         check_stride(stride, run.model.config.block_size)  # before any data is read
-    ids, source = _tokens_to_evaluate(run, data, data_dir, glob, field, progress)
+    ids, source = _tokens_to_evaluate(run, data, data_dir, glob, text_field, progress)
     if len(ids) < 2:
         raise MinigptError(
             f"{source} has {len(ids)} token(s): evaluating needs at least 2",
@@ -304,12 +304,12 @@ def evaluate_run(
 
 
 def _tokens_to_evaluate(
-    run: Run, data: str | None, data_dir: Path, glob: str, field: str, progress: bool
+    run: Run, data: str | None, data_dir: Path, glob: str, text_field: str, progress: bool
 ) -> tuple[np.ndarray, str]:
     """(token ids, what they are in words): `data` tokenised by the run's tokenizer,
     else the run's prepared validation split."""
     if data is not None:
-        corpus = load_corpus(data, Path(data_dir), glob, progress, field)
+        corpus = load_corpus(data, Path(data_dir), glob, progress, text_field)
         return tokenize_corpus(run.tokenizer, corpus, progress=progress), str(data)
     found = validation_tokens(run.config, run.dir, run.tokenizer)
     if found is None:

@@ -88,7 +88,7 @@ def load_data(
         tokenizer=tokenizer or d.tokenizer,
         vocab_size=None if tokenizer else d.vocab_size or None,
         glob=d.glob,
-        field=d.field,
+        text_field=d.text_field,
         workers=d.workers,
         bpe_sample_chars=d.bpe_sample_chars,
     )

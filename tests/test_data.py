@@ -824,3 +824,87 @@ def test_batcher_on_prepared_memmap(tmp_path):
         assert row_x[1:] == row_y[:-1]
     with pytest.raises(MinigptError, match="fewer than block_size \\+ 1"):
         Batcher(prepared.val_tokens(), len(prepared.val_tokens()), 4, seed=0)
+
+
+# ---------------------------------------------------------------------------- streaming, at scale
+
+
+def corpus_folder(tmp_path: Path, n_docs: int = 30) -> Path:
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(n_docs):
+        (folder / f"{i:02d}.txt").write_text(make_text(20 + i * 7, extra=f"end {i} \u00e9\u4e2d"))
+    (folder / "zz-long.txt").write_text(make_text(3000))  # one document cut into pieces
+    return folder
+
+
+@pytest.mark.parametrize("tokenizer, vocab_size", [("char", None), ("bpe", 400)])
+def test_workers_tasks_and_pieces_do_not_change_the_tokens(
+    tmp_path, monkeypatch, tokenizer, vocab_size
+):
+    folder = corpus_folder(tmp_path)
+    one = prepare(folder, tokenizer, vocab_size, tmp_path / "a", progress=False, workers=1)
+    monkeypatch.setattr(data, "TASK_CHARS", 333)  # many small tasks, in flight at once
+    monkeypatch.setattr(data, "CUT_CHARS", 100)  # long documents in many pieces
+    many = prepare(folder, tokenizer, vocab_size, tmp_path / "b", progress=False, workers=3)
+    assert one.dir.name == many.dir.name and one.workers == 1 and many.workers == 3
+    for split in ("train_path", "val_path"):
+        assert getattr(one, split).read_bytes() == getattr(many, split).read_bytes()
+    ids = np.fromfile(one.train_path, dtype=one.dtype)
+    expected = one.tokenizer.encode((folder / "00.txt").read_text())
+    assert ids[: len(expected)].tolist() == expected  # the first document, whole
+
+
+def test_bpe_learns_from_a_bounded_sample_of_train(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat\n" * 400 + "zebra quagga okapi\n" * 400)
+    full = prepare(corpus, "bpe", 300, tmp_path / "d", progress=False)
+    big_sample = prepare(corpus, "bpe", 300, tmp_path / "d", progress=False, bpe_sample_chars=10**9)
+    assert big_sample.dir == full.dir and big_sample.reused  # a sample of it all is no sample
+    assert "bpe_sample_chars" not in full.meta["settings"]
+    sampled = prepare(corpus, "bpe", 300, tmp_path / "d", progress=False, bpe_sample_chars=4000)
+    assert sampled.dir != full.dir and sampled.meta["settings"]["bpe_sample_chars"] == 4000
+    # the sample is the first 4000 characters: cats and mats, never a zebra
+    assert len(sampled.tokenizer.encode(" zebra")) > len(full.tokenizer.encode(" zebra"))
+    assert len(sampled.tokenizer.encode(" the cat")) == len(full.tokenizer.encode(" the cat"))
+
+
+def test_the_summary_says_how_fast_and_on_how_many_workers(tmp_path, minigpt_cli):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    code, out, _ = minigpt_cli("prepare", corpus, "--workers", "2", "--data-dir", tmp_path / "d")
+    assert code == 0 and re.search(r"took +\d+\.\d s \(\d+\.\d MB/s, 2 workers\)", out)
+    code, out, _ = minigpt_cli("prepare", corpus, "--workers", "2", "--data-dir", tmp_path / "d")
+    assert code == 0 and out.startswith("reused") and "took" not in out
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--workers", "-1", "--workers must be a whole number, at least 1"),
+        ("--bpe-sample-chars", "0", "--bpe-sample-chars must be a whole number of characters"),
+        ("--field", "", "--field '' is empty"),
+    ],
+)
+def test_bad_streaming_options_are_one_sentence(tmp_path, minigpt_cli, option, value, message):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(make_text())
+    code, _, err = minigpt_cli("prepare", corpus, option, value, "--data-dir", tmp_path / "d")
+    assert code == 2 and message in err and "Traceback" not in err
+    assert not (tmp_path / "d").exists()
+
+
+def test_train_and_eval_read_jsonl(tmp_path, minigpt_cli):
+    corpus = tmp_path / "c.jsonl"
+    lines = [json.dumps({"body": make_text(30, extra=str(i))}) for i in range(20)]
+    corpus.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    code, _, err = minigpt_cli(
+        "train", "--data", corpus, "--out", out, "--max-iters", "2", "--set", "data.text_field=body",
+        "--set", "model.n_layer=1", "--set", "model.n_embd=16", "--set", "model.n_head=2",
+        "--set", "model.block_size=16", "--set", f"data.data_dir={tmp_path / 'd'}",
+    )  # fmt: skip
+    assert code == 0, err
+    code, text, err = minigpt_cli("eval", out, "--data", corpus, "--field", "body", "--json")
+    assert code == 0, err
+    assert json.loads(text)["tokens"] > 1000

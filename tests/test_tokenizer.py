@@ -13,8 +13,14 @@ import tiktoken.registry
 
 from minigpt.errors import MinigptError
 from minigpt.tokenizer import (
+    CL100K_SPLIT_PATTERN,
     ENDOFTEXT,
+    GPT2_SPLIT_PATTERN,
+    GPT4_SPLIT_PATTERN,
+    HF_GPT2_SPLIT_PATTERN,
+    LINE_CUT_PATTERNS,
     MAX_BPE_VOCAB_SIZE,
+    O200K_SPLIT_PATTERN,
     BPETokenizer,
     CharTokenizer,
     NamedTokenizer,
@@ -346,3 +352,70 @@ def test_bpe_vocab_size_limits():
     for bad in (3.5, "2048", True, None):
         with pytest.raises(MinigptError, match="whole number"):
             check_bpe_vocab_size(bad)
+
+
+# ------------------------------------------------------------------ tokenising corpora in pieces
+
+# what a line start can look like: letters of many scripts, digits, marks, punctuation that
+# o200k glues to newlines ("/"), contractions, carriage returns, runs of spaces and tabs
+FUZZ_ATOMS = [
+    "the", "The", "cat", "don't", "I'm", "caf\u00e9", "e\u0301", "\u4e2d\u6587", "\u0645\u0631",
+    "\u00b2", "42", "1234567", "x=1;", "/usr", "//", "(", ".", "...", "!", "'", "'s",
+    " ", "  ", "\t", "\n", "\n", "\n", "\n\n", " \n", "\r\n", "\r", "\U0001f600", "\u200d",
+]  # fmt: skip
+
+
+def fuzz_texts(n: int, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return ["".join(rng.choice(FUZZ_ATOMS) for _ in range(rng.randint(1, 120))) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def line_cut_tokenizers() -> dict[str, BPETokenizer]:
+    """A small BPE's merges under every split that cut_point trusts, and one it does not."""
+    ranks = BPETokenizer.train([CORPUS, *fuzz_texts(200, seed=1)], vocab_size=400).mergeable_ranks
+    patterns = {
+        "gpt4": GPT4_SPLIT_PATTERN,
+        "gpt2": GPT2_SPLIT_PATTERN,
+        "hf-gpt2": HF_GPT2_SPLIT_PATTERN,
+        "cl100k": CL100K_SPLIT_PATTERN,
+        "o200k": O200K_SPLIT_PATTERN,
+        "unknown": r"""[^\n]+|\n""",
+    }
+    return {name: BPETokenizer(ranks, pattern) for name, pattern in patterns.items()}
+
+
+@pytest.mark.parametrize("name", ["gpt4", "gpt2", "hf-gpt2", "cl100k", "o200k"])
+def test_text_cut_where_cut_point_says_encodes_as_the_whole(line_cut_tokenizers, name):
+    tok = line_cut_tokenizers[name]
+    assert tok.pattern in LINE_CUT_PATTERNS
+    cuts = 0
+    for text in fuzz_texts(300):
+        whole = tok.encode(text)
+        start = 1
+        while (at := tok.cut_point(text, start)) is not None:
+            assert at >= start and text[at - 1] == "\n"
+            assert tok.encode(text[:at]) + tok.encode(text[at:]) == whole, (text, at)
+            cuts, start = cuts + 1, at + 1
+    assert cuts > 300  # the fuzz reaches many line starts
+
+
+def test_cut_point_never_cuts_under_a_split_it_does_not_know(line_cut_tokenizers):
+    tok = line_cut_tokenizers["unknown"]
+    assert tok.cut_point("one line\ntwo lines\n" * 10, 1) is None
+    char = CharTokenizer(sorted(set("abc\n")))
+    assert char.cut_point("abc\nabc", 2) == 2 and char.cut_point("ab", 2) is None
+
+
+def test_encode_array_is_encode(bpe):
+    char = CharTokenizer.from_text(CORPUS + "".join(HARD_STRINGS))
+    for tok in (bpe, char):
+        for text in [CORPUS, *HARD_STRINGS]:
+            ids = tok.encode_array(text)
+            assert ids.tolist() == tok.encode(text) and ids.ndim == 1
+    fallback = CharTokenizer(list("ab?"), unknown="?")
+    assert fallback.encode_array("abz\U0001f600").tolist() == fallback.encode("abz\U0001f600")
+    with pytest.raises(MinigptError, match="never saw: 'z'"):
+        CharTokenizer(list("ab")).encode_array("abz")
