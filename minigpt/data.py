@@ -401,6 +401,8 @@ def _in_pieces(texts: Iterable[str], cut_point: Cutter) -> Iterator[str]:
 
 @dataclass
 class EncodedTask:
+    """One task's ids, for one split, and the characters they came from."""
+
     split: int
     ids: np.ndarray
     n_chars: int
@@ -428,7 +430,7 @@ def _tasks(
 
 
 def _encode_task(tok: Tokenizer, split: int, items: list[tuple[bool, str]], n_chars: int):
-    eot = np.array([tok.eot_id or 0], dtype=np.int64)
+    eot = np.array([tok.eot_id or 0], dtype=np.uint32)  # tiktoken's ids are uint32 too
     parts = []
     for separator, text in items:
         if separator:
@@ -575,12 +577,14 @@ def tokenize_documents(
     return tokenize_corpus(tok, corpus, workers, progress)
 
 
-def bpe_sample(corpus: Corpus, split: Split, sample_chars: int) -> Iterator[str]:
+def bpe_sample(
+    corpus: Corpus, split: Split, sample_chars: int, on_bytes: OnBytes = lambda n: None
+) -> Iterator[str]:
     """The first `sample_chars` characters of the training split, as the texts BPE
     training counts (`line_chunks` of each document, as ever: a corpus smaller than
     the sample learns exactly the merges it always did)."""
     left = sample_chars
-    texts = split_texts(corpus, split, _never_cut, False, ContentHash(), lambda n: None)
+    texts = split_texts(corpus, split, _never_cut, False, ContentHash(), on_bytes)
     with closing(texts):
         for part, document in _documents_of(texts):
             if part != TRAIN or left <= 0:
@@ -763,9 +767,11 @@ def build_tokenizer(
     if choice.kind == "char":
         return CharTokenizer(scan.chars)
     if choice.kind == "bpe":
-        total = min(corpus.n_bytes, sample_chars)
-        with ByteProgress(total, "learning bpe", progress):
-            return BPETokenizer.train(bpe_sample(corpus, split, sample_chars), choice.vocab_size)
+        sampled = min(_train_chars(scan, split), sample_chars) / max(1, sum(scan.doc_chars))
+        total = int(corpus.n_bytes * sampled)  # the bytes the sample is read from, near enough
+        with ByteProgress(total, "learning bpe", progress) as bar:
+            sample = bpe_sample(corpus, split, sample_chars, bar)
+            return BPETokenizer.train(sample, choice.vocab_size)
     return train_tokenizer(choice.kind, [], choice.vocab_size)
 
 

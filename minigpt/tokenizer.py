@@ -258,7 +258,7 @@ class CharTokenizer(Tokenizer):
         """id of each code point up to the largest in the vocabulary, -1 where none; built once."""
         if getattr(self, "_lookup_table", None) is None:
             codes = np.array([ord(ch) for ch in self.chars], dtype=np.int64)
-            table = np.full(int(codes.max()) + 2, -1, dtype=np.int64)
+            table = np.full(int(codes.max()) + 2, -1, dtype=np.int32)  # 4 bytes an id
             table[codes] = np.arange(len(codes))
             self._lookup_table = table
         return self._lookup_table
