@@ -43,6 +43,7 @@ import shutil
 import socket
 import stat
 import sys
+import threading
 import time
 from array import array
 from collections import deque
@@ -443,14 +444,22 @@ def encode_in_order(
     tok: Tokenizer, texts: Iterable[tuple[int, str, bool]], workers: int
 ) -> Iterator[EncodedTask]:
     """The texts' ids, in order, encoded on `workers` threads: tiktoken releases the GIL
-    while it encodes, so the threads run at once while this one reads ahead. At most
-    two tasks per worker are in flight, so memory stays a few MB."""
+    while it encodes, so the threads run at once (each with its own copy of the
+    tokenizer) while this one reads ahead. At most two tasks per worker are in flight,
+    so memory stays a few MB."""
     tasks = _tasks(texts, separated=tok.eot_id is not None)
+    own = threading.local()
+
+    def encode(*task) -> EncodedTask:
+        if not hasattr(own, "tok"):
+            own.tok = tok.for_thread()
+        return _encode_task(own.tok, *task)
+
     pool = ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
     pending: deque = deque()
     try:
         for task in tasks:
-            pending.append(pool.submit(_encode_task, tok, *task))
+            pending.append(pool.submit(encode, *task))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()
         while pending:

@@ -419,3 +419,12 @@ def test_encode_array_is_encode(bpe):
     assert fallback.encode_array("abz\U0001f600").tolist() == fallback.encode("abz\U0001f600")
     with pytest.raises(MinigptError, match="never saw: 'z'"):
         CharTokenizer(list("ab")).encode_array("abz")
+
+
+def test_a_copy_for_each_thread_encodes_the_same_with_its_own_encoding(bpe):
+    clone = bpe.for_thread()
+    assert clone.encoding is not bpe.encoding and clone.to_json() == bpe.to_json()
+    for text in [CORPUS, *HARD_STRINGS]:
+        assert clone.encode_array(text).tolist() == bpe.encode(text)
+    char = CharTokenizer(list("ab"))
+    assert char.for_thread() is char  # nothing in it that threads hold up
