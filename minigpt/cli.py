@@ -43,7 +43,6 @@ OPTION_NAMES = {
     "text_field": "--field",
     "workers": "--workers",
     "bpe_sample_chars": "--bpe-sample-chars",
-    "data_dir": "--data-dir",
     "seed": "--seed",
     "html_file": "--html",
     "png_file": "--png",
@@ -287,7 +286,7 @@ def inspect_heads(
 def prepare(
     source: str = typer.Argument(
         "pystdlib",
-        help="A text file, a folder, or a built-in dataset: pystdlib, shakespeare, induction.",
+        help="A file (.txt, .jsonl, .parquet), a folder of them, or a built-in dataset: pystdlib, shakespeare, induction.",
     ),
     tokenizer: str = typer.Option(
         "char", "--tokenizer", "-t", help="char, bpe, gpt2, r50k_base, cl100k_base or o200k_base."

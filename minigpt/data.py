@@ -496,8 +496,8 @@ class TokenFiles:
             raise MinigptError(
                 f"the token files need about {_gb(need)} more, and the disk holding "
                 f"{self.folder.parent} has {_gb(free)} free",
-                hint="free some space, or prepare into another data_dir",
-                param="data_dir",
+                hint="free some space, or prepare into another folder "
+                "(prepare's --data-dir; train's data.data_dir)",
             )
 
     def close(self, durable: bool) -> None:
