@@ -847,8 +847,8 @@ def _move_into_place(tmp_dir: Path, out_dir: Path) -> None:
 # ---------------------------------------------------------------------------- temporary folders
 
 STALE_AFTER_S = 24 * 3600
-"""A temporary folder whose owner cannot be asked is stale after a day: writing one
-takes seconds to minutes (everything is tokenised before it is made)."""
+"""A temporary folder whose owner cannot be asked (on another host) is stale after a day
+untouched: its owner touches it every KEEP_FRESH_S while it tokenises, however long."""
 # .NAME.HOST.PID.RANDOM.tmp, NAME ending in the 12 hex digits of the prepared folder's key;
 # OLD_TEMP_NAME is the older .NAME.RANDOM.tmp of tempfile.mkdtemp. Nothing else is touched.
 TEMP_NAME = re.compile(
@@ -1109,7 +1109,7 @@ def describe_prepared(prepared: PreparedData) -> str:
     if prepared.seconds is not None:
         rate = meta["bytes"] / 1e6 / max(prepared.seconds, 1e-9)
         lines.append(
-            f"  took           {prepared.seconds:.1f} s ({rate:.1f} MB/s, "
+            f"  took           {prepared.seconds:.2f} s ({rate:.3g} MB/s, "
             f"{prepared.workers} worker{'s' if prepared.workers != 1 else ''})"
         )
     return "\n".join(lines)

@@ -873,7 +873,7 @@ def test_the_summary_says_how_fast_and_on_how_many_workers(tmp_path, minigpt_cli
     corpus = tmp_path / "c.txt"
     corpus.write_text(make_text())
     code, out, _ = minigpt_cli("prepare", corpus, "--workers", "2", "--data-dir", tmp_path / "d")
-    assert code == 0 and re.search(r"took +\d+\.\d s \(\d+\.\d MB/s, 2 workers\)", out)
+    assert code == 0 and re.search(r"took +\d+\.\d\d s \([\d.e+-]+ MB/s, 2 workers\)", out)
     code, out, _ = minigpt_cli("prepare", corpus, "--workers", "2", "--data-dir", tmp_path / "d")
     assert code == 0 and out.startswith("reused") and "took" not in out
 
@@ -908,3 +908,21 @@ def test_train_and_eval_read_jsonl(tmp_path, minigpt_cli):
     code, text, err = minigpt_cli("eval", out, "--data", corpus, "--field", "body", "--json")
     assert code == 0, err
     assert json.loads(text)["tokens"] > 1000
+
+
+def test_a_long_prepare_keeps_its_temporary_folder_fresh(tmp_path, monkeypatch):
+    """Another host clears a temporary folder untouched for a day: a prepare that runs
+    for longer must not look killed."""
+    monkeypatch.setattr(data, "KEEP_FRESH_S", 0.0)
+    monkeypatch.setattr(data, "TASK_CHARS", 1000)
+    seen = []
+    real_write = TokenFiles.write
+
+    def write_then_age(self, split, ids):
+        real_write(self, split, ids)
+        seen.append(self.folder.stat().st_mtime)
+        os.utime(self.folder, (0, 0))  # as if last touched in 1970
+
+    monkeypatch.setattr(TokenFiles, "write", write_then_age)
+    prepare(corpus_folder(tmp_path), data_dir=tmp_path / "d", progress=False)
+    assert len(seen) > 5 and min(seen[1:]) > time.time() - 600
