@@ -297,3 +297,36 @@ def test_a_read_only_data_dir_is_one_sentence(shared_dir):
     done = run(["prepare", str(corpus), "--data-dir", str(data)], shared_dir, user=NOBODY)
     assert done.returncode == 2 and one_error(done.stderr), done.stderr
     assert "Permission denied" in done.stderr
+
+
+def test_kill9_while_prepare_streams_leaves_nothing_the_next_prepare_trusts(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(60):  # ~5 MB: a second or more of BPE learning and tokenising
+        (corpus / f"{i:02d}.txt").write_text(f"# file {i}\n" + TEXT * 10)
+    data_dir = tmp_path / "data"
+    args = ["prepare", str(corpus), "--data-dir", str(data_dir), "-t", "bpe", "--vocab-size", "400"]
+    child = subprocess.Popen(
+        [sys.executable, "-m", "minigpt", *args, "--workers", "1"],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 60
+    while not list(data_dir.glob(".*.tmp")) and child.poll() is None:  # mid-way: building
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    child.kill()
+    child.wait()
+    assert child.returncode == -signal.SIGKILL, "prepare finished before it could be killed"
+    assert [p.name for p in data_dir.iterdir() if not p.name.startswith(".")] == []
+    again = run(args, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert list(data_dir.glob(".*.tmp")) == []  # the killed one's leftovers are cleared
+    clean = run([*args[:3], str(tmp_path / "clean"), *args[4:]], tmp_path)
+    assert clean.returncode == 0, clean.stderr
+    (made,) = [p for p in data_dir.iterdir()]
+    (reference,) = [p for p in (tmp_path / "clean").iterdir()]
+    for name in ("train.bin", "val.bin", "tokenizer.json"):
+        assert (made / name).read_bytes() == (reference / name).read_bytes()
