@@ -20,11 +20,12 @@ scale: memory does not grow with the corpus. Folders of about 100 and 200 MB (--
   the size is reached. `minigpt prepare FOLDER` runs in a child process for char and
   for bpe --vocab-size 4096 on each, with --workers; its peak RSS is read exactly
   from os.wait4's rusage (ru_maxrss). The issue's targets: every peak under 600 MB,
-  and the 200 MB run's peak at most 1.25x the 100 MB run's. Beware: the corpora are
-  the same ~11 MB of sources repeated, so BPE's distinct words (what its training
-  counts) and the char vocabulary do not grow with them as real text's would. This
-  shows that reading and tokenising stream; it cannot show that BPE training's
-  memory stays bounded on text with ever more distinct words.
+  and the 200 MB run's peak at most 1.25x the 100 MB run's. The repeated sources do
+  not grow BPE's distinct words (what its training counts) as real text would, so bpe
+  4096 runs a second time on "zipf" folders of the same sizes: words drawn by Zipf's
+  law from 5M random strings, whose vocabulary keeps growing with the text
+  (write_zipf). Its training memory grows with the sample it learns from, up to
+  --bpe-sample-chars (100M), and not with the corpus beyond that.
 
 formats: the 100 MB corpus's documents (in the folder's order: sorted by relative
   path, empty ones included) written as .jsonl shards ({"text": doc} per line) and
@@ -109,6 +110,7 @@ GROWTH_TARGET = 1.25  # the larger corpus's peak over the smaller's
 THROUGHPUT_TARGET = 0.80  # minigpt prepare's MB/s over tiktoken's
 JSONL_SHARD_DOCS = 2000  # part-0000.jsonl, part-0001.jsonl, ...: sorted, they keep the order
 PARQUET_ROW_GROUP = 1000
+ZIPF_WORDS, ZIPF_EXPONENT = 5_000_000, 1.15  # the growing-vocabulary corpus: see write_zipf
 
 
 def markdown_table(headers: list[str], rows: list[list]) -> str:
@@ -387,6 +389,28 @@ def write_copies(folder: Path, target_bytes: int) -> dict:
     return {"bytes": total, "files": files, "copies": copy, "distinct_files": len(sources)}
 
 
+def write_zipf(folder: Path, target_bytes: int) -> dict:
+    """Text whose vocabulary keeps growing with its size, as real text's does (Heaps'
+    law), unlike the repeated sources: words drawn by Zipf's law (exponent 1.15) from
+    5M random letter strings, 12 to a line, a million words to a file. Seeded, so the
+    smaller corpus is the start of the larger one."""
+    rng = np.random.default_rng(0)
+    letters = np.array(list("etaoinshrdlcumwfgypbvkjxqz"))
+    lengths = rng.integers(2, 11, ZIPF_WORDS)
+    flat = letters[rng.integers(0, 26, int(lengths.sum()))]
+    words = ["".join(word) for word in np.split(flat, np.cumsum(lengths)[:-1])]
+    total, files, seen = 0, 0, np.zeros(ZIPF_WORDS, dtype=bool)
+    while total < target_bytes:
+        ranks = np.minimum(rng.zipf(ZIPF_EXPONENT, 1_000_000), ZIPF_WORDS) - 1
+        seen[ranks] = True
+        drawn = [words[rank] for rank in ranks]
+        lines = (" ".join(drawn[i : i + 12]) for i in range(0, len(drawn), 12))
+        text = "\n".join(lines) + "\n"
+        (folder / f"{files:04d}.txt").write_text(text, encoding="utf-8")
+        total, files = total + len(text), files + 1
+    return {"bytes": total, "files": files, "distinct_words": int(seen.sum())}
+
+
 def read_documents(folder: Path) -> list[str]:
     """The .txt folder's documents as minigpt orders them: sorted by relative path.
     (Bytes decoded, not read_text: that would turn \\r\\n into \\n.)"""
@@ -431,6 +455,11 @@ class Corpora:
         folder = self.root / f"txt-{mb}mb"
         return folder, cached_folder(folder, self.key(mb), lambda f: write_copies(f, int(mb * MB)))
 
+    def zipf(self, mb: int) -> tuple[Path, dict]:
+        folder = self.root / f"zipf-{mb}mb"
+        key = {"kind": "zipf", "bytes": int(mb * MB), "words": ZIPF_WORDS}
+        return folder, cached_folder(folder, key, lambda f: write_zipf(f, int(mb * MB)))
+
     def documents(self) -> list[str]:
         if self.docs is None:
             self.docs = read_documents(self.text(self.sizes_mb[0])[0])
@@ -446,16 +475,25 @@ class Corpora:
 # ---------------------------------------------------------------------------- scale
 
 
+SCALE_SERIES = [  # (tokenizer, vocab size, corpus): the repeated sources, and Zipf text
+    ("char", None, "text"),
+    ("bpe", BPE_VOCAB, "text"),
+    ("bpe", BPE_VOCAB, "zipf"),
+]
+
+
 def run_scale(launcher: Launcher, corpora: Corpora, workers: int, keep_tokenizer: Path) -> dict:
-    """char and bpe 4096 on both corpora, each in a child process: does the peak grow?"""
+    """Each series on both sizes, each in a child process: does the peak grow?"""
     floor = import_floor(launcher)
     rows = []
-    for tokenizer, vocab_size in (("char", None), ("bpe", BPE_VOCAB)):
+    for tokenizer, vocab_size, kind in SCALE_SERIES:
         for mb in corpora.sizes_mb:
-            folder, info = corpora.text(mb)
-            keep = keep_tokenizer if tokenizer == "bpe" and mb == corpora.sizes_mb[0] else None
+            folder, info = corpora.text(mb) if kind == "text" else corpora.zipf(mb)
+            first = tokenizer == "bpe" and kind == "text" and mb == corpora.sizes_mb[0]
+            keep = keep_tokenizer if first else None
             result = prepare_child(launcher, folder, tokenizer, workers, vocab_size, False, keep)
             name = tokenizer if vocab_size is None else f"{tokenizer} {vocab_size}"
+            name += ", zipf text" if kind == "zipf" else ""
             result |= {"case": f"{name} {mb} MB", "tokenizer": name, "corpus_bytes": info["bytes"]}
             result["mb_per_s"] = info["bytes"] / MB / result["wall_seconds"]
             result["rss_over_corpus"] = result["peak_rss_mb"] * MB / info["bytes"]
@@ -481,8 +519,8 @@ def run_scale(launcher: Launcher, corpora: Corpora, workers: int, keep_tokenizer
         "growth_target": GROWTH_TARGET,
         "rows": rows,
         "checks": checks,
-        "note": "corpora are the standard library's .py files repeated: BPE's distinct "
-        "words and the char vocabulary do not grow with them as real text's would",
+        "note": "text corpora are the standard library's .py files repeated: BPE's "
+        "distinct words do not grow with them; the zipf corpora's do (see write_zipf)",
     }
 
 
@@ -505,8 +543,8 @@ def print_scale(rows: list[dict], checks: list[dict], floor: float, workers: int
     print(
         f"\nwall s: the child process, start to exit (MB/s is corpus MB over it); prepare s: "
         f"what prepare reports.\n`minigpt prepare --help` alone peaks at {floor:.0f} MB. "
-        f"The corpora repeat the standard library's sources: BPE's distinct words do not "
-        f"grow with them.\n"
+        f"The text corpora repeat the standard library's sources, so BPE's distinct words "
+        f"do not grow with them; the zipf text's vocabulary grows as real text's does.\n"
     )
     table = [
         [

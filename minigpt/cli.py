@@ -306,7 +306,7 @@ def prepare(
     bpe_sample_chars: int | None = typer.Option(
         None,
         "--bpe-sample-chars",
-        help="bpe learns its merges from at most this many characters of train (default 300M).",
+        help="bpe learns its merges from at most this many characters of train (default 100M).",
     ),
     data_dir: str = typer.Option("data", "--data-dir", help="Where prepared data is kept."),
 ) -> None:
