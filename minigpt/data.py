@@ -326,14 +326,10 @@ Cutter = Callable[[str, int], "int | None"]
 """`Tokenizer.cut_point`: where a long text may be cut for tokenising a piece at a time."""
 
 
-def _never_cut(text: str, start: int) -> None:
-    return None
-
-
 def split_texts(
     corpus: Corpus,
     split: Split,
-    cut_point: Cutter,
+    cut_point: Cutter | None,
     end_with_newline: bool,
     hasher: ContentHash,
     on_bytes: OnBytes,
@@ -341,8 +337,9 @@ def split_texts(
     """(split, text, starts_document) for the whole corpus, in order.
 
     Each non-empty document comes whole, or (a long one) in pieces of about CUT_CHARS
-    cut at `cut_point`; the document the split falls in comes as a train part and a
-    val part. Everything read is fed to `hasher`.
+    cut at `cut_point`; with no cut_point, a long one comes in the pieces it was read
+    in, for a reader that joins them itself. The document the split falls in comes as
+    a train part and a val part. Everything read is fed to `hasher`.
     """
     index = 0
     for doc in corpus.documents(on_bytes):
@@ -356,9 +353,10 @@ def split_texts(
         else:
             where = TRAIN if index < split.val_start else VAL
             tagged = ((where, piece) for piece in pieces)
-        for part, texts in itertools.groupby(tagged, key=lambda tagged_piece: tagged_piece[0]):
+        for part, group in itertools.groupby(tagged, key=lambda tagged_piece: tagged_piece[0]):
+            texts = (text for _, text in group if text)
             starts = True
-            for text in _in_pieces((text for _, text in texts), cut_point):
+            for text in texts if cut_point is None else _in_pieces(texts, cut_point):
                 yield part, text, starts
                 starts = False
         index += 1
@@ -596,7 +594,7 @@ def bpe_sample(
     training counts (`line_chunks` of each document, as ever: a corpus smaller than
     the sample learns exactly the merges it always did)."""
     left = sample_chars
-    texts = split_texts(corpus, split, _never_cut, False, ContentHash(), on_bytes)
+    texts = split_texts(corpus, split, None, False, ContentHash(), on_bytes)
     with closing(texts):
         for part, document in _documents_of(texts):
             if part != TRAIN or left <= 0:

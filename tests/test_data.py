@@ -926,3 +926,23 @@ def test_a_long_prepare_keeps_its_temporary_folder_fresh(tmp_path, monkeypatch):
     monkeypatch.setattr(TokenFiles, "write", write_then_age)
     prepare(corpus_folder(tmp_path), data_dir=tmp_path / "d", progress=False)
     assert len(seen) > 5 and min(seen[1:]) > time.time() - 600
+
+
+def test_learning_bpe_from_a_huge_document_holds_a_piece_not_the_document(tmp_path, monkeypatch):
+    import tracemalloc
+
+    from minigpt import corpus as corpora
+
+    monkeypatch.setattr(corpora, "PIECE_BYTES", 1 << 20)
+    big = tmp_path / "big.txt"
+    big.write_text("the cat sat on the mat, line after line\n" * 300_000)  # 12 MB, one document
+    corpus = corpora.load_corpus(big)
+    split = data.split_point([big.stat().st_size])
+    tracemalloc.start()
+    try:
+        n_chars = sum(len(chunk) for chunk in data.bpe_sample(corpus, split, 10**9))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n_chars == split.cut  # all of train, in ~64K chunks
+    assert peak < 10_000_000  # a few 1 MB pieces and their copies; the document is 12 MB
