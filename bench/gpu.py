@@ -1,0 +1,264 @@
+"""Speed on a GPU: training tokens/s and MFU, and decode tokens/s against Hugging Face.
+
+    python bench/gpu.py                       # on the GPU (cuda), about 3-5 minutes
+    python bench/gpu.py --device cpu --quick  # the same code paths on tiny shapes, seconds
+
+Training: whole optimizer steps (forward, backward, clip, AdamW as `minigpt train`
+builds it) on random tokens, bf16 autocast and torch.compile on CUDA (fp32, eager
+on a CPU), for the GPT-2 124M shape (16 x 1024) and the shakespeare-char recipe
+(6L/6H/384, 64 x 256). MFU is the model's FLOPs per token (6N + 12 * n_layer *
+block_size * n_embd, as bench/train.py) times tokens/s over the device's dense
+bf16 peak (H100/H200: 989 TFLOP/s, A100: 312), or over a measured fp32 matmul
+peak on a CPU.
+
+Decode: greedy `minigpt.generate` at batch 1 and 8, fp32 and bf16, for the
+shakespeare-char and GPT-2 small shapes (random weights, a 16-token prompt), the
+KV cache against recomputing every step at 500 tokens, and Hugging Face
+`generate` on the same weights when transformers is installed. Decode is eager:
+the captured (CUDA graph) decode step of issue 14 is not built yet, and gets its
+column when it is.
+
+Prints tables and writes bench/results/gpu.json with the device and torch version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from minigpt.config import load_config
+from minigpt.generate import generate
+from minigpt.model import GPT, GPTConfig
+from minigpt.train import make_optimizer
+
+BENCH = Path(__file__).resolve().parent
+RESULTS = BENCH / "results" / "gpu.json"
+BF16_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
+
+
+def _bench_module(name: str):
+    """bench/NAME.py as a module (the bench folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def shapes(quick: bool) -> dict[str, tuple[GPTConfig, int]]:
+    """name -> (config, training batch); biases on, so Hugging Face's GPT-2 matches."""
+    if quick:
+        tiny = GPTConfig(vocab_size=65, block_size=64, n_layer=2, n_head=2, n_embd=64, bias=True)
+        return {"tiny (2L/2H/64)": (tiny, 4)}
+    return {
+        "shakespeare-char (6L/6H/384)": (
+            GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384, bias=True),
+            64,
+        ),
+        "GPT-2 small (12L/12H/768)": (
+            GPTConfig(
+                vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True
+            ),
+            16,
+        ),
+    }
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_flops(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in BF16_PEAKS.items():
+            if key in name:
+                return peak, f"{name} dense bf16"
+        return float("nan"), f"{name} (peak unknown)"
+    return _bench_module("train").matmul_peak(seconds=0.5), "measured fp32 matmul"
+
+
+def train_rate(config: GPTConfig, batch: int, device: torch.device, steps: int) -> dict:
+    """Median ms per optimizer step, tokens/s and MFU's numerator (FLOPs per token)."""
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    optimizer = make_optimizer(model, load_config(), device)
+    cuda = device.type == "cuda"
+    step_model = torch.compile(model) if cuda else model
+    x = torch.randint(config.vocab_size, (batch, config.block_size), device=device)
+    y = torch.randint(config.vocab_size, (batch, config.block_size), device=device)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+            _, loss = step_model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(3 if cuda else 1):  # compile and warm up
+        step()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        step()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
+    c = model.config
+    return {
+        "step_ms": seconds * 1e3,
+        "tokens_per_s": batch * c.block_size / seconds,
+        "flops_per_token": 6 * model.num_params() + 12 * c.n_layer * c.block_size * c.n_embd,
+        "dtype": "bf16 autocast" if cuda else "float32",
+        "compiled": cuda,
+    }
+
+
+def decode_seconds(run, device: torch.device, repeats: int = 2) -> float:
+    run()  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        run()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def minigpt_decode(model: GPT, prompt: list[int], n: int, batch: int, kv: bool = True):
+    def run() -> None:
+        for _ in generate(model, prompt, n, num_samples=batch, temperature=0, use_kv_cache=kv):
+            pass
+
+    return run
+
+
+def hf_decode(hf, prompt: list[int], n: int, batch: int, device: torch.device):
+    input_ids = torch.tensor([prompt] * batch, device=device)
+    mask = torch.ones_like(input_ids)
+
+    @torch.inference_mode()
+    def run() -> None:
+        hf.generate(input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
+                    do_sample=False, use_cache=True, pad_token_id=0)  # fmt: skip
+
+    return run
+
+
+def decode_rows(quick: bool, device: torch.device) -> list[dict]:
+    """tok/s of minigpt's eager decode (and Hugging Face's) per shape, dtype and batch."""
+    try:
+        to_hf = _bench_module("generate").to_hf
+    except ImportError:
+        to_hf = None
+    n = 8 if quick else 200
+    rows = []
+    for name, (config, _) in shapes(quick).items():
+        torch.manual_seed(0)
+        base = GPT(config).eval()
+        prompt = torch.randint(config.vocab_size, (16,)).tolist()
+        for dtype in (torch.float32, torch.bfloat16):
+            model = GPT(config).eval()
+            model.load_state_dict(base.state_dict())
+            model = model.to(device=device, dtype=dtype)
+            hf = _hf_model(to_hf, base, device, dtype)
+            for batch in (1, 8):
+                row = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch}
+                seconds = decode_seconds(minigpt_decode(model, prompt, n, batch), device)
+                row["minigpt_tok_s"] = n * batch / seconds
+                if hf is not None:
+                    seconds = decode_seconds(hf_decode(hf, prompt, n, batch, device), device)
+                    row["hf_tok_s"] = n * batch / seconds
+                rows.append(row)
+    return rows
+
+
+def _hf_model(to_hf, model: GPT, device: torch.device, dtype: torch.dtype):
+    if to_hf is None:
+        return None
+    try:
+        return to_hf(model).to(device=device, dtype=dtype)
+    except ImportError:  # transformers is not installed
+        return None
+
+
+def kv_against_recompute(quick: bool, device: torch.device) -> dict:
+    """The cache's speed-up at 500 tokens of the first shape, fp32, batch 1."""
+    name, (config, _) = next(iter(shapes(quick).items()))
+    n = 16 if quick else 500
+    torch.manual_seed(0)
+    model = GPT(config).eval().to(device)
+    prompt = torch.randint(config.vocab_size, (16,)).tolist()
+    cached = decode_seconds(minigpt_decode(model, prompt, n, 1, kv=True), device, repeats=1)
+    recomputed = decode_seconds(minigpt_decode(model, prompt, n, 1, kv=False), device, repeats=1)
+    return {"shape": name, "tokens": n, "kv_tok_s": n / cached, "recompute_tok_s": n / recomputed,
+            "speedup": recomputed / cached}  # fmt: skip
+
+
+def print_tables(result: dict) -> None:
+    print(f"\n{result['device']} (torch {result['torch']}), peak {result['peak_label']}\n")
+    print("| training | dtype | ms/step | tokens/s | MFU |\n|---|---|---:|---:|---:|")
+    for row in result["training"]:
+        print(f"| {row['shape']} x batch {row['batch']} | {row['dtype']} | {row['step_ms']:.1f} "
+              f"| {row['tokens_per_s']:,.0f} | {row['mfu']:.1%} |")  # fmt: skip
+    print("\n| decode | dtype | batch | minigpt tok/s | HF tok/s | minigpt / HF |")
+    print("|---|---|---:|---:|---:|---:|")
+    for row in result["decode"]:
+        hf = row.get("hf_tok_s")
+        ratio = f"{row['minigpt_tok_s'] / hf:.2f}x" if hf else "-"
+        print(f"| {row['shape']} | {row['dtype']} | {row['batch']} | {row['minigpt_tok_s']:,.0f} "
+              f"| {f'{hf:,.0f}' if hf else '-'} | {ratio} |")  # fmt: skip
+    kv = result["kv_cache"]
+    print(f"\nKV cache vs recompute, {kv['shape']}, {kv['tokens']} tokens: "
+          f"{kv['kv_tok_s']:,.0f} vs {kv['recompute_tok_s']:,.0f} tok/s ({kv['speedup']:.2f}x)")  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, a few steps")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # as `minigpt train` runs on a GPU
+    started = time.perf_counter()
+    peak, peak_label = peak_flops(device)
+    training = []
+    for name, (config, batch) in shapes(args.quick).items():
+        row = {"shape": name, "batch": batch} | train_rate(
+            config, batch, device, 3 if args.quick else 20
+        )
+        row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak
+        training.append(row)
+    result = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "quick": args.quick,
+        "peak_flops": peak,
+        "peak_label": peak_label,
+        "training": training,
+        "decode": decode_rows(args.quick, device),
+        "kv_cache": kv_against_recompute(args.quick, device),
+    }  # fmt: skip
+    result["seconds"] = time.perf_counter() - started
+    print_tables(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
