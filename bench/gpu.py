@@ -14,9 +14,10 @@ peak on a CPU.
 Decode: greedy `minigpt.generate` at batch 1 and 8, fp32 and bf16, for the
 shakespeare-char and GPT-2 small shapes (random weights, a 16-token prompt), the
 KV cache against recomputing every step at 500 tokens, and Hugging Face
-`generate` on the same weights when transformers is installed. Decode is eager:
-the captured (CUDA graph) decode step of issue 14 is not built yet, and gets its
-column when it is.
+`generate` on the same weights when transformers is installed. "static step" is
+`GPT.decode_step` (static_decode=True), run eagerly: the shapes a CUDA graph can
+capture. The capture itself (issue 14) is not built yet, and gets its column when
+it is.
 
 Prints tables and writes bench/results/gpu.json with the device and torch version.
 """
@@ -136,9 +137,12 @@ def decode_seconds(run, device: torch.device, repeats: int = 2) -> float:
     return best
 
 
-def minigpt_decode(model: GPT, prompt: list[int], n: int, batch: int, kv: bool = True):
+def minigpt_decode(
+    model: GPT, prompt: list[int], n: int, batch: int, kv: bool = True, static: bool = False
+):
     def run() -> None:
-        for _ in generate(model, prompt, n, num_samples=batch, temperature=0, use_kv_cache=kv):
+        settings = dict(num_samples=batch, temperature=0, use_kv_cache=kv, static_decode=static)
+        for _ in generate(model, prompt, n, **settings):
             pass
 
     return run
@@ -177,6 +181,8 @@ def decode_rows(quick: bool, device: torch.device) -> list[dict]:
                 row = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch}
                 seconds = decode_seconds(minigpt_decode(model, prompt, n, batch), device)
                 row["minigpt_tok_s"] = n * batch / seconds
+                static = minigpt_decode(model, prompt, n, batch, static=True)
+                row["static_tok_s"] = n * batch / decode_seconds(static, device)
                 if hf is not None:
                     seconds = decode_seconds(hf_decode(hf, prompt, n, batch, device), device)
                     row["hf_tok_s"] = n * batch / seconds
@@ -212,13 +218,15 @@ def print_tables(result: dict) -> None:
     for row in result["training"]:
         print(f"| {row['shape']} x batch {row['batch']} | {row['dtype']} | {row['step_ms']:.1f} "
               f"| {row['tokens_per_s']:,.0f} | {row['mfu']:.1%} |")  # fmt: skip
-    print("\n| decode | dtype | batch | minigpt tok/s | HF tok/s | minigpt / HF |")
-    print("|---|---|---:|---:|---:|---:|")
+    print(
+        "\n| decode | dtype | batch | minigpt tok/s | static step tok/s | HF tok/s | minigpt / HF |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
     for row in result["decode"]:
         hf = row.get("hf_tok_s")
         ratio = f"{row['minigpt_tok_s'] / hf:.2f}x" if hf else "-"
         print(f"| {row['shape']} | {row['dtype']} | {row['batch']} | {row['minigpt_tok_s']:,.0f} "
-              f"| {f'{hf:,.0f}' if hf else '-'} | {ratio} |")  # fmt: skip
+              f"| {row['static_tok_s']:,.0f} | {f'{hf:,.0f}' if hf else '-'} | {ratio} |")  # fmt: skip
     kv = result["kv_cache"]
     print(f"\nKV cache vs recompute, {kv['shape']}, {kv['tokens']} tokens: "
           f"{kv['kv_tok_s']:,.0f} vs {kv['recompute_tok_s']:,.0f} tok/s ({kv['speedup']:.2f}x)")  # fmt: skip

@@ -308,8 +308,13 @@ class MultiHeadAttention(_MultiHeadAttentionBase):
     def _contexts(
         self, x: Tensor, kv_cache: KVCache | None, need_weights: bool
     ) -> tuple[Tensor, Tensor | None]:
-        pos = kv_cache.pos if kv_cache is not None else 0
         q, k, v = self.project(x)
+        if kv_cache is not None and kv_cache.stepping and not need_weights:
+            # GPT.decode_step: all max_len slots, the ones not yet written masked out
+            k, v = kv_cache.write_at(self.layer_idx, k, v)  # (B, H, max_len, d_head)
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.visible)
+            return context, None
+        pos = kv_cache.pos if kv_cache is not None else 0
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)  # (B, H, pos + T, d_head)
         if need_weights:

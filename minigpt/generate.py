@@ -66,6 +66,8 @@ class Sampling:
     seed: of the draws (None: a fresh one, reported in the result); stop: strings a
     sample ends before; use_kv_cache=False recomputes every step (same tokens, slower);
     stride: free cache slots after a crop at context overflow (None: block_size // 4).
+    static_decode: decode with `GPT.decode_step`, whose shapes never change (what a CUDA
+    graph captures; the capture itself is not built yet): the same tokens, on any device.
     """
 
     max_new_tokens: int = 500
@@ -77,6 +79,7 @@ class Sampling:
     stop: Sequence[str] = ()
     use_kv_cache: bool = True
     stride: int | None = None
+    static_decode: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop", tuple(self.stop))
@@ -115,6 +118,12 @@ class Sampling:
             )
         StopStrings(self.stop)  # refuses an empty stop string
         check_seed(self.seed)
+        if self.static_decode and not self.use_kv_cache:
+            raise MinigptError(
+                "the static decode step writes into the KV cache, which is turned off",
+                hint="turn the KV cache on, or the static decode step off",
+                param="static_decode",
+            )
         if self.stride is not None and self.stride < 0:
             raise MinigptError(
                 f"stride must be at least 0, got {self.stride}",
@@ -396,9 +405,12 @@ def _decode_steps(
     start = 0  # the window the model sees is tokens[:, start:n]
 
     # The prompt is the same for every sample: one forward at batch 1.
+    static = sampling.static_decode
     if sampling.use_kv_cache:
         kv_cache = model.new_kv_cache(num_samples)
         logits = _shared_prefill(model, tokens[:1, :n], kv_cache)
+        if static:
+            kv_cache.start_static()
     else:
         logits, _ = model(tokens[:1, :n], last_only=True)
     logits = logits[:, -1, :].expand(num_samples, -1)  # (B, V)
@@ -420,6 +432,11 @@ def _decode_steps(
             # The cache holds block_size positions: crop, prefill the window again.
             kv_cache.reset()
             logits, _ = model(tokens[:, new_start:n], kv_cache=kv_cache, last_only=True)
+            if static:
+                kv_cache.start_static()
+        elif static:
+            logits = model.decode_step(tokens[:, n - 1 : n], kv_cache)[:, None, :]
+            kv_cache.advance(1)
         else:
             logits, _ = model(tokens[:, n - 1 : n], kv_cache=kv_cache, last_only=True)
         start = new_start

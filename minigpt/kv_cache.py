@@ -38,6 +38,10 @@ class KVCache:
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.batch_size, self.n_head, self.max_len, self.d_head = shape
         self.pos = 0
+        # the static decode step's state (see start_static): None until it is used
+        self.position: Tensor | None = None  # (1,) long, on the device: the slot to write
+        self.visible: Tensor | None = None  # (1, max_len) bool: the slots this step sees
+        self.stepping = False  # inside GPT.decode_step: attention writes with write_at
 
     def check_fits(
         self, n_layer: int, batch_size: int, n_head: int, d_head: int, n_new: int
@@ -89,6 +93,38 @@ class KVCache:
             self.keys[layer][:, :, :n] = k[:, :, :n]  # broadcast (1, H, n, d_head) -> (B, ...)
             self.values[layer][:, :, :n] = v[:, :, :n]
         self.pos = n
+
+    # --- the static decode step: one token, shapes that never change -------------------
+    # A decode step that appends at a host-side `pos` and attends over the first pos
+    # slots changes shape every step, so it cannot be captured as a CUDA graph. The
+    # static step keeps the position on the device, writes there with index_copy_,
+    # and attends over all max_len slots with the unwritten ones masked out.
+
+    def start_static(self) -> None:
+        """Make the device-side position (and the slot numbers) and set it to `pos`."""
+        device = self.keys[0].device
+        if self.position is None:
+            self.position = torch.zeros(1, dtype=torch.long, device=device)
+            self.slots = torch.arange(self.max_len, device=device)
+        self.position.fill_(self.pos)
+
+    def begin_step(self) -> None:
+        """Before a static step's layers: the slots up to `position` are visible."""
+        self.visible = (self.slots <= self.position)[None, :]  # (1, max_len): one query
+        self.stepping = True
+
+    def write_at(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one position's K, V (B, H, 1, d_head) at `position`; return the whole
+        buffers (B, H, max_len, d_head), to be read through `visible`."""
+        self.keys[layer].index_copy_(2, self.position, k)
+        self.values[layer].index_copy_(2, self.position, v)
+        return self.keys[layer], self.values[layer]
+
+    def end_step(self) -> None:
+        """After a static step's layers: the next step writes the next slot. (The host's
+        `pos` is the caller's to advance: a replayed graph runs no Python.)"""
+        self.position.add_(1)
+        self.stepping = False
 
     def advance(self, n_tokens: int) -> None:
         """Mark `n_tokens` more positions as written, after every layer appended them."""

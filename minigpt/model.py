@@ -351,6 +351,24 @@ class GPT(nn.Module):
             kv_cache.advance(idx.size(1))
         return self.logits_and_loss(x, targets, last_only)
 
+    def decode_step(self, idx: Tensor, kv_cache: KVCache) -> Tensor:
+        """One new token per sample, idx (B, 1), at the cache's device-side position ->
+        logits (B, vocab_size), in shapes that never change from step to step: what a
+        CUDA graph can capture and replay. Call kv_cache.start_static() after filling
+        the cache, and advance its `pos` after each step. Only the fused attention
+        takes this path; the same tokens as `forward` with the cache (tests hold it)."""
+        if self.config.attention != "fused":
+            raise MinigptError(
+                "the static decode step needs the fused attention, not the wrapper",
+                hint="decode with forward and the KV cache, or convert to the fused form",
+            )
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(kv_cache.position))  # (B, 1, n_embd)
+        kv_cache.begin_step()
+        x, _ = self.run_blocks(x, kv_cache=kv_cache)
+        kv_cache.end_step()
+        logits, _ = self.logits_and_loss(x, None, last_only=True)  # (B, 1, vocab_size)
+        return logits[:, -1, :]
+
     def forward_with_attention(
         self, idx: Tensor, targets: Tensor | None = None, head_gates: Tensor | None = None
     ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
