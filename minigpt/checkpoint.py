@@ -41,7 +41,7 @@ except ImportError:  # Windows
     import msvcrt
 
 from minigpt.atomic import atomic_path, write_json_atomic, write_text_atomic
-from minigpt.errors import MinigptError, os_error
+from minigpt.errors import MinigptError, first_line, os_error
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
 
@@ -90,7 +90,7 @@ def load_weights(model: GPT, path: str | Path) -> None:
         raise os_error(err, "read", path) from err
     except (SafetensorError, OSError, ValueError) as err:
         raise MinigptError(
-            f"{path} is not a readable safetensors file ({_first_line(err)})",
+            f"{path} is not a readable safetensors file ({first_line(err)})",
             hint="the file is damaged or truncated; resume from another run or retrain",
         ) from err
     expected = {k: v.shape for k, v in model.state_dict().items() if k not in _TIED_KEYS}
@@ -114,12 +114,6 @@ def load_weights(model: GPT, path: str | Path) -> None:
             hint="the run diverged or the file was altered; use another checkpoint or retrain",
         )
     model.load_state_dict(state, strict=False)
-
-
-def _first_line(err: BaseException, limit: int = 100) -> str:
-    """The first line of an exception's message (some have none), for one-line errors."""
-    lines = str(err).strip().splitlines()
-    return (lines[0] if lines else type(err).__name__)[:limit]
 
 
 # --------------------------------------------------------------------------- config.json
@@ -298,7 +292,7 @@ def load_trainer_state(path: str | Path) -> TrainerCheckpoint:
         ) from err
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
         raise MinigptError(
-            f"{path} is damaged or truncated ({_first_line(err, 80)})",
+            f"{path} is damaged or truncated ({first_line(err, 80)})",
             hint="the run cannot be resumed from it; its weights are still in "
             f"{BEST_WEIGHTS} and {LAST_WEIGHTS} (start a new run with another --out)",
         ) from err

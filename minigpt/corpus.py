@@ -39,7 +39,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from tqdm import tqdm
 
 from minigpt.atomic import atomic_path
-from minigpt.errors import MinigptError, os_error
+from minigpt.errors import MinigptError, first_line, os_error
 
 DEFAULT_SOURCE = "pystdlib"
 AUTO_GLOB = "auto"
@@ -517,7 +517,7 @@ def _parquet_documents(path: Path, field: str, on_bytes: OnBytes) -> Iterator[Do
         table = parquet.ParquetFile(path)
     except Exception as err:  # pyarrow's ArrowInvalid, ArrowIOError, OSError
         raise MinigptError(
-            f"{path} is not a Parquet file pyarrow can read ({_first_line(err)})",
+            f"{path} is not a Parquet file pyarrow can read ({first_line(err)})",
             hint="check the file, or leave it out with glob",
             param="glob",
         ) from None
@@ -557,10 +557,6 @@ def _check_parquet_column(path: Path, schema, field: str) -> None:
             hint="name the column that holds the text with text_field",
             param="text_field",
         )
-
-
-def _first_line(err: Exception) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 # ---------------------------------------------------------------------------- sources

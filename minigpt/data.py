@@ -209,6 +209,7 @@ class CorpusScan:
 
     content_hash: str  # names the prepared folder (with the tokenizer settings)
     doc_chars: array  # characters of each non-empty document, in order: they place the split
+    characters: int  # their sum
     n_bytes: int  # UTF-8 bytes of those documents
     chars: list[str] | None  # every character, sorted (for a char vocabulary)
 
@@ -279,7 +280,7 @@ def scan_corpus(
                     seen.add("\n")
             doc_chars.append(n_chars)
     chars = seen.sorted() if seen is not None else None
-    return CorpusScan(hasher.hexdigest(), doc_chars, n_bytes, chars)
+    return CorpusScan(hasher.hexdigest(), doc_chars, sum(doc_chars), n_bytes, chars)
 
 
 @dataclass(frozen=True)
@@ -536,7 +537,7 @@ def tokenize_into(
     counts. The content hash is checked again: an edited corpus is an error."""
     hasher = ContentHash()
     files = TokenFiles(folder, token_dtype(tok.vocab_size))
-    total_chars, done_chars, checked = sum(scan.doc_chars), 0, False
+    done_chars, checked = 0, False
     fresh_at = time.monotonic()
     try:
         with ByteProgress(corpus.n_bytes, "tokenizing", progress) as bar:
@@ -548,7 +549,7 @@ def tokenize_into(
                     # before this task is written: its ids say how many the rest will take
                     tokens_per_char = (sum(files.counts) + len(task.ids)) / max(1, done_chars)
                     files.check_room(
-                        len(task.ids) + (total_chars - done_chars) * tokens_per_char * 1.05
+                        len(task.ids) + (scan.characters - done_chars) * tokens_per_char * 1.05
                     )
                     checked = True
                 files.write(task.split, task.ids)
@@ -670,10 +671,10 @@ def prepare(
     Parquet column. `tokenizer` is a kind to build for this corpus ('char', 'bpe', a
     tiktoken name), or a ready Tokenizer (a fine-tuned model's own). `workers`: threads
     to tokenise on (None or 0: every core). A BPE learns from the first
-    `bpe_sample_chars` characters of the training split (None: DEFAULT_BPE_SAMPLE_CHARS). `expected_hash`, where given,
-    is the content hash the corpus must still have (a resumed run's). Raises
-    MinigptError for bad input, before anything is written. A damaged folder is built
-    again.
+    `bpe_sample_chars` characters of the training split (None: DEFAULT_BPE_SAMPLE_CHARS).
+    `expected_hash`, where given, is the content hash the corpus must still have (a
+    resumed run's). Raises MinigptError for bad input, before anything is written. A
+    damaged folder is built again.
     """
     started = time.perf_counter()
     data_dir = Path(data_dir)
@@ -777,7 +778,7 @@ def build_tokenizer(
     if choice.kind == "char":
         return CharTokenizer(scan.chars)
     if choice.kind == "bpe":
-        sampled = min(_train_chars(scan, split), sample_chars) / max(1, sum(scan.doc_chars))
+        sampled = min(_train_chars(scan, split), sample_chars) / max(1, scan.characters)
         total = int(corpus.n_bytes * sampled)  # the bytes the sample is read from, near enough
         with ByteProgress(total, "learning bpe", progress) as bar:
             sample = bpe_sample(corpus, split, sample_chars, bar)
@@ -817,7 +818,7 @@ def _build_prepared(
                 "documents": split.documents,
                 "train_documents": split.train_documents,
                 "val_documents": split.val_documents,
-                "characters": sum(scan.doc_chars),
+                "characters": scan.characters,
                 "bytes": scan.n_bytes,
                 "train_tokens": train_tokens,
                 "val_tokens": val_tokens,

@@ -65,6 +65,13 @@ def os_error(err: OSError, verb: str = "use", path: object = None) -> MinigptErr
     )
 
 
+def first_line(err: BaseException, limit: int = 100) -> str:
+    """The first line of an exception's message (some have none), for one-line errors
+    about what a library (safetensors, torch, pyarrow) could not read."""
+    lines = str(err).strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:limit]
+
+
 class Terminated(BaseException):
     """SIGTERM while a trainer sets up (preparing data, building the model): raised by
     its handler so that the `finally` blocks remove what was half made, and the command

@@ -44,7 +44,7 @@ from minigpt import checkpoint
 from minigpt.atomic import atomic_path, write_json_atomic
 from minigpt.checkpoint import CONFIG_FILE, RunLock, load_run, read_config
 from minigpt.data import make_temp_dir
-from minigpt.errors import MinigptError, os_error
+from minigpt.errors import MinigptError, first_line, os_error
 from minigpt.hf_tokenizer import tokenizer_from_hf, write_hf_tokenizer
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import BPETokenizer, NamedTokenizer, Tokenizer
@@ -311,9 +311,8 @@ def read_hf_weights(folder: Path) -> dict[str, Tensor]:
 
 
 def _damaged_weights(path: Path, err: BaseException) -> MinigptError:
-    first = (str(err).strip().splitlines() or [type(err).__name__])[0][:100]
     return MinigptError(
-        f"{path} is not a readable weights file ({first})",
+        f"{path} is not a readable weights file ({first_line(err)})",
         hint="the download is incomplete or the file is damaged; fetch it again",
     )
 

@@ -645,7 +645,7 @@ def test_a_changed_corpus_is_refused_before_anything_is_written(tmp_path, monkey
     corpus.write_text(make_text() + "one more line\n")
     now = corpora.content_hash([corpus.read_text()])
     before = listing(tmp_path / "data")
-    monkeypatch.setattr(data, "train_tokenizer", lambda *args: pytest.fail("trained a tokenizer"))
+    monkeypatch.setattr(data, "build_tokenizer", lambda *args: pytest.fail("built a tokenizer"))
     with pytest.raises(MinigptError) as err:
         prepare(corpus, "char", data_dir=tmp_path / "data", expected_hash=trained_on)
     assert str(err.value) == (
