@@ -20,7 +20,9 @@ import codecs
 import copy
 import json
 import numbers
+import signal
 import socket
+import threading
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -405,9 +407,13 @@ class BPETokenizer(TiktokenTokenizer):
 
         check_bpe_vocab_size(vocab_size)
         trainer = rustbpe.Tokenizer()
-        trainer.train_from_iterator(  # rustbpe's vocab is bytes + merges; the special token is ours
-            _chunks(texts), vocab_size - 1, buffer_size=BPE_TRAIN_BUFFER, pattern=GPT4_SPLIT_PATTERN
-        )
+        with _SignalsDeferred() as signals:
+            trainer.train_from_iterator(  # rustbpe's vocab is bytes + merges; the special token is ours
+                _chunks(texts, signals),
+                vocab_size - 1,
+                buffer_size=BPE_TRAIN_BUFFER,
+                pattern=GPT4_SPLIT_PATTERN,
+            )
         return cls(dict(trainer.get_mergeable_ranks()), trainer.get_pattern())
 
     def to_json(self) -> dict:
@@ -556,9 +562,55 @@ def line_chunks(pieces: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
         yield buffer[start:]
 
 
-def _chunks(texts: Iterable[str]) -> Iterator[str]:
+def _chunks(texts: Iterable[str], signals: _SignalsDeferred) -> Iterator[str]:
     for text in texts:
-        yield from line_chunks((text,))
+        for chunk in line_chunks((text,)):
+            signals.raise_pending()  # a Ctrl-C while reading stops here, between chunks
+            yield chunk
+
+
+class _SignalsDeferred:
+    """While rustbpe trains, SIGINT and SIGTERM are recorded, and their own handlers run
+    between chunks of the iterator or when training returns.
+
+    Why: rustbpe calls back into Python outside our iterator too (pyo3-log looks up a
+    Python logger on its first message). A handler that raises inside such a call is
+    printed and left pending by the Rust side, and the next Python call then fails with
+    "SystemError: ... returned a result with an exception set": a traceback and exit
+    code 1 instead of a clean stop. Signals that the process ignores or leaves at the
+    default action are not touched; neither is anything off the main thread, which
+    cannot set handlers.
+    """
+
+    CAUGHT = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> _SignalsDeferred:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.CAUGHT:
+                handler = signal.getsignal(signum)
+                if callable(handler):
+                    self.previous[signum] = handler
+                    signal.signal(signum, self._record)
+        return self
+
+    def _record(self, signum, frame) -> None:
+        self.pending.append(signum)
+
+    def raise_pending(self) -> None:
+        """Run the first recorded signal's handler now (ours raise, to stop cleanly)."""
+        if self.pending:
+            signum = self.pending.pop(0)
+            self.previous[signum](signum, None)
+
+    def __exit__(self, exc_type, exc, traceback) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        if exc_type is None:
+            self.raise_pending()
 
 
 def tokenizer_from_json(data: dict, where: str = TOKENIZER_FILE) -> Tokenizer:

@@ -135,16 +135,22 @@ def test_a_signal_while_train_prepares_its_data_stops_it_and_leaves_nothing(tmp_
     out = tmp_path / "run"
     args = ["train", "--data", str(corpus), "--out", str(out), "--device", "cpu"]
     args += ["--set", "data.tokenizer=bpe", "--set", f"data.data_dir={tmp_path / 'data'}"]
+    data = tmp_path / "data"
     proc = start(args, tmp_path)
-    time.sleep(4.0)  # importing torch, reading, training the BPE
-    assert proc.poll() is None, proc.communicate()
+    # Signal once the hidden folder of the second pass exists: learning the BPE and
+    # tokenizing are still ahead. (A fixed sleep raced a fast machine, which had
+    # finished preparing by then.)
+    deadline = time.monotonic() + 60
+    while not (data.exists() and any(p.name.endswith(".tmp") for p in data.iterdir())):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "prepare never made its temporary folder"
+        time.sleep(0.01)
     sent = time.monotonic()
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
     assert time.monotonic() - sent < 15
     assert proc.returncode == code and "Traceback" not in stderr, stderr
     assert not out.exists()  # the run directory it had locked is gone again
-    data = tmp_path / "data"
     assert not (data.exists() and list(data.iterdir()))  # no folder, hidden or not
 
 

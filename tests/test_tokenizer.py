@@ -4,6 +4,8 @@ import base64
 import errno
 import hashlib
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -183,6 +185,58 @@ def test_train_tokenizer_bpe_defaults_to_2048():
     tok = train_tokenizer("bpe", [CORPUS * 5])
     # the tiny corpus runs out of pairs before 2048, but the request was for 2048
     assert 300 < tok.vocab_size <= 2048
+
+
+# A Ctrl-C can land while rustbpe itself calls into Python: here, inside pyo3-log's first
+# logging.getLogger, where a raising handler used to leave "SystemError: ... returned a
+# result with an exception set" and a traceback. Each case runs in a fresh process, since
+# pyo3-log looks the logger up once per process.
+SIGNAL_IN_RUSTBPE = """
+import logging, os, signal, sys
+from minigpt.tokenizer import BPETokenizer
+
+class Stop(Exception):
+    pass
+
+def handler(signum, frame):
+    raise Stop()
+
+signal.signal(signal.SIGINT, handler)
+real_get_logger = logging.getLogger
+
+def get_logger(name=None):
+    if sys.argv[1] == "logger" and name and name.startswith("rustbpe"):
+        os.kill(os.getpid(), signal.SIGINT)
+    return real_get_logger(name)
+
+logging.getLogger = get_logger
+
+def texts():
+    for i in range(50):
+        if sys.argv[1] == "iterator" and i == 10:
+            os.kill(os.getpid(), signal.SIGINT)
+        yield f"line {i} of a corpus, word{i % 7}\\n" * 2000
+
+try:
+    BPETokenizer.train(texts(), 300)
+except Stop:
+    print("stopped")
+else:
+    print("finished")
+print(signal.getsignal(signal.SIGINT) is handler)
+"""
+
+
+@pytest.mark.parametrize("where", ["logger", "iterator"])
+def test_a_signal_while_rustbpe_trains_runs_its_handler_once(where):
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_IN_RUSTBPE, where],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    assert done.stdout.split() == ["stopped", "True"]  # stopped, and the handler is back
 
 
 def test_unknown_kind_in_json():
