@@ -38,6 +38,8 @@ OPTION_NAMES = {
     "repeated": "--repeated",
     "prompt_file": "--prompt-file",
     "device": "--device",
+    "dtype": "--dtype",
+    "static_decode": "--compile",
     "vocab_size": "--vocab-size",
     "glob": "--glob",
     "text_field": "--field",
@@ -147,6 +149,14 @@ def generate(
         help="At context overflow keep block_size - this many tokens (default block_size/4; 0 = crop every step).",
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    dtype: str = typer.Option(
+        "auto", "--dtype", help="Weights while sampling: auto (float32 for now), float32, bfloat16."
+    ),
+    compile_step: bool = typer.Option(
+        False,
+        "--compile/--no-compile",
+        help="Decode in a static-shape step, replayed as a CUDA graph on a GPU.",
+    ),
     threads: int | None = typer.Option(
         None, "--threads", help="CPU threads (default: torch's; 1 is fastest on a busy machine)."
     ),
@@ -160,7 +170,7 @@ def generate(
     """Sample text from a trained run with the KV cache."""
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
     from minigpt.config import resolve_device
-    from minigpt.generate import Sampling, generate_text, set_threads
+    from minigpt.generate import Sampling, generate_text, sampling_dtype, set_threads
 
     sampling = Sampling(
         max_new_tokens=max_new_tokens,
@@ -172,10 +182,14 @@ def generate(
         stop=stop or (),
         use_kv_cache=kv_cache,
         stride=stride,
+        static_decode=compile_step,
     )
     set_threads(threads)
     text = _one_prompt(prompt, prompt_file)
-    run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
+    torch_device = resolve_device(device)
+    weights = sampling_dtype(dtype, torch_device)
+    run = load_run(run_dir or DEFAULT_RUN_DIR, torch_device)
+    run.model.to(weights)
 
     def sample(prompt_text: str) -> None:
         printer = console.GenerationPrinter(prompt_text, stream, as_json, run.dir)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from minigpt.config import DTYPES
 from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT, device_memory
@@ -66,8 +67,9 @@ class Sampling:
     seed: of the draws (None: a fresh one, reported in the result); stop: strings a
     sample ends before; use_kv_cache=False recomputes every step (same tokens, slower);
     stride: free cache slots after a crop at context overflow (None: block_size // 4).
-    static_decode: decode with `GPT.decode_step`, whose shapes never change (what a CUDA
-    graph captures; the capture itself is not built yet): the same tokens, on any device.
+    static_decode: decode with `GPT.decode_step`, whose shapes never change: on CUDA it is
+    captured once as a CUDA graph and replayed every step (see `StaticDecoder`); on other
+    devices it runs as it is. The same tokens as the eager steps (tests hold it).
     """
 
     max_new_tokens: int = 500
@@ -120,8 +122,8 @@ class Sampling:
         check_seed(self.seed)
         if self.static_decode and not self.use_kv_cache:
             raise MinigptError(
-                "the static decode step writes into the KV cache, which is turned off",
-                hint="turn the KV cache on, or the static decode step off",
+                "static_decode (a static-shape step) writes into the KV cache, which is turned off",
+                hint="turn the KV cache on, or static_decode off",
                 param="static_decode",
             )
         if self.stride is not None and self.stride < 0:
@@ -147,6 +149,7 @@ class Sampling:
             "stop": list(self.stop),
             "kv_cache": self.use_kv_cache,
             "stride": self.stride_for(block_size),
+            "static_decode": self.static_decode,
         }
 
 
@@ -177,6 +180,22 @@ def check_seed(seed: int | None) -> None:
 def new_seed() -> int:
     """A fresh seed for when the user gave none; it is reported so the run can be repeated."""
     return int.from_bytes(os.urandom(4), "little")
+
+
+def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The dtype of the weights while sampling: 'float32', 'bfloat16', or 'auto'.
+
+    'auto' is float32 on every device for now. On a GPU at batch 1 bf16 was measured
+    at half fp32's speed with the eager step (issue 14); auto turns to bf16 there once
+    bench/gpu.py shows the captured step in bf16 at least as fast as in fp32.
+    """
+    if name not in DTYPES:
+        raise MinigptError(
+            f"dtype must be one of {', '.join(DTYPES)}, got {name!r}",
+            hint="bfloat16 halves the weights' memory; float32 is exact",
+            param="dtype",
+        )
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
 
 
 def set_threads(threads: int | None) -> None:
@@ -317,6 +336,8 @@ def generate(
     vocab_limit = _check_vocab_limit(vocab_limit, model.config.vocab_size)
     _check_prompt_ids(prompt_ids, block_size, vocab_limit)
     check_cache_memory(model, sampling.num_samples)
+    if sampling.static_decode:
+        model.check_static_decode()
     if generator is None and sampling.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
     return _decode_steps(model, list(prompt_ids), sampling, stride, generator, vocab_limit)
@@ -411,6 +432,7 @@ def _decode_steps(
         logits = _shared_prefill(model, tokens[:1, :n], kv_cache)
         if static:
             kv_cache.start_static()
+            decoder = StaticDecoder(model, kv_cache, graph=model.device.type == "cuda")
     else:
         logits, _ = model(tokens[:1, :n], last_only=True)
     logits = logits[:, -1, :].expand(num_samples, -1)  # (B, V)
@@ -435,12 +457,66 @@ def _decode_steps(
             if static:
                 kv_cache.start_static()
         elif static:
-            logits = model.decode_step(tokens[:, n - 1 : n], kv_cache)[:, None, :]
-            kv_cache.advance(1)
+            logits = decoder(tokens[:, n - 1 : n])[:, None, :]
         else:
             logits, _ = model(tokens[:, n - 1 : n], kv_cache=kv_cache, last_only=True)
         start = new_start
         logits = logits[:, -1, :]  # (B, V)
+
+
+class StaticDecoder:
+    """`GPT.decode_step` over a static input (B, 1) and output (B, V): with graph=True
+    (CUDA only) it is captured as a CUDA graph on its first call and replayed after.
+
+    Why: at batch 1 a small GPT's decode step is dozens of tiny kernels, and the GPU
+    waits for Python to launch each one. A replayed graph launches them all at once.
+    A replay runs no Python, so everything it touches must stay at the addresses seen
+    at capture: the cache's buffers and device-side position (the overflow re-prefill
+    writes into the same buffers), `ids`, and the `logits` it writes. Read the logits
+    before the next call, which overwrites them.
+    """
+
+    WARMUP_STEPS = 3
+    """Eager steps on a side stream before capture, as torch's CUDA graph notes ask: the
+    first calls allocate workspaces and pick kernels, which a capture must not record."""
+
+    def __init__(self, model: GPT, kv_cache: KVCache, graph: bool = False):
+        self.model, self.kv_cache, self.use_graph = model, kv_cache, graph
+        self.ids = torch.zeros((kv_cache.batch_size, 1), dtype=torch.long, device=model.device)
+        self.logits: Tensor | None = None
+        self.graph = None  # torch.cuda.CUDAGraph once captured
+
+    def __call__(self, idx: Tensor) -> Tensor:
+        """The next ids idx (B, 1), written at the cache's position -> logits (B, V);
+        advances the cache by one position."""
+        self.ids.copy_(idx)
+        if not self.use_graph:
+            logits = self.model.decode_step(self.ids, self.kv_cache)
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            logits = self.logits
+        self.kv_cache.advance(1)  # the host's count; the device's moved inside the step
+        return logits
+
+    def warm_up(self) -> None:
+        """Run the step WARMUP_STEPS times, leaving the cache as it was: each writes the
+        slot at the current position, which the next real step overwrites before any
+        query sees it, and the position is put back after each."""
+        for _ in range(self.WARMUP_STEPS):
+            self.model.decode_step(self.ids, self.kv_cache)
+            self.kv_cache.position.fill_(self.kv_cache.pos)
+
+    def _capture(self) -> None:
+        side = torch.cuda.Stream(self.model.device)
+        side.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(side):
+            self.warm_up()
+        torch.cuda.current_stream(self.model.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):  # records the kernels; runs none of them
+            self.logits = self.model.decode_step(self.ids, self.kv_cache)
 
 
 def _next_ids(logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> Tensor:
@@ -658,5 +734,9 @@ def generate_text(
         seconds=seconds,
         first_token_seconds=first_token_seconds,
         cropped_prompt_tokens=cropped,
-        settings={**sampling.to_json(block_size), "device": str(model.device)},
+        settings={
+            **sampling.to_json(block_size),
+            "device": str(model.device),
+            "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
+        },
     )

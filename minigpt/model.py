@@ -357,17 +357,23 @@ class GPT(nn.Module):
         CUDA graph can capture and replay. Call kv_cache.start_static() after filling
         the cache, and advance its `pos` after each step. Only the fused attention
         takes this path; the same tokens as `forward` with the cache (tests hold it)."""
-        if self.config.attention != "fused":
-            raise MinigptError(
-                "the static decode step needs the fused attention, not the wrapper",
-                hint="decode with forward and the KV cache, or convert to the fused form",
-            )
+        self.check_static_decode()
         x = self.drop(self.tok_emb(idx) + self.pos_emb(kv_cache.position))  # (B, 1, n_embd)
         kv_cache.begin_step()
         x, _ = self.run_blocks(x, kv_cache=kv_cache)
         kv_cache.end_step()
         logits, _ = self.logits_and_loss(x, None, last_only=True)  # (B, 1, vocab_size)
         return logits[:, -1, :]
+
+    def check_static_decode(self) -> None:
+        """Refuse the static decode step where it cannot run: the wrapper attention
+        keeps one module per head and appends to the cache at a host-side position."""
+        if self.config.attention != "fused":
+            raise MinigptError(
+                "static_decode (a static-shape step) needs the fused attention, not the wrapper",
+                hint="decode without static_decode, or convert the model to the fused form",
+                param="static_decode",
+            )
 
     def forward_with_attention(
         self, idx: Tensor, targets: Tensor | None = None, head_gates: Tensor | None = None

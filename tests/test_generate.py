@@ -17,6 +17,7 @@ from minigpt.errors import MinigptError
 from minigpt.generate import (
     MAX_SEED,
     Sampling,
+    StaticDecoder,
     StopStrings,
     cache_bytes,
     encode_prompt,
@@ -623,7 +624,9 @@ def test_cli_passes_every_sampling_option(hello_run, minigpt_cli):
         "stop": ["zz"],
         "kv_cache": False,
         "stride": 5,
+        "static_decode": False,
         "device": "cpu",
+        "dtype": "float32",
     }
 
 
@@ -814,3 +817,41 @@ def test_the_static_decode_step_is_refused_where_it_cannot_run():
     cache.start_static()
     with pytest.raises(MinigptError, match="needs the fused attention"):
         wrapper.decode_step(torch.tensor([[1]]), cache)
+
+
+def test_the_decoder_s_warm_up_leaves_the_cache_as_it_was():
+    # On CUDA the step is warmed up before its capture, in the middle of a generation:
+    # what the warm-up writes must never reach a token (run here on the CPU).
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
+    prefix, steps = torch.randint(50, (2, 5)), torch.randint(50, (4, 2, 1))
+    eager_cache, static_cache = model.new_kv_cache(2), model.new_kv_cache(2)
+    with torch.inference_mode():
+        model(prefix, kv_cache=eager_cache)
+        model(prefix, kv_cache=static_cache)
+        static_cache.start_static()
+        decoder = StaticDecoder(model, static_cache)
+        for ids in steps:
+            decoder.ids.copy_(torch.randint(50, (2, 1)))  # what a warm-up may be fed
+            decoder.warm_up()
+            eager, _ = model(ids, kv_cache=eager_cache, last_only=True)
+            torch.testing.assert_close(decoder(ids), eager[:, -1], atol=1e-5, rtol=1e-5)
+    assert static_cache.pos == eager_cache.pos == 9 and static_cache.position.item() == 9
+
+
+def test_generate_compile_and_dtype_on_the_command_line(hello_run, minigpt_cli):
+    run_dir, _, _ = hello_run
+    base = ["generate", run_dir, "-p", "he", "-n", "40", "--temperature", "0", "--device", "cpu"]
+    code, eager, _ = minigpt_cli(*base)
+    assert code == 0
+    code, compiled, _ = minigpt_cli(*base, "--compile")
+    assert code == 0 and compiled == eager  # past block_size=16: crops and re-prefills
+    code, out, _ = minigpt_cli(*base, "--dtype", "bfloat16", "--compile", "--json")
+    assert code == 0
+    settings = json.loads(out)["settings"]
+    assert settings["dtype"] == "bfloat16" and settings["static_decode"] is True
+    code, _, err = minigpt_cli(*base, "--dtype", "float16")
+    assert code == 2 and "dtype must be one of auto, float32, bfloat16" in err and "--dtype" in err
+    code, _, err = minigpt_cli(*base, "--compile", "--no-kv-cache")
+    assert code == 2 and "--compile (a static-shape step) writes into the KV cache" in err
+    assert "or --compile off" in err
