@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from minigpt import checkpoint
@@ -506,6 +506,11 @@ def _check_data(data: TrainData, block_size: int, resumed_run: Path | None) -> N
 
 def _wrap(model: GPT, config: RunConfig, ddp: Distributed, device: torch.device) -> nn.Module:
     """The module the loop calls: compiled if asked, inside DDP when there are several processes."""
+    if device.type == "cuda" and config.train.dtype != "float32":
+        # What autocast leaves in float32 (and every matmul of a float32 GPU) runs on
+        # TF32 tensor cores, as in nanoGPT; train.dtype=float32 keeps full precision.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     compiled = torch.compile(model) if config.train.compile else model
     if not ddp.enabled:
         return compiled
@@ -555,11 +560,54 @@ def _write_run_files(trainer: Trainer, *, resume: bool, force: bool, step: int) 
 # --------------------------------------------------------------------------- one step
 
 
+class _LossLog:
+    """The training loss of each step, kept on the device until it is read.
+
+    Reading a CUDA tensor on the host waits for the GPU to finish, and while the CPU
+    waits it cannot queue the next step's kernels: one read per step leaves the GPU
+    idle between steps. So losses are read every `read_every` steps (nanoGPT reads at
+    its log_interval too), and the first non-finite one is remembered on the device,
+    with its step, for `read` to report. The CPU runs in step with itself: it reads
+    every step, for a live progress bar.
+    """
+
+    def __init__(self, device: torch.device, read_every: int):
+        self.read_every = read_every
+        self.last: Tensor | None = None  # the latest step's mean loss, a 0-d tensor
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.bad_loss = torch.zeros((), device=device)
+
+    def add(self, loss: Tensor, step: int) -> None:
+        """The mean loss of `step` (a 0-d float tensor on the device); no host sync."""
+        first_bad = ~torch.isfinite(loss) & (self.bad_step < 0)
+        self.bad_step = torch.where(first_bad, step, self.bad_step)
+        self.bad_loss = torch.where(first_bad, loss, self.bad_loss)
+        self.last = loss
+
+    def due(self, step: int) -> bool:
+        return step % self.read_every == 0 or step == 1
+
+    def read(self, trainer: Trainer, state: TrainState) -> float:
+        """The latest loss as a float (a host sync); raises, keeping the last saved
+        state, if any loss since the last read was not finite."""
+        bad_step, bad_loss, last = torch.stack(
+            [self.bad_step.double(), self.bad_loss.double(), self.last.double()]
+        ).tolist()
+        if bad_step >= 0:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            raise _diverged(trainer, state, f"the loss became {bad_loss} at step {int(bad_step)}")
+        return last
+
+
 def train_step(
-    trainer: Trainer, state: TrainState, signals: _SignalFlag, clock: _Clock
-) -> tuple[float, bool]:
-    """One optimizer step over `accum` micro-batches: (mean loss over all ranks, whether
-    any rank got a signal). Raises, keeping the last saved state, when the loss is not finite."""
+    trainer: Trainer, state: TrainState, signals: _SignalFlag, clock: _Clock, losses: _LossLog
+) -> bool:
+    """One optimizer step over `accum` micro-batches; whether any rank got a signal.
+
+    The mean loss goes to `losses`, unread: one process reads it when due. With DDP the
+    ranks agree on the loss, the signal and the clock in one small all-reduce per step,
+    which reads it, and a non-finite loss then raises at once, keeping the last saved
+    state, as `_LossLog.read` does later for one process."""
     ddp, accum = trainer.ddp, trainer.accum
     loss_sum = torch.zeros((), device=trainer.device)
     for micro, stream in enumerate(state.streams):
@@ -571,26 +619,33 @@ def train_step(
                 _, loss = trainer.train_model(x, y)
             loss_sum += loss.detach().float()
             (loss / accum).backward()
-    # One small all-reduce: the mean loss over all ranks, whether any rank got a signal,
-    # and a shared clock, so that every rank stops and schedules in step.
-    shared = torch.tensor(
-        [0.0, float(signals.signum), clock.now()], dtype=torch.float64, device=trainer.device
-    )
-    shared[0] = loss_sum / accum
+    loss = loss_sum / accum
     if ddp.enabled:
+        # One small all-reduce: the mean loss over all ranks, whether any rank got a
+        # signal, and a shared clock, so that every rank stops and schedules in step.
+        shared = torch.tensor(
+            [0.0, float(signals.signum), clock.now()], dtype=torch.float64, device=trainer.device
+        )
+        shared[0] = loss
         dist.all_reduce(shared, op=dist.ReduceOp.SUM)
         shared /= ddp.world_size
-    loss_value, got_signal, state.elapsed = shared.tolist()
-    if not math.isfinite(loss_value):
-        trainer.optimizer.zero_grad(set_to_none=True)
-        raise _diverged(trainer, state, f"the loss became {loss_value} at step {state.step + 1}")
+        loss_value, got_signal, state.elapsed = shared.tolist()
+        loss = shared[0].float()
+        if not math.isfinite(loss_value):
+            trainer.optimizer.zero_grad(set_to_none=True)
+            raise _diverged(
+                trainer, state, f"the loss became {loss_value} at step {state.step + 1}"
+            )
+    else:
+        got_signal, state.elapsed = signals.signum != 0, clock.now()
+    losses.add(loss, state.step + 1)
     if trainer.config.train.grad_clip > 0:
         nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.train.grad_clip)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
     state.step += 1
     state.tokens_seen += trainer.tokens_per_step
-    return loss_value, bool(got_signal)
+    return bool(got_signal)
 
 
 # --------------------------------------------------------------------------- evaluate and save
@@ -750,17 +805,24 @@ def fit(trainer: Trainer, state: TrainState, progress: bool) -> TrainResult:
     """Step until max_iters, max_time or a signal; evaluate and save along the way."""
     t = trainer.config.train
     bar = _ProgressBar(t, state.step, progress and trainer.ddp.is_master, trainer.log)
-    clock, speed = _Clock(state.elapsed), _Throughput()
+    clock, speed = _Clock(state.elapsed), _Throughput(state.step)
+    losses = _LossLog(trainer.device, 1 if trainer.device.type == "cpu" else t.log_interval)
+    loss = math.nan  # the latest loss read (see _LossLog)
     stop_reason, stop_signal, last_plot = "max_iters", None, time.perf_counter()
     with _SignalFlag() as signals, contextlib.closing(bar):
         trainer.model.train()
         while state.step < t.max_iters:
-            step_start = time.perf_counter()
             lr = lr_at(state.step, trainer.config, state.elapsed)
             for group in trainer.optimizer.param_groups:
                 group["lr"] = lr
-            loss, got_signal = train_step(trainer, state, signals, clock)
-            tokens_per_s = speed.update(trainer.tokens_per_step, time.perf_counter() - step_start)
+            got_signal = train_step(trainer, state, signals, clock, losses)
+            out_of_time = t.max_time > 0 and state.elapsed >= t.max_time
+            must_save = state.step % t.eval_interval == 0 or state.step == t.max_iters
+            if losses.due(state.step) or got_signal or out_of_time or must_save:
+                loss = losses.read(trainer, state)  # the GPU catches up here
+                if not trainer.ddp.enabled:
+                    state.elapsed = clock.now()  # so the step is timed as done, not queued
+                speed.update(state.step, trainer.tokens_per_step)
             if state.step % t.log_interval == 0 or state.step == 1:
                 trainer.record(
                     {
@@ -769,16 +831,15 @@ def fit(trainer: Trainer, state: TrainState, progress: bool) -> TrainResult:
                         "lr": lr,
                         "tokens": state.tokens_seen,
                         "time": round(state.elapsed, 3),
-                        "tokens_per_s": round(tokens_per_s, 1),
+                        "tokens_per_s": round(speed.tokens_per_s, 1),
                     }
                 )
-            bar.advance(loss, lr, tokens_per_s, state.elapsed)
+            bar.advance(loss, lr, speed.tokens_per_s, state.elapsed)
             if got_signal:  # this rank's signal, or SIGTERM sent to another rank
                 stop_reason, stop_signal = "signal", signals.signum or signal.SIGTERM
                 save(trainer, state)
                 break
-            out_of_time = t.max_time > 0 and state.elapsed >= t.max_time
-            if state.step % t.eval_interval == 0 or state.step == t.max_iters or out_of_time:
+            if must_save or out_of_time:
                 line = evaluate_and_save(trainer, state, signals)
                 if line is None:  # a signal arrived during the evaluation
                     stop_reason, stop_signal = "signal", signals.signum or signal.SIGTERM
@@ -949,17 +1010,19 @@ class _Clock:
 
 
 class _Throughput:
-    """Tokens per second, smoothed over steps (the first step of a session is taken as is)."""
+    """Tokens per second between the steps whose loss was read (only then has the GPU
+    caught up with the clock), smoothed; the first reading of a session is taken as is."""
 
-    def __init__(self) -> None:
-        self.tokens_per_s: float | None = None
+    def __init__(self, step: int) -> None:
+        self.step, self.time = step, time.perf_counter()
+        self.tokens_per_s = 0.0
+        self.measured = False
 
-    def update(self, tokens: int, seconds: float) -> float:
-        now = tokens / max(seconds, 1e-9)
-        self.tokens_per_s = (
-            now if self.tokens_per_s is None else 0.9 * self.tokens_per_s + 0.1 * now
-        )
-        return self.tokens_per_s
+    def update(self, step: int, tokens_per_step: int) -> None:
+        now = time.perf_counter()
+        rate = (step - self.step) * tokens_per_step / max(now - self.time, 1e-9)
+        self.tokens_per_s = 0.9 * self.tokens_per_s + 0.1 * rate if self.measured else rate
+        self.step, self.time, self.measured = step, now, True
 
 
 class _ProgressBar:

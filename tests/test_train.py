@@ -210,9 +210,18 @@ def test_block_size_larger_than_a_split(tmp_path, data):
     assert not (tmp_path / "run").exists()
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch):
+@pytest.mark.parametrize("read_every", [1, 5])
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch, read_every):
+    # read_every=5 is the GPU's way (the loss stays on the device between reads): the
+    # NaN of step 6 is found at the read before step 8's save, and named by its step.
     out = tmp_path / "run"
     calls = {"n": 0}
+
+    class ReadEvery(trainer._LossLog):
+        def __init__(self, device, _read_every):
+            super().__init__(device, read_every)
+
+    monkeypatch.setattr(trainer, "_LossLog", ReadEvery)
 
     class PoisonedGPT(GPT):
         def forward(self, idx, targets=None, **kwargs):
