@@ -11,13 +11,21 @@ block_size * n_embd, as bench/train.py) times tokens/s over the device's dense
 bf16 peak (H100/H200: 989 TFLOP/s, A100: 312), or over a measured fp32 matmul
 peak on a CPU.
 
+"train loop" is the same shapes through `minigpt.train.train` itself, for
+TRAIN_LOOP_STEPS steps (batches drawn from a token file, the LR schedule, the loss
+read every log_interval, the final evaluation and save): ms/step from its own
+metrics between step 10 and the last, so compilation is not counted. The GPT-2
+row steps 4 micro-batches of 16 x 1024 (65,536 tokens), the issue's nanoGPT recipe.
+
 Decode: greedy `minigpt.generate` at batch 1 and 8, fp32 and bf16, for the
 shakespeare-char and GPT-2 small shapes (random weights, a 16-token prompt), the
 KV cache against recomputing every step at 500 tokens, and Hugging Face
-`generate` on the same weights when transformers is installed. "static step" is
-`GPT.decode_step` (static_decode=True), run eagerly: the shapes a CUDA graph can
-capture. The capture itself (issue 14) is not built yet, and gets its column when
-it is.
+`generate` on the same weights when transformers is installed. "captured" is
+static_decode=True (`minigpt generate --compile`): on CUDA each step replays a CUDA
+graph; on a CPU the same static-shape step runs without one.
+
+Kernels: the 8 kernels that take the most time in 20 eager decode steps of GPT-2
+small at batch 1, fp32 against bf16 (torch.profiler): where bf16's time goes.
 
 Prints tables and writes bench/results/gpu.json with the device and torch version.
 """
@@ -87,7 +95,8 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
     return _bench_module("train").matmul_peak(seconds=0.5), "measured fp32 matmul"
 
 
-def train_rate(config: GPTConfig, batch: int, device: torch.device, steps: int) -> dict:
+def train_rate(config: GPTConfig, batch: int, accum: int, device: torch.device,
+               steps: int) -> dict:  # fmt: skip
     """Median ms per optimizer step, tokens/s and MFU's numerator (FLOPs per token)."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
@@ -98,9 +107,10 @@ def train_rate(config: GPTConfig, batch: int, device: torch.device, steps: int) 
     y = torch.randint(config.vocab_size, (batch, config.block_size), device=device)
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            _, loss = step_model(x, y)
-        loss.backward()
+        for _ in range(accum):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                _, loss = step_model(x, y)
+            (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -118,11 +128,73 @@ def train_rate(config: GPTConfig, batch: int, device: torch.device, steps: int) 
     c = model.config
     return {
         "step_ms": seconds * 1e3,
-        "tokens_per_s": batch * c.block_size / seconds,
+        "tokens_per_s": batch * accum * c.block_size / seconds,
         "flops_per_token": 6 * model.num_params() + 12 * c.n_layer * c.block_size * c.n_embd,
         "dtype": "bf16 autocast" if cuda else "float32",
         "compiled": cuda,
     }
+
+
+TRAIN_LOOP_STEPS = 60
+
+
+def train_loop_rate(config: GPTConfig, batch: int, accum: int, device: torch.device,
+                    steps: int) -> dict:  # fmt: skip
+    """ms/step and tokens/s of `minigpt.train.train` itself, from its metrics."""
+    import tempfile
+
+    import numpy as np
+
+    from minigpt.checkpoint import METRICS_FILE
+    from minigpt.tokenizer import CharTokenizer
+    from minigpt.train import TrainData, train
+
+    tokenizer = CharTokenizer([chr(ord("!") + i) for i in range(65)])
+    tokens = np.random.default_rng(0).integers(65, size=4_000_000, dtype=np.uint16)
+    data = TrainData(tokenizer, tokens[:3_600_000], tokens[3_600_000:])
+    c = config
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory() as out:
+        sets = [f"model.{key}={getattr(c, key)}" for key in
+                ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias")]  # fmt: skip
+        sets += [f"train.batch_size={batch}", f"train.grad_accum={accum}",
+                 f"train.max_iters={steps}", f"train.eval_interval={steps}", "train.eval_iters=1",
+                 "train.log_interval=10", "train.warmup_iters=10", f"train.compile={cuda}",
+                 f"train.device={device}", f"train.out_dir={out}"]  # fmt: skip
+        train(load_config(None, sets), data=data)
+        with open(Path(out) / METRICS_FILE) as f:
+            times = {
+                r["step"]: r["time"] for r in map(json.loads, f) if "loss" in r and "time" in r
+            }
+    first = min(step for step in times if step >= 10)
+    seconds = (times[steps] - times[first]) / (steps - first)
+    return {
+        "loop_step_ms": seconds * 1e3,
+        "loop_tokens_per_s": batch * accum * c.block_size / seconds,
+    }
+
+
+def decode_kernels(device: torch.device, quick: bool, top: int = 8) -> dict:
+    """The `top` ops by device time (self) in 20 eager decode steps, per dtype."""
+    from torch.profiler import ProfilerActivity, profile
+
+    name, (config, _) = list(shapes(quick).items())[-1]
+    activity = ProfilerActivity.CUDA if device.type == "cuda" else ProfilerActivity.CPU
+    result = {"shape": name, "steps": 20}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.manual_seed(0)
+        model = GPT(config).eval().to(device=device, dtype=dtype)
+        run = minigpt_decode(model, list(range(16)), 20, 1)
+        run()  # warm-up
+        with profile(activities=[activity]) as prof:
+            run()
+            sync(device)
+        attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+        result[str(dtype).removeprefix("torch.")] = [
+            {"name": e.key[:70], "calls": e.count, "us": getattr(e, attr)} for e in events[:top]
+        ]
+    return result
 
 
 def decode_seconds(run, device: torch.device, repeats: int = 2) -> float:
@@ -181,8 +253,8 @@ def decode_rows(quick: bool, device: torch.device) -> list[dict]:
                 row = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch}
                 seconds = decode_seconds(minigpt_decode(model, prompt, n, batch), device)
                 row["minigpt_tok_s"] = n * batch / seconds
-                static = minigpt_decode(model, prompt, n, batch, static=True)
-                row["static_tok_s"] = n * batch / decode_seconds(static, device)
+                captured = minigpt_decode(model, prompt, n, batch, static=True)
+                row["captured_tok_s"] = n * batch / decode_seconds(captured, device)
                 if hf is not None:
                     seconds = decode_seconds(hf_decode(hf, prompt, n, batch, device), device)
                     row["hf_tok_s"] = n * batch / seconds
@@ -214,19 +286,28 @@ def kv_against_recompute(quick: bool, device: torch.device) -> dict:
 
 def print_tables(result: dict) -> None:
     print(f"\n{result['device']} (torch {result['torch']}), peak {result['peak_label']}\n")
-    print("| training | dtype | ms/step | tokens/s | MFU |\n|---|---|---:|---:|---:|")
-    for row in result["training"]:
-        print(f"| {row['shape']} x batch {row['batch']} | {row['dtype']} | {row['step_ms']:.1f} "
-              f"| {row['tokens_per_s']:,.0f} | {row['mfu']:.1%} |")  # fmt: skip
     print(
-        "\n| decode | dtype | batch | minigpt tok/s | static step tok/s | HF tok/s | minigpt / HF |"
+        "| training | dtype | ms/step | tokens/s | MFU | train loop ms/step | loop tokens/s | loop MFU |"
     )
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for row in result["training"]:
+        print(f"| {row['shape']} x batch {row['batch']} x {row['accum']} | {row['dtype']} "
+              f"| {row['step_ms']:.1f} | {row['tokens_per_s']:,.0f} | {row['mfu']:.1%} "
+              f"| {row['loop_step_ms']:.1f} | {row['loop_tokens_per_s']:,.0f} "
+              f"| {row['loop_mfu']:.1%} |")  # fmt: skip
+    print("\n| decode | dtype | batch | eager tok/s | captured tok/s | captured / eager "
+          "| HF tok/s | captured / HF |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for row in result["decode"]:
-        hf = row.get("hf_tok_s")
-        ratio = f"{row['minigpt_tok_s'] / hf:.2f}x" if hf else "-"
-        print(f"| {row['shape']} | {row['dtype']} | {row['batch']} | {row['minigpt_tok_s']:,.0f} "
-              f"| {row['static_tok_s']:,.0f} | {f'{hf:,.0f}' if hf else '-'} | {ratio} |")  # fmt: skip
+        eager, captured, hf = row["minigpt_tok_s"], row["captured_tok_s"], row.get("hf_tok_s")
+        print(f"| {row['shape']} | {row['dtype']} | {row['batch']} | {eager:,.0f} "
+              f"| {captured:,.0f} | {captured / eager:.2f}x | {f'{hf:,.0f}' if hf else '-'} "
+              f"| {f'{captured / hf:.2f}x' if hf else '-'} |")  # fmt: skip
+    kernels = result["kernels"]
+    for dtype in ("float32", "bfloat16"):
+        print(f"\n{kernels['shape']}, {dtype}, {kernels['steps']} eager decode steps at batch 1:")
+        for e in kernels[dtype]:
+            print(f"  {e['us'] / 1e3:8.2f} ms  {e['calls']:5d} calls  {e['name']}")
     kv = result["kv_cache"]
     print(f"\nKV cache vs recompute, {kv['shape']}, {kv['tokens']} tokens: "
           f"{kv['kv_tok_s']:,.0f} vs {kv['recompute_tok_s']:,.0f} tok/s ({kv['speedup']:.2f}x)")  # fmt: skip
@@ -245,10 +326,14 @@ def main() -> None:
     peak, peak_label = peak_flops(device)
     training = []
     for name, (config, batch) in shapes(args.quick).items():
-        row = {"shape": name, "batch": batch} | train_rate(
-            config, batch, device, 3 if args.quick else 20
+        accum = 4 if config.block_size >= 1024 else 1  # GPT-2: 65,536 tokens per step
+        row = {"shape": name, "batch": batch, "accum": accum} | train_rate(
+            config, batch, accum, device, 3 if args.quick else 20
         )
+        steps = 20 if args.quick else TRAIN_LOOP_STEPS
+        row |= train_loop_rate(config, batch, accum, device, steps)
         row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak
+        row["loop_mfu"] = row["loop_tokens_per_s"] * row["flops_per_token"] / peak
         training.append(row)
     result = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
@@ -260,6 +345,7 @@ def main() -> None:
         "training": training,
         "decode": decode_rows(args.quick, device),
         "kv_cache": kv_against_recompute(args.quick, device),
+        "kernels": decode_kernels(device, args.quick),
     }  # fmt: skip
     result["seconds"] = time.perf_counter() - started
     print_tables(result)
