@@ -22,6 +22,17 @@ slightly shorter context right after a crop for one prefill every `stride` steps
 Both paths (`use_kv_cache=True` and the recomputing `False`) use the same windows,
 so for any stride they give the same tokens: the cache is an optimisation only.
 
+Rotary positions (`position="rope"`) need none of this: attention depends only on
+how far apart two tokens are, so the window slides one token per step. The cache
+is a ring (`KVCache.rolling`) that drops the oldest position for the newest, and
+every step past block_size costs one position. What it computes is sliding-window
+attention: at every layer each token sees the last block_size positions. That is
+not "the last block_size tokens, run from scratch": with several layers, the
+oldest tokens of such a window would lose the context they had when they were
+cached. So the recomputing path runs the last n_layer * (block_size - 1) + 1
+tokens (all the last token depends on) under the same sliding window
+(`attention.sliding_window_mask`), at positions 0.. : the same tokens.
+
 The settings of a generation are one `Sampling`, checked when it is made; this
 module prints nothing (the command line's printing is in `console.py`).
 """
@@ -326,6 +337,13 @@ def generate(
         settings["max_new_tokens"] = max_new_tokens
     sampling = _with_settings(sampling, settings)
     block_size = model.config.block_size
+    if model.config.position == "rope" and sampling.stride is not None:
+        raise MinigptError(
+            "stride applies to learned positions; this model's rotary positions slide"
+            " its window one token at a time (a rolling KV cache)",
+            hint="leave the overflow stride out with this model",
+            param="stride",
+        )
     stride = sampling.stride_for(block_size)
     if not 0 <= stride < block_size:
         raise MinigptError(
@@ -377,11 +395,11 @@ def _check_prompt_ids(prompt_ids: Sequence[int], block_size: int, vocab_limit: i
 
 def cache_bytes(model: GPT, num_samples: int) -> int:
     """Memory of the keys and values of num_samples full contexts: every layer keeps
-    K and V, each (num_samples, n_head, block_size, d_head), in the weights' dtype.
+    K and V, each (num_samples, n_kv_head, block_size, d_head), in the weights' dtype.
     Without the cache a forward over that batch holds as much, so both paths count it."""
     c = model.config
     element = model.tok_emb.weight.element_size()
-    return num_samples * c.n_layer * 2 * c.n_head * c.block_size * c.d_head * element
+    return num_samples * c.n_layer * 2 * c.kv_heads * c.block_size * c.d_head * element
 
 
 def memory_limit(device: torch.device) -> int:
@@ -416,11 +434,19 @@ def _decode_steps(
 ) -> Iterator[Tensor]:
     # (inference_mode wraps each resume of this generator, not the caller's code.)
     block_size = model.config.block_size
+    # Rotary positions: every layer attends over the last block_size positions, and the
+    # cache rolls with them. Recomputing that needs more than the last block_size tokens:
+    # the last token's state depends, through n_layer windows, on the last
+    # n_layer * (block_size - 1) + 1 tokens, which are run again at positions 0.. .
+    rolling = model.config.position == "rope"
+    window = model.config.n_layer * (block_size - 1) + 1 if rolling else block_size
+    if rolling:
+        stride = 0
     num_samples, max_new_tokens = sampling.num_samples, sampling.max_new_tokens
     n = len(prompt_ids)
-    # Token history: a window never reaches back more than block_size tokens, so keep
-    # at most 2 x block_size and slide the last block_size to the front when it is full.
-    width = min(n + max_new_tokens, 2 * block_size)
+    # Token history: a window never reaches back more than `window` tokens, so keep
+    # at most 2 x window and slide the last `window` to the front when it is full.
+    width = min(n + max_new_tokens, 2 * window)
     tokens = torch.empty((num_samples, width), dtype=torch.long, device=model.device)  # (B, width)
     tokens[:, :n] = torch.tensor(prompt_ids, dtype=torch.long, device=model.device)
     start = 0  # the window the model sees is tokens[:, start:n]
@@ -440,17 +466,17 @@ def _decode_steps(
     for step in range(max_new_tokens):
         next_ids = _next_ids(logits[:, :vocab_limit], sampling, generator)  # (B,)
         if n == width:
-            tokens[:, :block_size] = tokens[:, n - block_size : n].clone()
-            start, n = start - (n - block_size), block_size
+            tokens[:, :window] = tokens[:, n - window : n].clone()
+            start, n = start - (n - window), window
         tokens[:, n] = next_ids
         n += 1
         yield next_ids
         if step == max_new_tokens - 1:
             break  # no logits needed after the last token
-        new_start = window_start(n, start, block_size, stride)
+        new_start = window_start(n, start, window, stride)
         if not sampling.use_kv_cache:
             logits, _ = model(tokens[:, new_start:n], last_only=True)
-        elif new_start != start:
+        elif new_start != start and not rolling:
             # The cache holds block_size positions: crop, prefill the window again.
             kv_cache.reset()
             logits, _ = model(tokens[:, new_start:n], kv_cache=kv_cache, last_only=True)

@@ -377,6 +377,22 @@ class Inspection:
     notes: list[str] = field(default_factory=list)
     """Warnings for the user (cropping, importance on the prompt, ...)."""
     thresholds: RoleThresholds = ROLE_THRESHOLDS
+    n_kv_head: int | None = None
+    """Heads of K and V per layer (None: n_head); fewer means groups share them."""
+
+    def __post_init__(self) -> None:
+        groups = self.kv_groups()
+        if len(groups) < self.n_head:
+            spans = ", ".join(f"{g[0]}-{g[-1]}" if len(g) > 1 else f"{g[0]}" for g in groups)
+            self.notes.append(
+                f"grouped-query attention: in every layer heads {spans} share one K and V"
+                f" (n_kv_head={len(groups)}); each head keeps its own queries"
+            )
+
+    def kv_groups(self) -> list[list[int]]:
+        """The heads of each layer that share one K/V head, group by group."""
+        group = self.n_head // (self.n_kv_head or self.n_head)
+        return [list(range(g, g + group)) for g in range(0, self.n_head, group)]
 
     def head(self, layer: int, head: int) -> HeadMetrics:
         return self.heads[layer * self.n_head + head]
@@ -398,6 +414,7 @@ class Inspection:
             "source": self.source,
             "n_layer": self.n_layer,
             "n_head": self.n_head,
+            "kv_groups": self.kv_groups(),
             "n_sequences": self.n_sequences,
             "repeated": self.repeated,
             "importance_source": self.importance_source,
@@ -565,6 +582,7 @@ def inspect_heads(
         heads=_head_metrics(means, similarity, importance, grad_importance, thresholds),
         n_layer=model.config.n_layer,
         n_head=model.config.n_head,
+        n_kv_head=model.config.kv_heads,
         tokens=token_labels(tokenizer, sequences[0].tolist()),
         attention=first_attention,
         similarity=similarity,

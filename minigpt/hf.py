@@ -175,6 +175,18 @@ def hf_config_from_gpt(config: GPTConfig, eot_id: int | None) -> dict:
             f"the run's model.activation={config.activation!r} has no GPT-2 equivalent",
             hint=f"only {', '.join(ACTIVATIONS_TO_HF)} models can be exported",
         )
+    gpt2 = {"position": "learned", "norm": "layernorm", "mlp": "gelu", "qk_norm": False}
+    modern = [
+        f"{key}={getattr(config, key)!r}" for key in gpt2 if getattr(config, key) != gpt2[key]
+    ]
+    if config.kv_heads != config.n_head:
+        modern.append(f"n_kv_head={config.n_kv_head}")
+    if modern:
+        raise MinigptError(
+            f"the run's model has {', '.join(modern)}, which GPT-2 has no place for",
+            hint="only GPT-2-shaped models (learned positions, LayerNorm, GELU MLP, one K/V"
+            " per head, no QK-norm) export to a GPT2LMHeadModel",
+        )
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",

@@ -4,6 +4,13 @@ Without a cache, sampling token t+1 recomputes K and V for all t earlier tokens 
 every layer. They never change (attention is causal), so we keep them: each new
 token then costs one position of work. The buffers are preallocated once at the
 maximum length, so decoding never reallocates or copies the history.
+
+A rolling cache (for rotary positions, where attention depends only on offsets)
+is a ring: once its max_len slots are full, each new position overwrites the
+oldest, so the model keeps seeing the last max_len positions and a step past the
+end costs what any other step costs. With learned absolute positions a window
+cannot slide this way (every cached key depends on where the window starts), so
+there the cache is cropped and filled again (see minigpt.generate).
 """
 
 from __future__ import annotations
@@ -15,11 +22,11 @@ from minigpt.errors import MinigptError
 
 
 class KVCache:
-    """Preallocated per-layer K and V buffers, each (B, H, max_len, d_head), and `pos`.
+    """Preallocated per-layer K and V buffers, each (B, H_kv, max_len, d_head), and `pos`.
 
     `pos` is the number of positions already written (the same for every layer).
     A forward pass calls `check_fits` once, `append(layer, k, v)` once per layer,
-    then `advance(T)`.
+    then `advance(T)`. rolling: a ring that takes one position at a time once full.
     """
 
     def __init__(
@@ -32,12 +39,14 @@ class KVCache:
         *,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        rolling: bool = False,
     ):
         shape = (batch_size, n_head, max_len, d_head)
         self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
         self.batch_size, self.n_head, self.max_len, self.d_head = shape
         self.pos = 0
+        self.rolling = rolling
         # the static decode step's state (see start_static): None until it is used
         self.position: Tensor | None = None  # (1,) long, on the device: the slot to write
         self.visible: Tensor | None = None  # (1, max_len) bool: the slots this step sees
@@ -66,7 +75,7 @@ class KVCache:
                 hint="build the cache with the model's shape and the batch size you decode with",
                 param="kv_cache",
             )
-        if n_new > self.remaining:
+        if n_new > self.remaining and not (self.rolling and n_new == 1):
             raise MinigptError(
                 f"KV cache is full: {self.pos} positions cached, {n_new} more do not fit "
                 f"in max_len={self.max_len}",
@@ -79,7 +88,14 @@ class KVCache:
 
         Returns views of shape (B, H, pos + T, d_head): no copy of the history. The
         shapes are the caller's to check, once per forward pass (`check_fits`).
+        A full rolling cache writes its one position over the oldest and returns all
+        max_len slots, in ring order: one query attends over them without a mask.
         """
+        if self.pos >= self.max_len:  # rolling, one position (check_fits)
+            slot = self.pos % self.max_len
+            self.keys[layer][:, :, slot : slot + 1] = k
+            self.values[layer][:, :, slot : slot + 1] = v
+            return self.keys[layer], self.values[layer]
         end = self.pos + k.size(2)
         self.keys[layer][:, :, self.pos : end] = k
         self.values[layer][:, :, self.pos : end] = v
@@ -109,15 +125,17 @@ class KVCache:
         self.position.fill_(self.pos)
 
     def begin_step(self) -> None:
-        """Before a static step's layers: the slots up to `position` are visible."""
+        """Before a static step's layers: the slots up to `position` are visible (all
+        of them once a rolling cache is full), and the step writes `position`'s slot."""
         self.visible = (self.slots <= self.position)[None, :]  # (1, max_len): one query
+        self.slot = self.position.remainder(self.max_len)  # the ring's slot (rolling)
         self.stepping = True
 
     def write_at(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write one position's K, V (B, H, 1, d_head) at `position`; return the whole
         buffers (B, H, max_len, d_head), to be read through `visible`."""
-        self.keys[layer].index_copy_(2, self.position, k)
-        self.values[layer].index_copy_(2, self.position, v)
+        self.keys[layer].index_copy_(2, self.slot, k)
+        self.values[layer].index_copy_(2, self.slot, v)
         return self.keys[layer], self.values[layer]
 
     def end_step(self) -> None:
@@ -136,5 +154,5 @@ class KVCache:
 
     @property
     def remaining(self) -> int:
-        """How many more positions fit."""
-        return self.max_len - self.pos
+        """How many more positions fit (a full rolling cache still takes one at a time)."""
+        return max(0, self.max_len - self.pos)

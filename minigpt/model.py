@@ -4,6 +4,11 @@
                -> n_layer x Block: x + Attn(LN(x)), then x + MLP(LN(x))  `GPT.run_blocks`
                -> LN -> lm_head (B, T, vocab_size), cross-entropy        `GPT.logits_and_loss`
 
+The defaults are GPT-2's. Options of today's small GPTs (nanochat, Llama) can be
+turned on one at a time to see what each changes: rotary positions instead of
+pos_emb (`position="rope"`), RMSNorm (`norm`), a SwiGLU MLP (`mlp`), grouped-query
+attention (`n_kv_head`) and QK-norm (`qk_norm`).
+
 `GPT.forward` is these three steps; they are public so that a caller (the head
 inspector) can restart the blocks from any layer's residual stream.
 
@@ -22,12 +27,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minigpt.attention import MultiHeadAttention, MultiHeadAttentionWrapper, causal_mask
+from minigpt.attention import (
+    MultiHeadAttention,
+    MultiHeadAttentionWrapper,
+    RMSNorm,
+    causal_mask,
+)
 from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
 
 ATTENTION_FORMS = ("fused", "wrapper")
 ACTIVATIONS = ("gelu", "gelu_tanh")
+POSITIONS = ("learned", "rope")
+NORMS = ("layernorm", "rmsnorm")
+MLPS = ("gelu", "swiglu")
+SWIGLU_MULTIPLE = 64
+"""SwiGLU's hidden width is 8/3 n_embd rounded up to a multiple of this (Llama's rule,
+with 64 where Llama has 256, which is too coarse for widths of a few hundred)."""
 
 
 @dataclass
@@ -59,7 +75,20 @@ class GPTConfig:
     activation: str = "gelu"
     """The MLP's nonlinearity: 'gelu' (exact, erf) or 'gelu_tanh' (the tanh approximation GPT-2 was trained with)."""
     layer_norm_eps: float = 1e-5
-    """The epsilon added to the variance in every LayerNorm (GPT-2: 1e-5)."""
+    """The epsilon added to the variance in every LayerNorm or RMSNorm (GPT-2: 1e-5)."""
+    position: str = "learned"
+    """'learned' (a pos_emb row added per position, GPT-2) or 'rope' (Q and K rotated by position)."""
+    rope_theta: float = 10000.0
+    """The base of the rotary frequencies theta^(-2i / d_head) (used with position='rope')."""
+    norm: str = "layernorm"
+    """'layernorm' (GPT-2) or 'rmsnorm' (no mean, no bias: Llama, nanochat)."""
+    mlp: str = "gelu"
+    """'gelu' (n_embd -> 4 n_embd -> n_embd) or 'swiglu' (silu(x W1) * x W3, then W2; hidden
+    width 8/3 n_embd rounded up to a multiple of 64, so the parameters stay about the same)."""
+    n_kv_head: int = 0
+    """Heads of K and V (grouped-query attention); 0 means n_head. n_head must be a multiple."""
+    qk_norm: bool = False
+    """RMSNorm of every head's Q and K before the scores (OLMo 2, Qwen3, nanochat)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -104,17 +133,71 @@ class GPTConfig:
                 f"model.layer_norm_eps must be positive, got {self.layer_norm_eps}",
                 hint="GPT-2 uses 1e-5",
             )
+        for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+            if getattr(self, name) not in allowed:
+                raise MinigptError(
+                    f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}",
+                    hint=f"'{allowed[0]}' is GPT-2's; '{allowed[1]}' is the modern option",
+                )
+        if not (_is_finite_number(self.rope_theta) and self.rope_theta > 0):
+            raise MinigptError(
+                f"model.rope_theta must be a positive number, got {self.rope_theta!r}",
+                hint="10000 is the usual base",
+            )
+        if self.position == "rope" and self.d_head % 2:
+            raise MinigptError(
+                f"model.position='rope' needs an even head size, got "
+                f"n_embd / n_head = {self.d_head}",
+                hint="rotary embeddings turn pairs of features: pick n_embd / n_head even",
+            )
+        kv = self.n_kv_head
+        if not isinstance(kv, int) or isinstance(kv, bool) or kv < 0 or kv > self.n_head:
+            raise MinigptError(
+                f"model.n_kv_head must be from 0 (n_head) to n_head={self.n_head}, got {kv!r}",
+                hint="0 gives every query head its own K and V",
+            )
+        if kv and self.n_head % kv:
+            raise MinigptError(
+                f"model.n_head={self.n_head} is not a multiple of model.n_kv_head={kv}",
+                hint="each group of query heads shares one K/V head: pick a divisor of n_head",
+            )
+        if not isinstance(self.qk_norm, bool):
+            raise MinigptError(f"model.qk_norm must be true or false, got {self.qk_norm!r}")
+        if self.mlp == "swiglu" and self.activation != "gelu":
+            raise MinigptError(
+                f"model.activation={self.activation!r} is the gelu MLP's; SwiGLU uses SiLU",
+                hint="leave model.activation out with model.mlp='swiglu'",
+            )
 
     def num_params(self) -> int:
         """Parameters of the GPT this config builds (the tied LM head counted once),
         computed without building it: so an absurd shape is refused before any memory
         is allocated."""
-        C, biases = self.n_embd, self.bias
-        per_layer = 12 * C * C + 2 * C  # W_qkv 3C², W_o C², MLP 8C², two LayerNorm gains
-        if biases:
-            per_layer += 3 * C + C + 4 * C + C + 2 * C  # qkv, W_o, fc, proj, LayerNorm biases
-        final_norm = 2 * C if biases else C
-        return (self.vocab_size + self.block_size) * C + self.n_layer * per_layer + final_norm
+        C, b = self.n_embd, int(self.bias)
+        d_kv = self.kv_heads * self.d_head
+        norm = C + (b * C if self.norm == "layernorm" else 0)  # gain (and LayerNorm's bias)
+        attention = (C + 2 * d_kv) * C + C * C + b * (C + 2 * d_kv + C)  # W_qkv, W_o
+        attention += 2 * self.d_head if self.qk_norm else 0  # the Q and K gains
+        hidden = self.mlp_hidden
+        if self.mlp == "swiglu":  # W1, W3 (C -> hidden) and W2 (hidden -> C)
+            mlp = 3 * C * hidden + b * (2 * hidden + C)
+        else:
+            mlp = 2 * C * hidden + b * (hidden + C)
+        positions = self.block_size * C if self.position == "learned" else 0
+        per_layer = attention + mlp + 2 * norm
+        return self.vocab_size * C + positions + self.n_layer * per_layer + norm
+
+    @property
+    def kv_heads(self) -> int:
+        """Heads of K and V: n_kv_head, or n_head when it is 0."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """The MLP's hidden width: 4 n_embd, or SwiGLU's 8/3 n_embd rounded up to SWIGLU_MULTIPLE."""
+        if self.mlp == "swiglu":
+            return -(-8 * self.n_embd // 3 // SWIGLU_MULTIPLE) * SWIGLU_MULTIPLE
+        return 4 * self.n_embd
 
     def module_bytes(self) -> int:
         """Bytes the built module holds in float32: its weights and the causal masks
@@ -198,13 +281,38 @@ def _bytes_text(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB" if n < 2**70 else f"{float(n):.3g} bytes"
 
 
+def make_norm(config: GPTConfig) -> nn.Module:
+    """The block's and the final normalisation: LayerNorm (GPT-2) or RMSNorm."""
+    if config.norm == "rmsnorm":
+        return RMSNorm(config.n_embd, config.layer_norm_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+
+
+class SwiGLU(nn.Module):
+    """Position-wise feed-forward of Llama: (silu(x W1) * x W3) W2 (Shazeer, 2020).
+
+    Three matrices instead of two, so the hidden width is 8/3 n_embd instead of 4 n_embd
+    (`GPTConfig.mlp_hidden`): about the parameters of the GELU MLP."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        hidden = config.mlp_hidden
+        self.fc_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)  # W1
+        self.fc_up = nn.Linear(config.n_embd, hidden, bias=config.bias)  # W3
+        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)  # W2
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.proj(F.silu(self.fc_gate(x)) * self.fc_up(x)))
+
+
 class MLP(nn.Module):
     """Position-wise feed-forward: n_embd -> 4 n_embd -> GELU -> n_embd."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
+        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
         # GPT-2 was trained with the tanh approximation of GELU, which differs from the
         # exact one by up to ~1e-3 per activation: an imported model keeps the one it had.
@@ -222,7 +330,7 @@ class Block(nn.Module):
         attention_cls = (
             MultiHeadAttention if config.attention == "fused" else MultiHeadAttentionWrapper
         )
-        self.ln_attn = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_attn = make_norm(config)
         self.attn = attention_cls(
             config.n_embd,
             config.n_embd,
@@ -233,9 +341,13 @@ class Block(nn.Module):
             dropout=config.dropout,
             layer_idx=layer_idx,
             check_inputs=False,  # GPT.forward checks its input once for every layer
+            n_kv_head=config.kv_heads,
+            qk_norm=config.qk_norm,
+            rope_theta=config.rope_theta if config.position == "rope" else None,
+            norm_eps=config.layer_norm_eps,
         )
-        self.ln_mlp = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-        self.mlp = MLP(config)
+        self.ln_mlp = make_norm(config)
+        self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
     def forward(
         self, x: Tensor, gate: Tensor | None, kv_cache: KVCache | None, need_weights: bool
@@ -261,10 +373,11 @@ class GPT(nn.Module):
         check_memory(config.module_bytes(), torch.device("cpu"), f"a model of {config.describe()}")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        if config.position == "learned":  # with rope, positions turn Q and K instead
+            self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # Weight tying (Press & Wolf, 2017): the output embedding is the input one.
         # Saves vocab_size * n_embd parameters and trains better on small data.
@@ -310,7 +423,9 @@ class GPT(nn.Module):
         """Parameter count; by default without the position embedding (the token
         embedding is counted once, as the tied LM head uses it)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.pos_emb.weight.numel() if non_embedding else n
+        if non_embedding and self.config.position == "learned":
+            return n - self.pos_emb.weight.numel()
+        return n
 
     def new_kv_cache(
         self, batch_size: int, max_len: int | None = None, dtype: torch.dtype | None = None
@@ -319,11 +434,13 @@ class GPT(nn.Module):
         return KVCache(
             self.config.n_layer,
             batch_size,
-            self.config.n_head,
+            self.config.kv_heads,
             max_len or self.config.block_size,
             self.config.d_head,
             device=self.device,
             dtype=dtype or self.tok_emb.weight.dtype,
+            # rotary positions: attention sees offsets only, so the window can slide
+            rolling=self.config.position == "rope",
         )
 
     def forward(
@@ -345,7 +462,8 @@ class GPT(nn.Module):
         x = self.embed(idx, kv_cache.pos if kv_cache is not None else 0)  # (B, T, n_embd)
         if kv_cache is not None:
             B, T = idx.shape
-            kv_cache.check_fits(self.config.n_layer, B, self.config.n_head, self.config.d_head, T)
+            c = self.config
+            kv_cache.check_fits(c.n_layer, B, c.kv_heads, c.d_head, T)
         x, _ = self.run_blocks(x, head_gates=head_gates, kv_cache=kv_cache)
         if kv_cache is not None:
             kv_cache.advance(idx.size(1))
@@ -358,7 +476,10 @@ class GPT(nn.Module):
         the cache, and advance its `pos` after each step. Only the fused attention
         takes this path; the same tokens as `forward` with the cache (tests hold it)."""
         self.check_static_decode()
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(kv_cache.position))  # (B, 1, n_embd)
+        x = self.tok_emb(idx)  # (B, 1, n_embd)
+        if self.config.position == "learned":
+            x = x + self.pos_emb(kv_cache.position)
+        x = self.drop(x)
         kv_cache.begin_step()
         x, _ = self.run_blocks(x, kv_cache=kv_cache)
         kv_cache.end_step()
@@ -396,14 +517,18 @@ class GPT(nn.Module):
                 param="idx",
             )
         T = idx.size(1)
-        if pos + T > self.config.block_size:
+        # Rotary positions have no end: past block_size each query sees the last
+        # block_size positions (a sliding window, what the rolling KV cache computes).
+        if pos + T > self.config.block_size and self.config.position == "learned":
             raise MinigptError(
                 f"{pos + T} positions exceed the model's block_size={self.config.block_size}",
                 hint="crop the input to its last block_size tokens",
                 param="idx",
             )
-        positions = torch.arange(pos, pos + T, device=idx.device)  # (T,)
-        return self.drop(self.tok_emb(idx) + self.pos_emb(positions))  # (B, T, n_embd)
+        x = self.tok_emb(idx)  # (B, T, n_embd)
+        if self.config.position == "learned":
+            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))  # (T, n_embd)
+        return self.drop(x)
 
     def run_blocks(
         self,

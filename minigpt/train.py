@@ -479,7 +479,8 @@ def _fixed_tokenizer(
 def _load_source_weights(model: GPT, source: Pretrained) -> None:
     """The source's weights, positions cropped to the model's block_size."""
     state = dict(source.state)
-    state["pos_emb.weight"] = state["pos_emb.weight"][: model.config.block_size]
+    if "pos_emb.weight" in state:  # rotary models have no position rows to crop
+        state["pos_emb.weight"] = state["pos_emb.weight"][: model.config.block_size]
     missing, unexpected = model.load_state_dict(state, strict=False)
     if [k for k in missing if k != "lm_head.weight"] or unexpected:  # the head is tied
         raise MinigptError(
