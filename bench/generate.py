@@ -21,6 +21,13 @@ process, interleaved with minigpt. GPT-2 has learned positions too, so its
 length is kept within n_positions: those rows use block_size - 8 new tokens
 (at most --hf-tokens). Needs `pip install transformers` (the `bench` extra).
 
+Rolling cache (issue 15): the shakespeare-char shape with rotary positions
+(`position="rope"`), whose KV cache is a ring, against the same shape with learned
+positions (cropped and prefilled again every block_size / 4 tokens), at 1 x and
+8 x block_size new tokens, batch 1: tokens/s, and the 8 x / 1 x ratio (1.0 when a
+token past block_size costs what one before it costs). `--rolling-only` runs
+just this table.
+
 Prints markdown tables and writes bench/results/generate.json.
 """
 
@@ -138,6 +145,41 @@ def hf_run(hf, prompt: list[int], n: int, batch: int):
     return run
 
 
+def rolling_rows(quick: bool, repeats: int) -> list[dict]:
+    """tok/s at 1 x and 8 x block_size new tokens, rotary (rolling) and learned positions."""
+    shape = model_shapes()["shakespeare-char"]
+    if quick:
+        shape = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=64, bias=True)
+    rows = []
+    for position in ("rope", "learned"):
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**{**shape.to_dict(), "position": position})).eval()
+        prompt = torch.randint(0, shape.vocab_size, (PROMPT_TOKENS,)).tolist()
+        minigpt_run(model, prompt, 8, 1, True)()  # warm-up
+        rates = {}
+        for times in (1, 8):
+            n = times * shape.block_size
+            rates[times] = n / best_seconds(minigpt_run(model, prompt, n, 1, True), repeats)
+        rows.append({
+            "position": position, "block_size": shape.block_size,
+            "tokens_per_s_1x": rates[1], "tokens_per_s_8x": rates[8],
+            "ratio_8x_over_1x": rates[8] / rates[1],
+        })  # fmt: skip
+        print(position, fmt(rates[1]), fmt(rates[8]), flush=True)
+    return rows
+
+
+def print_rolling(rows: list[dict]) -> None:
+    block_size = rows[0]["block_size"]
+    print(f"\n| positions (KV cache) | tok/s at {block_size} new tokens "
+          f"| tok/s at {8 * block_size} | 8x / 1x |")  # fmt: skip
+    print("|---|---:|---:|---:|")
+    for r in rows:
+        cache = "rope (rolling)" if r["position"] == "rope" else "learned (crop + prefill)"
+        print(f"| {cache} | {fmt(r['tokens_per_s_1x'])} | {fmt(r['tokens_per_s_8x'])} "
+              f"| {r['ratio_8x_over_1x']:.2f} |")  # fmt: skip
+
+
 def fmt(value: float | None) -> str:
     return "skipped" if value is None else f"{value:,.0f}"
 
@@ -159,6 +201,7 @@ def main() -> None:
     parser.add_argument(
         "--out", default=None, help="JSON path (default bench/results/generate.json)"
     )
+    parser.add_argument("--rolling-only", action="store_true", help="only the rolling-cache table")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -178,6 +221,13 @@ def main() -> None:
         print("transformers is not installed: the Hugging Face column is skipped "
               "(pip install 'minigpt[bench]')")  # fmt: skip
 
+    rolling = rolling_rows(args.quick, repeats)
+    if args.rolling_only:
+        print_rolling(rolling)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"rolling": rolling}, indent=2) + "\n")
+        print(f"\nwrote {out}")
+        return
     shapes = model_shapes()
     if args.quick and not args.shapes:
         shapes.pop("gpt2-small")  # a smoke run: the two small shapes
@@ -250,6 +300,7 @@ def main() -> None:
         for r in hf_rows:
             print(f"| {r['shape']} | {r['batch']} | {r['new_tokens']} | {fmt(r['minigpt_tokens_per_s'])} "
                   f"| {fmt(r['hf_tokens_per_s'])} | {r['ratio']:.2f}x | {r['same_greedy_tokens']:.0%} |")  # fmt: skip
+    print_rolling(rolling)
     meta = {
         "device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "transformers": hf_version, "machine": platform.machine(), "processor": platform.processor(),
@@ -258,7 +309,10 @@ def main() -> None:
     }  # fmt: skip
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
-        json.dumps({"meta": meta, "kv_cache": cache_rows, "vs_hf": hf_rows}, indent=2) + "\n"
+        json.dumps(
+            {"meta": meta, "kv_cache": cache_rows, "vs_hf": hf_rows, "rolling": rolling}, indent=2
+        )
+        + "\n"
     )
     print(f"\nwrote {out}")
 

@@ -293,27 +293,41 @@ class _MultiHeadAttentionBase(nn.Module):
             self.q_norm = RMSNorm(self.d_head, norm_eps)
             self.k_norm = RMSNorm(self.d_head, norm_eps)
 
-    def position_qk(self, q: Tensor, k: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """QK-norm, then the rotation by position, of Q and K (..., T, d_head) at
-        positions (T,); Q and K as they are when both are off."""
+    def position_qk(
+        self, q: Tensor, k: Tensor, rope: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, Tensor]:
+        """QK-norm, then the rotation by position (rope: cos and sin, each (T, d_head / 2)),
+        of Q and K (..., T, d_head); Q and K as they are when both are off."""
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.rope_theta is not None:
-            cos, sin = rope_angles(positions, self.d_head, self.rope_theta)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         return q, k
 
-    def _positions(self, x: Tensor, kv_cache: KVCache | None) -> Tensor:
-        """The absolute positions (T,) of X's tokens: after those in the cache."""
-        pos = kv_cache.pos if kv_cache is not None else 0
-        return torch.arange(pos, pos + x.size(1), device=x.device)
+    def _rope(
+        self, x: Tensor, kv_cache: KVCache | None, rope: tuple[Tensor, Tensor] | None
+    ) -> tuple[Tensor, Tensor] | None:
+        """The rotation of X's positions: the one given (a GPT computes it once for all
+        its layers), else computed for the positions after the cache's; None without rope."""
+        if self.rope_theta is None or rope is not None:
+            return rope
+        if kv_cache is not None and kv_cache.stepping:
+            positions = kv_cache.position  # (1,), on the device: the static decode step
+        else:
+            pos = kv_cache.pos if kv_cache is not None else 0
+            positions = torch.arange(pos, pos + x.size(1), device=x.device)
+        return rope_angles(positions, self.d_head, self.rope_theta)
 
     def _build_heads(self) -> None:
         """Make every head's W^Q, W^K, W^V, in the subclass's form."""
         raise NotImplementedError
 
     def _contexts(
-        self, x: Tensor, kv_cache: KVCache | None, need_weights: bool
+        self,
+        x: Tensor,
+        kv_cache: KVCache | None,
+        need_weights: bool,
+        rope: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, Tensor | None]:
         """X (B, T, d_in) -> (every Context_h as (B, H, T, d_head), A (B, H, T, T_k) or None)."""
         raise NotImplementedError
@@ -335,15 +349,19 @@ class _MultiHeadAttentionBase(nn.Module):
         gate: Tensor | None = None,
         kv_cache: KVCache | None = None,
         need_weights: bool = False,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """X (B, T, d_in) -> (Out (B, T, d_out), A (B, H, T, T_k) or None).
 
         gate: per-head multiplier broadcastable to (B, H), applied to Context_h before W^O.
         kv_cache: keys and values of earlier positions; this call's are appended to it.
+        rope: cos and sin of X's positions (`rope_angles`), for a module built with
+            rope_theta; None computes them here (a GPT computes them once per forward).
         """
         if self.check_inputs:
             self.check_input(x, kv_cache)
-        context, weights = self._contexts(x, kv_cache, need_weights)  # (B, H, T, d_head)
+        rope = self._rope(x, kv_cache, rope)
+        context, weights = self._contexts(x, kv_cache, need_weights, rope)  # (B, H, T, d_head)
         if gate is not None:
             context = context * _gate_shape(gate, x.size(0), self.n_head).to(context.dtype)
         out = context.transpose(1, 2).flatten(2)  # concat heads (B, T, H * d_head)
@@ -383,14 +401,17 @@ class MultiHeadAttentionWrapper(_MultiHeadAttentionBase):
         self.register_load_state_dict_pre_hook(_fused_to_wrapper_layout)
 
     def _contexts(
-        self, x: Tensor, kv_cache: KVCache | None, need_weights: bool
+        self,
+        x: Tensor,
+        kv_cache: KVCache | None,
+        need_weights: bool,
+        rope: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, Tensor | None]:
         pos = kv_cache.pos if kv_cache is not None else 0
-        positions = self._positions(x, kv_cache)
         projected = [head.project(x) for head in self.heads]  # H x (Q_h, K_h, V_h)
         queries, keys, values = (list(p) for p in zip(*projected, strict=True))
         for h in range(self.n_head):
-            queries[h], keys[h] = self.position_qk(queries[h], keys[h], positions)
+            queries[h], keys[h] = self.position_qk(queries[h], keys[h], rope)
         if kv_cache is not None:
             # The cache stores (B, n_kv_head, T, d_head), one K/V per group.
             leaders = range(0, self.n_head, self.group)
@@ -439,18 +460,21 @@ class MultiHeadAttention(_MultiHeadAttentionBase):
         return q, k, v
 
     def _contexts(
-        self, x: Tensor, kv_cache: KVCache | None, need_weights: bool
+        self,
+        x: Tensor,
+        kv_cache: KVCache | None,
+        need_weights: bool,
+        rope: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, Tensor | None]:
         q, k, v = self.project(x)
+        q, k = self.position_qk(q, k, rope)
         if kv_cache is not None and kv_cache.stepping and not need_weights:
             # GPT.decode_step: all max_len slots, the ones not yet written masked out
-            q, k = self.position_qk(q, k, kv_cache.position)
             k, v = kv_cache.write_at(self.layer_idx, k, v)  # (B, H_kv, max_len, d_head)
             k, v = self._per_query_head(k), self._per_query_head(v)
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=kv_cache.visible)
             return context, None
         pos = kv_cache.pos if kv_cache is not None else 0
-        q, k = self.position_qk(q, k, self._positions(x, kv_cache))
         if kv_cache is not None:
             k, v = kv_cache.append(self.layer_idx, k, v)  # (B, H_kv, T_k, d_head)
         k, v = self._per_query_head(k), self._per_query_head(v)  # (B, H, T_k, d_head)

@@ -32,6 +32,7 @@ from minigpt.attention import (
     MultiHeadAttentionWrapper,
     RMSNorm,
     causal_mask,
+    rope_angles,
 )
 from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
@@ -350,11 +351,16 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
     def forward(
-        self, x: Tensor, gate: Tensor | None, kv_cache: KVCache | None, need_weights: bool
+        self,
+        x: Tensor,
+        gate: Tensor | None,
+        kv_cache: KVCache | None,
+        need_weights: bool,
+        rope: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """x (B, T, n_embd) -> (x (B, T, n_embd), A (B, H, T, T_k) or None); the
         arguments are the attention's (`GPT.run_blocks` passes every one)."""
-        attn_out, weights = self.attn(self.ln_attn(x), gate, kv_cache, need_weights)
+        attn_out, weights = self.attn(self.ln_attn(x), gate, kv_cache, need_weights, rope)
         x = x + attn_out
         x = x + self.mlp(self.ln_mlp(x))
         return x, weights
@@ -538,13 +544,16 @@ class GPT(nn.Module):
         head_gates: Tensor | None = None,
         kv_cache: KVCache | None = None,
         need_weights: bool = False,
+        positions: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor | None]]:
         """Blocks start_layer..end_layer-1 (default: to the last) on the residual stream
         x (B, T, n_embd): (x after them, each block's A (B, H, T, T_k) or None).
 
         head_gates: (n_layer, H) or (n_layer, B, H), indexed by layer, as in `forward`.
         kv_cache: each block appends its keys and values; the caller advances it.
+        positions: of x's tokens (T,), for rotary positions (default: 0.., after the cache's).
         """
+        rope = self.rope_angles(x, kv_cache, positions)  # once, for every layer
         if head_gates is not None and head_gates.size(0) != self.config.n_layer:
             raise MinigptError(
                 f"head_gates has {head_gates.size(0)} layers, the model has {self.config.n_layer}",
@@ -554,9 +563,26 @@ class GPT(nn.Module):
         attention = []
         for layer in range(start_layer, self.config.n_layer if end_layer is None else end_layer):
             gate = head_gates[layer] if head_gates is not None else None
-            x, weights = self.blocks[layer](x, gate, kv_cache, need_weights)
+            x, weights = self.blocks[layer](x, gate, kv_cache, need_weights, rope)
             attention.append(weights)
         return x, attention
+
+    def rope_angles(
+        self, x: Tensor, kv_cache: KVCache | None, positions: Tensor | None = None
+    ) -> tuple[Tensor, Tensor] | None:
+        """cos and sin of the rotary positions of x's tokens, shared by every layer (None
+        with learned positions): `positions`, else the static step's device position,
+        else those after the cache's."""
+        c = self.config
+        if c.position != "rope":
+            return None
+        if positions is None:
+            if kv_cache is not None and kv_cache.stepping:
+                positions = kv_cache.position  # (1,): GPT.decode_step
+            else:
+                pos = kv_cache.pos if kv_cache is not None else 0
+                positions = torch.arange(pos, pos + x.size(1), device=x.device)
+        return rope_angles(positions, c.d_head, c.rope_theta)
 
     def logits_and_loss(
         self,
