@@ -97,7 +97,11 @@ def main() -> None:
         runs = [(name, CONFIG, VARIANTS[name]) for name in names]
         runs += [(path.stem, path, []) for path in args.config]
         for name, config, sets in runs:
-            row = {"variant": name, "config": str(config.relative_to(ROOT))}
+            where = config.resolve()
+            row = {
+                "variant": name,
+                "config": str(where.relative_to(ROOT) if where.is_relative_to(ROOT) else where),
+            }
             row |= train_run(config, sets, args.max_time, Path(data_dir))
             rows.append(row)
             print(f"{name}: best val loss {row['best_val_loss']:.4f} at {row['steps']} steps",

@@ -63,9 +63,16 @@ def stats_line(result: GenerationResult) -> str:
         f" ({settings['num_samples']} sample{'s' if settings['num_samples'] > 1 else ''}),"
         f" {result.tokens_per_second:.1f} tokens/s in {result.seconds:.2f} s"
         f" (first token {1000 * result.first_token_seconds:.0f} ms,"
-        f" kv cache {'on' if settings['kv_cache'] else 'off'}, {settings['device']},"
+        f" kv cache {_cache_text(settings)}, {settings['device']},"
         f" seed {settings['seed']})"
     )
+
+
+def _cache_text(settings: dict) -> str:
+    """'off', or the cache's size: grouped-query attention shrinks it by n_head / n_kv_head."""
+    if not settings["kv_cache"]:
+        return "off"
+    return f"{settings['kv_cache_bytes'] / 2**20:.2f} MiB"
 
 
 class GenerationPrinter:

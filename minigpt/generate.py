@@ -541,7 +541,9 @@ class StaticDecoder:
             self.warm_up()
         torch.cuda.current_stream(self.model.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records the kernels; runs none of them
+        # Captured on the warm-up's stream: libraries that make a handle per stream
+        # lazily (cuBLAS workspaces, hipBLASLt) already have theirs, as a capture needs.
+        with torch.cuda.graph(self.graph, stream=side):  # records the kernels, runs none
             self.logits = self.model.decode_step(self.ids, self.kv_cache)
 
 
@@ -764,5 +766,8 @@ def generate_text(
             **sampling.to_json(block_size),
             "device": str(model.device),
             "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
+            "kv_cache_bytes": cache_bytes(model, sampling.num_samples)
+            if sampling.use_kv_cache
+            else 0,
         },
     )

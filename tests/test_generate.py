@@ -627,6 +627,7 @@ def test_cli_passes_every_sampling_option(hello_run, minigpt_cli):
         "static_decode": False,
         "device": "cpu",
         "dtype": "float32",
+        "kv_cache_bytes": 0,
     }
 
 

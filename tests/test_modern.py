@@ -256,6 +256,9 @@ def test_every_option_trains_resumes_bit_identically_samples_and_inspects(
         assert getattr(run.model.config, key) == value
     code, out, err = minigpt_cli("generate", str(straight), "-p", "def", "-n", "40", "--json")
     assert code == 0 and json.loads(out)["new_tokens"] == 40, err
+    # 1 layer x K and V x n_kv_head x block_size 16 x d_head 8 x 4 bytes
+    expected = 2 * run.model.config.kv_heads * 16 * 8 * 4
+    assert json.loads(out)["settings"]["kv_cache_bytes"] == expected
     report = tmp_path / "heads.json"
     code, _, err = minigpt_cli("inspect-heads", str(straight), "--json", str(report))
     assert code == 0, err
