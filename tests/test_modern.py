@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import numpy as np
 import pytest
+import test_train
 import torch
 from test_train import TEXT, TINY, losses
 
@@ -24,7 +24,6 @@ from minigpt.errors import MinigptError
 from minigpt.generate import cache_bytes, generate
 from minigpt.hf import hf_config_from_gpt
 from minigpt.model import GPT, GPTConfig
-from minigpt.tokenizer import CharTokenizer
 
 # Each option alone on top of GPT-2's block, then all of them at once.
 OPTIONS = {
@@ -225,12 +224,7 @@ def test_gpt2_export_refuses_what_gpt2_cannot_hold():
         hf_config_from_gpt(replace(model_with(OPTIONS["all"]).config), None)
 
 
-@pytest.fixture(scope="module")
-def data() -> trainer.TrainData:
-    tokenizer = CharTokenizer.from_text(TEXT)
-    ids = np.array(tokenizer.encode(TEXT), dtype=np.uint16)
-    split = int(0.9 * len(ids))
-    return trainer.TrainData(tokenizer, ids[:split], ids[split:])
+data = test_train.data  # the trainer tests' tiny corpus, as a fixture here too
 
 
 def option_sets(options: dict) -> list[str]:
