@@ -107,8 +107,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        scale = torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x.float() * scale).to(x.dtype) * self.weight
+        x32 = x.float()  # the mean of squares in float32, whatever x's dtype
+        scale = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (x32 * scale * self.weight.float()).to(x.dtype)
 
 
 def rope_angles(positions: Tensor, d_head: int, theta: float) -> tuple[Tensor, Tensor]:

@@ -40,6 +40,7 @@ OPTION_NAMES = {
     "device": "--device",
     "dtype": "--dtype",
     "static_decode": "--compile",
+    "use_kv_cache": "--kv-cache",
     "vocab_size": "--vocab-size",
     "glob": "--glob",
     "text_field": "--field",

@@ -356,6 +356,8 @@ def generate(
     check_cache_memory(model, sampling.num_samples)
     if sampling.static_decode:
         model.check_static_decode()
+    if model.config.position == "rope" and not sampling.use_kv_cache:
+        _check_recompute_memory(model, len(prompt_ids) + sampling.max_new_tokens, sampling)
     if generator is None and sampling.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
     return _decode_steps(model, list(prompt_ids), sampling, stride, generator, vocab_limit)
@@ -423,6 +425,29 @@ def check_cache_memory(model: GPT, num_samples: int) -> None:
     )
 
 
+def recompute_window(model: GPT) -> int:
+    """Tokens the recomputing path runs per step: block_size, or for rotary positions
+    everything the newest token depends on through n_layer sliding windows."""
+    c = model.config
+    return c.n_layer * (c.block_size - 1) + 1 if c.position == "rope" else c.block_size
+
+
+def _check_recompute_memory(model: GPT, n_tokens: int, sampling: Sampling) -> None:
+    """Refuse a rotary model's recomputing path whose attention scores, (B, H, T, T)
+    floats over the window it reruns, would not fit (see memory_limit)."""
+    T = min(recompute_window(model), n_tokens)
+    needed = sampling.num_samples * model.config.n_head * T * T * 4
+    limit = memory_limit(model.device)
+    if needed > limit:
+        raise MinigptError(
+            f"recomputing every step reruns {T:,} tokens with this model, whose attention"
+            f" scores need {needed / 2**30:.1f} GiB, more than the {limit / 2**30:.1f} GiB"
+            f" allowed on {model.device}",
+            hint="sample with the KV cache (drop --no-kv-cache): it rolls, one position per step",
+            param="use_kv_cache",
+        )
+
+
 @torch.inference_mode()
 def _decode_steps(
     model: GPT,
@@ -433,13 +458,12 @@ def _decode_steps(
     vocab_limit: int,
 ) -> Iterator[Tensor]:
     # (inference_mode wraps each resume of this generator, not the caller's code.)
-    block_size = model.config.block_size
     # Rotary positions: every layer attends over the last block_size positions, and the
     # cache rolls with them. Recomputing that needs more than the last block_size tokens:
     # the last token's state depends, through n_layer windows, on the last
     # n_layer * (block_size - 1) + 1 tokens, which are run again at positions 0.. .
     rolling = model.config.position == "rope"
-    window = model.config.n_layer * (block_size - 1) + 1 if rolling else block_size
+    window = recompute_window(model)
     if rolling:
         stride = 0
     num_samples, max_new_tokens = sampling.num_samples, sampling.max_new_tokens

@@ -544,16 +544,14 @@ class GPT(nn.Module):
         head_gates: Tensor | None = None,
         kv_cache: KVCache | None = None,
         need_weights: bool = False,
-        positions: Tensor | None = None,
     ) -> tuple[Tensor, list[Tensor | None]]:
         """Blocks start_layer..end_layer-1 (default: to the last) on the residual stream
         x (B, T, n_embd): (x after them, each block's A (B, H, T, T_k) or None).
 
         head_gates: (n_layer, H) or (n_layer, B, H), indexed by layer, as in `forward`.
         kv_cache: each block appends its keys and values; the caller advances it.
-        positions: of x's tokens (T,), for rotary positions (default: 0.., after the cache's).
         """
-        rope = self.rope_angles(x, kv_cache, positions)  # once, for every layer
+        rope = self.rope_for(x, kv_cache)  # once, for every layer
         if head_gates is not None and head_gates.size(0) != self.config.n_layer:
             raise MinigptError(
                 f"head_gates has {head_gates.size(0)} layers, the model has {self.config.n_layer}",
@@ -567,21 +565,18 @@ class GPT(nn.Module):
             attention.append(weights)
         return x, attention
 
-    def rope_angles(
-        self, x: Tensor, kv_cache: KVCache | None, positions: Tensor | None = None
-    ) -> tuple[Tensor, Tensor] | None:
-        """cos and sin of the rotary positions of x's tokens, shared by every layer (None
-        with learned positions): `positions`, else the static step's device position,
-        else those after the cache's."""
+    def rope_for(self, x: Tensor, kv_cache: KVCache | None) -> tuple[Tensor, Tensor] | None:
+        """cos and sin of the rotary positions of x's tokens, computed once for every layer
+        (None with learned positions): the static step's device position, else the
+        positions after the cache's."""
         c = self.config
         if c.position != "rope":
             return None
-        if positions is None:
-            if kv_cache is not None and kv_cache.stepping:
-                positions = kv_cache.position  # (1,): GPT.decode_step
-            else:
-                pos = kv_cache.pos if kv_cache is not None else 0
-                positions = torch.arange(pos, pos + x.size(1), device=x.device)
+        if kv_cache is not None and kv_cache.stepping:
+            positions = kv_cache.position  # (1,): GPT.decode_step
+        else:
+            pos = kv_cache.pos if kv_cache is not None else 0
+            positions = torch.arange(pos, pos + x.size(1), device=x.device)
         return rope_angles(positions, c.d_head, c.rope_theta)
 
     def logits_and_loss(

@@ -190,6 +190,17 @@ def test_the_rolling_cache_computes_sliding_window_attention(attention):
         model(ids[:, :2], kv_cache=cache)  # more than one position at a time past the end
 
 
+def test_recomputing_a_huge_rotary_window_is_refused_before_it_runs(monkeypatch):
+    from minigpt import generate as generate_module
+
+    model = model_with(OPTIONS["rope"])  # reruns 2 x 15 + 1 = 31 tokens: 4 x 4 x 31^2 bytes
+    monkeypatch.setattr(generate_module, "memory_limit", lambda device: 10_000)
+    with pytest.raises(MinigptError, match="reruns 31 tokens") as info:
+        generate(model, [1, 2], 40, use_kv_cache=False)
+    assert "KV cache" in info.value.hint
+    assert len(list(generate(model, [1, 2], 40))) == 40  # the rolling cache needs no such room
+
+
 def test_a_stride_is_refused_for_rotary_positions():
     model = model_with(OPTIONS["rope"])
     with pytest.raises(MinigptError, match="stride applies to learned positions"):
