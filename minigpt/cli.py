@@ -187,9 +187,8 @@ def generate(
     )
     set_threads(threads)
     text = _one_prompt(prompt, prompt_file)
-    torch_device = resolve_device(device)
-    weights = sampling_dtype(dtype, torch_device)
-    run = load_run(run_dir or DEFAULT_RUN_DIR, torch_device)
+    weights = sampling_dtype(dtype)
+    run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
     run.model.to(weights)
 
     def sample(prompt_text: str) -> None:

@@ -193,7 +193,7 @@ def new_seed() -> int:
     return int.from_bytes(os.urandom(4), "little")
 
 
-def sampling_dtype(name: str, device: torch.device) -> torch.dtype:
+def sampling_dtype(name: str) -> torch.dtype:
     """The dtype of the weights while sampling: 'float32', 'bfloat16', or 'auto'.
 
     'auto' is float32 on every device for now. On a GPU at batch 1 bf16 was measured

@@ -850,6 +850,7 @@ def fit(trainer: Trainer, state: TrainState, progress: bool) -> TrainResult:
                 if trainer.ddp.is_master and time.perf_counter() - last_plot > PLOT_EVERY_SECONDS:
                     checkpoint.plot_losses(trainer.out_dir)
                     last_plot = time.perf_counter()
+                speed.skip(state.step)  # tokens/s is of training steps only
             if out_of_time:
                 stop_reason = "max_time"
                 break
@@ -1024,6 +1025,10 @@ class _Throughput:
         rate = (step - self.step) * tokens_per_step / max(now - self.time, 1e-9)
         self.tokens_per_s = 0.9 * self.tokens_per_s + 0.1 * rate if self.measured else rate
         self.step, self.time, self.measured = step, now, True
+
+    def skip(self, step: int) -> None:
+        """Leave out the time since the last reading (an evaluation, a save)."""
+        self.step, self.time = step, time.perf_counter()
 
 
 class _ProgressBar:
