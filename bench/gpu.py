@@ -38,15 +38,19 @@ import importlib.util
 import json
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from minigpt.checkpoint import METRICS_FILE
 from minigpt.config import load_config
 from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
-from minigpt.train import make_optimizer
+from minigpt.tokenizer import CharTokenizer
+from minigpt.train import TrainData, make_optimizer, train
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results" / "gpu.json"
@@ -141,14 +145,6 @@ TRAIN_LOOP_STEPS = 60
 def train_loop_rate(config: GPTConfig, batch: int, accum: int, device: torch.device,
                     steps: int) -> dict:  # fmt: skip
     """ms/step and tokens/s of `minigpt.train.train` itself, from its metrics."""
-    import tempfile
-
-    import numpy as np
-
-    from minigpt.checkpoint import METRICS_FILE
-    from minigpt.tokenizer import CharTokenizer
-    from minigpt.train import TrainData, train
-
     tokenizer = CharTokenizer([chr(ord("!") + i) for i in range(65)])
     tokens = np.random.default_rng(0).integers(65, size=4_000_000, dtype=np.uint16)
     data = TrainData(tokenizer, tokens[:3_600_000], tokens[3_600_000:])

@@ -120,6 +120,19 @@ def rope_angles(positions: Tensor, d_head: int, theta: float) -> tuple[Tensor, T
     return angles.cos(), angles.sin()
 
 
+def rope_for_input(
+    x: Tensor, kv_cache: KVCache | None, d_head: int, theta: float
+) -> tuple[Tensor, Tensor]:
+    """`rope_angles` of X's tokens (B, T, ...): at the static decode step's device-side
+    position, else at the positions after those in the cache (0.. without one)."""
+    if kv_cache is not None and kv_cache.stepping:
+        positions = kv_cache.position  # (1,): GPT.decode_step
+    else:
+        pos = kv_cache.pos if kv_cache is not None else 0
+        positions = torch.arange(pos, pos + x.size(1), device=x.device)
+    return rope_angles(positions, d_head, theta)
+
+
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x (..., T, d_head) feature pair (i, i + d_head / 2) by angle (T, d_head / 2).
 
@@ -312,12 +325,7 @@ class _MultiHeadAttentionBase(nn.Module):
         its layers), else computed for the positions after the cache's; None without rope."""
         if self.rope_theta is None or rope is not None:
             return rope
-        if kv_cache is not None and kv_cache.stepping:
-            positions = kv_cache.position  # (1,), on the device: the static decode step
-        else:
-            pos = kv_cache.pos if kv_cache is not None else 0
-            positions = torch.arange(pos, pos + x.size(1), device=x.device)
-        return rope_angles(positions, self.d_head, self.rope_theta)
+        return rope_for_input(x, kv_cache, self.d_head, self.rope_theta)
 
     def _build_heads(self) -> None:
         """Make every head's W^Q, W^K, W^V, in the subclass's form."""
@@ -335,7 +343,7 @@ class _MultiHeadAttentionBase(nn.Module):
 
     def check_input(self, x: Tensor, kv_cache: KVCache | None = None) -> None:
         """Raise a clear error for an X (or a KV cache) this module cannot attend over."""
-        pos = kv_cache.pos if kv_cache is not None and not kv_cache.rolling else 0
+        pos = kv_cache.pos if kv_cache is not None else 0
         # rotary positions have no end: past the context, a sliding window of it
         limit = self.context_length if self.rope_theta is None else math.inf
         _check_input(x, self.d_in, limit, pos)

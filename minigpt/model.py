@@ -32,7 +32,7 @@ from minigpt.attention import (
     MultiHeadAttentionWrapper,
     RMSNorm,
     causal_mask,
-    rope_angles,
+    rope_for_input,
 )
 from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
@@ -566,18 +566,10 @@ class GPT(nn.Module):
         return x, attention
 
     def rope_for(self, x: Tensor, kv_cache: KVCache | None) -> tuple[Tensor, Tensor] | None:
-        """cos and sin of the rotary positions of x's tokens, computed once for every layer
-        (None with learned positions): the static step's device position, else the
-        positions after the cache's."""
+        """cos and sin of the rotary positions of x's tokens, computed once for every
+        layer (`attention.rope_for_input`); None with learned positions."""
         c = self.config
-        if c.position != "rope":
-            return None
-        if kv_cache is not None and kv_cache.stepping:
-            positions = kv_cache.position  # (1,): GPT.decode_step
-        else:
-            pos = kv_cache.pos if kv_cache is not None else 0
-            positions = torch.arange(pos, pos + x.size(1), device=x.device)
-        return rope_angles(positions, c.d_head, c.rope_theta)
+        return rope_for_input(x, kv_cache, c.d_head, c.rope_theta) if c.position == "rope" else None
 
     def logits_and_loss(
         self,
