@@ -26,6 +26,7 @@ Prints a table and writes bench/results/train.json and bench/results/train.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -59,6 +60,17 @@ SHAPES = {
         1,
     ),
 }
+
+
+LOOP_STEPS = 300  # per loop and round: about 12 s each on a 2-core CPU
+
+
+def _bench_gpu():
+    """bench/gpu.py as a module (the bench folder is not a package): its loop timings."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def matmul_peak(seconds: float = 2.0, n: int = 2048) -> float:
@@ -264,6 +276,20 @@ def main() -> None:
           + ", ".join(f"{100 * r['mfu']:.1f}%" for r in rows)
           + "; ceiling (matmuls only): "
           + ", ".join(f"{100 * c['mfu']:.1f}%" for c in ceilings.values()))  # fmt: skip
+    # The whole loop, `minigpt train`'s against nanoGPT's recipe (bench/nanogpt_recipe.py),
+    # on the nanoGPT CPU shape: the peer, in the same run on the same machine.
+    loop_shape, (loop_config, loop_batch) = next(iter(SHAPES.items()))
+    loops = _bench_gpu().loop_rates(
+        loop_config, loop_batch, 1, torch.device("cpu"), 20 if args.quick else LOOP_STEPS,
+        compile=False, rounds=1 if args.quick else 2,
+    )  # fmt: skip
+    loops["shape"] = loop_shape
+    print(
+        f"{loop_shape:48} {'loops':8} minigpt train {loops['loop_step_ms']:.1f} ms/step, "
+        f"nanoGPT recipe {loops['recipe_step_ms']:.1f} ms/step: "
+        f"{loops['loop_over_recipe']:.3f}x the recipe's tokens/s "
+        f"({loops['best_loop_over_recipe']:.3f}x in each one's best 10 steps)"
+    )
     quality = None
     if not args.skip_quality:
         quality = quality_run(10.0 if args.quick else None)
@@ -284,6 +310,7 @@ def main() -> None:
         "matmul_peak_flops": peak,
         "throughput": rows,
         "gemm_ceiling": ceilings,
+        "loops": loops,
         "quality": quality,
         "quick": args.quick,
     }
@@ -306,6 +333,16 @@ def main() -> None:
             f"{c['step_ms']:.1f} | {100 * c['mfu']:.1f}% |"
             for name, c in ceilings.items()
         ),
+    ]
+    lines += [
+        "",
+        "| whole training loop, " + loop_shape + " | ms/step | tokens/s |",
+        "|---|---:|---:|",
+        f"| `minigpt train` | {loops['loop_step_ms']:.1f} | {loops['loop_tokens_per_s']:,.0f} |",
+        f"| nanoGPT's recipe (bench/nanogpt_recipe.py) | {loops['recipe_step_ms']:.1f} "
+        f"| {loops['recipe_tokens_per_s']:,.0f} |",
+        f"| minigpt / nanoGPT | | **{loops['loop_over_recipe']:.3f}x** "
+        f"({loops['best_loop_over_recipe']:.3f}x in each one's best 10 steps) |",
     ]
     if quality:
         lines += [

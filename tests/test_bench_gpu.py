@@ -3,10 +3,16 @@ GPU run takes are checked here; its timings are for a GPU, never asserted."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import torch
+
+from minigpt.model import GPT, GPTConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,6 +29,9 @@ def test_bench_gpu_quick_on_the_cpu_writes_every_table(tmp_path):
     (training,) = result["training"]
     assert training["tokens_per_s"] > 0 and 0 < training["mfu"] < 1
     assert training["loop_tokens_per_s"] > 0 and 0 < training["loop_mfu"] < 1
+    assert training["recipe_tokens_per_s"] > 0 and 0 < training["recipe_mfu"] < 1
+    assert training["loop_over_recipe"] > 0 and training["best_loop_over_recipe"] > 0
+    assert "| nanoGPT recipe ms/step |" in done.stdout
     combos = {(row["dtype"], row["batch"]) for row in result["decode"]}
     assert combos == {("float32", 1), ("float32", 8), ("bfloat16", 1), ("bfloat16", 8)}
     rates = ("minigpt_tok_s", "captured_tok_s", "hf_tok_s")
@@ -31,3 +40,39 @@ def test_bench_gpu_quick_on_the_cpu_writes_every_table(tmp_path):
     assert "| decode |" in done.stdout
     kernels = result["kernels"]
     assert all(kernels[dtype] and kernels[dtype][0]["us"] > 0 for dtype in ("float32", "bfloat16"))
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location(
+        "nanogpt_recipe", REPO / "bench" / "nanogpt_recipe.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_nanogpt_recipe_computes_minigpts_loss_on_the_same_weights(bias):
+    """The peer times the same work: its model, given minigpt's weights, gives the same
+    loss and the same gradients (so a speed difference is never a different model)."""
+    recipe = _recipe()
+    config = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=bias)
+    torch.manual_seed(0)
+    ours, theirs = GPT(config), recipe.RecipeGPT(config)
+    names = {"tok_emb": "wte", "pos_emb": "wpe", "blocks": "h", "ln_attn": "ln_1",
+             "attn.qkv": "attn.c_attn", "attn.out_proj": "attn.c_proj", "ln_mlp": "ln_2",
+             "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}  # fmt: skip
+    state = {}
+    for key, value in ours.state_dict().items():
+        for old, new in names.items():
+            key = key.replace(old, new)
+        state[key] = value
+    theirs.load_state_dict(state)  # strict: every weight has its counterpart
+    x, y = torch.randint(65, (3, 16)), torch.randint(65, (3, 16))
+    _, loss = ours(x, y)
+    _, recipe_loss = theirs(x, y)
+    torch.testing.assert_close(recipe_loss, loss)
+    loss.backward()
+    recipe_loss.backward()
+    torch.testing.assert_close(theirs.h[1].mlp.c_fc.weight.grad, ours.blocks[1].mlp.fc.weight.grad)
+    torch.testing.assert_close(theirs.wte.weight.grad, ours.tok_emb.weight.grad)
