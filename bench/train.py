@@ -26,6 +26,7 @@ Prints a table and writes bench/results/train.json and bench/results/train.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -37,7 +38,9 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `minigpt train` does (see cli.py)
+from minigpt.openmp import choose_wait_policy  # noqa: E402
+
+WAIT_POLICY = choose_wait_policy()  # before torch loads, as `minigpt train` does
 
 import torch  # noqa: E402
 
@@ -67,10 +70,12 @@ LOOP_STEPS = 300  # per loop and round: about 12 s each on a 2-core CPU
 
 def _bench_gpu():
     """bench/gpu.py as a module (the bench folder is not a package): its loop timings."""
-    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if "bench_gpu" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_gpu"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_gpu"]
 
 
 def matmul_peak(seconds: float = 2.0, n: int = 2048) -> float:
@@ -225,6 +230,54 @@ def quality_run(max_time: float | None) -> dict:
     }
 
 
+def curves(steps: int, eval_interval: int) -> dict:
+    """Validation loss every eval_interval steps of `minigpt train` and of nanoGPT's
+    recipe, on tiny shakespeare by characters with nanoGPT's CPU recipe (its README:
+    config/train_shakespeare_char.py with 4L/4H/128, context 64, batch 12, dropout 0,
+    max_iters = lr_decay_iters = steps); each is estimated on 20 random val batches,
+    as nanoGPT's estimate_loss does. Speed is another matter: this is the loss curve."""
+    import numpy as np
+
+    from minigpt.config import load_config
+    from minigpt.tokenizer import CharTokenizer
+    from minigpt.train import TrainData, train
+
+    recipe_module = _bench_gpu()._bench_module("nanogpt_recipe")
+    recipe = recipe_module.SHAKESPEARE_CHAR
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    tokenizer = CharTokenizer.from_text(text)
+    ids = np.array(tokenizer.encode(text), dtype=np.uint16)
+    split = len(ids) * 9 // 10  # nanoGPT's prepare.py: the first 90% trains
+    config, batch = SHAPES["nanoGPT CPU (4L/4H/128, ctx 64, batch 12)"]
+    config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_file, val_file = Path(tmp) / "train.bin", Path(tmp) / "val.bin"
+        ids[:split].tofile(train_file)
+        ids[split:].tofile(val_file)
+        theirs = recipe_module.train_loop_rate(
+            config, train_file, batch, 1, steps, torch.device("cpu"), compile=False,
+            recipe=recipe, val_file=val_file, eval_interval=eval_interval,
+        )  # fmt: skip
+        sets = [f"model.{key}={getattr(config, key)}" for key in
+                ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "dropout")]  # fmt: skip
+        sets += [f"train.batch_size={batch}", f"train.max_iters={steps}",
+                 f"train.eval_interval={eval_interval}", "train.eval_iters=20",
+                 f"train.lr={recipe.lr}", f"train.min_lr={recipe.min_lr}",
+                 f"train.warmup_iters={recipe.warmup_iters}", f"train.beta2={recipe.beta2}",
+                 f"train.weight_decay={recipe.weight_decay}", f"train.grad_clip={recipe.grad_clip}",
+                 "train.device=cpu", f"train.out_dir={Path(tmp) / 'run'}"]  # fmt: skip
+        data = TrainData(tokenizer, ids[:split], ids[split:])
+        train(load_config(None, sets), data=data)
+        ours = {r["step"]: r["val_loss"] for r in read_metrics(Path(tmp) / "run" / "metrics.jsonl")
+                if "val_loss" in r and r["step"] > 0}  # fmt: skip
+    return {
+        "recipe": "nanoGPT's shakespeare-char on a CPU (4L/4H/128, ctx 64, batch 12, lr 1e-3)",
+        "steps": sorted(ours),
+        "minigpt_val": [ours[step] for step in sorted(ours)],
+        "recipe_val": [theirs["recipe_val_losses"][step] for step in sorted(ours)],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -232,12 +285,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="few steps, 10 s quality run")
     parser.add_argument("--skip-quality", action="store_true")
     parser.add_argument("--skip-compile", action="store_true")
+    parser.add_argument(
+        "--skip-curves", action="store_true", help="no val-loss curves beside nanoGPT's recipe"
+    )
     parser.add_argument("--skip-gpt2", action="store_true", help="only the nanoGPT CPU shape")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
     args = parser.parse_args()
 
     peak = matmul_peak(1.0 if args.quick else 3.0)
-    print(f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
+    print(
+        f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads, "
+        f"OpenMP wait policy {WAIT_POLICY})"
+    )
     rows = []
     shapes = {n: s for n, s in SHAPES.items() if not (args.skip_gpt2 and s[0].n_embd >= 512)}
     for name, (config, batch) in shapes.items():
@@ -290,6 +349,13 @@ def main() -> None:
         f"{loops['loop_over_recipe']:.3f}x the recipe's tokens/s "
         f"({loops['best_loop_over_recipe']:.3f}x in each one's best 10 steps)"
     )
+    curve = None
+    if not args.skip_curves:
+        curve = curves(100, 50) if args.quick else curves(2000, 250)
+        print("val loss, minigpt train vs nanoGPT's recipe: " + ", ".join(
+            f"step {step}: {a:.4f} vs {b:.4f}"
+            for step, a, b in zip(curve["steps"], curve["minigpt_val"], curve["recipe_val"], strict=True)
+        ))  # fmt: skip
     quality = None
     if not args.skip_quality:
         quality = quality_run(10.0 if args.quick else None)
@@ -304,6 +370,7 @@ def main() -> None:
             "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "omp_wait_policy": WAIT_POLICY,
             "torch": torch.__version__,
             "load_average": os.getloadavg(),
         },
@@ -311,6 +378,7 @@ def main() -> None:
         "throughput": rows,
         "gemm_ceiling": ceilings,
         "loops": loops,
+        "curves": curve,
         "quality": quality,
         "quick": args.quick,
     }
@@ -319,7 +387,7 @@ def main() -> None:
     out.write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads, "
-        f"load average {os.getloadavg()[0]:.1f}",
+        f"OpenMP wait policy {WAIT_POLICY}, load average {os.getloadavg()[0]:.1f}",
         "",
         "| shape | mode | tokens/s | ms/step | MFU |",
         "|---|---|---:|---:|---:|",
@@ -344,6 +412,18 @@ def main() -> None:
         f"| minigpt / nanoGPT | | **{loops['loop_over_recipe']:.3f}x** "
         f"({loops['best_loop_over_recipe']:.3f}x in each one's best 10 steps) |",
     ]
+    if curve:
+        lines += [
+            "",
+            f"| val loss at step | `minigpt train` | {curve['recipe']} |",
+            "|---:|---:|---:|",
+            *(
+                f"| {step} | {a:.4f} | {b:.4f} |"
+                for step, a, b in zip(
+                    curve["steps"], curve["minigpt_val"], curve["recipe_val"], strict=True
+                )
+            ),
+        ]
     if quality:
         lines += [
             "",

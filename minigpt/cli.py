@@ -9,7 +9,6 @@ a traceback.
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import typer
 
 from minigpt import console
 from minigpt.errors import MinigptError, Terminated, os_error
+from minigpt.openmp import choose_wait_policy
 
 # The modules that load torch are imported inside the commands that need them, so
 # `minigpt --help` and usage errors answer at once instead of after torch loads.
@@ -91,9 +91,9 @@ def train(
     ),
 ) -> None:
     """Train a GPT on a text corpus (default: char-level on the Python standard library)."""
-    # Before torch loads: OpenMP threads that spin while waiting stall badly when the
-    # CPU is shared with other work (10-100x slower steps); sleeping threads do not.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before torch loads: OpenMP threads spin while they wait unless the cores are
+    # busy, where a spinning thread stalls and sleeping is faster (see openmp.py).
+    choose_wait_policy()
     from minigpt import train as trainer
     from minigpt.config import build_config
 

@@ -1,0 +1,103 @@
+"""The OpenMP wait policy `minigpt train` picks before torch loads (minigpt/openmp.py):
+spinning threads on idle cores, sleeping ones on busy cores, a user's choice kept."""
+
+from __future__ import annotations
+
+import pytest
+
+from minigpt import openmp
+
+STAT = """cpu  {u0} 0 {s0} {i0} 0 0 0 0 0 0
+cpu0 {u0} 0 {s0} {i0} 0 0 0 0 0 0
+cpu1 {u1} 0 10 {i1} 5 0 0 {st1} 0 0
+intr 12345
+"""
+
+
+def _stat(tmp_path, **ticks):
+    path = tmp_path / "stat"
+    path.write_text(STAT.format(**ticks))
+    return path
+
+
+def test_idle_cores_counts_idle_and_iowait_ticks_of_this_process_cpus(tmp_path, monkeypatch):
+    monkeypatch.setattr(openmp, "_usable_cpus", lambda: [0, 1])
+    stat = _stat(tmp_path, u0=100, s0=10, i0=1000, u1=100, i1=1000, st1=0)
+    later = STAT.format(u0=100, s0=10, i0=1020, u1=110, i1=1000, st1=10)
+
+    def sleep(seconds):  # 20 ticks pass: cpu0 all idle; cpu1 half busy, half stolen
+        stat.write_text(later)
+
+    monkeypatch.setattr(openmp.time, "sleep", sleep)
+    assert openmp.idle_cores(stat=stat) == pytest.approx(1.0)
+
+
+def test_idle_cores_is_none_without_proc_stat(tmp_path):
+    assert openmp.idle_cores(stat=tmp_path / "missing") is None
+
+
+def test_torch_threads_counts_physical_cores_not_hyperthreads(tmp_path, monkeypatch):
+    monkeypatch.setattr(openmp, "_usable_cpus", lambda: [0, 1, 2, 3])
+    for cpu, core in enumerate([0, 1, 0, 1]):  # cpu2 and cpu3 are cpu0's and cpu1's siblings
+        topology = tmp_path / f"cpu{cpu}" / "topology"
+        topology.mkdir(parents=True)
+        (topology / "core_id").write_text(f"{core}\n")
+        (topology / "physical_package_id").write_text("0\n")
+    assert openmp.torch_threads(topology=tmp_path) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "cpus"), [("200000 100000\n", 2.0), ("max 100000\n", float("inf")), ("", float("inf"))]
+)
+def test_cgroup_cpus_reads_a_v2_quota(tmp_path, text, cpus):
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text(text)
+    assert openmp.cgroup_cpus(cpu_max) == cpus
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    """A 2-core machine without a CPU quota; its idle cores are the test's to set."""
+    monkeypatch.setattr(openmp, "torch_threads", lambda: 2)
+    monkeypatch.setattr(openmp, "cgroup_cpus", lambda: float("inf"))
+
+    def idle(value):
+        monkeypatch.setattr(openmp, "idle_cores", lambda: value)
+
+    return idle
+
+
+@pytest.mark.parametrize(
+    ("idle", "policy"), [(2.0, "default"), (1.6, "default"), (1.0, "PASSIVE"), (None, "PASSIVE")]
+)
+def test_threads_sleep_only_when_the_cores_are_busy_or_unknown(two_cores, idle, policy):
+    two_cores(idle)
+    environ = {}
+    assert openmp.choose_wait_policy(environ) == policy
+    assert environ == ({} if policy == "default" else {"OMP_WAIT_POLICY": "PASSIVE"})
+
+
+def test_a_users_wait_policy_is_kept(two_cores):
+    two_cores(0.0)
+    environ = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert openmp.choose_wait_policy(environ) == "ACTIVE"
+    assert environ == {"OMP_WAIT_POLICY": "ACTIVE"}
+
+
+def test_ddp_processes_sharing_the_cores_sleep(two_cores):
+    two_cores(2.0)
+    environ = {"LOCAL_WORLD_SIZE": "2"}
+    assert openmp.choose_wait_policy(environ) == "PASSIVE"
+
+
+def test_a_cpu_quota_below_the_thread_count_sleeps(two_cores, monkeypatch):
+    two_cores(2.0)  # the host looks idle, but the container may use one CPU
+    monkeypatch.setattr(openmp, "cgroup_cpus", lambda: 1.0)
+    assert openmp.choose_wait_policy({}) == "PASSIVE"
+
+
+def test_one_thread_never_waits_for_a_sibling(monkeypatch):
+    monkeypatch.setattr(openmp, "torch_threads", lambda: 1)
+    monkeypatch.setattr(openmp, "cgroup_cpus", lambda: float("inf"))
+    monkeypatch.setattr(openmp, "idle_cores", lambda: pytest.fail("no need to watch the cores"))
+    assert openmp.choose_wait_policy({}) == "default"
