@@ -44,6 +44,7 @@ import importlib.util
 import json
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -64,11 +65,14 @@ BF16_PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP
 
 
 def _bench_module(name: str):
-    """bench/NAME.py as a module (the bench folder is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """bench/NAME.py as a module (the bench folder is not a package), loaded once."""
+    key = f"bench_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module  # before it runs: its dataclasses look themselves up there
+        spec.loader.exec_module(module)
+    return sys.modules[key]
 
 
 def shapes(quick: bool) -> dict[str, tuple[GPTConfig, int]]:

@@ -29,6 +29,7 @@ import contextlib
 import itertools
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -126,15 +127,31 @@ class RecipeGPT(nn.Module):
         return logits, loss
 
 
-def recipe_optimizer(model: nn.Module, device: torch.device, lr: float = 6e-4,
-                     weight_decay: float = 0.1) -> torch.optim.AdamW:  # fmt: skip
+@dataclass
+class Recipe:
+    """The optimizer and schedule settings of one nanoGPT config (defaults: train.py's,
+    for GPT-2 124M; `SHAKESPEARE_CHAR` is config/train_shakespeare_char.py's)."""
+
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    warmup_iters: int = 10  # train.py's 2000 is longer than a benchmark; not a speed matter
+    lr_decay_iters: int = 0  # 0: the run's steps
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+
+
+SHAKESPEARE_CHAR = Recipe(lr=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99)
+
+
+def recipe_optimizer(model: nn.Module, device: torch.device, recipe: Recipe) -> torch.optim.AdamW:
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": recipe.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), **extra)
+    return torch.optim.AdamW(groups, lr=recipe.lr, betas=(0.9, recipe.beta2), **extra)
 
 
 def get_batch(path: Path, block_size: int, batch_size: int, device: torch.device):
@@ -153,12 +170,29 @@ def get_batch(path: Path, block_size: int, batch_size: int, device: torch.device
     return x.to(device), y.to(device)
 
 
-def lr_at(step: int, warmup: int, max_iters: int, lr: float = 6e-4, min_lr: float = 6e-5) -> float:
-    """Linear warm-up, then cosine decay to min_lr."""
-    if step < warmup:
-        return lr * (step + 1) / (warmup + 1)
-    ratio = min(1.0, (step - warmup) / max(1, max_iters - warmup))
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (lr - min_lr)
+def lr_at(it: int, recipe: Recipe, decay_iters: int) -> float:
+    """nanoGPT's get_lr: linear warm-up, then cosine decay to min_lr."""
+    if it < recipe.warmup_iters:
+        return recipe.lr * (it + 1) / (recipe.warmup_iters + 1)
+    if it > decay_iters:
+        return recipe.min_lr
+    ratio = (it - recipe.warmup_iters) / max(1, decay_iters - recipe.warmup_iters)
+    return recipe.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (recipe.lr - recipe.min_lr)
+
+
+@torch.no_grad()
+def estimate_loss(model: nn.Module, tokens_file: Path, batch: int, eval_iters: int,
+                  device: torch.device, autocast) -> float:  # fmt: skip
+    """Mean loss over eval_iters random batches of a split, in eval mode (no dropout)."""
+    model.eval()
+    total = 0.0
+    for _ in range(eval_iters):
+        x, y = get_batch(tokens_file, model.config.block_size, batch, device)
+        with autocast:
+            _, loss = model(x, y)
+        total += loss.item()
+    model.train()
+    return total / eval_iters
 
 
 def train_loop_rate(
@@ -169,42 +203,58 @@ def train_loop_rate(
     steps: int,
     device: torch.device,
     compile: bool,
+    recipe: Recipe | None = None,
     first_timed: int = 10,
     log_interval: int = 10,
     seed: int = 1337,
+    val_file: Path | None = None,
+    eval_interval: int = 0,
+    eval_iters: int = 20,
 ) -> dict:
     """ms/step and tokens/s of the recipe's loop from step `first_timed` to `steps` (the
     steps before it compile and warm up), read every `log_interval` steps, when the
-    host waits for the GPU; and the last loss read."""
+    host waits for the GPU; and the last loss read. With `val_file` and
+    `eval_interval`, also the validation loss every eval_interval steps (nanoGPT's
+    estimate_loss; its time is left out of the rates)."""
+    recipe = recipe or Recipe()
     torch.manual_seed(seed)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     model = RecipeGPT(config).to(device)
-    optimizer = recipe_optimizer(model, device)
+    optimizer = recipe_optimizer(model, device, recipe)
     step_model = torch.compile(model) if compile else model
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    decay_iters = recipe.lr_decay_iters or steps
     x, y = get_batch(tokens_file, config.block_size, batch, device)
-    loss_read, read_times = float("nan"), {}
+    loss_read, read_times, val_losses, paused = float("nan"), {}, {}, 0.0
     for step in range(1, steps + 1):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step - 1, warmup=min(10, steps // 2), max_iters=steps)
+            group["lr"] = lr_at(step - 1, recipe, decay_iters)
         for _ in range(accum):
             with autocast:
                 _, loss = step_model(x, y)
                 loss = loss / accum
             x, y = get_batch(tokens_file, config.block_size, batch, device)  # while the GPU works
             loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if recipe.grad_clip:
+            nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % log_interval == 0:
             loss_read = loss.item() * accum  # the host waits for the GPU here only
-            read_times[step] = time.perf_counter()
-    return {"recipe_loss": loss_read} | step_rates(
+            read_times[step] = time.perf_counter() - paused
+        if val_file is not None and eval_interval and step % eval_interval == 0:
+            started = time.perf_counter()
+            val_losses[step] = estimate_loss(model, val_file, batch, eval_iters, device, autocast)
+            paused += time.perf_counter() - started
+    result = {"recipe_loss": loss_read} | step_rates(
         "recipe_", read_times, batch * accum * config.block_size, first_timed
     )
+    if val_losses:
+        result["recipe_val_losses"] = val_losses
+    return result
 
 
 def step_rates(prefix: str, read_times: dict[int, float], tokens_per_step: int,

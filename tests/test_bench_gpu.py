@@ -43,12 +43,14 @@ def test_bench_gpu_quick_on_the_cpu_writes_every_table(tmp_path):
 
 
 def _recipe():
-    spec = importlib.util.spec_from_file_location(
-        "nanogpt_recipe", REPO / "bench" / "nanogpt_recipe.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """bench/nanogpt_recipe.py as a module, loaded once (bench is not a package)."""
+    if "nanogpt_recipe" not in sys.modules:
+        path = REPO / "bench" / "nanogpt_recipe.py"
+        spec = importlib.util.spec_from_file_location("nanogpt_recipe", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["nanogpt_recipe"] = module  # its dataclasses look themselves up there
+        spec.loader.exec_module(module)
+    return sys.modules["nanogpt_recipe"]
 
 
 @pytest.mark.parametrize("bias", [False, True])
