@@ -1,8 +1,8 @@
 """Training throughput and quality.
 
-    python bench/train.py              # throughput (eager and compiled) + the 180 s quality run
+    python bench/train.py              # throughput, loops and curves beside nanoGPT, the 180 s quality run
     python bench/train.py --quick      # a smoke run: few steps, 10 s of training
-    python bench/train.py --skip-quality
+    python bench/train.py --skip-quality --skip-curves
 
 Throughput: tokens/s of whole optimizer steps (forward, backward, AdamW) for the
 nanoGPT CPU shape (4 layers, 4 heads, 128 wide, context 64, batch 12, vocab 65)
@@ -16,6 +16,12 @@ GEMM ceiling: the same step's matmuls alone (every Linear's forward and two
 gradient products, and attention's batched products), timed back to back on their
 real shapes. Small matmuls run far below the large-matmul peak, so this rate over
 the peak is the best MFU the shape can reach even if every other op were free.
+
+Loops: `minigpt train`'s whole loop beside nanoGPT's recipe (bench/nanogpt_recipe.py)
+on the nanoGPT CPU shape and the same token file, alternating, in this process (so
+under the same OpenMP wait policy, which `minigpt.openmp` picks as `minigpt train`
+does). Curves: the val loss of both loops every 250 of 2,000 steps of nanoGPT's CPU
+shakespeare-char recipe on tiny shakespeare.
 
 Quality: `minigpt train configs/shakespeare-char-cpu.toml` on tiny shakespeare
 (../shared/data/tinyshakespeare/input.txt), the best val loss within its 180 s.

@@ -169,6 +169,7 @@ def generate(
     ),
 ) -> None:
     """Sample text from a trained run with the KV cache."""
+    choose_wait_policy(threads)  # before torch loads (see openmp.py)
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
     from minigpt.config import resolve_device
     from minigpt.generate import Sampling, generate_text, sampling_dtype, set_threads
@@ -263,6 +264,7 @@ def inspect_heads(
     duplicate-token >= 0.5; first-token >= 0.5; broad: normalised entropy >= 0.75;
     local: mean attention distance <= 2.0 tokens; mixed: anything else.
     """
+    choose_wait_policy()  # before torch loads (see openmp.py)
     from rich.console import Console
 
     from minigpt import heads, render
@@ -361,6 +363,7 @@ def eval_(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Loss, perplexity and bits per byte of a run, over sliding windows."""
+    choose_wait_policy()  # before torch loads (see openmp.py)
     from minigpt import evaluate
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
     from minigpt.config import resolve_device

@@ -3,19 +3,24 @@
 Between two parallel ops OpenMP's worker threads either spin (its default: ready at
 once, but each holds a core) or sleep (OMP_WAIT_POLICY=PASSIVE: waking costs tens of
 microseconds, paid by every op). Which is faster depends on whether the cores are
-free. Measured on a 2-core Xeon, training steps of nanoGPT's CPU model (4L/4H/128,
-batch 12 x 64), median ms/step over three runs each:
+free. Measured on a 2-core Xeon, three runs of each, fresh processes:
 
+    training steps of nanoGPT's CPU model (4L/4H/128, batch 12 x 64), median ms/step
     CPUs                        spin        sleep
     idle                        34-47       72-121   sleeping: about 2x slower
     one other busy process      217-245     83-94    spinning: about 2.6x slower
     two other busy processes    224-322     153-169  spinning: about 1.7x slower
 
+    `minigpt generate -n 500` of the default model, tokens/s
+    idle                        589-737     129-169  sleeping: about 4x slower
+    one other busy process      157-186     457-672  spinning: about 3x slower
+
 A spinning thread that waits for a sibling the scheduler has put off the core waits
-for a whole time slice. So `minigpt train` looks at how idle this process's cores
-are for a moment before torch loads, and lets the threads sleep only when they are
-not. nanoGPT leaves OpenMP's default, which is the idle-CPU column. The choice is
-made only when OMP_WAIT_POLICY is unset: a user's setting always wins.
+for a whole time slice. So the commands that run a model (train, generate,
+inspect-heads, eval) look at how idle this process's cores are for a moment before
+torch loads, and let the threads sleep only when they are not. nanoGPT leaves
+OpenMP's default, the idle-CPU column. The choice is made only when OMP_WAIT_POLICY
+is unset: a user's setting always wins.
 """
 
 from __future__ import annotations
@@ -25,8 +30,9 @@ import time
 from collections.abc import MutableMapping
 from pathlib import Path
 
-PROBE_SECONDS = 0.2
-"""How long start-up watches the cores (/proc/stat counts in 10 ms ticks)."""
+PROBE_SECONDS = 0.1
+"""How long start-up watches the cores (/proc/stat counts in 10 ms ticks): one other
+busy process on 2 cores shows as 10 of 20 ticks."""
 
 SPARE = 0.5
 """How far below the thread count the idle cores may be and still count as free:
@@ -97,13 +103,16 @@ def cgroup_cpus(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> float:
         return float("inf")
 
 
-def choose_wait_policy(environ: MutableMapping[str, str] = os.environ) -> str:
-    """Set OMP_WAIT_POLICY=PASSIVE in `environ` unless the cores torch will use are idle
-    now, or unless it is set already; return the policy in effect ('default' for
-    OpenMP's own spinning). Call before torch is imported: OpenMP reads it once."""
+def choose_wait_policy(
+    threads: int | None = None, *, environ: MutableMapping[str, str] = os.environ
+) -> str:
+    """Set OMP_WAIT_POLICY=PASSIVE in `environ` unless the cores that `threads` (default:
+    torch's count) will use are idle now, or unless it is set already; return the
+    policy in effect ('default' for OpenMP's own spinning). Call before torch is
+    imported: OpenMP reads it once."""
     if "OMP_WAIT_POLICY" in environ:
         return environ["OMP_WAIT_POLICY"]
-    threads = torch_threads()
+    threads = threads or torch_threads()
     if int(environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
         free = False  # processes of one DDP run share these cores
     elif cgroup_cpus() < threads:

@@ -73,31 +73,37 @@ def two_cores(monkeypatch):
 def test_threads_sleep_only_when_the_cores_are_busy_or_unknown(two_cores, idle, policy):
     two_cores(idle)
     environ = {}
-    assert openmp.choose_wait_policy(environ) == policy
+    assert openmp.choose_wait_policy(environ=environ) == policy
     assert environ == ({} if policy == "default" else {"OMP_WAIT_POLICY": "PASSIVE"})
 
 
 def test_a_users_wait_policy_is_kept(two_cores):
     two_cores(0.0)
     environ = {"OMP_WAIT_POLICY": "ACTIVE"}
-    assert openmp.choose_wait_policy(environ) == "ACTIVE"
+    assert openmp.choose_wait_policy(environ=environ) == "ACTIVE"
     assert environ == {"OMP_WAIT_POLICY": "ACTIVE"}
 
 
 def test_ddp_processes_sharing_the_cores_sleep(two_cores):
     two_cores(2.0)
     environ = {"LOCAL_WORLD_SIZE": "2"}
-    assert openmp.choose_wait_policy(environ) == "PASSIVE"
+    assert openmp.choose_wait_policy(environ=environ) == "PASSIVE"
 
 
 def test_a_cpu_quota_below_the_thread_count_sleeps(two_cores, monkeypatch):
     two_cores(2.0)  # the host looks idle, but the container may use one CPU
     monkeypatch.setattr(openmp, "cgroup_cpus", lambda: 1.0)
-    assert openmp.choose_wait_policy({}) == "PASSIVE"
+    assert openmp.choose_wait_policy(environ={}) == "PASSIVE"
 
 
 def test_one_thread_never_waits_for_a_sibling(monkeypatch):
     monkeypatch.setattr(openmp, "torch_threads", lambda: 1)
     monkeypatch.setattr(openmp, "cgroup_cpus", lambda: float("inf"))
     monkeypatch.setattr(openmp, "idle_cores", lambda: pytest.fail("no need to watch the cores"))
-    assert openmp.choose_wait_policy({}) == "default"
+    assert openmp.choose_wait_policy(environ={}) == "default"
+
+
+def test_a_thread_count_given_is_the_one_that_must_find_free_cores(two_cores):
+    two_cores(1.0)  # one of two cores idle: enough for `generate --threads 1`, not for 2
+    assert openmp.choose_wait_policy(1, environ={}) == "default"
+    assert openmp.choose_wait_policy(2, environ={}) == "PASSIVE"
