@@ -41,11 +41,16 @@ background daemons take a little of any machine."""
 
 def idle_cores(seconds: float = PROBE_SECONDS, stat: Path = Path("/proc/stat")) -> float | None:
     """How many of this process's CPUs were idle over the next `seconds` (iowait counts
-    as idle; time a hypervisor stole does not); None without Linux's /proc/stat."""
-    ours = {f"cpu{n}" for n in _usable_cpus()}
+    as idle; time a hypervisor stole does not). Without Linux's /proc/stat (macOS),
+    the CPUs less the 1-minute load average; None where there is neither (Windows)."""
+    cpus = _usable_cpus()
+    ours = {f"cpu{n}" for n in cpus}
     before = _cpu_ticks(stat, ours)
     if not before:
-        return None
+        try:
+            return max(0.0, len(cpus) - os.getloadavg()[0])
+        except (AttributeError, OSError):
+            return None
     time.sleep(seconds)
     after = _cpu_ticks(stat, ours)
     idle = 0.0

@@ -32,7 +32,14 @@ def test_idle_cores_counts_idle_and_iowait_ticks_of_this_process_cpus(tmp_path, 
     assert openmp.idle_cores(stat=stat) == pytest.approx(1.0)
 
 
-def test_idle_cores_is_none_without_proc_stat(tmp_path):
+def test_without_proc_stat_idle_cores_are_the_cpus_less_the_load_average(tmp_path, monkeypatch):
+    monkeypatch.setattr(openmp, "_usable_cpus", lambda: [0, 1, 2, 3])
+    monkeypatch.setattr(openmp.os, "getloadavg", lambda: (1.5, 1.0, 0.5), raising=False)
+    assert openmp.idle_cores(stat=tmp_path / "missing") == pytest.approx(2.5)
+
+
+def test_idle_cores_is_none_without_proc_stat_or_a_load_average(tmp_path, monkeypatch):
+    monkeypatch.delattr(openmp.os, "getloadavg", raising=False)
     assert openmp.idle_cores(stat=tmp_path / "missing") is None
 
 
