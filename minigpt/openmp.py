@@ -69,10 +69,13 @@ def _cpu_ticks(stat: Path, cpus: set[str]) -> dict[str, tuple[int, int]]:
         return {}
     ticks = {}
     for line in lines:
-        name, *fields = line.split()
+        name, *fields = line.split() or [""]
         if name in cpus and len(fields) >= 8:
             # user nice system idle iowait irq softirq steal (guest time is inside user)
-            counts = [int(f) for f in fields[:8]]
+            try:
+                counts = [int(f) for f in fields[:8]]
+            except ValueError:
+                return {}
             ticks[name] = (counts[3] + counts[4], sum(counts))
     return ticks
 
@@ -112,13 +115,13 @@ def choose_wait_policy(
     threads: int | None = None, *, environ: MutableMapping[str, str] = os.environ
 ) -> str:
     """Set OMP_WAIT_POLICY=PASSIVE in `environ` unless the cores that `threads` (default:
-    torch's count) will use are idle now, or unless it is set already; return the
+    OMP_NUM_THREADS, else torch's count) will use are idle now, or unless it is set already; return the
     policy in effect ('default' for OpenMP's own spinning). Call before torch is
     imported: OpenMP reads it once."""
     if "OMP_WAIT_POLICY" in environ:
         return environ["OMP_WAIT_POLICY"]
-    threads = threads or torch_threads()
-    if int(environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+    threads = threads or _count(environ.get("OMP_NUM_THREADS")) or torch_threads()
+    if _count(environ.get("LOCAL_WORLD_SIZE")) > 1:
         free = False  # processes of one DDP run share these cores
     elif cgroup_cpus() < threads:
         free = False  # a container's CPU quota: the threads take turns on fewer cores
@@ -131,3 +134,12 @@ def choose_wait_policy(
         return "default"
     environ["OMP_WAIT_POLICY"] = "PASSIVE"
     return "PASSIVE"
+
+
+def _count(value: str | None) -> int:
+    """A positive count from an environment variable, or 0 (unset or not a number:
+    torch and torchrun report a bad one themselves)."""
+    try:
+        return max(0, int(value or 0))
+    except ValueError:
+        return 0

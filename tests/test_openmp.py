@@ -114,3 +114,16 @@ def test_a_thread_count_given_is_the_one_that_must_find_free_cores(two_cores):
     two_cores(1.0)  # one of two cores idle: enough for `generate --threads 1`, not for 2
     assert openmp.choose_wait_policy(1, environ={}) == "default"
     assert openmp.choose_wait_policy(2, environ={}) == "PASSIVE"
+
+
+def test_omp_num_threads_is_the_count_that_must_find_free_cores(two_cores):
+    two_cores(1.0)
+    assert openmp.choose_wait_policy(environ={"OMP_NUM_THREADS": "1"}) == "default"
+    assert openmp.choose_wait_policy(environ={"OMP_NUM_THREADS": "x"}) == "PASSIVE"  # torch's 2
+
+
+def test_an_unreadable_proc_stat_line_reads_as_unknown(tmp_path, monkeypatch):
+    monkeypatch.setattr(openmp, "_usable_cpus", lambda: [0])
+    stat = tmp_path / "stat"
+    stat.write_text("\ncpu0 1 2 3 x 5 6 7 8\n")
+    assert openmp._cpu_ticks(stat, {"cpu0"}) == {}
