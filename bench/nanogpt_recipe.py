@@ -10,8 +10,9 @@ same work:
   with dropout while training, an exact-GELU MLP of 4 x n_embd; final LayerNorm;
   an output layer tied to the token embedding; the loss is `F.cross_entropy` over
   all positions' logits;
-- the optimizer: AdamW (0.9, 0.95), weight decay on the >= 2-d weights only, fused
-  on CUDA, foreach elsewhere;
+- the optimizer: AdamW (beta1 0.9, the config's beta2: 0.95 for GPT-2, 0.99 for
+  shakespeare-char), weight decay on the >= 2-d weights only, fused on CUDA, foreach
+  elsewhere; linear warm-up and cosine decay (`lr_at`, its get_lr);
 - the loop: bf16 autocast on CUDA (none on a CPU), `torch.compile` when asked, TF32
   matmuls; each micro-batch's loss divided by the accumulation steps; the next batch
   drawn while the GPU still runs the forward pass; a fresh `np.memmap` of the token
@@ -20,7 +21,8 @@ same work:
   on the host (`.item()`) only every `log_interval` steps.
 
 What it leaves out does not take time per step: GradScaler (disabled for bf16),
-checkpoints, evaluation and logging.
+checkpoints and logging. Its evaluation (`estimate_loss`) runs only when asked, and
+is left out of the rates.
 """
 
 from __future__ import annotations
