@@ -1,4 +1,5 @@
-"""The OpenMP wait policy `minigpt train` picks before torch loads (minigpt/openmp.py):
+"""The OpenMP wait policy that train, generate, inspect-heads and eval pick before torch
+loads (minigpt/openmp.py):
 spinning threads on idle cores, sleeping ones on busy cores, a user's choice kept."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from minigpt import openmp
 
 STAT = """cpu  {u0} 0 {s0} {i0} 0 0 0 0 0 0
 cpu0 {u0} 0 {s0} {i0} 0 0 0 0 0 0
-cpu1 {u1} 0 10 {i1} 5 0 0 {st1} 0 0
+cpu1 {u1} 0 10 {i1} {w1} 0 0 {st1} 0 0
 intr 12345
 """
 
@@ -22,14 +23,14 @@ def _stat(tmp_path, **ticks):
 
 def test_idle_cores_counts_idle_and_iowait_ticks_of_this_process_cpus(tmp_path, monkeypatch):
     monkeypatch.setattr(openmp, "_usable_cpus", lambda: [0, 1])
-    stat = _stat(tmp_path, u0=100, s0=10, i0=1000, u1=100, i1=1000, st1=0)
-    later = STAT.format(u0=100, s0=10, i0=1020, u1=110, i1=1000, st1=10)
+    stat = _stat(tmp_path, u0=100, s0=10, i0=1000, u1=100, i1=1000, w1=5, st1=0)
+    later = STAT.format(u0=100, s0=10, i0=1020, u1=105, i1=1000, w1=10, st1=10)
 
-    def sleep(seconds):  # 20 ticks pass: cpu0 all idle; cpu1 half busy, half stolen
+    def sleep(seconds):  # 20 ticks pass: cpu0 idle; cpu1 5 busy, 5 iowait, 10 stolen
         stat.write_text(later)
 
     monkeypatch.setattr(openmp.time, "sleep", sleep)
-    assert openmp.idle_cores(stat=stat) == pytest.approx(1.0)
+    assert openmp.idle_cores(stat=stat) == pytest.approx(1.25)
 
 
 def test_without_proc_stat_idle_cores_are_the_cpus_less_the_load_average(tmp_path, monkeypatch):
