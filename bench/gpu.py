@@ -194,6 +194,14 @@ def loop_rates(config: GPTConfig, batch: int, accum: int, device: torch.device, 
     return best
 
 
+def run_config(config: GPTConfig, **train_settings):
+    """The RunConfig of `minigpt train` for a benchmark's model and [train] settings."""
+    keys = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "dropout")
+    sets = [f"model.{key}={getattr(config, key)}" for key in keys]
+    sets += [f"train.{key}={value}" for key, value in train_settings.items()]
+    return load_config(None, sets)
+
+
 def minigpt_loop_rate(config: GPTConfig, tokens: np.ndarray, batch: int, accum: int,
                       device: torch.device, steps: int, compile: bool) -> dict:  # fmt: skip
     """ms/step and tokens/s of `minigpt.train.train` itself, from its metrics."""
@@ -202,13 +210,10 @@ def minigpt_loop_rate(config: GPTConfig, tokens: np.ndarray, batch: int, accum: 
     data = TrainData(tokenizer, tokens[:split], tokens[split:])
     c = config
     with tempfile.TemporaryDirectory() as out:
-        sets = [f"model.{key}={getattr(c, key)}" for key in
-                ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "dropout")]  # fmt: skip
-        sets += [f"train.batch_size={batch}", f"train.grad_accum={accum}",
-                 f"train.max_iters={steps}", f"train.eval_interval={steps}", "train.eval_iters=1",
-                 "train.log_interval=10", "train.warmup_iters=10", f"train.compile={compile}",
-                 f"train.device={device}", f"train.out_dir={out}"]  # fmt: skip
-        train(load_config(None, sets), data=data)
+        settings = dict(batch_size=batch, grad_accum=accum, max_iters=steps,
+                        eval_interval=steps, eval_iters=1, log_interval=10, warmup_iters=10,
+                        compile=compile, device=device, out_dir=out)  # fmt: skip
+        train(run_config(c, **settings), data=data)
         with open(Path(out) / METRICS_FILE) as f:
             times = {  # seconds of training when each step's loss was read
                 r["step"]: r["time"] for r in map(json.loads, f) if "loss" in r and "time" in r

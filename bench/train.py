@@ -244,7 +244,6 @@ def curves(steps: int, eval_interval: int) -> dict:
     as nanoGPT's estimate_loss does. Speed is another matter: this is the loss curve."""
     import numpy as np
 
-    from minigpt.config import load_config
     from minigpt.tokenizer import CharTokenizer
     from minigpt.train import TrainData, train
 
@@ -264,16 +263,13 @@ def curves(steps: int, eval_interval: int) -> dict:
             config, train_file, batch, 1, steps, torch.device("cpu"), compile=False,
             recipe=recipe, val_file=val_file, eval_interval=eval_interval,
         )  # fmt: skip
-        sets = [f"model.{key}={getattr(config, key)}" for key in
-                ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "bias", "dropout")]  # fmt: skip
-        sets += [f"train.batch_size={batch}", f"train.max_iters={steps}",
-                 f"train.eval_interval={eval_interval}", "train.eval_iters=20",
-                 f"train.lr={recipe.lr}", f"train.min_lr={recipe.min_lr}",
-                 f"train.warmup_iters={recipe.warmup_iters}", f"train.beta2={recipe.beta2}",
-                 f"train.weight_decay={recipe.weight_decay}", f"train.grad_clip={recipe.grad_clip}",
-                 "train.device=cpu", f"train.out_dir={Path(tmp) / 'run'}"]  # fmt: skip
+        settings = dict(batch_size=batch, max_iters=steps, eval_interval=eval_interval,
+                        eval_iters=20, lr=recipe.lr, min_lr=recipe.min_lr,
+                        warmup_iters=recipe.warmup_iters, beta2=recipe.beta2,
+                        weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip,
+                        device="cpu", out_dir=Path(tmp) / "run")  # fmt: skip
         data = TrainData(tokenizer, ids[:split], ids[split:])
-        train(load_config(None, sets), data=data)
+        train(_bench_gpu().run_config(config, **settings), data=data)
         ours = {r["step"]: r["val_loss"] for r in read_metrics(Path(tmp) / "run" / "metrics.jsonl")
                 if "val_loss" in r and r["step"] > 0}  # fmt: skip
     return {
