@@ -512,7 +512,11 @@ def _wrap(model: GPT, config: RunConfig, ddp: Distributed, device: torch.device)
         # TF32 tensor cores, as in nanoGPT; train.dtype=float32 keeps full precision.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    compiled = torch.compile(model) if config.train.compile else model
+    # dynamic=False: the shapes of a run never change, so keep every kernel specialised
+    # to them. torch.compile's default marks a size dynamic when a second model of
+    # another shape is compiled in the same process (a sweep in a notebook), and the
+    # second model's kernels would then be compiled for symbolic sizes.
+    compiled = torch.compile(model, dynamic=False) if config.train.compile else model
     if not ddp.enabled:
         return compiled
     device_ids = [device.index] if device.type == "cuda" else None

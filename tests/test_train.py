@@ -124,6 +124,34 @@ def test_train_writes_a_loadable_run_dir(tmp_path, data, capsys):
         assert torch.equal(tensor, state.model[name]), name
 
 
+def test_compiled_training_is_one_graph_with_each_models_own_static_shapes(
+    tmp_path, data, monkeypatch
+):
+    """train.compile: the model compiles as one graph (no graph break), and a second model
+    of another shape in the same process gets kernels for its own sizes, not symbolic
+    ones (torch.compile's default would mark the sizes that changed as dynamic)."""
+    graphs = []  # per graph dynamo hands over: whether any size in it is symbolic
+
+    def record(graph_module, example_inputs):
+        sizes = [s for t in example_inputs if isinstance(t, torch.Tensor) for s in t.shape]
+        symbolic = [x for x in (*sizes, *example_inputs) if isinstance(x, torch.SymInt)]
+        graphs.append(bool(symbolic))
+        return graph_module.forward  # run the captured graph as it is: no inductor
+
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend=record, **kw))
+    torch._dynamo.reset()  # nothing compiled by an earlier test counts
+    try:
+        for width, block in ((16, 16), (32, 8)):
+            shape = [f"model.n_embd={width}", f"model.block_size={block}"]
+            config = tiny_config(tmp_path / f"run{width}", *shape, "train.compile=true",
+                                 "train.max_iters=2", "train.eval_interval=2")  # fmt: skip
+            assert trainer.train(config, data=data, progress=False).step == 2
+    finally:
+        torch._dynamo.reset()
+    assert graphs == [False, False]
+
+
 def test_eval_batches_are_fixed(tmp_path, data):
     # lr tiny, so the weights hardly move: two evaluations of the same batches agree closely
     out = tmp_path / "run"
