@@ -49,7 +49,9 @@ class KVCache:
         self.rolling = rolling
         # the static decode step's state (see start_static): None until it is used
         self.position: Tensor | None = None  # (1,) long, on the device: the slot to write
-        self.visible: Tensor | None = None  # (1, max_len) bool: the slots this step sees
+        self.visible: Tensor | None = (
+            None  # (1, max_len): 0 on the slots this step sees, -inf on the rest
+        )
         self.stepping = False  # inside GPT.decode_step: attention writes with write_at
 
     def check_fits(
@@ -118,16 +120,23 @@ class KVCache:
 
     def start_static(self) -> None:
         """Make the device-side position (and the slot numbers) and set it to `pos`."""
-        device = self.keys[0].device
+        keys = self.keys[0]
         if self.position is None:
-            self.position = torch.zeros(1, dtype=torch.long, device=device)
-            self.slots = torch.arange(self.max_len, device=device)
+            self.position = torch.zeros(1, dtype=torch.long, device=keys.device)
+            self.slots = torch.arange(self.max_len, device=keys.device)
+            self.seen, self.unseen = torch.tensor([0.0, float("-inf")], dtype=keys.dtype,
+                                                  device=keys.device)  # fmt: skip
         self.position.fill_(self.pos)
 
     def begin_step(self) -> None:
         """Before a static step's layers: the slots up to `position` are visible (all
-        of them once a rolling cache is full), and the step writes `position`'s slot."""
-        self.visible = (self.slots <= self.position)[None, :]  # (1, max_len): one query
+        of them once a rolling cache is full), and the step writes `position`'s slot.
+
+        `visible` is the additive mask SDPA adds to the scores, made here once for every
+        layer: given booleans, SDPA would turn them into this in each layer, which on a
+        GPU is more small kernels per token."""
+        seen = self.slots <= self.position  # (max_len,)
+        self.visible = torch.where(seen, self.seen, self.unseen)[None, :]  # (1, max_len): one query
         self.slot = self.position.remainder(self.max_len)  # the ring's slot (rolling)
         self.stepping = True
 
