@@ -29,8 +29,21 @@ KV cache against recomputing every step at 500 tokens, and Hugging Face
 static_decode=True (`minigpt generate --compile`): on CUDA each step replays a CUDA
 graph; on a CPU the same static-shape step runs without one.
 
+"graph step us" is the captured step alone, 100 of them back to back with no read
+between: the graph's own time, the floor under the captured tok/s (the rest of a
+token's time is the host's draw and bookkeeping).
+
 Kernels: the 8 kernels that take the most time in 20 eager decode steps of GPT-2
-small at batch 1, fp32 against bf16 (torch.profiler): where bf16's time goes.
+small at batch 1, fp32 against bf16 (torch.profiler): where bf16's time goes; on
+CUDA also the kernels launched per token, which a captured step replays at once.
+
+Every compiled measurement starts from a fresh compiler (`torch._dynamo.reset()`),
+as in a process of its own. The sections run decode first and training (minutes of
+compiling) last; `--only` picks some. One that fails is recorded as its error and
+the rest still run, and the JSON is written after each section: a GPU lease is one
+shot, and a run cut short keeps what it measured. On a lent GPU machine with torch:
+
+    PYTHONUNBUFFERED=1 PYTHONPATH=. python3 bench/gpu.py --out "$OUT/gpu.json"
 
 Prints tables and writes bench/results/gpu.json with the device and torch version.
 """
@@ -47,14 +60,17 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.autograd import DeviceType
 
+from minigpt.atomic import write_json_atomic
 from minigpt.checkpoint import METRICS_FILE
 from minigpt.config import load_config
-from minigpt.generate import generate
+from minigpt.generate import StaticDecoder, generate
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer
 from minigpt.train import TrainData, make_optimizer, train
@@ -99,6 +115,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def fresh_compiler() -> None:
+    """Forget every graph compiled so far, as a new process would: torch.compile keeps
+    what it learned of a function's shapes, and a second model of another shape (the
+    GPT-2 rows after shakespeare-char) would otherwise be compiled with symbolic sizes."""
+    torch._dynamo.reset()
+
+
+def measure(row: dict, key: str, fn, *args) -> None:
+    """row[key] = fn(*args), or row[key + "_error"] = what went wrong: on a one-shot GPU
+    run one failing cell (a capture on another torch, say) must not cost the rest."""
+    try:
+        row[key] = fn(*args)
+    except Exception as error:  # noqa: BLE001 - reported in the row and on stderr
+        row[f"{key}_error"] = f"{type(error).__name__}: {error}"
+        traceback.print_exc()
+
+
 def peak_flops(device: torch.device) -> tuple[float, str]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
@@ -116,7 +149,8 @@ def train_rate(config: GPTConfig, batch: int, accum: int, device: torch.device,
     model = GPT(config).to(device)
     optimizer = make_optimizer(model, load_config(), device)
     cuda = device.type == "cuda"
-    step_model = torch.compile(model) if cuda else model
+    fresh_compiler()
+    step_model = torch.compile(model, dynamic=False) if cuda else model  # as `minigpt train`
     x = torch.randint(config.vocab_size, (batch, config.block_size), device=device)
     y = torch.randint(config.vocab_size, (batch, config.block_size), device=device)
 
@@ -177,7 +211,9 @@ def loop_rates(config: GPTConfig, batch: int, accum: int, device: torch.device, 
         tokens_file = Path(tmp) / "train.bin"
         tokens.tofile(tokens_file)
         for _ in range(rounds):
+            fresh_compiler()
             rates = minigpt_loop_rate(config, tokens, batch, accum, device, steps, compile)
+            fresh_compiler()  # nanoGPT compiles in a process of its own
             rates |= recipe.train_loop_rate(
                 config, tokens_file, batch, accum, steps, device, compile
             )
@@ -239,11 +275,21 @@ def decode_kernels(device: torch.device, quick: bool, top: int = 8) -> dict:
             run()
             sync(device)
         attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-        events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
-        result[str(dtype).removeprefix("torch.")] = [
+        averages = prof.key_averages()
+        events = sorted(averages, key=lambda e: getattr(e, attr), reverse=True)
+        name = str(dtype).removeprefix("torch.")
+        result[name] = [
             {"name": e.key[:70], "calls": e.count, "us": getattr(e, attr)} for e in events[:top]
         ]
+        if device.type == "cuda":  # what a captured step replays: every kernel of a token
+            kernels = sum(e.count for e in averages if e.device_type == DeviceType.CUDA)
+            result[f"{name}_kernels_per_token"] = kernels / result["steps"]
     return result
+
+
+def decode_rate(run) -> float:
+    """Tokens per second of a decode closure (`minigpt_decode`, `hf_decode`)."""
+    return run.tokens / decode_seconds(run, run.device)
 
 
 def decode_seconds(run, device: torch.device, repeats: int = 2) -> float:
@@ -266,6 +312,7 @@ def minigpt_decode(
         for _ in generate(model, prompt, n, **settings):
             pass
 
+    run.tokens, run.device = n * batch, model.device  # what decode_rate divides and syncs
     return run
 
 
@@ -278,6 +325,7 @@ def hf_decode(hf, prompt: list[int], n: int, batch: int, device: torch.device):
         hf.generate(input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                     do_sample=False, use_cache=True, pad_token_id=0)  # fmt: skip
 
+    run.tokens, run.device = n * batch, device
     return run
 
 
@@ -300,15 +348,38 @@ def decode_rows(quick: bool, device: torch.device) -> list[dict]:
             hf = _hf_model(to_hf, base, device, dtype)
             for batch in (1, 8):
                 row = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch}
-                seconds = decode_seconds(minigpt_decode(model, prompt, n, batch), device)
-                row["minigpt_tok_s"] = n * batch / seconds
+
+                measure(row, "minigpt_tok_s", decode_rate, minigpt_decode(model, prompt, n, batch))
                 captured = minigpt_decode(model, prompt, n, batch, static=True)
-                row["captured_tok_s"] = n * batch / decode_seconds(captured, device)
+                measure(row, "captured_tok_s", decode_rate, captured)
+                measure(row, "step_us", captured_step_us, model, prompt, batch, device)
                 if hf is not None:
-                    seconds = decode_seconds(hf_decode(hf, prompt, n, batch, device), device)
-                    row["hf_tok_s"] = n * batch / seconds
+                    measure(row, "hf_tok_s", decode_rate, hf_decode(hf, prompt, n, batch, device))
                 rows.append(row)
+                print(f"  {row}", flush=True)
     return rows
+
+
+@torch.inference_mode()
+def captured_step_us(model: GPT, prompt: list[int], batch: int, device: torch.device,
+                     steps: int = 100) -> float:  # fmt: skip
+    """Microseconds per captured decode step alone, `steps` of them back to back with no
+    read of the logits between: the graph's own time on CUDA, the floor under the
+    captured tok/s (the rest of a token's time is the host's draw and bookkeeping)."""
+    kv_cache = model.new_kv_cache(batch)
+    ids = torch.tensor([prompt] * batch, device=device)  # (B, T)
+    model(ids, kv_cache=kv_cache, last_only=True)
+    kv_cache.start_static()
+    decoder = StaticDecoder(model, kv_cache, graph=device.type == "cuda")
+    last = ids[:, -1:]  # (B, 1): any ids do, the time does not depend on them
+    steps = min(steps, kv_cache.remaining - 1)
+    decoder(last)  # captures the graph on CUDA
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        decoder(last)
+    sync(device)
+    return (time.perf_counter() - start) / steps * 1e6
 
 
 def _hf_model(to_hf, model: GPT, device: torch.device, dtype: torch.dtype):
@@ -335,40 +406,101 @@ def kv_against_recompute(quick: bool, device: torch.device) -> dict:
             "captured_speedup": recomputed / captured}  # fmt: skip
 
 
-def print_tables(result: dict) -> None:
-    print(f"\n{result['device']} (torch {result['torch']}), peak {result['peak_label']}\n")
-    print("| training | dtype | bare step ms | tokens/s | MFU | `minigpt train` ms/step "
-          "| tokens/s | MFU | nanoGPT recipe ms/step | tokens/s | MFU | minigpt / recipe "
-          "| in the best 10 steps |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for row in result["training"]:
-        cells = [
-            f"{row['shape']} x batch {row['batch']} x {row['accum']}"
-            + (f", dropout {row['dropout']}" if row["dropout"] else ""),
-            row["dtype"],
-        ]
+def training_rows(quick: bool, device: torch.device, peak: float) -> list[dict]:
+    """One row per training shape: the bare step, `minigpt train`'s loop and the recipe's."""
+    rows = []
+    cuda = device.type == "cuda"
+    for name, (config, batch, accum) in training_shapes(quick).items():
+        row = {"shape": name, "batch": batch, "accum": accum, "dropout": config.dropout}
+        steps = 20 if quick else TRAIN_LOOP_STEPS
+        measure(row, "bare", train_rate, config, batch, accum, device, 3 if quick else 20)
+        measure(row, "loops", loop_rates, config, batch, accum, device, steps, cuda)
+        row |= row.pop("bare", {}) | row.pop("loops", {})
         for prefix in ("", "loop_", "recipe_"):
-            cells += [f"{row[f'{prefix}step_ms']:.1f}", f"{row[f'{prefix}tokens_per_s']:,.0f}",
-                      f"{row[f'{prefix}mfu']:.1%}"]  # fmt: skip
-        print("| " + " | ".join(cells) + f" | {row['loop_over_recipe']:.3f}x "
-              f"| {row['best_loop_over_recipe']:.3f}x |")  # fmt: skip
-    print("\n| decode | dtype | batch | eager tok/s | captured tok/s | captured / eager "
-          "| HF tok/s | captured / HF |")  # fmt: skip
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
-    for row in result["decode"]:
-        eager, captured, hf = row["minigpt_tok_s"], row["captured_tok_s"], row.get("hf_tok_s")
-        print(f"| {row['shape']} | {row['dtype']} | {row['batch']} | {eager:,.0f} "
-              f"| {captured:,.0f} | {captured / eager:.2f}x | {f'{hf:,.0f}' if hf else '-'} "
-              f"| {f'{captured / hf:.2f}x' if hf else '-'} |")  # fmt: skip
-    kernels = result["kernels"]
+            if f"{prefix}tokens_per_s" in row:
+                row[f"{prefix}mfu"] = row[f"{prefix}tokens_per_s"] * row["flops_per_token"] / peak
+        rows.append(row)
+        print(f"  {row}", flush=True)
+    return rows
+
+
+SECTIONS = ("decode", "kv_cache", "kernels", "training")
+"""In the order they run: the decode targets first, the training (minutes of compiling)
+last, so that a run cut short by its time limit keeps the most."""
+
+
+def run_section(name: str, quick: bool, device: torch.device, peak: float):
+    if name == "decode":
+        return decode_rows(quick, device)
+    if name == "kv_cache":
+        return kv_against_recompute(quick, device)
+    if name == "kernels":
+        return decode_kernels(device, quick)
+    return training_rows(quick, device, peak)
+
+
+def _num(row: dict, key: str, spec: str) -> str:
+    """row[key] formatted, or '-' when it is missing (its error is printed below the row)."""
+    return format(row[key], spec) if key in row else "-"
+
+
+def _ratio(row: dict, top: str, bottom: str) -> str:
+    return f"{row[top] / row[bottom]:.2f}x" if top in row and bottom in row else "-"
+
+
+def print_tables(result: dict) -> None:
+    print(f"\n{result['device']} (torch {result['torch']}), peak {result['peak_label']}")
+    for name in SECTIONS:
+        if isinstance(result.get(name), dict) and "error" in result[name]:
+            print(f"\n{name}: failed: {result[name]['error']}")
+    if isinstance(result.get("training"), list):
+        print("\n| training | dtype | bare step ms | tokens/s | MFU | `minigpt train` ms/step "
+              "| tokens/s | MFU | nanoGPT recipe ms/step | tokens/s | MFU | minigpt / recipe "
+              "| in the best 10 steps |")  # fmt: skip
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for row in result["training"]:
+            cells = [
+                f"{row['shape']} x batch {row['batch']} x {row['accum']}"
+                + (f", dropout {row['dropout']}" if row["dropout"] else ""),
+                row.get("dtype", "-"),
+            ]
+            for prefix in ("", "loop_", "recipe_"):
+                cells += [_num(row, f"{prefix}step_ms", ".1f"),
+                          _num(row, f"{prefix}tokens_per_s", ",.0f"),
+                          _num(row, f"{prefix}mfu", ".1%")]  # fmt: skip
+            cells += [
+                _num(row, "loop_over_recipe", ".3f"),
+                _num(row, "best_loop_over_recipe", ".3f"),
+            ]
+            print("| " + " | ".join(cells) + " |")
+            for key in (k for k in row if k.endswith("_error")):
+                print(f"  {key}: {row[key]}")
+    if isinstance(result.get("decode"), list):
+        print("\n| decode | dtype | batch | eager tok/s | captured tok/s | captured / eager "
+              "| graph step us | HF tok/s | captured / HF |")  # fmt: skip
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+        for row in result["decode"]:
+            print(f"| {row['shape']} | {row['dtype']} | {row['batch']} "
+                  f"| {_num(row, 'minigpt_tok_s', ',.0f')} | {_num(row, 'captured_tok_s', ',.0f')} "
+                  f"| {_ratio(row, 'captured_tok_s', 'minigpt_tok_s')} | {_num(row, 'step_us', '.0f')} "
+                  f"| {_num(row, 'hf_tok_s', ',.0f')} | {_ratio(row, 'captured_tok_s', 'hf_tok_s')} |")  # fmt: skip
+            for key in (k for k in row if k.endswith("_error")):
+                print(f"  {key}: {row[key]}")
+    kernels = result.get("kernels", {})
     for dtype in ("float32", "bfloat16"):
-        print(f"\n{kernels['shape']}, {dtype}, {kernels['steps']} eager decode steps at batch 1:")
+        if dtype not in kernels:
+            continue
+        per_token = kernels.get(f"{dtype}_kernels_per_token")
+        count = f", {per_token:.0f} kernels per token" if per_token else ""
+        print(f"\n{kernels['shape']}, {dtype}, {kernels['steps']} eager decode steps at batch 1"
+              f"{count}:")  # fmt: skip
         for e in kernels[dtype]:
             print(f"  {e['us'] / 1e3:8.2f} ms  {e['calls']:5d} calls  {e['name']}")
-    kv = result["kv_cache"]
-    print(f"\nKV cache vs recompute, {kv['shape']}, {kv['tokens']} tokens: "
-          f"{kv['kv_tok_s']:,.0f} vs {kv['recompute_tok_s']:,.0f} tok/s ({kv['speedup']:.2f}x); "
-          f"captured {kv['captured_tok_s']:,.0f} tok/s ({kv['captured_speedup']:.2f}x)")  # fmt: skip
+    kv = result.get("kv_cache", {})
+    if "speedup" in kv:
+        print(f"\nKV cache vs recompute, {kv['shape']}, {kv['tokens']} tokens: "
+              f"{kv['kv_tok_s']:,.0f} vs {kv['recompute_tok_s']:,.0f} tok/s ({kv['speedup']:.2f}x); "
+              f"captured {kv['captured_tok_s']:,.0f} tok/s ({kv['captured_speedup']:.2f}x)")  # fmt: skip
 
 
 def main() -> None:
@@ -376,22 +508,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few steps")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="run these sections alone (default: all, in this order)")  # fmt: skip
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as `minigpt train` runs on a GPU
     started = time.perf_counter()
     peak, peak_label = peak_flops(device)
-    training = []
-    cuda = device.type == "cuda"
-    for name, (config, batch, accum) in training_shapes(args.quick).items():
-        row = {"shape": name, "batch": batch, "accum": accum, "dropout": config.dropout}
-        row |= train_rate(config, batch, accum, device, 3 if args.quick else 20)
-        steps = 20 if args.quick else TRAIN_LOOP_STEPS
-        row |= loop_rates(config, batch, accum, device, steps, compile=cuda)
-        for prefix in ("", "loop_", "recipe_"):
-            row[f"{prefix}mfu"] = row[f"{prefix}tokens_per_s"] * row["flops_per_token"] / peak
-        training.append(row)
     result = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -399,15 +523,21 @@ def main() -> None:
         "quick": args.quick,
         "peak_flops": peak,
         "peak_label": peak_label,
-        "training": training,
-        "decode": decode_rows(args.quick, device),
-        "kv_cache": kv_against_recompute(args.quick, device),
-        "kernels": decode_kernels(device, args.quick),
     }  # fmt: skip
-    result["seconds"] = time.perf_counter() - started
-    print_tables(result)
+    print(f"{result['device']}, torch {result['torch']}", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for name in args.only:
+        print(f"[{time.perf_counter() - started:4.0f} s] {name}", flush=True)
+        try:
+            result[name] = run_section(name, args.quick, device, peak)
+        except Exception as error:  # noqa: BLE001 - the other sections still run
+            result[name] = {"error": f"{type(error).__name__}: {error}"}
+            traceback.print_exc()
+        result["seconds"] = time.perf_counter() - started
+        write_json_atomic(args.out, result)  # after every section: a run cut short keeps it
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    print_tables(result)
     print(f"\nwrote {args.out} ({result['seconds']:.0f} s)")
 
 

@@ -34,12 +34,58 @@ def test_bench_gpu_quick_on_the_cpu_writes_every_table(tmp_path):
     assert "| nanoGPT recipe ms/step |" in done.stdout
     combos = {(row["dtype"], row["batch"]) for row in result["decode"]}
     assert combos == {("float32", 1), ("float32", 8), ("bfloat16", 1), ("bfloat16", 8)}
-    rates = ("minigpt_tok_s", "captured_tok_s", "hf_tok_s")
+    rates = ("minigpt_tok_s", "captured_tok_s", "step_us", "hf_tok_s")
     assert all(row[rate] > 0 for row in result["decode"] for rate in rates)
     assert result["kv_cache"]["speedup"] > 0
     assert "| decode |" in done.stdout
     kernels = result["kernels"]
     assert all(kernels[dtype] and kernels[dtype][0]["us"] > 0 for dtype in ("float32", "bfloat16"))
+
+
+def _gpu_bench():
+    """bench/gpu.py as a module, loaded once."""
+    if "bench_gpu" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_gpu"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_gpu"]
+
+
+def test_a_failing_section_or_cell_costs_only_itself(tmp_path, monkeypatch, capsys):
+    """A GPU run is one shot: a section that raises is recorded as its error, a failing
+    cell of a table as that cell's, and the other sections and cells are still measured
+    and written to the JSON."""
+    gpu = _gpu_bench()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no capture today")
+
+    monkeypatch.setattr(gpu, "kv_against_recompute", broken)
+    monkeypatch.setattr(gpu, "captured_step_us", broken)
+    out = tmp_path / "gpu.json"
+    argv = [
+        "gpu.py",
+        "--device",
+        "cpu",
+        "--quick",
+        "--only",
+        "kv_cache",
+        "decode",
+        "--out",
+        str(out),
+    ]
+    monkeypatch.setattr(sys, "argv", argv)
+    gpu.main()
+    result = json.loads(out.read_text())
+    assert result["kv_cache"] == {"error": "RuntimeError: no capture today"}
+    assert "training" not in result and "kernels" not in result  # only the sections asked for
+    for row in result["decode"]:
+        assert row["step_us_error"] == "RuntimeError: no capture today"
+        assert row["minigpt_tok_s"] > 0 and row["captured_tok_s"] > 0
+    printed = capsys.readouterr().out
+    assert "kv_cache: failed: RuntimeError: no capture today" in printed
+    assert "  step_us_error: RuntimeError: no capture today" in printed
 
 
 def _recipe():
