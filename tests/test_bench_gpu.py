@@ -42,21 +42,20 @@ def test_bench_gpu_quick_on_the_cpu_writes_every_table(tmp_path):
     assert all(kernels[dtype] and kernels[dtype][0]["us"] > 0 for dtype in ("float32", "bfloat16"))
 
 
-def _gpu_bench():
-    """bench/gpu.py as a module, loaded once."""
-    if "bench_gpu" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_gpu"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_gpu"]
+@pytest.fixture(scope="module")
+def gpu_bench():
+    """bench/gpu.py as a module (the bench folder is not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def test_a_failing_section_or_cell_costs_only_itself(tmp_path, monkeypatch, capsys):
+def test_a_failing_section_or_cell_costs_only_itself(gpu_bench, tmp_path, monkeypatch, capsys):
     """A GPU run is one shot: a section that raises is recorded as its error, a failing
     cell of a table as that cell's, and the other sections and cells are still measured
     and written to the JSON."""
-    gpu = _gpu_bench()
+    gpu = gpu_bench
 
     def broken(*args, **kwargs):
         raise RuntimeError("no capture today")
@@ -88,22 +87,11 @@ def test_a_failing_section_or_cell_costs_only_itself(tmp_path, monkeypatch, caps
     assert "  step_us_error: RuntimeError: no capture today" in printed
 
 
-def _recipe():
-    """bench/nanogpt_recipe.py as a module, loaded once (bench is not a package)."""
-    if "nanogpt_recipe" not in sys.modules:
-        path = REPO / "bench" / "nanogpt_recipe.py"
-        spec = importlib.util.spec_from_file_location("nanogpt_recipe", path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["nanogpt_recipe"] = module  # its dataclasses look themselves up there
-        spec.loader.exec_module(module)
-    return sys.modules["nanogpt_recipe"]
-
-
 @pytest.mark.parametrize("bias", [False, True])
-def test_the_nanogpt_recipe_computes_minigpts_loss_on_the_same_weights(bias):
+def test_the_nanogpt_recipe_computes_minigpts_loss_on_the_same_weights(gpu_bench, bias):
     """The peer times the same work: its model, given minigpt's weights, gives the same
     loss and the same gradients (so a speed difference is never a different model)."""
-    recipe = _recipe()
+    recipe = gpu_bench._bench_module("nanogpt_recipe")
     config = GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, bias=bias)
     torch.manual_seed(0)
     ours, theirs = GPT(config), recipe.RecipeGPT(config)
