@@ -63,17 +63,7 @@ def test_a_failing_section_or_cell_costs_only_itself(gpu_bench, tmp_path, monkey
     monkeypatch.setattr(gpu, "kv_against_recompute", broken)
     monkeypatch.setattr(gpu, "captured_step_us", broken)
     out = tmp_path / "gpu.json"
-    argv = [
-        "gpu.py",
-        "--device",
-        "cpu",
-        "--quick",
-        "--only",
-        "kv_cache",
-        "decode",
-        "--out",
-        str(out),
-    ]
+    argv = [*"gpu.py --device cpu --quick --only kv_cache decode --out".split(), str(out)]
     monkeypatch.setattr(sys, "argv", argv)
     gpu.main()
     result = json.loads(out.read_text())
