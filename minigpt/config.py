@@ -107,6 +107,8 @@ class TrainConfig:
     """'auto' (bfloat16 autocast where supported), 'float32' or 'bfloat16'."""
     compile: bool = False
     """Run the model through torch.compile (slow start, faster steps)."""
+    loss_chunk: int = 0
+    """Make the LM head's logits this many positions at a time in the loss, never all at once (less memory with a large vocabulary; 0: all at once)."""
     threads: int = 0
     """CPU threads for torch (0: torch's default)."""
     out_dir: str = "checkpoints/default"
@@ -375,7 +377,8 @@ def validate(config: RunConfig) -> None:
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.log_interval", t.log_interval)
     _positive("train.lr", t.lr, hint="typical values are 1e-4 to 3e-3")
-    for name in ("tokens_per_step", "max_time", "warmup_iters", "lr_decay_iters", "threads"):
+    for name in ("tokens_per_step", "max_time", "warmup_iters", "lr_decay_iters", "threads",
+                 "loss_chunk"):  # fmt: skip
         if getattr(t, name) < 0:
             raise MinigptError(f"train.{name} must not be negative, got {getattr(t, name)!r}")
     for name in ("min_lr", "weight_decay", "grad_clip"):

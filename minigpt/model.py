@@ -36,6 +36,7 @@ from minigpt.attention import (
 )
 from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
+from minigpt.loss import lm_head_loss
 
 ATTENTION_FORMS = ("fused", "wrapper")
 ACTIVATIONS = ("gelu", "gelu_tanh")
@@ -456,7 +457,8 @@ class GPT(nn.Module):
         kv_cache: KVCache | None = None,
         head_gates: Tensor | None = None,
         last_only: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+        loss_chunk: int = 0,
+    ) -> tuple[Tensor | None, Tensor | None]:
         """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
 
         targets: (B, T) next-token ids; -1 marks positions to ignore in the loss.
@@ -464,6 +466,8 @@ class GPT(nn.Module):
         head_gates: (n_layer, H) or (n_layer, B, H) multipliers of each head's output.
         last_only: compute logits for the last position only (B, 1, vocab_size), as
             sampling needs; saves the large vocab matmul on every other position.
+        loss_chunk: with targets, make the logits this many positions at a time for
+            the loss and return None for them (`minigpt.loss`: a fraction of the memory).
         """
         x = self.embed(idx, kv_cache.pos if kv_cache is not None else 0)  # (B, T, n_embd)
         if kv_cache is not None:
@@ -473,7 +477,7 @@ class GPT(nn.Module):
         x, _ = self.run_blocks(x, head_gates=head_gates, kv_cache=kv_cache)
         if kv_cache is not None:
             kv_cache.advance(idx.size(1))
-        return self.logits_and_loss(x, targets, last_only)
+        return self.logits_and_loss(x, targets, last_only, loss_chunk=loss_chunk)
 
     def decode_step(self, idx: Tensor, kv_cache: KVCache) -> Tensor:
         """One new token per sample, idx (B, 1), at the cache's device-side position ->
@@ -577,15 +581,22 @@ class GPT(nn.Module):
         targets: Tensor | None = None,
         last_only: bool = False,
         reduction: Literal["mean", "none"] = "mean",
-    ) -> tuple[Tensor, Tensor | None]:
+        loss_chunk: int = 0,
+    ) -> tuple[Tensor | None, Tensor | None]:
         """The residual stream after the last block x (B, T, n_embd) -> (logits
         (B, T, vocab_size), loss or None): the final norm, the tied LM head, cross-entropy.
 
         targets: (B, T) next-token ids; -1 marks positions to ignore in the loss.
         reduction: "mean" gives the mean loss over positions, "none" each position's
             loss (B, T) (0 where ignored).
+        loss_chunk: > 0 with targets and the mean: (None, the same loss), the logits
+            made loss_chunk positions at a time and never all at once (`minigpt.loss`).
         """
         x = self.ln_f(x)
+        if loss_chunk > 0 and targets is not None and reduction == "mean" and not last_only:
+            return None, lm_head_loss(
+                x.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk
+            )
         if last_only:
             x = x[:, -1:, :]
         logits = self.lm_head(x)  # (B, T, vocab_size)

@@ -621,7 +621,7 @@ def train_step(
         skip_sync = ddp.enabled and micro < accum - 1
         with trainer.train_model.no_sync() if skip_sync else contextlib.nullcontext():
             with trainer.autocast():
-                _, loss = trainer.train_model(x, y)
+                _, loss = trainer.train_model(x, y, loss_chunk=trainer.config.train.loss_chunk)
             loss_sum += loss.detach().float()
             (loss / accum).backward()
     loss = loss_sum / accum
@@ -678,7 +678,7 @@ def evaluate(trainer: Trainer, signals: _SignalFlag | None = None) -> dict[str, 
                 break
             x, y = batcher.next()
             with trainer.autocast():
-                _, loss = model(x, y)
+                _, loss = model(x, y, loss_chunk=t.loss_chunk)
             total += loss.float()
         if result is None:
             break

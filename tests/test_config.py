@@ -118,6 +118,7 @@ def test_unknown_key_in_a_file(tmp_path):
         ["train.decay_by_time=true"],  # needs max_time
         ["data.source="],
         ["train.compile=maybe"],
+        ["train.loss_chunk=-1"],
         ["nonsense"],
     ],
 )

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from minigpt import checkpoint, console
+from minigpt import model as model_module
 from minigpt import train as trainer
 from minigpt.checkpoint import BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, load_run
 from minigpt.config import load_config, resume_config
@@ -150,6 +151,30 @@ def test_compiled_training_is_one_graph_with_each_models_own_static_shapes(
     finally:
         torch._dynamo.reset()
     assert graphs == [False, False]
+
+
+def test_training_with_a_chunked_loss_follows_the_same_losses(tmp_path, data, monkeypatch):
+    """train.loss_chunk changes how the loss is computed, not what: the same losses step
+    by step (up to float rounding), and the same evaluation."""
+    chunk_sizes = []  # of every chunked loss computed, in training and evaluation
+    chunked_loss = model_module.lm_head_loss
+
+    def spy(x, weight, targets, chunk):
+        chunk_sizes.append(chunk)
+        return chunked_loss(x, weight, targets, chunk)
+
+    monkeypatch.setattr(model_module, "lm_head_loss", spy)
+    results = {}
+    for chunk in (0, 7):
+        out = tmp_path / f"chunk{chunk}"
+        config = tiny_config(out, "train.max_iters=4", "train.eval_interval=4",
+                             f"train.loss_chunk={chunk}")  # fmt: skip
+        results[chunk] = trainer.train(config, data=data, progress=False), losses(out)
+    assert set(chunk_sizes) == {7} and len(chunk_sizes) == 4 + 2 * 2  # steps, eval batches
+    (plain, plain_losses), (chunked, chunked_losses) = results[0], results[7]
+    assert [s for s, _ in chunked_losses] == [1, 2, 3, 4]
+    assert [v for _, v in chunked_losses] == pytest.approx([v for _, v in plain_losses], rel=1e-5)
+    assert chunked.best_val_loss == pytest.approx(plain.best_val_loss, rel=1e-5)
 
 
 def test_eval_batches_are_fixed(tmp_path, data):
