@@ -37,6 +37,9 @@ Kernels: the 8 kernels that take the most time in 20 eager decode steps of GPT-2
 small at batch 1, fp32 against bf16 (torch.profiler): where bf16's time goes; on
 CUDA also the kernels launched per token, which a captured step replays at once.
 
+Loss: a training step of GPT-2 small with `train.loss_chunk` against the full
+loss, step time and peak GPU memory, each in a process of its own (bench/loss.py).
+
 Every compiled measurement starts from a fresh compiler (`torch._dynamo.reset()`),
 as in a process of its own. The sections run decode first and training (minutes of
 compiling) last; `--only` picks some. One that fails is recorded as its error and
@@ -424,7 +427,7 @@ def training_rows(quick: bool, device: torch.device, peak: float) -> list[dict]:
     return rows
 
 
-SECTIONS = ("decode", "kv_cache", "kernels", "training")
+SECTIONS = ("decode", "kv_cache", "kernels", "training", "loss")
 """In the order they run: the decode targets first, the training (minutes of compiling)
 last, so that a run cut short by its time limit keeps the most."""
 
@@ -436,6 +439,9 @@ def run_section(name: str, quick: bool, device: torch.device, peak: float):
         return kv_against_recompute(quick, device)
     if name == "kernels":
         return decode_kernels(device, quick)
+    if name == "loss":  # bench/loss.py: train.loss_chunk against the full loss, GPT-2 small
+        shape = "quick" if quick else device.type
+        return _bench_module("loss").compare(str(device), shape, steps=2 if quick else 10, rounds=1)
     return training_rows(quick, device, peak)
 
 
@@ -496,6 +502,13 @@ def print_tables(result: dict) -> None:
               f"{count}:")  # fmt: skip
         for e in kernels[dtype]:
             print(f"  {e['us'] / 1e3:8.2f} ms  {e['calls']:5d} calls  {e['name']}")
+    loss = result.get("loss", {})
+    if "rows" in loss:
+        print(f"\nChunked LM-head loss (train.loss_chunk), a training step of {loss['shape']}:")
+        for row in loss["rows"]:
+            print(f"  loss_chunk {row['loss_chunk'] or 'full':>5}: {row['step_ms']:8.1f} ms "
+                  f"({row['speed_vs_full']:.2f}x), peak {row['peak_mib']:,.0f} MiB "
+                  f"({row['memory_vs_full']:.2f}), loss {row['loss']:.5f}")  # fmt: skip
     kv = result.get("kv_cache", {})
     if "speedup" in kv:
         print(f"\nKV cache vs recompute, {kv['shape']}, {kv['tokens']} tokens: "

@@ -40,6 +40,10 @@ def test_bench_gpu_quick_on_the_cpu_writes_every_table(tmp_path):
     assert "| decode |" in done.stdout
     kernels = result["kernels"]
     assert all(kernels[dtype] and kernels[dtype][0]["us"] > 0 for dtype in ("float32", "bfloat16"))
+    full, chunked = result["loss"]["rows"]  # bench/loss.py: the same loss either way
+    assert full["loss_chunk"] == 0 and chunked["loss_chunk"] > 0
+    assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-5)
+    assert full["peak_mib"] > 0 and chunked["step_ms"] > 0
 
 
 @pytest.fixture(scope="module")
