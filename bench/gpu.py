@@ -37,8 +37,9 @@ Kernels: the 8 kernels that take the most time in 20 eager decode steps of GPT-2
 small at batch 1, fp32 against bf16 (torch.profiler): where bf16's time goes; on
 CUDA also the kernels launched per token, which a captured step replays at once.
 
-Loss: a training step of GPT-2 small with `train.loss_chunk` against the full
-loss, step time and peak GPU memory, each in a process of its own (bench/loss.py).
+Loss (`--only loss`, not in a plain run): a training step of GPT-2 small with
+`train.loss_chunk` against the full loss, step time and peak GPU memory, each in a
+process of its own (bench/loss.py).
 
 Every compiled measurement starts from a fresh compiler (`torch._dynamo.reset()`),
 as in a process of its own. The sections run decode first and training (minutes of
@@ -430,6 +431,9 @@ def training_rows(quick: bool, device: torch.device, peak: float) -> list[dict]:
 SECTIONS = ("decode", "kv_cache", "kernels", "training", "loss")
 """In the order they run: the decode targets first, the training (minutes of compiling)
 last, so that a run cut short by its time limit keeps the most."""
+DEFAULT_SECTIONS = SECTIONS[:-1]
+"""What a plain run measures, in about 5 minutes on an H100: the issue's targets. The
+loss section (two more GPT-2 compilations) runs when asked: `--only loss`."""
 
 
 def run_section(name: str, quick: bool, device: torch.device, peak: float):
@@ -521,8 +525,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few steps")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(SECTIONS),
-                        help="run these sections alone (default: all, in this order)")  # fmt: skip
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
+                        help="run these sections (default: all but loss, in this order)")  # fmt: skip
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
