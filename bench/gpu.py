@@ -352,7 +352,6 @@ def decode_rows(quick: bool, device: torch.device) -> list[dict]:
             hf = _hf_model(to_hf, base, device, dtype)
             for batch in (1, 8):
                 row = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch}
-
                 measure(row, "minigpt_tok_s", decode_rate, minigpt_decode(model, prompt, n, batch))
                 captured = minigpt_decode(model, prompt, n, batch, static=True)
                 measure(row, "captured_tok_s", decode_rate, captured)

@@ -49,9 +49,7 @@ class KVCache:
         self.rolling = rolling
         # the static decode step's state (see start_static): None until it is used
         self.position: Tensor | None = None  # (1,) long, on the device: the slot to write
-        self.visible: Tensor | None = (
-            None  # (1, max_len): 0 on the slots this step sees, -inf on the rest
-        )
+        self.visible: Tensor | None = None  # (1, max_len): 0 on the slots seen, else -inf
         self.stepping = False  # inside GPT.decode_step: attention writes with write_at
 
     def check_fits(
@@ -124,8 +122,8 @@ class KVCache:
         if self.position is None:
             self.position = torch.zeros(1, dtype=torch.long, device=keys.device)
             self.slots = torch.arange(self.max_len, device=keys.device)
-            self.seen, self.unseen = torch.tensor([0.0, float("-inf")], dtype=keys.dtype,
-                                                  device=keys.device)  # fmt: skip
+            values = torch.tensor([0.0, float("-inf")], dtype=keys.dtype, device=keys.device)
+            self.zero, self.minus_inf = values  # the mask's two values, 0-d, on the device
         self.position.fill_(self.pos)
 
     def begin_step(self) -> None:
@@ -136,7 +134,7 @@ class KVCache:
         layer: given booleans, SDPA would turn them into this in each layer, which on a
         GPU is more small kernels per token."""
         seen = self.slots <= self.position  # (max_len,)
-        self.visible = torch.where(seen, self.seen, self.unseen)[None, :]  # (1, max_len): one query
+        self.visible = torch.where(seen, self.zero, self.minus_inf)[None, :]  # (1, max_len)
         self.slot = self.position.remainder(self.max_len)  # the ring's slot (rolling)
         self.stepping = True
 
