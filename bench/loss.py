@@ -8,7 +8,7 @@ A whole optimizer step (forward, backward, AdamW as `minigpt train` builds it) o
 one fixed batch, the median of --steps after a warm-up. Each setting runs in a
 process of its own, so that its peak memory is its own: the peak resident set on a
 CPU (the weights and optimizer state included), `torch.cuda.max_memory_allocated`
-on a GPU. --rounds alternate the settings and keep each one's best time (the
+over the timed steps on a GPU (compilation's own peak left out). --rounds alternate the settings and keep each one's best time (the
 machine is shared). The same seed and batch for all: their losses agree to float
 rounding, and the table prints them.
 
@@ -59,7 +59,7 @@ def one_setting(device_name: str, shape: str, chunk: int, steps: int) -> dict:
     x = torch.randint(arguments["vocab_size"], (batch, arguments["block_size"]), device=device)
     y = torch.randint(arguments["vocab_size"], (batch, arguments["block_size"]), device=device)
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
             _, loss = step_model(x, y, loss_chunk=chunk)
         loss.backward()
@@ -68,6 +68,8 @@ def one_setting(device_name: str, shape: str, chunk: int, steps: int) -> dict:
         return loss
 
     loss = step()  # warm-up (and compilation on CUDA)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)  # the steps' peak, not the compiler's
     times = []
     for _ in range(steps):
         if cuda:
@@ -93,7 +95,9 @@ def compare(device_name: str, shape: str, steps: int, rounds: int) -> dict:
         for chunk in chunks:
             command = [sys.executable, __file__, "--device", device_name, "--child",
                        f"{shape},{chunk},{steps}"]  # fmt: skip
-            done = subprocess.run(command, capture_output=True, text=True, check=True)
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                raise RuntimeError(f"loss_chunk={chunk} failed: {done.stderr.strip()[-2000:]}")
             row = json.loads(done.stdout.strip().splitlines()[-1])
             if chunk not in best or row["step_ms"] < best[chunk]["step_ms"]:
                 best[chunk] = row
