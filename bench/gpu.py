@@ -147,8 +147,10 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
 
 
 def train_rate(config: GPTConfig, batch: int, accum: int, device: torch.device,
-               steps: int) -> dict:  # fmt: skip
-    """Median ms per optimizer step, tokens/s and MFU's numerator (FLOPs per token)."""
+               steps: int, loss_chunk: int = 0) -> dict:  # fmt: skip
+    """Median ms per optimizer step, tokens/s, MFU's numerator (FLOPs per token) and the
+    last step's loss; on CUDA the peak memory of the timed steps is left in
+    torch.cuda.max_memory_allocated. loss_chunk: as train.loss_chunk."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
     optimizer = make_optimizer(model, load_config(), device)
@@ -158,22 +160,25 @@ def train_rate(config: GPTConfig, batch: int, accum: int, device: torch.device,
     x = torch.randint(config.vocab_size, (batch, config.block_size), device=device)
     y = torch.randint(config.vocab_size, (batch, config.block_size), device=device)
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         for _ in range(accum):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-                _, loss = step_model(x, y)
+                _, loss = step_model(x, y, loss_chunk=loss_chunk)
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
 
     for _ in range(3 if cuda else 1):  # compile and warm up
         step()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)  # the steps' peak, not the compiler's
     times = []
     for _ in range(steps):
         sync(device)
         start = time.perf_counter()
-        step()
+        loss = step()
         sync(device)
         times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
@@ -184,6 +189,7 @@ def train_rate(config: GPTConfig, batch: int, accum: int, device: torch.device,
         "flops_per_token": 6 * model.num_params() + 12 * c.n_layer * c.block_size * c.n_embd,
         "dtype": "bf16 autocast" if cuda else "float32",
         "compiled": cuda,
+        "loss": float(loss),
     }
 
 
@@ -291,9 +297,9 @@ def decode_kernels(device: torch.device, quick: bool, top: int = 8) -> dict:
     return result
 
 
-def decode_rate(run) -> float:
+def decode_rate(run, tokens: int, device: torch.device) -> float:
     """Tokens per second of a decode closure (`minigpt_decode`, `hf_decode`)."""
-    return run.tokens / decode_seconds(run, run.device)
+    return tokens / decode_seconds(run, device)
 
 
 def decode_seconds(run, device: torch.device, repeats: int = 2) -> float:
@@ -316,7 +322,6 @@ def minigpt_decode(
         for _ in generate(model, prompt, n, **settings):
             pass
 
-    run.tokens, run.device = n * batch, model.device  # what decode_rate divides and syncs
     return run
 
 
@@ -329,7 +334,6 @@ def hf_decode(hf, prompt: list[int], n: int, batch: int, device: torch.device):
         hf.generate(input_ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                     do_sample=False, use_cache=True, pad_token_id=0)  # fmt: skip
 
-    run.tokens, run.device = n * batch, device
     return run
 
 
@@ -352,12 +356,15 @@ def decode_rows(quick: bool, device: torch.device) -> list[dict]:
             hf = _hf_model(to_hf, base, device, dtype)
             for batch in (1, 8):
                 row = {"shape": name, "dtype": str(dtype).removeprefix("torch."), "batch": batch}
-                measure(row, "minigpt_tok_s", decode_rate, minigpt_decode(model, prompt, n, batch))
+                tokens = n * batch
+                eager = minigpt_decode(model, prompt, n, batch)
+                measure(row, "minigpt_tok_s", decode_rate, eager, tokens, device)
                 captured = minigpt_decode(model, prompt, n, batch, static=True)
-                measure(row, "captured_tok_s", decode_rate, captured)
+                measure(row, "captured_tok_s", decode_rate, captured, tokens, device)
                 measure(row, "step_us", captured_step_us, model, prompt, batch, device)
                 if hf is not None:
-                    measure(row, "hf_tok_s", decode_rate, hf_decode(hf, prompt, n, batch, device))
+                    theirs = hf_decode(hf, prompt, n, batch, device)
+                    measure(row, "hf_tok_s", decode_rate, theirs, tokens, device)
                 rows.append(row)
                 print(f"  {row}", flush=True)
     return rows

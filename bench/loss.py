@@ -4,11 +4,12 @@
     python bench/loss.py --device cuda    # GPT-2 small, 16 x 1024 tokens, bf16, compiled
     python bench/loss.py --quick          # tiny shapes, seconds
 
-A whole optimizer step (forward, backward, AdamW as `minigpt train` builds it) on
-one fixed batch, the median of --steps after a warm-up. Each setting runs in a
-process of its own, so that its peak memory is its own: the peak resident set on a
-CPU (the weights and optimizer state included), `torch.cuda.max_memory_allocated`
-over the timed steps on a GPU (compilation's own peak left out). --rounds alternate the settings and keep each one's best time (the
+A whole optimizer step (forward, backward, clipping, AdamW as `minigpt train`
+builds it: bench/gpu.py's bare step) on one fixed batch, the median of --steps after
+a warm-up. Each setting runs in a process of its own, so that its peak memory is its
+own: the peak resident set on a CPU (the weights and optimizer state included),
+`torch.cuda.max_memory_allocated` over the timed steps on a GPU (compilation's own
+peak left out). --rounds alternate the settings and keep each one's best time (the
 machine is shared). The same seed and batch for all: their losses agree to float
 rounding, and the table prints them.
 
@@ -21,10 +22,8 @@ import argparse
 import json
 import platform
 import resource
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loss.json"
@@ -37,54 +36,27 @@ SHAPES = {
 
 
 def one_setting(device_name: str, shape: str, chunk: int, steps: int) -> dict:
-    """Time `steps` optimizer steps with loss_chunk=chunk; this process's peak memory."""
+    """Time `steps` optimizer steps with loss_chunk=chunk (bench/gpu.py's bare step);
+    this process's peak memory."""
     from minigpt.openmp import choose_wait_policy
 
     choose_wait_policy()  # before torch loads, as `minigpt train` does
     import torch
+    from gpu import train_rate  # bench/gpu.py: this script's folder is on sys.path
 
-    from minigpt.config import load_config
-    from minigpt.model import GPT, GPTConfig
-    from minigpt.train import make_optimizer
+    from minigpt.model import GPTConfig
 
     device = torch.device(device_name)
-    cuda = device.type == "cuda"
-    if cuda:
+    if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # as `minigpt train` on a GPU
     arguments, batch, _ = SHAPES[shape]
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**arguments, bias=False)).to(device)
-    optimizer = make_optimizer(model, load_config(), device)
-    step_model = torch.compile(model, dynamic=False) if cuda else model
-    x = torch.randint(arguments["vocab_size"], (batch, arguments["block_size"]), device=device)
-    y = torch.randint(arguments["vocab_size"], (batch, arguments["block_size"]), device=device)
-
-    def step() -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            _, loss = step_model(x, y, loss_chunk=chunk)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    loss = step()  # warm-up (and compilation on CUDA)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)  # the steps' peak, not the compiler's
-    times = []
-    for _ in range(steps):
-        if cuda:
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        loss = step()
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    if cuda:
-        peak = torch.cuda.max_memory_allocated(device)
+    rates = train_rate(GPTConfig(**arguments, bias=False), batch, 1, device, steps, chunk)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)  # of the timed steps (train_rate)
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-    return {"loss_chunk": chunk, "step_ms": statistics.median(times) * 1e3,
-            "peak_mib": peak / 2**20, "loss": float(loss)}  # fmt: skip
+    return {"loss_chunk": chunk, "step_ms": rates["step_ms"], "peak_mib": peak / 2**20,
+            "loss": rates["loss"]}  # fmt: skip
 
 
 def compare(device_name: str, shape: str, steps: int, rounds: int) -> dict:
