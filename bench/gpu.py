@@ -41,6 +41,12 @@ Loss (`--only loss`, not in a plain run): a training step of GPT-2 small with
 `train.loss_chunk` against the full loss, step time and peak GPU memory, each in a
 process of its own (bench/loss.py).
 
+Curve (`--only curve`, not in a plain run): nanoGPT's shakespeare-char recipe for
+2,000 steps trained by `minigpt train` and by the recipe on tiny shakespeare, the val
+loss of both every 250 steps: the issue's "same loss curve". It reads the copy that
+`minigpt train` downloads (data/shakespeare/input.txt) or ../shared's; a GPU machine
+cannot download, so carry data/shakespeare there.
+
 Every compiled measurement starts from a fresh compiler (`torch._dynamo.reset()`),
 as in a process of its own. The sections run decode first and training (minutes of
 compiling) last; `--only` picks some. One that fails is recorded as its error and
@@ -269,6 +275,70 @@ def minigpt_loop_rate(config: GPTConfig, tokens: np.ndarray, batch: int, accum: 
     )
 
 
+def loss_curves(text: str, config: GPTConfig, batch: int, recipe, device: torch.device,
+                compile: bool, steps: int, eval_interval: int, eval_iters: int) -> dict:  # fmt: skip
+    """Validation loss every eval_interval steps of `minigpt train` and of nanoGPT's
+    recipe (bench/nanogpt_recipe.py), both trained on `text` by characters split as
+    nanoGPT's prepare.py does (the first 90% trains), with the recipe's optimizer and
+    schedule (max_iters = lr_decay_iters = steps) and the config's model and dropout;
+    each loss estimated on eval_iters random val batches, as nanoGPT's estimate_loss.
+    Speed is `loop_rates`' matter: this is the loss curve, and the two must match."""
+    tokenizer = CharTokenizer.from_text(text)
+    ids = np.array(tokenizer.encode(text), dtype=np.uint16)
+    split = len(ids) * 9 // 10
+    config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        train_file, val_file = Path(tmp) / "train.bin", Path(tmp) / "val.bin"
+        ids[:split].tofile(train_file)
+        ids[split:].tofile(val_file)
+        fresh_compiler()
+        theirs = _bench_module("nanogpt_recipe").train_loop_rate(
+            config, train_file, batch, 1, steps, device, compile, recipe=recipe,
+            val_file=val_file, eval_interval=eval_interval, eval_iters=eval_iters,
+        )  # fmt: skip
+        settings = dict(batch_size=batch, max_iters=steps, eval_interval=eval_interval,
+                        eval_iters=eval_iters, lr=recipe.lr, min_lr=recipe.min_lr,
+                        warmup_iters=recipe.warmup_iters, beta2=recipe.beta2,
+                        weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip,
+                        compile=compile, device=device, out_dir=Path(tmp) / "run")  # fmt: skip
+        fresh_compiler()
+        train(run_config(config, **settings), data=TrainData(tokenizer, ids[:split], ids[split:]))
+        with open(Path(tmp) / "run" / METRICS_FILE) as f:
+            ours = {r["step"]: r["val_loss"] for r in map(json.loads, f)
+                    if "val_loss" in r and r["step"] > 0}  # fmt: skip
+    return {
+        "steps": sorted(ours),
+        "minigpt_val": [ours[step] for step in sorted(ours)],
+        "recipe_val": [theirs["recipe_val_losses"][step] for step in sorted(ours)],
+    }
+
+
+CORPUS = (BENCH.parent / "data" / "shakespeare" / "input.txt",  # where `minigpt train` puts it
+          BENCH.parents[1] / "shared" / "data" / "tinyshakespeare" / "input.txt")  # fmt: skip
+
+
+def curve_section(quick: bool, device: torch.device, corpus: Path | None = None) -> dict:
+    """nanoGPT's shakespeare-char recipe (its config/train_shakespeare_char.py: 6L/6H/384,
+    context 256, batch 64, dropout 0.2, lr 1e-3) for 2,000 steps, trained by
+    `minigpt train` and by the recipe on tiny shakespeare, the val loss every 250 steps
+    (of 200 batches, as that config estimates it); bf16 and torch.compile on CUDA.
+    corpus: another text file to train on (default: the first of CORPUS found)."""
+    path = corpus or next((p for p in CORPUS if p.exists()), None)
+    if path is None:
+        raise FileNotFoundError(
+            f"tiny shakespeare is at none of {', '.join(map(str, CORPUS))}: run `minigpt train`"
+            " once to download it, or copy it to the first (on a lent GPU machine, carry it)"
+        )
+    text = path.read_text(encoding="utf-8")
+    name, (config, batch, _) = next(iter(training_shapes(quick).items()))
+    recipe = _bench_module("nanogpt_recipe").SHAKESPEARE_CHAR
+    steps, eval_interval, eval_iters = (40, 20, 2) if quick else (2000, 250, 200)
+    curves = loss_curves(text[: 100_000 if quick else None], config, batch, recipe, device,
+                         device.type == "cuda", steps, eval_interval, eval_iters)  # fmt: skip
+    return {"shape": name, "batch": batch, "dropout": config.dropout, "corpus": str(path),
+            "eval_iters": eval_iters} | curves  # fmt: skip
+
+
 def decode_kernels(device: torch.device, quick: bool, top: int = 8) -> dict:
     """The `top` ops by device time (self) in 20 eager decode steps, per dtype."""
     from torch.profiler import ProfilerActivity, profile
@@ -434,21 +504,25 @@ def training_rows(quick: bool, device: torch.device, peak: float) -> list[dict]:
     return rows
 
 
-SECTIONS = ("decode", "kv_cache", "kernels", "training", "loss")
+SECTIONS = ("decode", "kv_cache", "kernels", "training", "loss", "curve")
 """In the order they run: the decode targets first, the training (minutes of compiling)
 last, so that a run cut short by its time limit keeps the most."""
-DEFAULT_SECTIONS = SECTIONS[:-1]
-"""What a plain run measures, in about 5 minutes on an H100: the issue's targets. The
-loss section (two more GPT-2 compilations) runs when asked: `--only loss`."""
+DEFAULT_SECTIONS = SECTIONS[:-2]
+"""What a plain run measures, in about 5 minutes on an H100: the issue's speed targets.
+The loss section (two more GPT-2 compilations) and the curve (two 2,000-step runs, a
+few minutes) run when asked: `--only loss curve`."""
 
 
-def run_section(name: str, quick: bool, device: torch.device, peak: float):
+def run_section(name: str, quick: bool, device: torch.device, peak: float,
+                corpus: Path | None = None):  # fmt: skip
     if name == "decode":
         return decode_rows(quick, device)
     if name == "kv_cache":
         return kv_against_recompute(quick, device)
     if name == "kernels":
         return decode_kernels(device, quick)
+    if name == "curve":
+        return curve_section(quick, device, corpus)
     if name == "loss":  # bench/loss.py: train.loss_chunk against the full loss, GPT-2 small
         shape = "quick" if quick else device.type
         return _bench_module("loss").compare(str(device), shape, steps=2 if quick else 10, rounds=1)
@@ -519,6 +593,14 @@ def print_tables(result: dict) -> None:
             print(f"  loss_chunk {row['loss_chunk'] or 'full':>5}: {row['step_ms']:8.1f} ms "
                   f"({row['speed_vs_full']:.2f}x), peak {row['peak_mib']:,.0f} MiB "
                   f"({row['memory_vs_full']:.2f}), loss {row['loss']:.5f}")  # fmt: skip
+    curve = result.get("curve", {})
+    if "steps" in curve:
+        print(f"\nVal loss, {curve['shape']} x batch {curve['batch']}, dropout {curve['dropout']},"
+              f" on {Path(curve['corpus']).name} ({curve['eval_iters']} batches each):")  # fmt: skip
+        print("| step | `minigpt train` | nanoGPT recipe | difference |\n|---:|---:|---:|---:|")
+        for step, ours, theirs in zip(curve["steps"], curve["minigpt_val"], curve["recipe_val"],
+                                      strict=True):  # fmt: skip
+            print(f"| {step} | {ours:.4f} | {theirs:.4f} | {ours - theirs:+.4f} |")
     kv = result.get("kv_cache", {})
     if "speedup" in kv:
         print(f"\nKV cache vs recompute, {kv['shape']}, {kv['tokens']} tokens: "
@@ -531,8 +613,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, a few steps")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--only", nargs="+", choices=SECTIONS, default=list(DEFAULT_SECTIONS),
-                        help="run these sections (default: all but loss, in this order)")  # fmt: skip
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(DEFAULT_SECTIONS),
+        help="run these sections (default: all but loss and curve, in this order)",
+    )
+    parser.add_argument("--corpus", type=Path, help="the curve's text (default: tiny shakespeare)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -552,7 +640,7 @@ def main() -> None:
     for name in args.only:
         print(f"[{time.perf_counter() - started:4.0f} s] {name}", flush=True)
         try:
-            result[name] = run_section(name, args.quick, device, peak)
+            result[name] = run_section(name, args.quick, device, peak, args.corpus)
         except Exception as error:  # noqa: BLE001 - the other sections still run
             result[name] = {"error": f"{type(error).__name__}: {error}"}
             traceback.print_exc()

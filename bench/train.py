@@ -32,7 +32,6 @@ Prints a table and writes bench/results/train.json and bench/results/train.md.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
@@ -240,44 +239,18 @@ def curves(steps: int, eval_interval: int) -> dict:
     """Validation loss every eval_interval steps of `minigpt train` and of nanoGPT's
     recipe, on tiny shakespeare by characters with nanoGPT's CPU recipe (its README:
     config/train_shakespeare_char.py with 4L/4H/128, context 64, batch 12, dropout 0,
-    max_iters = lr_decay_iters = steps); each is estimated on 20 random val batches,
-    as nanoGPT's estimate_loss does. Speed is another matter: this is the loss curve."""
-    import numpy as np
-
-    from minigpt.tokenizer import CharTokenizer
-    from minigpt.train import TrainData, train
-
-    recipe_module = _bench_gpu()._bench_module("nanogpt_recipe")
-    recipe = recipe_module.SHAKESPEARE_CHAR
-    text = SHAKESPEARE.read_text(encoding="utf-8")
-    tokenizer = CharTokenizer.from_text(text)
-    ids = np.array(tokenizer.encode(text), dtype=np.uint16)
-    split = len(ids) * 9 // 10  # nanoGPT's prepare.py: the first 90% trains
+    max_iters = lr_decay_iters = steps), each estimated on 20 random val batches
+    (bench/gpu.py's loss_curves). Speed is another matter: this is the loss curve."""
+    recipe = _bench_gpu()._bench_module("nanogpt_recipe").SHAKESPEARE_CHAR
     config, batch = SHAPES["nanoGPT CPU (4L/4H/128, ctx 64, batch 12)"]
-    config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        train_file, val_file = Path(tmp) / "train.bin", Path(tmp) / "val.bin"
-        ids[:split].tofile(train_file)
-        ids[split:].tofile(val_file)
-        theirs = recipe_module.train_loop_rate(
-            config, train_file, batch, 1, steps, torch.device("cpu"), compile=False,
-            recipe=recipe, val_file=val_file, eval_interval=eval_interval,
-        )  # fmt: skip
-        settings = dict(batch_size=batch, max_iters=steps, eval_interval=eval_interval,
-                        eval_iters=20, lr=recipe.lr, min_lr=recipe.min_lr,
-                        warmup_iters=recipe.warmup_iters, beta2=recipe.beta2,
-                        weight_decay=recipe.weight_decay, grad_clip=recipe.grad_clip,
-                        device="cpu", out_dir=Path(tmp) / "run")  # fmt: skip
-        data = TrainData(tokenizer, ids[:split], ids[split:])
-        train(_bench_gpu().run_config(config, **settings), data=data)
-        ours = {r["step"]: r["val_loss"] for r in read_metrics(Path(tmp) / "run" / "metrics.jsonl")
-                if "val_loss" in r and r["step"] > 0}  # fmt: skip
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    curve = _bench_gpu().loss_curves(
+        text, config, batch, recipe, torch.device("cpu"), compile=False, steps=steps,
+        eval_interval=eval_interval, eval_iters=20,
+    )  # fmt: skip
     return {
-        "recipe": "nanoGPT's shakespeare-char on a CPU (4L/4H/128, ctx 64, batch 12, lr 1e-3)",
-        "steps": sorted(ours),
-        "minigpt_val": [ours[step] for step in sorted(ours)],
-        "recipe_val": [theirs["recipe_val_losses"][step] for step in sorted(ours)],
-    }
+        "recipe": "nanoGPT's shakespeare-char on a CPU (4L/4H/128, ctx 64, batch 12, lr 1e-3)"
+    } | curve
 
 
 def main() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ def test_bench_gpu_quick_on_the_cpu_writes_every_table(tmp_path):
     out = tmp_path / "gpu.json"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu.py"), "--device", "cpu", "--quick", "--out", str(out),
-         "--only", "decode", "kv_cache", "kernels", "training", "loss"],
+         "--only", "decode", "kv_cache", "kernels", "training", "loss", "curve",
+         "--corpus", str(REPO / "README.md")],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -45,6 +47,11 @@ def test_bench_gpu_quick_on_the_cpu_writes_every_table(tmp_path):
     assert full["loss_chunk"] == 0 and chunked["loss_chunk"] > 0
     assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-5)
     assert full["peak_mib"] > 0 and chunked["step_ms"] > 0
+    curve = result["curve"]  # both loops learn README.md's characters: the val loss falls
+    assert curve["steps"] == [20, 40]
+    for losses in (curve["minigpt_val"], curve["recipe_val"]):
+        assert losses[-1] < losses[0] < math.log(len(set((REPO / "README.md").read_text())))
+    assert "| step | `minigpt train` | nanoGPT recipe |" in done.stdout
 
 
 @pytest.fixture(scope="module")
