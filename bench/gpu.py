@@ -27,7 +27,9 @@ shakespeare-char and GPT-2 small shapes (random weights, a 16-token prompt), the
 KV cache against recomputing every step at 500 tokens, and Hugging Face
 `generate` on the same weights when transformers is installed. "captured" is
 static_decode=True (`minigpt generate --compile`): on CUDA each step replays a CUDA
-graph; on a CPU the same static-shape step runs without one.
+graph; on a CPU the same static-shape step runs without one. "no read-ahead" is the
+captured loop reading each step's ids before it queues the next step's graph (on
+CUDA the loop queues it first, so the GPU works while the host reads).
 
 "graph step us" is the captured step alone, 100 of them back to back with no read
 between: the graph's own time, the floor under the captured tok/s (the rest of a
@@ -77,6 +79,7 @@ import numpy as np
 import torch
 from torch.autograd import DeviceType
 
+from minigpt import generate as generate_module
 from minigpt.atomic import write_json_atomic
 from minigpt.checkpoint import METRICS_FILE
 from minigpt.config import load_config
@@ -384,13 +387,21 @@ def decode_seconds(run, device: torch.device, repeats: int = 2) -> float:
     return best
 
 
-def minigpt_decode(
-    model: GPT, prompt: list[int], n: int, batch: int, kv: bool = True, static: bool = False
-):
+def minigpt_decode(model: GPT, prompt: list[int], n: int, batch: int, kv: bool = True,
+                   static: bool = False, read_ahead: bool = True):  # fmt: skip
+    """A closure that decodes n tokens greedily. read_ahead=False: the loop reads each
+    step's ids before it queues the next step, as before `computes_ahead` (CUDA)."""
+
     def run() -> None:
         settings = dict(num_samples=batch, temperature=0, use_kv_cache=kv, static_decode=static)
-        for _ in generate(model, prompt, n, **settings):
-            pass
+        ahead = generate_module.computes_ahead
+        if not read_ahead:
+            generate_module.computes_ahead = lambda device: False
+        try:
+            for _ in generate(model, prompt, n, **settings):
+                pass
+        finally:
+            generate_module.computes_ahead = ahead
 
     return run
 
@@ -431,6 +442,8 @@ def decode_rows(quick: bool, device: torch.device) -> list[dict]:
                 measure(row, "minigpt_tok_s", decode_rate, eager, tokens, device)
                 captured = minigpt_decode(model, prompt, n, batch, static=True)
                 measure(row, "captured_tok_s", decode_rate, captured, tokens, device)
+                plain = minigpt_decode(model, prompt, n, batch, static=True, read_ahead=False)
+                measure(row, "captured_plain_tok_s", decode_rate, plain, tokens, device)
                 measure(row, "step_us", captured_step_us, model, prompt, batch, device)
                 if hf is not None:
                     theirs = hf_decode(hf, prompt, n, batch, device)
@@ -567,12 +580,13 @@ def print_tables(result: dict) -> None:
                 print(f"  {key}: {row[key]}")
     if isinstance(result.get("decode"), list):
         print("\n| decode | dtype | batch | eager tok/s | captured tok/s | captured / eager "
-              "| graph step us | HF tok/s | captured / HF |")  # fmt: skip
-        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+              "| captured, no read-ahead | graph step us | HF tok/s | captured / HF |")  # fmt: skip
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for row in result["decode"]:
             print(f"| {row['shape']} | {row['dtype']} | {row['batch']} "
                   f"| {_num(row, 'minigpt_tok_s', ',.0f')} | {_num(row, 'captured_tok_s', ',.0f')} "
-                  f"| {_ratio(row, 'captured_tok_s', 'minigpt_tok_s')} | {_num(row, 'step_us', '.0f')} "
+                  f"| {_ratio(row, 'captured_tok_s', 'minigpt_tok_s')} "
+                  f"| {_num(row, 'captured_plain_tok_s', ',.0f')} | {_num(row, 'step_us', '.0f')} "
                   f"| {_num(row, 'hf_tok_s', ',.0f')} | {_ratio(row, 'captured_tok_s', 'hf_tok_s')} |")  # fmt: skip
             for key in (k for k in row if k.endswith("_error")):
                 print(f"  {key}: {row[key]}")

@@ -321,7 +321,8 @@ def generate(
     vocab_limit: int | None = None,
     **settings: Any,
 ) -> Iterator[Tensor]:
-    """Yield the next token ids (num_samples,) of every sample, one step at a time.
+    """Yield the next token ids (num_samples,) of every sample, one step at a time, as
+    CPU tensors whatever the model's device.
 
     prompt_ids: 1 to block_size ids (see `encode_prompt`); every sample continues it.
     sampling: the settings; or give them as keywords (max_new_tokens and the other
@@ -331,7 +332,8 @@ def generate(
     tokenizer's vocab_size; None: the model's, which may be padded past it).
     The prompt, the stride and the memory the samples need are checked against the
     model before this returns; stop consuming the iterator to stop early (nothing
-    is computed ahead). A step whose logits are not finite raises MinigptError.
+    is computed ahead, except on CUDA: one step, queued while the host reads the
+    last). A step whose logits are not finite raises MinigptError, before its ids.
     """
     if max_new_tokens is not None:
         settings["max_new_tokens"] = max_new_tokens
@@ -487,16 +489,9 @@ def _decode_steps(
         logits, _ = model(tokens[:1, :n], last_only=True)
     logits = logits[:, -1, :].expand(num_samples, -1)  # (B, V)
 
-    for step in range(max_new_tokens):
-        next_ids = _next_ids(logits[:, :vocab_limit], sampling, generator)  # (B,)
-        if n == width:
-            tokens[:, :window] = tokens[:, n - window : n].clone()
-            start, n = start - (n - window), window
-        tokens[:, n] = next_ids
-        n += 1
-        yield next_ids
-        if step == max_new_tokens - 1:
-            break  # no logits needed after the last token
+    def next_logits() -> Tensor:
+        """The forward pass of the position just written, tokens[:, n - 1] -> (B, V)."""
+        nonlocal start
         new_start = window_start(n, start, window, stride)
         if not sampling.use_kv_cache:
             logits, _ = model(tokens[:, new_start:n], last_only=True)
@@ -511,7 +506,72 @@ def _decode_steps(
         else:
             logits, _ = model(tokens[:, n - 1 : n], kv_cache=kv_cache, last_only=True)
         start = new_start
-        logits = logits[:, -1, :]  # (B, V)
+        return logits[:, -1, :]  # (B, V)
+
+    # On a GPU the host reads each step's ids (to check them, and for the caller to
+    # decode) while the device runs the next step's forward pass, queued before the
+    # read: so the GPU does not idle through the host's share of every token. Not for
+    # the first token, whose latency is the prompt's, nor on a CPU, where nothing runs
+    # behind the host's back and a caller that stops early would pay for a step.
+    ahead = computes_ahead(model.device)
+    for step in range(max_new_tokens):
+        logits = logits[:, :vocab_limit]
+        finite = torch.isfinite(logits).all()  # checked on the host before ids are given out
+        if sampling.temperature > 0:
+            # A draw from NaN fails on the device (a traceback, or on CUDA a dead context)
+            # before the host has read `finite`: draw from numbers, and give out nothing.
+            logits = logits.nan_to_num()
+        t = sampling
+        next_ids = sample_next(logits, t.temperature, t.top_k, t.top_p, generator)  # (B,)
+        if n == width:
+            tokens[:, :window] = tokens[:, n - window : n].clone()
+            start, n = start - (n - window), window
+        tokens[:, n] = next_ids
+        n += 1
+        last = step == max_new_tokens - 1  # no logits are needed after the last token
+        read = _start_read(next_ids, finite)
+        queued = ahead and step > 0 and not last
+        if queued:
+            logits = next_logits()
+        yield _check_finite(*read())
+        if not (queued or last):
+            logits = next_logits()
+
+
+def computes_ahead(device: torch.device) -> bool:
+    """Whether the decode loop queues a step's forward pass before reading the last
+    one's ids: on CUDA, whose kernels run behind the host's back."""
+    return device.type == "cuda"
+
+
+def _start_read(next_ids: Tensor, finite: Tensor) -> Callable[[], tuple[Tensor, bool]]:
+    """Start copying a step's ids (B,) and whether its logits were finite to the host;
+    the returned function waits for the copy and gives both. On CUDA the copies go to
+    pinned memory without blocking, so work queued after this call runs on meanwhile."""
+    if next_ids.device.type != "cuda":
+        return lambda: (next_ids.cpu(), bool(finite))
+    host_ids = next_ids.to("cpu", non_blocking=True)  # pinned
+    host_finite = finite.to("cpu", non_blocking=True)
+    copied = torch.cuda.Event()
+    copied.record()
+
+    def wait() -> tuple[Tensor, bool]:
+        copied.synchronize()  # the copies only, not what was queued after them
+        return host_ids, bool(host_finite)
+
+    return wait
+
+
+def _check_finite(next_ids: Tensor, finite: bool) -> Tensor:
+    """next_ids, once sure the logits they came from were numbers: NaN weights give NaN
+    logits, which argmax turns into garbage ids and multinomial into a traceback."""
+    if not finite:
+        raise MinigptError(
+            "the model produced non-finite logits (NaN or inf): its weights are damaged",
+            hint="load another checkpoint (model-last.safetensors, or retrain with a lower"
+            " learning rate)",
+        )
+    return next_ids
 
 
 class StaticDecoder:
@@ -569,19 +629,6 @@ class StaticDecoder:
         # lazily (cuBLAS workspaces, hipBLASLt) already have theirs, as a capture needs.
         with torch.cuda.graph(self.graph, stream=side):  # records the kernels, runs none
             self.logits = self.model.decode_step(self.ids, self.kv_cache)
-
-
-def _next_ids(logits: Tensor, sampling: Sampling, generator: torch.Generator | None) -> Tensor:
-    """The draw of one step from logits (B, V), after checking the model gave numbers:
-    NaN weights give NaN logits, which argmax turns into garbage ids and multinomial
-    into a traceback. One reduction per step, small next to the forward pass."""
-    if not torch.isfinite(logits).all():
-        raise MinigptError(
-            "the model produced non-finite logits (NaN or inf): its weights are damaged",
-            hint="load another checkpoint (model-last.safetensors, or retrain with a lower"
-            " learning rate)",
-        )
-    return sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
 
 
 def _shared_prefill(model: GPT, prompt: Tensor, kv_cache: KVCache) -> Tensor:

@@ -37,7 +37,7 @@ def test_bench_gpu_quick_on_the_cpu_writes_every_table(tmp_path):
     assert "| nanoGPT recipe ms/step |" in done.stdout
     combos = {(row["dtype"], row["batch"]) for row in result["decode"]}
     assert combos == {("float32", 1), ("float32", 8), ("bfloat16", 1), ("bfloat16", 8)}
-    rates = ("minigpt_tok_s", "captured_tok_s", "step_us", "hf_tok_s")
+    rates = ("minigpt_tok_s", "captured_tok_s", "captured_plain_tok_s", "step_us", "hf_tok_s")
     assert all(row[rate] > 0 for row in result["decode"] for rate in rates)
     assert result["kv_cache"]["speedup"] > 0
     assert "| decode |" in done.stdout

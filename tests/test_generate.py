@@ -840,6 +840,57 @@ def test_the_decoder_s_warm_up_leaves_the_cache_as_it_was():
     assert static_cache.pos == eager_cache.pos == 9 and static_cache.position.item() == 9
 
 
+READ_AHEAD_SETTINGS = [
+    dict(temperature=0, stride=0),  # crops and re-prefills at every step past the block
+    dict(temperature=0, stride=4, num_samples=3),
+    dict(temperature=0, static_decode=True, num_samples=2),
+    dict(temperature=0, use_kv_cache=False),
+    dict(temperature=0.8, top_k=5, top_p=0.9, seed=7, num_samples=3),  # the draws stay in order
+    dict(temperature=1.0, seed=3, position="rope"),  # the rolling cache
+]
+
+
+@pytest.mark.parametrize("settings", READ_AHEAD_SETTINGS)
+def test_reading_ahead_gives_the_same_tokens(tiny_gpt, monkeypatch, settings):
+    """On CUDA the loop queues each step's forward pass before reading the last ids;
+    forced on here, on the CPU, it must give the tokens of the plain loop."""
+    settings = dict(settings)
+    overrides = {"position": settings.pop("position")} if "position" in settings else {}
+    model = tiny_gpt(11, block_size=16, seed=3, init_std=0.5, **overrides).double()
+
+    def run(ahead: bool) -> list[list[int]]:
+        monkeypatch.setattr(generate_module, "computes_ahead", lambda device: ahead)
+        return [ids.tolist() for ids in generate(model, [1, 2, 3], 40, **settings)]
+
+    plain, ahead = run(False), run(True)
+    assert len(plain) == 40 and ahead == plain
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+@pytest.mark.parametrize("temperature", [0, 1.0])
+def test_a_step_gone_non_finite_gives_out_no_ids(tiny_gpt, monkeypatch, ahead, temperature):
+    """Logits that turn NaN at the 4th step: the three tokens before it come out, then
+    the error, whether or not the next step was queued before the read, and a draw
+    from NaN probabilities never reaches multinomial (on CUDA, a dead context)."""
+    monkeypatch.setattr(generate_module, "computes_ahead", lambda device: ahead)
+    model = tiny_gpt(11, block_size=16)
+    settings = dict(temperature=temperature, seed=0)
+    clean = [ids.tolist() for ids in generate(model, [1, 2], 6, **settings)]
+    calls = 0
+
+    def nan_from_the_4th_forward(module, inputs, output):
+        nonlocal calls
+        calls += 1
+        return output.fill_(float("nan")) if calls >= 4 else output  # prefill, then steps
+
+    model.ln_f.register_forward_hook(nan_from_the_4th_forward)
+    given = []
+    with pytest.raises(MinigptError, match="non-finite logits"):
+        for ids in generate(model, [1, 2], 6, **settings):
+            given.append(ids.tolist())
+    assert given == clean[:3]
+
+
 def test_generate_compile_and_dtype_on_the_command_line(hello_run, minigpt_cli):
     run_dir, _, _ = hello_run
     base = ["generate", run_dir, "-p", "he", "-n", "40", "--temperature", "0", "--device", "cpu"]
