@@ -521,8 +521,9 @@ def _decode_steps(
             # A draw from NaN fails on the device (a traceback, or on CUDA a dead context)
             # before the host has read `finite`: draw from numbers, and give out nothing.
             logits = logits.nan_to_num()
-        t = sampling
-        next_ids = sample_next(logits, t.temperature, t.top_k, t.top_p, generator)  # (B,)
+        next_ids = sample_next(
+            logits, sampling.temperature, sampling.top_k, sampling.top_p, generator
+        )  # (B,)
         if n == width:
             tokens[:, :window] = tokens[:, n - window : n].clone()
             start, n = start - (n - window), window
