@@ -66,7 +66,6 @@ import argparse
 import dataclasses
 import datetime
 import importlib.util
-import json
 import platform
 import statistics
 import sys
@@ -81,7 +80,7 @@ from torch.autograd import DeviceType
 
 from minigpt import generate as generate_module
 from minigpt.atomic import write_json_atomic
-from minigpt.checkpoint import METRICS_FILE
+from minigpt.checkpoint import METRICS_FILE, read_metrics
 from minigpt.config import load_config
 from minigpt.generate import StaticDecoder, generate
 from minigpt.model import GPT, GPTConfig
@@ -269,10 +268,10 @@ def minigpt_loop_rate(config: GPTConfig, tokens: np.ndarray, batch: int, accum: 
                         eval_interval=steps, eval_iters=1, log_interval=10, warmup_iters=10,
                         compile=compile, device=device, out_dir=out)  # fmt: skip
         train(run_config(c, **settings), data=data)
-        with open(Path(out) / METRICS_FILE) as f:
-            times = {  # seconds of training when each step's loss was read
-                r["step"]: r["time"] for r in map(json.loads, f) if "loss" in r and "time" in r
-            }
+        records = read_metrics(Path(out) / METRICS_FILE)
+    times = {  # seconds of training when each step's loss was read
+        r["step"]: r["time"] for r in records if "loss" in r and "time" in r
+    }
     return _bench_module("nanogpt_recipe").step_rates(
         "loop_", times, batch * accum * c.block_size, first_timed=10
     )
@@ -306,9 +305,8 @@ def loss_curves(text: str, config: GPTConfig, batch: int, recipe, device: torch.
                         compile=compile, device=device, out_dir=Path(tmp) / "run")  # fmt: skip
         fresh_compiler()
         train(run_config(config, **settings), data=TrainData(tokenizer, ids[:split], ids[split:]))
-        with open(Path(tmp) / "run" / METRICS_FILE) as f:
-            ours = {r["step"]: r["val_loss"] for r in map(json.loads, f)
-                    if "val_loss" in r and r["step"] > 0}  # fmt: skip
+        records = read_metrics(Path(tmp) / "run" / METRICS_FILE)
+    ours = {r["step"]: r["val_loss"] for r in records if "val_loss" in r and r["step"] > 0}
     return {
         "steps": sorted(ours),
         "minigpt_val": [ours[step] for step in sorted(ours)],
@@ -510,7 +508,7 @@ def training_rows(quick: bool, device: torch.device, peak: float) -> list[dict]:
         measure(row, "loops", loop_rates, config, batch, accum, device, steps, cuda)
         row |= row.pop("bare", {}) | row.pop("loops", {})
         for prefix in ("", "loop_", "recipe_"):
-            if f"{prefix}tokens_per_s" in row:
+            if f"{prefix}tokens_per_s" in row and "flops_per_token" in row:  # not if one failed
                 row[f"{prefix}mfu"] = row[f"{prefix}tokens_per_s"] * row["flops_per_token"] / peak
         rows.append(row)
         print(f"  {row}", flush=True)

@@ -115,9 +115,9 @@ def choose_wait_policy(
     threads: int | None = None, *, environ: MutableMapping[str, str] = os.environ
 ) -> str:
     """Set OMP_WAIT_POLICY=PASSIVE in `environ` unless the cores that `threads` (default:
-    OMP_NUM_THREADS, else torch's count) will use are idle now, or unless it is set already; return the
-    policy in effect ('default' for OpenMP's own spinning). Call before torch is
-    imported: OpenMP reads it once."""
+    OMP_NUM_THREADS, else torch's count) will use are idle now, or unless it is set
+    already; return the policy in effect ('default' for OpenMP's own spinning). Call
+    before torch is imported: OpenMP reads it once."""
     if "OMP_WAIT_POLICY" in environ:
         return environ["OMP_WAIT_POLICY"]
     threads = threads or _count(environ.get("OMP_NUM_THREADS")) or torch_threads()

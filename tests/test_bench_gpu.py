@@ -171,3 +171,23 @@ def test_the_compiled_training_step_does_nanogpts_work_op_for_op(gpu_bench, drop
         ours["forward"]["mm"] + ours["forward"]["addmm"] >= 2 * 4 + 1
     )  # 4 Linears a layer, the head
     assert ours == theirs
+
+
+def test_a_failing_bare_step_leaves_the_loop_rows_of_the_training_table(gpu_bench, tmp_path,
+                                                                       monkeypatch):  # fmt: skip
+    """The bare step gives the FLOPs per token that MFU needs: when it fails, the loops'
+    tokens/s are still recorded (without an MFU), not the whole section lost."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compile today")
+
+    monkeypatch.setattr(gpu_bench, "train_rate", broken)
+    out = tmp_path / "gpu.json"
+    monkeypatch.setattr(
+        sys, "argv", [*"gpu.py --device cpu --quick --only training --out".split(), str(out)]
+    )
+    gpu_bench.main()
+    (row,) = json.loads(out.read_text())["training"]
+    assert row["bare_error"] == "RuntimeError: no compile today"
+    assert row["loop_tokens_per_s"] > 0 and row["recipe_tokens_per_s"] > 0
+    assert "loop_mfu" not in row
