@@ -420,6 +420,16 @@ def _on_sigint(signum, frame) -> None:
     raise _Interrupted()
 
 
+def _exit_on_signal(word: str, code: int) -> None:
+    """Say why, and exit with the shell's code for the signal. The signal raised wherever
+    Python was, possibly inside a library's constructor (a tqdm bar half built): that
+    object's finalizer then fails as the process ends, and Python would print its
+    traceback. The user asked us to stop; such noise from the way out is not theirs."""
+    console.note(word)
+    sys.unraisablehook = lambda unraisable: None
+    sys.exit(code)
+
+
 def main() -> None:
     """Entry point: run the app; bad input becomes one line, a hint and exit code 2.
 
@@ -432,11 +442,9 @@ def main() -> None:
     try:
         app()
     except _Interrupted:
-        console.note("interrupted")
-        sys.exit(130)
+        _exit_on_signal("interrupted", 130)
     except Terminated:
-        console.note("terminated")
-        sys.exit(143)
+        _exit_on_signal("terminated", 143)
     except MinigptError as err:
         console.print_error(err, OPTION_NAMES)
         sys.exit(2)

@@ -166,6 +166,31 @@ def test_ctrl_c_in_generate_prints_interrupted_and_exits_130(tmp_path):
     assert "interrupted" in stderr and "Traceback" not in stderr
 
 
+@pytest.mark.parametrize(("raised", "code", "word"),
+                         [("_Interrupted", 130, "interrupted"), ("Terminated", 143, "terminated")])  # fmt: skip
+def test_a_signal_inside_a_half_built_object_exits_without_its_traceback(raised, code, word):
+    """A signal raises wherever Python is, inside a library's constructor too (CI once
+    caught SIGINT in tqdm's: its __del__ then failed on a missing attribute, and Python
+    printed that traceback at exit). The exit says one word and nothing else."""
+    script = f"""
+import minigpt.cli as cli
+from minigpt.errors import Terminated
+
+class HalfBuilt:
+    def __init__(self):
+        raise {"cli." if raised == "_Interrupted" else ""}{raised}()  # the signal, mid-constructor
+    def __del__(self):
+        self.pos  # never set: what tqdm's close read
+
+cli.app = HalfBuilt
+cli.main()
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=env(), timeout=60)  # fmt: skip
+    assert done.returncode == code
+    assert done.stderr.strip() == word, done.stderr
+
+
 # --------------------------------------------------------------------------- a full disk
 
 
