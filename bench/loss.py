@@ -38,7 +38,7 @@ SHAPES = {
 def one_setting(device_name: str, shape: str, chunk: int, steps: int) -> dict:
     """Time `steps` optimizer steps with loss_chunk=chunk (bench/gpu.py's bare step);
     this process's peak memory."""
-    from minigpt.openmp import choose_wait_policy
+    from minigpt.device import choose_wait_policy
 
     choose_wait_policy()  # before torch loads, as `minigpt train` does
     import torch

@@ -19,7 +19,7 @@ the peak is the best MFU the shape can reach even if every other op were free.
 
 Loops: `minigpt train`'s whole loop beside nanoGPT's recipe (bench/nanogpt_recipe.py)
 on the nanoGPT CPU shape and the same token file, alternating, in this process (so
-under the same OpenMP wait policy, which `minigpt.openmp` picks as `minigpt train`
+under the same OpenMP wait policy, which `minigpt.device` picks as `minigpt train`
 does). Curves: the val loss of both loops every 250 of 2,000 steps of nanoGPT's CPU
 shakespeare-char recipe on tiny shakespeare.
 
@@ -43,7 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from minigpt.openmp import choose_wait_policy  # noqa: E402
+from minigpt.device import choose_wait_policy  # noqa: E402
 
 WAIT_POLICY = choose_wait_policy()  # before torch loads, as `minigpt train` does
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import typer
 
 from minigpt import console
+from minigpt.device import choose_wait_policy
 from minigpt.errors import MinigptError, Terminated, os_error
-from minigpt.openmp import choose_wait_policy
 
 # The modules that load torch are imported inside the commands that need them, so
 # `minigpt --help` and usage errors answer at once instead of after torch loads.
@@ -92,7 +92,7 @@ def train(
 ) -> None:
     """Train a GPT on a text corpus (default: char-level on the Python standard library)."""
     # Before torch loads: OpenMP threads spin while they wait unless the cores are
-    # busy, where a spinning thread stalls and sleeping is faster (see openmp.py).
+    # busy, where a spinning thread stalls and sleeping is faster (see device.py).
     choose_wait_policy()
     from minigpt import train as trainer
     from minigpt.config import build_config
@@ -169,7 +169,7 @@ def generate(
     ),
 ) -> None:
     """Sample text from a trained run with the KV cache."""
-    choose_wait_policy(threads)  # before torch loads (see openmp.py)
+    choose_wait_policy(threads)  # before torch loads (see device.py)
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
     from minigpt.config import resolve_device
     from minigpt.generate import Sampling, generate_text, sampling_dtype, set_threads
@@ -264,7 +264,7 @@ def inspect_heads(
     duplicate-token >= 0.5; first-token >= 0.5; broad: normalised entropy >= 0.75;
     local: mean attention distance <= 2.0 tokens; mixed: anything else.
     """
-    choose_wait_policy()  # before torch loads (see openmp.py)
+    choose_wait_policy()  # before torch loads (see device.py)
     from rich.console import Console
 
     from minigpt import heads, render
@@ -363,7 +363,7 @@ def eval_(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
 ) -> None:
     """Loss, perplexity and bits per byte of a run, over sliding windows."""
-    choose_wait_policy()  # before torch loads (see openmp.py)
+    choose_wait_policy()  # before torch loads (see device.py)
     from minigpt import evaluate
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
     from minigpt.config import resolve_device

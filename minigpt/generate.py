@@ -50,9 +50,10 @@ import torch
 from torch import Tensor
 
 from minigpt.config import DTYPES
+from minigpt.device import device_memory
 from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
-from minigpt.model import GPT, device_memory
+from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
 
 MAX_NEW_TOKENS = 1_000_000

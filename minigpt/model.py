@@ -19,7 +19,6 @@ wrapper form when `GPTConfig.attention == "wrapper"`; both save the same weights
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
@@ -34,6 +33,7 @@ from minigpt.attention import (
     causal_mask,
     rope_for_input,
 )
+from minigpt.device import check_memory
 from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
 from minigpt.loss import lm_head_loss
@@ -253,34 +253,6 @@ class GPTConfig:
 
 def _is_finite_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def device_memory(device: torch.device) -> int | None:
-    """Bytes of memory on `device` (a GPU's own; the machine's RAM for cpu and mps),
-    or None where it cannot be told."""
-    try:
-        if device.type == "cuda":
-            return torch.cuda.get_device_properties(device).total_memory
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError, RuntimeError, AssertionError):
-        return None  # no sysconf (Windows), or torch built without CUDA
-
-
-def check_memory(needed: int, device: torch.device, what: str) -> None:
-    """Refuse, before allocating, what cannot fit on `device` at all: a typo such as
-    n_layer=1e23 must be one sentence, not minutes of swapping and a killed process."""
-    available = device_memory(device)
-    if available is not None and needed > available:
-        raise MinigptError(
-            f"{what} needs at least {_bytes_text(needed)}, more than the "
-            f"{_bytes_text(available)} of memory on {device.type}",
-            hint="make the model or the batch smaller (model.n_layer, model.n_embd, "
-            "model.vocab_size, model.block_size, train.batch_size)",
-        )
-
-
-def _bytes_text(n: int) -> str:
-    return f"{n / 2**30:,.1f} GiB" if n < 2**70 else f"{float(n):.3g} bytes"
 
 
 def make_norm(config: GPTConfig) -> nn.Module:

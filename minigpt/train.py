@@ -46,9 +46,10 @@ from minigpt.config import (
     resolve_device,
 )
 from minigpt.data import check_block_size, prepare, prepare_for_resume
+from minigpt.device import check_memory
 from minigpt.errors import MinigptError, Terminated
 from minigpt.hf import Pretrained, load_pretrained
-from minigpt.model import GPT, check_memory
+from minigpt.model import GPT
 from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 EVAL_SEED_OFFSET = 1_000_003  # eval batch streams: far from the training streams' seeds

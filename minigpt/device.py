@@ -1,4 +1,9 @@
-"""How torch's OpenMP threads wait between parallel ops, chosen before torch loads.
+"""The machine a command runs on: its memory, its cores, and how torch's threads use them.
+
+This module never imports torch at load time: the OpenMP wait policy below must be
+set before torch starts, so the command line imports it first.
+
+How torch's OpenMP threads wait between parallel ops, chosen before torch loads.
 
 Between two parallel ops OpenMP's worker threads either spin (its default: ready at
 once, but each holds a core) or sleep (OMP_WAIT_POLICY=PASSIVE: waking costs tens of
@@ -29,6 +34,12 @@ import os
 import time
 from collections.abc import MutableMapping
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from minigpt.errors import MinigptError
+
+if TYPE_CHECKING:
+    import torch
 
 PROBE_SECONDS = 0.1
 """How long start-up watches the cores (/proc/stat counts in 10 ms ticks): one other
@@ -143,3 +154,33 @@ def _count(value: str | None) -> int:
         return max(0, int(value or 0))
     except ValueError:
         return 0
+
+
+def device_memory(device: torch.device) -> int | None:
+    """Bytes of memory on `device` (a GPU's own; the machine's RAM for cpu and mps),
+    or None where it cannot be told."""
+    import torch  # here, not at load: see the module docstring
+
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError, RuntimeError, AssertionError):
+        return None  # no sysconf (Windows), or torch built without CUDA
+
+
+def check_memory(needed: int, device: torch.device, what: str) -> None:
+    """Refuse, before allocating, what cannot fit on `device` at all: a typo such as
+    n_layer=1e23 must be one sentence, not minutes of swapping and a killed process."""
+    available = device_memory(device)
+    if available is not None and needed > available:
+        raise MinigptError(
+            f"{what} needs at least {_bytes_text(needed)}, more than the "
+            f"{_bytes_text(available)} of memory on {device.type}",
+            hint="make the model or the batch smaller (model.n_layer, model.n_embd, "
+            "model.vocab_size, model.block_size, train.batch_size)",
+        )
+
+
+def _bytes_text(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB" if n < 2**70 else f"{float(n):.3g} bytes"
