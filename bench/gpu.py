@@ -82,7 +82,8 @@ from minigpt import generate as generate_module
 from minigpt.atomic import write_json_atomic
 from minigpt.checkpoint import METRICS_FILE, read_metrics
 from minigpt.config import load_config
-from minigpt.generate import StaticDecoder, generate
+from minigpt.fast_decode import StaticDecoder
+from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer
 from minigpt.train import TrainData, make_optimizer, train
@@ -460,7 +461,6 @@ def captured_step_us(model: GPT, prompt: list[int], batch: int, device: torch.de
     kv_cache = model.new_kv_cache(batch)
     ids = torch.tensor([prompt] * batch, device=device)  # (B, T)
     model(ids, kv_cache=kv_cache, last_only=True)
-    kv_cache.start_static()
     decoder = StaticDecoder(model, kv_cache, graph=device.type == "cuda")
     last = ids[:, -1:]  # (B, 1): any ids do, the time does not depend on them
     steps = min(steps, kv_cache.remaining - 1)

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from minigpt.errors import MinigptError
 
 if TYPE_CHECKING:
-    from minigpt.generate import GenerationResult
+    from minigpt.text import GenerationResult
     from minigpt.train import TrainResult
 
 SAMPLE_SEPARATOR = "\n---------------\n"

@@ -43,7 +43,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -52,8 +52,10 @@ from torch import Tensor
 from minigpt.config import DTYPES
 from minigpt.device import device_memory
 from minigpt.errors import MinigptError
+from minigpt.fast_decode import StaticDecoder
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT
+from minigpt.text import GenerationResult, SampleStream, StopStrings
 from minigpt.tokenizer import Tokenizer
 
 MAX_NEW_TOKENS = 1_000_000
@@ -79,9 +81,9 @@ class Sampling:
     seed: of the draws (None: a fresh one, reported in the result); stop: strings a
     sample ends before; use_kv_cache=False recomputes every step (same tokens, slower);
     stride: free cache slots after a crop at context overflow (None: block_size // 4).
-    static_decode: decode with `GPT.decode_step`, whose shapes never change: on CUDA it is
-    captured once as a CUDA graph and replayed every step (see `StaticDecoder`); on other
-    devices it runs as it is. The same tokens as the eager steps (tests hold it).
+    static_decode: decode with the static-shape step of `minigpt.fast_decode`: on CUDA it
+    is captured once as a CUDA graph and replayed every step; on other devices it runs
+    as it is. The same tokens as the eager steps (tests hold it).
     """
 
     max_new_tokens: int = 500
@@ -357,8 +359,6 @@ def generate(
     vocab_limit = _check_vocab_limit(vocab_limit, model.config.vocab_size)
     _check_prompt_ids(prompt_ids, block_size, vocab_limit)
     check_cache_memory(model, sampling.num_samples)
-    if sampling.static_decode:
-        model.check_static_decode()
     if model.config.position == "rope" and not sampling.use_kv_cache:
         _check_recompute_memory(model, len(prompt_ids) + sampling.max_new_tokens, sampling)
     if generator is None and sampling.seed is not None:
@@ -451,6 +451,74 @@ def _check_recompute_memory(model: GPT, n_tokens: int, sampling: Sampling) -> No
         )
 
 
+class _Context:
+    """What the model sees while decoding: every sample's tokens, the window of them
+    in context, and the KV cache that holds the window's keys and values.
+
+    The token history never reaches back more than `window` tokens, so the buffer
+    keeps at most 2 x window and slides the last `window` to the front when full.
+    """
+
+    def __init__(self, model: GPT, prompt_ids: list[int], sampling: Sampling, stride: int):
+        self.model, self.sampling = model, sampling
+        # Rotary positions: every layer attends over the last block_size positions, and
+        # the cache rolls with them. Recomputing that needs more than the last block_size
+        # tokens: the last token's state depends, through n_layer windows, on the last
+        # n_layer * (block_size - 1) + 1 tokens, which are run again at positions 0.. .
+        self.rolling = model.config.position == "rope"
+        self.window = recompute_window(model)
+        self.stride = 0 if self.rolling else stride
+        self.n = len(prompt_ids)  # tokens so far
+        self.start = 0  # the model sees tokens[:, start:n]
+        width = min(self.n + sampling.max_new_tokens, 2 * self.window)
+        shape = (sampling.num_samples, width)
+        self.tokens = torch.empty(shape, dtype=torch.long, device=model.device)  # (B, width)
+        self.tokens[:, : self.n] = torch.tensor(prompt_ids, dtype=torch.long, device=model.device)
+        self.kv_cache = model.new_kv_cache(sampling.num_samples) if sampling.use_kv_cache else None
+        self.decoder: StaticDecoder | None = None
+
+    def prefill(self) -> Tensor:
+        """The prompt's forward pass -> the logits of its last position (B, V). The
+        prompt is the same for every sample: one forward at batch 1."""
+        prompt = self.tokens[:1, : self.n]
+        if self.kv_cache is None:
+            logits, _ = self.model(prompt, last_only=True)
+        else:
+            logits = _shared_prefill(self.model, prompt, self.kv_cache)
+            if self.sampling.static_decode:
+                graph = self.model.device.type == "cuda"
+                self.decoder = StaticDecoder(self.model, self.kv_cache, graph=graph)
+        return logits[:, -1, :].expand(self.sampling.num_samples, -1)  # (B, V)
+
+    def append(self, next_ids: Tensor) -> None:
+        """Write every sample's next token (B,) after its last."""
+        if self.n == self.tokens.size(1):
+            w = self.window
+            self.tokens[:, :w] = self.tokens[:, self.n - w : self.n].clone()
+            self.start, self.n = self.start - (self.n - w), w
+        self.tokens[:, self.n] = next_ids
+        self.n += 1
+
+    def forward(self) -> Tensor:
+        """The forward pass of the token just appended -> its logits (B, V)."""
+        n, model, kv_cache = self.n, self.model, self.kv_cache
+        new_start = window_start(n, self.start, self.window, self.stride)
+        if kv_cache is None:
+            logits, _ = model(self.tokens[:, new_start:n], last_only=True)
+        elif new_start != self.start and not self.rolling:
+            # The cache holds block_size positions: crop, prefill the window again.
+            kv_cache.reset()
+            logits, _ = model(self.tokens[:, new_start:n], kv_cache=kv_cache, last_only=True)
+            if self.decoder is not None:
+                self.decoder.sync()
+        elif self.decoder is not None:
+            logits = self.decoder(self.tokens[:, n - 1 : n])[:, None, :]
+        else:
+            logits, _ = model(self.tokens[:, n - 1 : n], kv_cache=kv_cache, last_only=True)
+        self.start = new_start
+        return logits[:, -1, :]  # (B, V)
+
+
 @torch.inference_mode()
 def _decode_steps(
     model: GPT,
@@ -461,83 +529,41 @@ def _decode_steps(
     vocab_limit: int,
 ) -> Iterator[Tensor]:
     # (inference_mode wraps each resume of this generator, not the caller's code.)
-    # Rotary positions: every layer attends over the last block_size positions, and the
-    # cache rolls with them. Recomputing that needs more than the last block_size tokens:
-    # the last token's state depends, through n_layer windows, on the last
-    # n_layer * (block_size - 1) + 1 tokens, which are run again at positions 0.. .
-    rolling = model.config.position == "rope"
-    window = recompute_window(model)
-    if rolling:
-        stride = 0
-    num_samples, max_new_tokens = sampling.num_samples, sampling.max_new_tokens
-    n = len(prompt_ids)
-    # Token history: a window never reaches back more than `window` tokens, so keep
-    # at most 2 x window and slide the last `window` to the front when it is full.
-    width = min(n + max_new_tokens, 2 * window)
-    tokens = torch.empty((num_samples, width), dtype=torch.long, device=model.device)  # (B, width)
-    tokens[:, :n] = torch.tensor(prompt_ids, dtype=torch.long, device=model.device)
-    start = 0  # the window the model sees is tokens[:, start:n]
-
-    # The prompt is the same for every sample: one forward at batch 1.
-    static = sampling.static_decode
-    if sampling.use_kv_cache:
-        kv_cache = model.new_kv_cache(num_samples)
-        logits = _shared_prefill(model, tokens[:1, :n], kv_cache)
-        if static:
-            kv_cache.start_static()
-            decoder = StaticDecoder(model, kv_cache, graph=model.device.type == "cuda")
-    else:
-        logits, _ = model(tokens[:1, :n], last_only=True)
-    logits = logits[:, -1, :].expand(num_samples, -1)  # (B, V)
-
-    def next_logits() -> Tensor:
-        """The forward pass of the position just written, tokens[:, n - 1] -> (B, V)."""
-        nonlocal start
-        new_start = window_start(n, start, window, stride)
-        if not sampling.use_kv_cache:
-            logits, _ = model(tokens[:, new_start:n], last_only=True)
-        elif new_start != start and not rolling:
-            # The cache holds block_size positions: crop, prefill the window again.
-            kv_cache.reset()
-            logits, _ = model(tokens[:, new_start:n], kv_cache=kv_cache, last_only=True)
-            if static:
-                kv_cache.start_static()
-        elif static:
-            logits = decoder(tokens[:, n - 1 : n])[:, None, :]
-        else:
-            logits, _ = model(tokens[:, n - 1 : n], kv_cache=kv_cache, last_only=True)
-        start = new_start
-        return logits[:, -1, :]  # (B, V)
-
-    # On a GPU the host reads each step's ids (to check them, and for the caller to
-    # decode) while the device runs the next step's forward pass, queued before the
-    # read: so the GPU does not idle through the host's share of every token. Not for
-    # the first token, whose latency is the prompt's, nor on a CPU, where nothing runs
-    # behind the host's back and a caller that stops early would pay for a step.
+    context = _Context(model, prompt_ids, sampling, stride)
+    logits = context.prefill()  # (B, V)
+    # Reading ahead: on a GPU the host reads each step's ids (to check them, and for the
+    # caller to decode) while the device runs the next step's forward pass, queued
+    # before the read, so the GPU does not idle through the host's share of every
+    # token. Not for the first token, whose latency is the prompt's, nor on a CPU,
+    # where nothing runs behind the host's back and a caller that stops early would
+    # pay for a step.
     ahead = computes_ahead(model.device)
-    for step in range(max_new_tokens):
-        logits = logits[:, :vocab_limit]
-        finite = torch.isfinite(logits).all()  # checked on the host before ids are given out
-        if sampling.temperature > 0:
-            # A draw from NaN fails on the device (a traceback, or on CUDA a dead context)
-            # before the host has read `finite`: draw from numbers, and give out nothing.
-            logits = logits.nan_to_num()
-        next_ids = sample_next(
-            logits, sampling.temperature, sampling.top_k, sampling.top_p, generator
-        )  # (B,)
-        if n == width:
-            tokens[:, :window] = tokens[:, n - window : n].clone()
-            start, n = start - (n - window), window
-        tokens[:, n] = next_ids
-        n += 1
-        last = step == max_new_tokens - 1  # no logits are needed after the last token
+    for step in range(sampling.max_new_tokens):
+        next_ids, finite = _draw(logits[:, :vocab_limit], sampling, generator)  # (B,)
+        context.append(next_ids)
+        last = step == sampling.max_new_tokens - 1  # no logits are needed after the last token
         read = _start_read(next_ids, finite)
-        queued = ahead and step > 0 and not last
-        if queued:
-            logits = next_logits()
-        yield _check_finite(*read())
-        if not (queued or last):
-            logits = next_logits()
+        if ahead and 0 < step and not last:
+            logits = context.forward()
+            yield _check_finite(*read())
+        else:
+            yield _check_finite(*read())
+            if not last:
+                logits = context.forward()
+
+
+def _draw(
+    logits: Tensor, sampling: Sampling, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor]:
+    """Logits (B, V) -> (next ids (B,), whether every logit was finite, on the device).
+    Finiteness is checked on the host before the ids are given out (`_check_finite`)."""
+    finite = torch.isfinite(logits).all()
+    if sampling.temperature > 0:
+        # A draw from NaN fails on the device (a traceback, or on CUDA a dead context)
+        # before the host has read `finite`: draw from numbers, and give out nothing.
+        logits = logits.nan_to_num()
+    next_ids = sample_next(logits, sampling.temperature, sampling.top_k, sampling.top_p, generator)
+    return next_ids, finite
 
 
 def computes_ahead(device: torch.device) -> bool:
@@ -576,63 +602,6 @@ def _check_finite(next_ids: Tensor, finite: bool) -> Tensor:
     return next_ids
 
 
-class StaticDecoder:
-    """`GPT.decode_step` over a static input (B, 1) and output (B, V): with graph=True
-    (CUDA only) it is captured as a CUDA graph on its first call and replayed after.
-
-    Why: at batch 1 a small GPT's decode step is dozens of tiny kernels, and the GPU
-    waits for Python to launch each one. A replayed graph launches them all at once.
-    A replay runs no Python, so everything it touches must stay at the addresses seen
-    at capture: the cache's buffers and device-side position (the overflow re-prefill
-    writes into the same buffers), `ids`, and the `logits` it writes. Read the logits
-    before the next call, which overwrites them.
-    """
-
-    WARMUP_STEPS = 3
-    """Eager steps on a side stream before capture, as torch's CUDA graph notes ask: the
-    first calls allocate workspaces and pick kernels, which a capture must not record."""
-
-    def __init__(self, model: GPT, kv_cache: KVCache, graph: bool = False):
-        self.model, self.kv_cache, self.use_graph = model, kv_cache, graph
-        self.ids = torch.zeros((kv_cache.batch_size, 1), dtype=torch.long, device=model.device)
-        self.logits: Tensor | None = None
-        self.graph = None  # torch.cuda.CUDAGraph once captured
-
-    def __call__(self, idx: Tensor) -> Tensor:
-        """The next ids idx (B, 1), written at the cache's position -> logits (B, V);
-        advances the cache by one position."""
-        self.ids.copy_(idx)
-        if not self.use_graph:
-            logits = self.model.decode_step(self.ids, self.kv_cache)
-        else:
-            if self.graph is None:
-                self._capture()
-            self.graph.replay()
-            logits = self.logits
-        self.kv_cache.advance(1)  # the host's count; the device's moved inside the step
-        return logits
-
-    def warm_up(self) -> None:
-        """Run the step WARMUP_STEPS times, leaving the cache as it was: each writes the
-        slot at the current position, which the next real step overwrites before any
-        query sees it, and the position is put back after each."""
-        for _ in range(self.WARMUP_STEPS):
-            self.model.decode_step(self.ids, self.kv_cache)
-            self.kv_cache.position.fill_(self.kv_cache.pos)
-
-    def _capture(self) -> None:
-        side = torch.cuda.Stream(self.model.device)
-        side.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(side):
-            self.warm_up()
-        torch.cuda.current_stream(self.model.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # Captured on the warm-up's stream: libraries that make a handle per stream
-        # lazily (cuBLAS workspaces, hipBLASLt) already have theirs, as a capture needs.
-        with torch.cuda.graph(self.graph, stream=side):  # records the kernels, runs none
-            self.logits = self.model.decode_step(self.ids, self.kv_cache)
-
-
 def _shared_prefill(model: GPT, prompt: Tensor, kv_cache: KVCache) -> Tensor:
     """Run the prompt (1, T) once and copy its keys/values into every row of kv_cache."""
     T = prompt.size(1)
@@ -643,141 +612,6 @@ def _shared_prefill(model: GPT, prompt: Tensor, kv_cache: KVCache) -> Tensor:
     logits, _ = model(prompt, kv_cache=single, last_only=True)  # (1, 1, V)
     kv_cache.fill_from(single)
     return logits
-
-
-# --- text: streaming and stop strings ------------------------------------------------
-
-
-class StopStrings:
-    """Cuts a stream of text before the first stop string, even one split across tokens.
-
-    `push(text)` returns the text that is certain to be output and whether a stop
-    string was hit; the tail that could still begin a stop string is held back
-    until the next push (or `flush`).
-    """
-
-    def __init__(self, stops: Sequence[str] = ()):
-        if any(not s for s in stops):
-            raise MinigptError(
-                "a stop string is empty", hint="give every stop string some text", param="stop"
-            )
-        self.stops = list(stops)
-        self.pending = ""
-        self.stopped = False
-
-    def push(self, text: str) -> tuple[str, bool]:
-        if self.stopped:
-            return "", True
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.pending, self.stopped = self.pending[: min(hits)], "", True
-            return out, True
-        keep = self._held_back()
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep :]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
-        return out
-
-    def _held_back(self) -> int:
-        """Length of the longest tail of `pending` that is a proper prefix of a stop string."""
-        for size in range(min(len(self.pending), max(map(len, self.stops)) - 1), 0, -1):
-            tail = self.pending[-size:]
-            if any(s.startswith(tail) for s in self.stops):
-                return size
-        return 0
-
-
-@dataclass
-class Sample:
-    """One generated continuation."""
-
-    text: str = ""
-    new_tokens: int = 0
-    finish_reason: str = "length"
-    """'length' (max_new_tokens reached), 'stop' (a stop string) or 'eot' (end-of-text)."""
-
-
-class SampleStream:
-    """One sample's text as its tokens arrive: UTF-8-safe (the tokenizer's stream
-    decoder holds back partial characters) and cut before a stop string."""
-
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
-        self.decoder = tokenizer.stream_decoder()
-        self.stopper = StopStrings(stop)
-        self.eot_id = tokenizer.eot_id
-        self.sample = Sample()
-        self.pieces: list[str] = []
-
-    @property
-    def ended(self) -> bool:
-        """Whether the sample ended early (end-of-text or a stop string)."""
-        return self.sample.finish_reason != "length"
-
-    def push(self, token_id: int) -> str:
-        """Take the sample's next token; return the text that became final ('' if none)."""
-        self.sample.new_tokens += 1
-        if token_id == self.eot_id:
-            self.sample.finish_reason = "eot"
-            return ""
-        text, hit = self.stopper.push(self.decoder.push([token_id]))
-        if hit:
-            self.sample.finish_reason = "stop"
-        self.pieces.append(text)
-        return text
-
-    def finish(self) -> str:
-        """Release the text still held back once decoding is over; the sample is complete."""
-        text = ""
-        if self.sample.finish_reason != "stop":
-            text, hit = self.stopper.push(self.decoder.flush())
-            text += self.stopper.flush()
-            if hit:
-                self.sample.finish_reason = "stop"
-        self.pieces.append(text)
-        self.sample.text = "".join(self.pieces)
-        return text
-
-
-@dataclass
-class GenerationResult:
-    prompt_tokens: int
-    samples: list[Sample]
-    seconds: float
-    """Wall time of prefill + decode."""
-    first_token_seconds: float
-    """Time to the first new token: the prefill plus one sampling step."""
-    cropped_prompt_tokens: int = 0
-    settings: dict = field(default_factory=dict)
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(s.new_tokens for s in self.samples)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
-
-    def to_json(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "cropped_prompt_tokens": self.cropped_prompt_tokens,
-            "new_tokens": self.new_tokens,
-            "seconds": round(self.seconds, 6),
-            "first_token_seconds": round(self.first_token_seconds, 6),
-            "tokens_per_second": round(self.tokens_per_second, 3),
-            "settings": self.settings,
-            "samples": [
-                {"text": s.text, "new_tokens": s.new_tokens, "finish_reason": s.finish_reason}
-                for s in self.samples
-            ],
-        }
 
 
 def generate_text(

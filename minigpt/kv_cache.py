@@ -25,8 +25,11 @@ class KVCache:
     """Preallocated per-layer K and V buffers, each (B, H_kv, max_len, d_head), and `pos`.
 
     `pos` is the number of positions already written (the same for every layer).
-    A forward pass calls `check_fits` once, `append(layer, k, v)` once per layer,
-    then `advance(T)`. rolling: a ring that takes one position at a time once full.
+    A forward pass of T new tokens calls `check_fits` and `positions(T)` once, each
+    attention layer calls `update(layer, k, v)` and `attn_mask(T)`, and the model calls
+    `advance(T)` at the end. The static-shape cache of `minigpt.fast_decode` answers
+    the same calls, so attention never asks which cache it holds.
+    rolling: a ring that takes one position at a time once full.
     """
 
     def __init__(
@@ -47,10 +50,6 @@ class KVCache:
         self.batch_size, self.n_head, self.max_len, self.d_head = shape
         self.pos = 0
         self.rolling = rolling
-        # the static decode step's state (see start_static): None until it is used
-        self.position: Tensor | None = None  # (1,) long, on the device: the slot to write
-        self.visible: Tensor | None = None  # (1, max_len): 0 on the slots seen, else -inf
-        self.stepping = False  # inside GPT.decode_step: attention writes with write_at
 
     def check_fits(
         self, n_layer: int, batch_size: int, n_head: int, d_head: int, n_new: int
@@ -59,7 +58,7 @@ class KVCache:
         each (batch_size, n_head, n_new, d_head), fit this cache.
 
         Called once where input enters (`GPT.forward`, or an attention module called
-        on its own), so that `append`, which every layer calls on every step, need not.
+        on its own), so that `update`, which every layer calls on every step, need not.
         """
         if n_layer > len(self.keys):
             raise MinigptError(
@@ -83,7 +82,11 @@ class KVCache:
                 param="kv_cache",
             )
 
-    def append(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def positions(self, n_new: int) -> Tensor:
+        """The positions (n_new,) of the next n_new tokens: those after the cached ones."""
+        return torch.arange(self.pos, self.pos + n_new, device=self.keys[0].device)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write K, V (B, H, T, d_head) at `pos`; return all keys and values so far.
 
         Returns views of shape (B, H, pos + T, d_head): no copy of the history. The
@@ -101,6 +104,19 @@ class KVCache:
         self.values[layer][:, :, self.pos : end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
+    def attn_mask(self, n_new: int) -> Tensor | None:
+        """M for n_new queries after the `pos` cached positions, over the keys `update`
+        returns (n_new, pos + n_new): 0 where a query sees a key, -inf where it would see
+        the future. None where no mask is needed beyond causal order: the cache was
+        empty (the queries are the keys: SDPA's is_causal), or one query sees every key."""
+        if self.pos == 0 or n_new == 1:
+            return None
+        keys = torch.arange(self.pos + n_new, device=self.keys[0].device)
+        queries = torch.arange(self.pos, self.pos + n_new, device=self.keys[0].device)
+        future = keys[None, :] > queries[:, None]  # (n_new, pos + n_new)
+        mask = torch.zeros(future.shape, dtype=self.keys[0].dtype, device=future.device)
+        return mask.masked_fill(future, float("-inf"))
+
     def fill_from(self, prompt_cache: KVCache) -> None:
         """Copy a batch-1 cache's positions into every row of this one, which is empty:
         samples that share a prompt share its keys and values, computed once."""
@@ -109,47 +125,6 @@ class KVCache:
             self.keys[layer][:, :, :n] = k[:, :, :n]  # broadcast (1, H, n, d_head) -> (B, ...)
             self.values[layer][:, :, :n] = v[:, :, :n]
         self.pos = n
-
-    # --- the static decode step: one token, shapes that never change -------------------
-    # A decode step that appends at a host-side `pos` and attends over the first pos
-    # slots changes shape every step, so it cannot be captured as a CUDA graph. The
-    # static step keeps the position on the device, writes there with index_copy_,
-    # and attends over all max_len slots with the unwritten ones masked out.
-
-    def start_static(self) -> None:
-        """Make the device-side position (and the slot numbers) and set it to `pos`."""
-        keys = self.keys[0]
-        if self.position is None:
-            self.position = torch.zeros(1, dtype=torch.long, device=keys.device)
-            self.slots = torch.arange(self.max_len, device=keys.device)
-            values = torch.tensor([0.0, float("-inf")], dtype=keys.dtype, device=keys.device)
-            self.zero, self.minus_inf = values  # the mask's two values, 0-d, on the device
-        self.position.fill_(self.pos)
-
-    def begin_step(self) -> None:
-        """Before a static step's layers: the slots up to `position` are visible (all
-        of them once a rolling cache is full), and the step writes `position`'s slot.
-
-        `visible` is the additive mask SDPA adds to the scores, made here once for every
-        layer: given booleans, SDPA would turn them into this in each layer, which on a
-        GPU is more small kernels per token."""
-        seen = self.slots <= self.position  # (max_len,)
-        self.visible = torch.where(seen, self.zero, self.minus_inf)[None, :]  # (1, max_len)
-        self.slot = self.position.remainder(self.max_len)  # the ring's slot (rolling)
-        self.stepping = True
-
-    def write_at(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write one position's K, V (B, H, 1, d_head) at `position`; return the whole
-        buffers (B, H, max_len, d_head), to be read through `visible`."""
-        self.keys[layer].index_copy_(2, self.slot, k)
-        self.values[layer].index_copy_(2, self.slot, v)
-        return self.keys[layer], self.values[layer]
-
-    def end_step(self) -> None:
-        """After a static step's layers: the next step writes the next slot. (The host's
-        `pos` is the caller's to advance: a replayed graph runs no Python.)"""
-        self.position.add_(1)
-        self.stepping = False
 
     def advance(self, n_tokens: int) -> None:
         """Mark `n_tokens` more positions as written, after every layer appended them."""

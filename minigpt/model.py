@@ -1,16 +1,14 @@
-"""The GPT: token + position embeddings, a stack of pre-norm blocks, a tied LM head.
+"""The GPT: token embeddings and positions, a stack of pre-norm blocks, a tied LM head.
 
-    idx (B, T) -> tok_emb + pos_emb (B, T, n_embd)                       `GPT.embed`
-               -> n_layer x Block: x + Attn(LN(x)), then x + MLP(LN(x))  `GPT.run_blocks`
-               -> LN -> lm_head (B, T, vocab_size), cross-entropy        `GPT.logits_and_loss`
+    idx (B, T) -> tok_emb (B, T, n_embd), + pos_emb (learned positions)
+               -> n_layer x Block: x + Attn(LN(x)), then x + MLP(LN(x))
+               -> LN -> lm_head (B, T, vocab_size), cross-entropy
 
 The defaults are GPT-2's. Options of today's small GPTs (nanochat, Llama) can be
 turned on one at a time to see what each changes: rotary positions instead of
 pos_emb (`position="rope"`), RMSNorm (`norm`), a SwiGLU MLP (`mlp`), grouped-query
-attention (`n_kv_head`) and QK-norm (`qk_norm`).
-
-`GPT.forward` is these three steps; they are public so that a caller (the head
-inspector) can restart the blocks from any layer's residual stream.
+attention (`n_kv_head`) and QK-norm (`qk_norm`). Each is a choice of module made in
+`__init__` (`minigpt.layers`), so `forward` reads the same whatever the options.
 
 Each block's attention is `minigpt.attention.MultiHeadAttention` (or the textbook
 wrapper form when `GPTConfig.attention == "wrapper"`; both save the same weights).
@@ -26,16 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from minigpt.attention import (
-    MultiHeadAttention,
-    MultiHeadAttentionWrapper,
-    RMSNorm,
-    causal_mask,
-    rope_for_input,
-)
+from minigpt.attention import MultiHeadAttention, MultiHeadAttentionWrapper, causal_mask
 from minigpt.device import check_memory
 from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
+from minigpt.layers import MLP, LearnedPositions, Rope, RotaryPositions, SwiGLU, make_norm
 from minigpt.loss import lm_head_loss
 
 ATTENTION_FORMS = ("fused", "wrapper")
@@ -93,83 +86,7 @@ class GPTConfig:
     """RMSNorm of every head's Q and K before the scores (OLMo 2, Qwen3, nanochat)."""
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            value = getattr(self, name)
-            least = 0 if name == "vocab_size" else 1  # vocab_size 0: the tokenizer's size
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                what = "a positive integer" if least else "0 or a positive integer"
-                raise MinigptError(
-                    f"model.{name} must be {what}, got {value!r}",
-                    hint=f"set model.{name} to a whole number of at least {least}",
-                )
-        for name in ("dropout", "init_std", "layer_norm_eps"):
-            value = getattr(self, name)
-            if not _is_finite_number(value):
-                raise MinigptError(f"model.{name} must be a finite number, got {value!r}")
-        if not isinstance(self.bias, bool):
-            raise MinigptError(f"model.bias must be true or false, got {self.bias!r}")
-        if self.n_embd % self.n_head != 0:
-            raise MinigptError(
-                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}",
-                hint=f"pick n_embd as a multiple of n_head, e.g. {self.n_head * max(1, self.n_embd // self.n_head)}",
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise MinigptError(
-                f"model.dropout must be in [0, 1), got {self.dropout}",
-                hint="use 0.0 for no dropout, 0.1-0.2 for small data",
-            )
-        if self.attention not in ATTENTION_FORMS:
-            raise MinigptError(
-                f"model.attention must be one of {ATTENTION_FORMS}, got {self.attention!r}",
-                hint="use 'fused' unless you are studying the per-head form",
-            )
-        if not self.init_std > 0:
-            raise MinigptError(f"model.init_std must be positive, got {self.init_std}")
-        if self.activation not in ACTIVATIONS:
-            raise MinigptError(
-                f"model.activation must be one of {ACTIVATIONS}, got {self.activation!r}",
-                hint="'gelu_tanh' is GPT-2's (Hugging Face calls it gelu_new); 'gelu' is exact",
-            )
-        if not self.layer_norm_eps > 0:
-            raise MinigptError(
-                f"model.layer_norm_eps must be positive, got {self.layer_norm_eps}",
-                hint="GPT-2 uses 1e-5",
-            )
-        for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
-            if getattr(self, name) not in allowed:
-                raise MinigptError(
-                    f"model.{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}",
-                    hint=f"'{allowed[0]}' is GPT-2's; '{allowed[1]}' is the modern option",
-                )
-        if not (_is_finite_number(self.rope_theta) and self.rope_theta > 0):
-            raise MinigptError(
-                f"model.rope_theta must be a positive number, got {self.rope_theta!r}",
-                hint="10000 is the usual base",
-            )
-        if self.position == "rope" and self.d_head % 2:
-            raise MinigptError(
-                f"model.position='rope' needs an even head size, got "
-                f"n_embd / n_head = {self.d_head}",
-                hint="rotary embeddings turn pairs of features: pick n_embd / n_head even",
-            )
-        kv = self.n_kv_head
-        if not isinstance(kv, int) or isinstance(kv, bool) or kv < 0 or kv > self.n_head:
-            raise MinigptError(
-                f"model.n_kv_head must be from 0 (n_head) to n_head={self.n_head}, got {kv!r}",
-                hint="0 gives every query head its own K and V",
-            )
-        if kv and self.n_head % kv:
-            raise MinigptError(
-                f"model.n_head={self.n_head} is not a multiple of model.n_kv_head={kv}",
-                hint="each group of query heads shares one K/V head: pick a divisor of n_head",
-            )
-        if not isinstance(self.qk_norm, bool):
-            raise MinigptError(f"model.qk_norm must be true or false, got {self.qk_norm!r}")
-        if self.mlp == "swiglu" and self.activation != "gelu":
-            raise MinigptError(
-                f"model.activation={self.activation!r} is the gelu MLP's; SwiGLU uses SiLU",
-                hint="leave model.activation out with model.mlp='swiglu'",
-            )
+        check_config(self)
 
     def num_params(self) -> int:
         """Parameters of the GPT this config builds (the tied LM head counted once),
@@ -202,9 +119,9 @@ class GPTConfig:
         return 4 * self.n_embd
 
     def module_bytes(self) -> int:
-        """Bytes the built module holds in float32: its weights and the causal masks
-        (one bool block_size² mask per attention module; the wrapper has one per head)."""
-        masks_per_layer = self.n_head if self.attention == "wrapper" else 1
+        """Bytes the built module holds in float32: its weights, and the textbook form's
+        causal masks (one bool block_size² mask per head)."""
+        masks_per_layer = self.n_head if self.attention == "wrapper" else 0
         return 4 * self.num_params() + self.n_layer * masks_per_layer * self.block_size**2
 
     def with_vocab(self, tokenizer_vocab_size: int) -> GPTConfig:
@@ -251,61 +168,14 @@ class GPTConfig:
         return cls(**values)
 
 
-def _is_finite_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def make_norm(config: GPTConfig) -> nn.Module:
-    """The block's and the final normalisation: LayerNorm (GPT-2) or RMSNorm."""
-    if config.norm == "rmsnorm":
-        return RMSNorm(config.n_embd, config.layer_norm_eps)
-    return nn.LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias)
-
-
-class SwiGLU(nn.Module):
-    """Position-wise feed-forward of Llama: (silu(x W1) * x W3) W2 (Shazeer, 2020).
-
-    Three matrices instead of two, so the hidden width is 8/3 n_embd instead of 4 n_embd
-    (`GPTConfig.mlp_hidden`): about the parameters of the GELU MLP."""
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        hidden = config.mlp_hidden
-        self.fc_gate = nn.Linear(config.n_embd, hidden, bias=config.bias)  # W1
-        self.fc_up = nn.Linear(config.n_embd, hidden, bias=config.bias)  # W3
-        self.proj = nn.Linear(hidden, config.n_embd, bias=config.bias)  # W2
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.silu(self.fc_gate(x)) * self.fc_up(x)))
-
-
-class MLP(nn.Module):
-    """Position-wise feed-forward: n_embd -> 4 n_embd -> GELU -> n_embd."""
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.fc = nn.Linear(config.n_embd, config.mlp_hidden, bias=config.bias)
-        self.proj = nn.Linear(config.mlp_hidden, config.n_embd, bias=config.bias)
-        self.dropout = nn.Dropout(config.dropout)
-        # GPT-2 was trained with the tanh approximation of GELU, which differs from the
-        # exact one by up to ~1e-3 per activation: an imported model keeps the one it had.
-        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
-
-
 class Block(nn.Module):
     """Pre-norm transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        attention_cls = (
-            MultiHeadAttention if config.attention == "fused" else MultiHeadAttentionWrapper
-        )
+        attention = MultiHeadAttention if config.attention == "fused" else MultiHeadAttentionWrapper
         self.ln_attn = make_norm(config)
-        self.attn = attention_cls(
+        self.attn = attention(
             config.n_embd,
             config.n_embd,
             config.block_size,
@@ -317,7 +187,6 @@ class Block(nn.Module):
             check_inputs=False,  # GPT.forward checks its input once for every layer
             n_kv_head=config.kv_heads,
             qk_norm=config.qk_norm,
-            rope_theta=config.rope_theta if config.position == "rope" else None,
             norm_eps=config.layer_norm_eps,
         )
         self.ln_mlp = make_norm(config)
@@ -326,14 +195,14 @@ class Block(nn.Module):
     def forward(
         self,
         x: Tensor,
-        gate: Tensor | None,
-        kv_cache: KVCache | None,
-        need_weights: bool,
-        rope: tuple[Tensor, Tensor] | None = None,
+        rope: Rope | None = None,
+        kv_cache: KVCache | None = None,
+        gate: Tensor | None = None,
+        need_weights: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """x (B, T, n_embd) -> (x (B, T, n_embd), A (B, H, T, T_k) or None); the
-        arguments are the attention's (`GPT.run_blocks` passes every one)."""
-        attn_out, weights = self.attn(self.ln_attn(x), gate, kv_cache, need_weights, rope)
+        arguments are the attention's (`MultiHeadAttention.forward`)."""
+        attn_out, weights = self.attn(self.ln_attn(x), rope, kv_cache, gate, need_weights)
         x = x + attn_out
         x = x + self.mlp(self.ln_mlp(x))
         return x, weights
@@ -352,8 +221,10 @@ class GPT(nn.Module):
         check_memory(config.module_bytes(), torch.device("cpu"), f"a model of {config.describe()}")
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        if config.position == "learned":  # with rope, positions turn Q and K instead
-            self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        if config.position == "learned":  # a learned vector added per position (GPT-2)
+            self.pos_emb = LearnedPositions(config.block_size, config.n_embd)
+        else:  # nothing added: Q and K are turned by their position in every layer
+            self.pos_emb = RotaryPositions(config.d_head, config.rope_theta)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.ln_f = make_norm(config)
@@ -363,18 +234,153 @@ class GPT(nn.Module):
         self.lm_head.weight = self.tok_emb.weight
         self.reset_parameters()
 
+    def forward(
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        head_gates: Tensor | None = None,
+        last_only: bool = False,
+        loss_chunk: int = 0,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
+
+        targets: (B, T) next-token ids; -1 marks positions to ignore in the loss.
+        kv_cache: continue from the positions it holds; this call's are written to it.
+        head_gates: (n_layer, H) or (n_layer, B, H) multipliers of each head's output.
+        last_only: compute logits for the last position only (B, 1, vocab_size), as
+            sampling needs; saves the large vocab matmul on every other position.
+        loss_chunk: with targets, make the logits this many positions at a time for
+            the loss and return None for them (`minigpt.loss`: a fraction of the memory).
+        """
+        positions = self.positions_of(idx, kv_cache, head_gates)  # (T,)
+        x, rope = self.pos_emb(self.tok_emb(idx), positions)  # (B, T, n_embd); rope or None
+        x = self.drop(x)
+        for layer, block in enumerate(self.blocks):
+            gate = head_gates[layer] if head_gates is not None else None
+            x, _ = block(x, rope, kv_cache, gate)
+        if kv_cache is not None:
+            kv_cache.advance(idx.size(1))
+        return self.logits_and_loss(x, targets, last_only, loss_chunk=loss_chunk)
+
+    def positions_of(
+        self, idx: Tensor, kv_cache: KVCache | None = None, head_gates: Tensor | None = None
+    ) -> Tensor:
+        """The positions (T,) of idx's tokens: 0.. , or those after the cache's. This is
+        where token ids enter the model, so they (and the cache and the gates) are
+        checked here, once, before any layer writes to the cache."""
+        if idx.dim() != 2:
+            raise MinigptError(
+                f"GPT expects token ids of shape (batch, tokens), got {tuple(idx.shape)}",
+                hint="add a batch dimension with idx[None]",
+                param="idx",
+            )
+        B, T = idx.shape
+        pos = kv_cache.pos if kv_cache is not None else 0
+        # Rotary positions have no end: past block_size each query sees the last
+        # block_size positions (a sliding window, what the rolling KV cache computes).
+        if pos + T > self.config.block_size and self.config.position == "learned":
+            raise MinigptError(
+                f"{pos + T} positions exceed the model's block_size={self.config.block_size}",
+                hint="crop the input to its last block_size tokens",
+                param="idx",
+            )
+        if head_gates is not None and head_gates.size(0) != self.config.n_layer:
+            raise MinigptError(
+                f"head_gates has {head_gates.size(0)} layers, the model has {self.config.n_layer}",
+                hint="pass head_gates of shape (n_layer, n_head)",
+                param="head_gates",
+            )
+        if kv_cache is None:
+            return torch.arange(T, device=idx.device)
+        c = self.config
+        kv_cache.check_fits(c.n_layer, B, c.kv_heads, c.d_head, T)
+        return kv_cache.positions(T)
+
+    def logits_and_loss(
+        self,
+        x: Tensor,
+        targets: Tensor | None = None,
+        last_only: bool = False,
+        reduction: Literal["mean", "none"] = "mean",
+        loss_chunk: int = 0,
+    ) -> tuple[Tensor | None, Tensor | None]:
+        """The residual stream after the last block x (B, T, n_embd) -> (logits
+        (B, T, vocab_size), loss or None): the final norm, the tied LM head, cross-entropy.
+
+        targets: (B, T) next-token ids; -1 marks positions to ignore in the loss.
+        reduction: "mean" gives the mean loss over positions, "none" each position's
+            loss (B, T) (0 where ignored).
+        loss_chunk: > 0 with targets and the mean: (None, the same loss), the logits
+            made loss_chunk positions at a time and never all at once (`minigpt.loss`).
+        """
+        x = self.ln_f(x)
+        if loss_chunk > 0 and targets is not None and reduction == "mean" and not last_only:
+            return None, lm_head_loss(
+                x.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk
+            )
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)  # (B, T, vocab_size)
+        if targets is None:
+            return logits, None
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction=reduction
+        )
+        return logits, loss if reduction == "mean" else loss.view(targets.shape)
+
+    # --- the forward pass in steps, for looking inside ----------------------------------
+
+    def embed(self, idx: Tensor) -> Tensor:
+        """Token ids idx (B, T) -> the residual stream entering layer 0, x (B, T, n_embd)."""
+        x, _ = self.pos_emb(self.tok_emb(idx), self.positions_of(idx))
+        return self.drop(x)
+
+    def run_blocks(
+        self,
+        x: Tensor,
+        start_layer: int = 0,
+        end_layer: int | None = None,
+        head_gates: Tensor | None = None,
+        need_weights: bool = False,
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """Blocks start_layer..end_layer-1 (default: to the last) on the residual stream
+        x (B, T, n_embd) of positions 0..T-1: (x after them, each block's A or None).
+
+        head_gates: (n_layer, H) or (n_layer, B, H), indexed by layer, as in `forward`.
+        Restarting from any layer is what the head inspector's ablations need.
+        """
+        self.positions_of(x[..., 0], head_gates=head_gates)  # the checks forward makes
+        rope = self.pos_emb.rope(torch.arange(x.size(1), device=x.device))
+        attention = []
+        for layer in range(start_layer, self.config.n_layer if end_layer is None else end_layer):
+            gate = head_gates[layer] if head_gates is not None else None
+            x, weights = self.blocks[layer](x, rope, None, gate, need_weights)
+            attention.append(weights)
+        return x, attention
+
+    def forward_with_attention(
+        self, idx: Tensor, targets: Tensor | None = None, head_gates: Tensor | None = None
+    ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
+        """Like forward, also returning every layer's attention weights A, each (B, H, T, T)."""
+        x, attention = self.run_blocks(self.embed(idx), head_gates=head_gates, need_weights=True)
+        logits, loss = self.logits_and_loss(x, targets)
+        return logits, loss, attention
+
+    # --- building, counting, caching ----------------------------------------------------
+
     @classmethod
     def for_weights(cls, config: GPTConfig, device: str | torch.device = "cpu") -> GPT:
         """A model whose every weight is about to be loaded: built on the meta device and
         given uninitialised memory, so no weight is drawn at random only to be
-        overwritten (for GPT-2 small that drawing is 2 s of every command's start-up)."""
+        overwritten (for GPT-2 small that drawing is most of every command's start-up)."""
         with torch.device("meta"):
             model = cls(config)
         model = model.to_empty(device=device)
         model.lm_head.weight = model.tok_emb.weight  # to_empty gave each its own tensor
-        for module in model.modules():  # M, the one buffer: derived, so never loaded
+        for module in model.modules():  # M of the textbook heads: derived, so never loaded
             if isinstance(getattr(module, "mask", None), Tensor):
-                module.mask = causal_mask(module.context_length).to(model.device)
+                module.mask = causal_mask(module.context_length, model.device)
         return model
 
     def reset_parameters(self) -> None:
@@ -422,159 +428,99 @@ class GPT(nn.Module):
             rolling=self.config.position == "rope",
         )
 
-    def forward(
-        self,
-        idx: Tensor,
-        targets: Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        head_gates: Tensor | None = None,
-        last_only: bool = False,
-        loss_chunk: int = 0,
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """idx (B, T) token ids -> (logits (B, T, vocab_size), loss or None).
 
-        targets: (B, T) next-token ids; -1 marks positions to ignore in the loss.
-        kv_cache: continue from the positions it holds; this call's are appended.
-        head_gates: (n_layer, H) or (n_layer, B, H) multipliers of each head's output.
-        last_only: compute logits for the last position only (B, 1, vocab_size), as
-            sampling needs; saves the large vocab matmul on every other position.
-        loss_chunk: with targets, make the logits this many positions at a time for
-            the loss and return None for them (`minigpt.loss`: a fraction of the memory).
-        """
-        x = self.embed(idx, kv_cache.pos if kv_cache is not None else 0)  # (B, T, n_embd)
-        if kv_cache is not None:
-            B, T = idx.shape
-            c = self.config
-            kv_cache.check_fits(c.n_layer, B, c.kv_heads, c.d_head, T)
-        x, _ = self.run_blocks(x, head_gates=head_gates, kv_cache=kv_cache)
-        if kv_cache is not None:
-            kv_cache.advance(idx.size(1))
-        return self.logits_and_loss(x, targets, last_only, loss_chunk=loss_chunk)
+# --- checking a config ------------------------------------------------------------------
 
-    def decode_step(self, idx: Tensor, kv_cache: KVCache) -> Tensor:
-        """One new token per sample, idx (B, 1), at the cache's device-side position ->
-        logits (B, vocab_size), in shapes that never change from step to step: what a
-        CUDA graph can capture and replay. Call kv_cache.start_static() after filling
-        the cache, and advance its `pos` after each step. Only the fused attention
-        takes this path; the same tokens as `forward` with the cache (tests hold it)."""
-        self.check_static_decode()
-        x = self.tok_emb(idx)  # (B, 1, n_embd)
-        if self.config.position == "learned":
-            x = x + self.pos_emb(kv_cache.position)
-        x = self.drop(x)
-        kv_cache.begin_step()
-        x, _ = self.run_blocks(x, kv_cache=kv_cache)
-        kv_cache.end_step()
-        logits, _ = self.logits_and_loss(x, None, last_only=True)  # (B, 1, vocab_size)
-        return logits[:, -1, :]
 
-    def check_static_decode(self) -> None:
-        """Refuse the static decode step where it cannot run: the wrapper attention
-        keeps one module per head and appends to the cache at a host-side position."""
-        if self.config.attention != "fused":
+def check_config(config: GPTConfig) -> None:
+    """Raise a clear error, naming the `model.` key, for a shape a GPT cannot have."""
+    _check_sizes(config)
+    _check_choices(config)
+
+
+def _check_sizes(config: GPTConfig) -> None:
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        value = getattr(config, name)
+        least = 0 if name == "vocab_size" else 1  # vocab_size 0: the tokenizer's size
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            what = "a positive integer" if least else "0 or a positive integer"
             raise MinigptError(
-                "static_decode (a static-shape step) needs the fused attention, not the wrapper",
-                hint="decode without static_decode, or convert the model to the fused form",
-                param="static_decode",
+                f"model.{name} must be {what}, got {value!r}",
+                hint=f"set model.{name} to a whole number of at least {least}",
             )
-
-    def forward_with_attention(
-        self, idx: Tensor, targets: Tensor | None = None, head_gates: Tensor | None = None
-    ) -> tuple[Tensor, Tensor | None, list[Tensor]]:
-        """Like forward, also returning every layer's attention weights A, each (B, H, T, T)."""
-        x = self.embed(idx)  # (B, T, n_embd)
-        x, attention = self.run_blocks(x, head_gates=head_gates, need_weights=True)
-        logits, loss = self.logits_and_loss(x, targets)
-        return logits, loss, attention
-
-    def embed(self, idx: Tensor, pos: int = 0) -> Tensor:
-        """Token ids idx (B, T) at positions pos.. -> the residual stream x (B, T, n_embd).
-
-        This is where token ids enter the model, so their shape is checked here.
-        """
-        if idx.dim() != 2:
-            raise MinigptError(
-                f"GPT expects token ids of shape (batch, tokens), got {tuple(idx.shape)}",
-                hint="add a batch dimension with idx[None]",
-                param="idx",
-            )
-        T = idx.size(1)
-        # Rotary positions have no end: past block_size each query sees the last
-        # block_size positions (a sliding window, what the rolling KV cache computes).
-        if pos + T > self.config.block_size and self.config.position == "learned":
-            raise MinigptError(
-                f"{pos + T} positions exceed the model's block_size={self.config.block_size}",
-                hint="crop the input to its last block_size tokens",
-                param="idx",
-            )
-        x = self.tok_emb(idx)  # (B, T, n_embd)
-        if self.config.position == "learned":
-            x = x + self.pos_emb(torch.arange(pos, pos + T, device=idx.device))  # (T, n_embd)
-        return self.drop(x)
-
-    def run_blocks(
-        self,
-        x: Tensor,
-        start_layer: int = 0,
-        end_layer: int | None = None,
-        head_gates: Tensor | None = None,
-        kv_cache: KVCache | None = None,
-        need_weights: bool = False,
-    ) -> tuple[Tensor, list[Tensor | None]]:
-        """Blocks start_layer..end_layer-1 (default: to the last) on the residual stream
-        x (B, T, n_embd): (x after them, each block's A (B, H, T, T_k) or None).
-
-        head_gates: (n_layer, H) or (n_layer, B, H), indexed by layer, as in `forward`.
-        kv_cache: each block appends its keys and values; the caller advances it.
-        """
-        rope = self.rope_for(x, kv_cache)  # once, for every layer
-        if head_gates is not None and head_gates.size(0) != self.config.n_layer:
-            raise MinigptError(
-                f"head_gates has {head_gates.size(0)} layers, the model has {self.config.n_layer}",
-                hint="pass head_gates of shape (n_layer, n_head)",
-                param="head_gates",
-            )
-        attention = []
-        for layer in range(start_layer, self.config.n_layer if end_layer is None else end_layer):
-            gate = head_gates[layer] if head_gates is not None else None
-            x, weights = self.blocks[layer](x, gate, kv_cache, need_weights, rope)
-            attention.append(weights)
-        return x, attention
-
-    def rope_for(self, x: Tensor, kv_cache: KVCache | None) -> tuple[Tensor, Tensor] | None:
-        """cos and sin of the rotary positions of x's tokens, computed once for every
-        layer (`attention.rope_for_input`); None with learned positions."""
-        c = self.config
-        return rope_for_input(x, kv_cache, c.d_head, c.rope_theta) if c.position == "rope" else None
-
-    def logits_and_loss(
-        self,
-        x: Tensor,
-        targets: Tensor | None = None,
-        last_only: bool = False,
-        reduction: Literal["mean", "none"] = "mean",
-        loss_chunk: int = 0,
-    ) -> tuple[Tensor | None, Tensor | None]:
-        """The residual stream after the last block x (B, T, n_embd) -> (logits
-        (B, T, vocab_size), loss or None): the final norm, the tied LM head, cross-entropy.
-
-        targets: (B, T) next-token ids; -1 marks positions to ignore in the loss.
-        reduction: "mean" gives the mean loss over positions, "none" each position's
-            loss (B, T) (0 where ignored).
-        loss_chunk: > 0 with targets and the mean: (None, the same loss), the logits
-            made loss_chunk positions at a time and never all at once (`minigpt.loss`).
-        """
-        x = self.ln_f(x)
-        if loss_chunk > 0 and targets is not None and reduction == "mean" and not last_only:
-            return None, lm_head_loss(
-                x.flatten(0, 1), self.lm_head.weight, targets.flatten(), loss_chunk
-            )
-        if last_only:
-            x = x[:, -1:, :]
-        logits = self.lm_head(x)  # (B, T, vocab_size)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(
-            logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1, reduction=reduction
+    for name in ("dropout", "init_std", "layer_norm_eps"):
+        value = getattr(config, name)
+        if not _is_finite_number(value):
+            raise MinigptError(f"model.{name} must be a finite number, got {value!r}")
+    if not isinstance(config.bias, bool):
+        raise MinigptError(f"model.bias must be true or false, got {config.bias!r}")
+    if config.n_embd % config.n_head != 0:
+        raise MinigptError(
+            f"model.n_embd={config.n_embd} is not divisible by model.n_head={config.n_head}",
+            hint=f"pick n_embd as a multiple of n_head, e.g. {config.n_head * max(1, config.n_embd // config.n_head)}",
         )
-        return logits, loss if reduction == "mean" else loss.view(targets.shape)
+    if not 0.0 <= config.dropout < 1.0:
+        raise MinigptError(
+            f"model.dropout must be in [0, 1), got {config.dropout}",
+            hint="use 0.0 for no dropout, 0.1-0.2 for small data",
+        )
+    if not config.init_std > 0:
+        raise MinigptError(f"model.init_std must be positive, got {config.init_std}")
+    if config.activation not in ACTIVATIONS:
+        raise MinigptError(
+            f"model.activation must be one of {ACTIVATIONS}, got {config.activation!r}",
+            hint="'gelu_tanh' is GPT-2's (Hugging Face calls it gelu_new); 'gelu' is exact",
+        )
+    if not config.layer_norm_eps > 0:
+        raise MinigptError(
+            f"model.layer_norm_eps must be positive, got {config.layer_norm_eps}",
+            hint="GPT-2 uses 1e-5",
+        )
+
+
+
+def _check_choices(config: GPTConfig) -> None:
+    if config.attention not in ATTENTION_FORMS:
+        raise MinigptError(
+            f"model.attention must be one of {ATTENTION_FORMS}, got {config.attention!r}",
+            hint="use 'fused' unless you are studying the per-head form",
+        )
+    for name, allowed in (("position", POSITIONS), ("norm", NORMS), ("mlp", MLPS)):
+        if getattr(config, name) not in allowed:
+            raise MinigptError(
+                f"model.{name} must be one of {', '.join(allowed)}, got {getattr(config, name)!r}",
+                hint=f"'{allowed[0]}' is GPT-2's; '{allowed[1]}' is the modern option",
+            )
+    if not (_is_finite_number(config.rope_theta) and config.rope_theta > 0):
+        raise MinigptError(
+            f"model.rope_theta must be a positive number, got {config.rope_theta!r}",
+            hint="10000 is the usual base",
+        )
+    if config.position == "rope" and config.d_head % 2:
+        raise MinigptError(
+            f"model.position='rope' needs an even head size, got "
+            f"n_embd / n_head = {config.d_head}",
+            hint="rotary embeddings turn pairs of features: pick n_embd / n_head even",
+        )
+    kv = config.n_kv_head
+    if not isinstance(kv, int) or isinstance(kv, bool) or kv < 0 or kv > config.n_head:
+        raise MinigptError(
+            f"model.n_kv_head must be from 0 (n_head) to n_head={config.n_head}, got {kv!r}",
+            hint="0 gives every query head its own K and V",
+        )
+    if kv and config.n_head % kv:
+        raise MinigptError(
+            f"model.n_head={config.n_head} is not a multiple of model.n_kv_head={kv}",
+            hint="each group of query heads shares one K/V head: pick a divisor of n_head",
+        )
+    if not isinstance(config.qk_norm, bool):
+        raise MinigptError(f"model.qk_norm must be true or false, got {config.qk_norm!r}")
+    if config.mlp == "swiglu" and config.activation != "gelu":
+        raise MinigptError(
+            f"model.activation={config.activation!r} is the gelu MLP's; SwiGLU uses SiLU",
+            hint="leave model.activation out with model.mlp='swiglu'",
+        )
+
+
+def _is_finite_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

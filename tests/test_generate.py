@@ -4,7 +4,6 @@ block_size), batched samples, stop strings, UTF-8-safe streaming, and the CLI.""
 import copy
 import io
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,8 +16,6 @@ from minigpt.errors import MinigptError
 from minigpt.generate import (
     MAX_SEED,
     Sampling,
-    StaticDecoder,
-    StopStrings,
     cache_bytes,
     encode_prompt,
     generate,
@@ -26,7 +23,8 @@ from minigpt.generate import (
     sample_next,
     window_start,
 )
-from minigpt.model import GPT, GPTConfig
+from minigpt.model import GPT
+from minigpt.text import StopStrings
 from minigpt.tokenizer import BPETokenizer, CharTokenizer
 
 HELLO = "hello world\n"
@@ -774,70 +772,6 @@ def test_cli_interactive_json_is_json_lines(hello_run, monkeypatch, minigpt_cli)
     )
     assert code == 0, err
     assert [json.loads(line)["prompt"] for line in out.splitlines()] == ["hello", "hel"]
-
-
-# ------------------------------------------------------ the static decode step (issue 14)
-
-
-@pytest.mark.parametrize("stride", [None, 0, 15])
-@pytest.mark.parametrize("num_samples", [1, 3])
-def test_the_static_decode_step_gives_the_tokens_of_the_eager_one(stride, num_samples):
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
-    prompt = torch.randint(50, (5,)).tolist()
-    settings = dict(num_samples=num_samples, temperature=0, stride=stride)
-    eager = torch.stack(list(generate(model, prompt, 60, **settings)), dim=1)
-    static = torch.stack(list(generate(model, prompt, 60, static_decode=True, **settings)), 1)
-    assert torch.equal(eager, static)  # 60 tokens past a block of 16: crops and re-prefills
-
-
-def test_the_static_decode_step_keeps_its_shapes_and_its_position_on_the_device():
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
-    prefix, steps = torch.randint(50, (2, 5)), torch.randint(50, (3, 2, 1))
-    eager_cache, static_cache = model.new_kv_cache(2), model.new_kv_cache(2)
-    with torch.inference_mode():
-        model(prefix, kv_cache=eager_cache)
-        model(prefix, kv_cache=static_cache)
-        static_cache.start_static()
-        buffers = [k.data_ptr() for k in static_cache.keys]
-        for ids in steps:
-            eager, _ = model(ids, kv_cache=eager_cache, last_only=True)  # (2, 1, 50)
-            static = model.decode_step(ids, static_cache)  # (2, 50)
-            torch.testing.assert_close(static, eager[:, -1], atol=1e-5, rtol=1e-5)
-    assert static_cache.position.item() == 8 and static_cache.pos == 5  # pos: the caller's
-    assert [k.data_ptr() for k in static_cache.keys] == buffers  # written in place, never moved
-
-
-def test_the_static_decode_step_is_refused_where_it_cannot_run():
-    with pytest.raises(MinigptError, match="writes into the KV cache, which is turned off"):
-        Sampling(static_decode=True, use_kv_cache=False)
-    config = GPTConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=32)
-    wrapper = GPT(replace(config, attention="wrapper")).eval()
-    cache = wrapper.new_kv_cache(1)
-    cache.start_static()
-    with pytest.raises(MinigptError, match="needs the fused attention"):
-        wrapper.decode_step(torch.tensor([[1]]), cache)
-
-
-def test_the_decoder_s_warm_up_leaves_the_cache_as_it_was():
-    # On CUDA the step is warmed up before its capture, in the middle of a generation:
-    # what the warm-up writes must never reach a token (run here on the CPU).
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)).eval()
-    prefix, steps = torch.randint(50, (2, 5)), torch.randint(50, (4, 2, 1))
-    eager_cache, static_cache = model.new_kv_cache(2), model.new_kv_cache(2)
-    with torch.inference_mode():
-        model(prefix, kv_cache=eager_cache)
-        model(prefix, kv_cache=static_cache)
-        static_cache.start_static()
-        decoder = StaticDecoder(model, static_cache)
-        for ids in steps:
-            decoder.ids.copy_(torch.randint(50, (2, 1)))  # what a warm-up may be fed
-            decoder.warm_up()
-            eager, _ = model(ids, kv_cache=eager_cache, last_only=True)
-            torch.testing.assert_close(decoder(ids), eager[:, -1], atol=1e-5, rtol=1e-5)
-    assert static_cache.pos == eager_cache.pos == 9 and static_cache.position.item() == 9
 
 
 READ_AHEAD_SETTINGS = [

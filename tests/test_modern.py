@@ -12,17 +12,13 @@ import torch
 from test_train import TEXT, TINY, losses
 
 from minigpt import train as trainer
-from minigpt.attention import (
-    MultiHeadAttention,
-    MultiHeadAttentionWrapper,
-    apply_rope,
-    rope_angles,
-)
+from minigpt.attention import MultiHeadAttention, MultiHeadAttentionWrapper
 from minigpt.checkpoint import load_run
 from minigpt.config import load_config, resume_config
 from minigpt.errors import MinigptError
 from minigpt.generate import cache_bytes, generate
 from minigpt.hf import hf_config_from_gpt
+from minigpt.layers import apply_rope, rope_angles
 from minigpt.model import GPT, GPTConfig
 
 # Each option alone on top of GPT-2's block, then all of them at once.

@@ -1,0 +1,70 @@
+"""The static-shape decode step: the eager step's tokens, in shapes and memory that
+never change (what a CUDA graph needs), here run on the CPU."""
+
+import pytest
+import torch
+
+from minigpt.errors import MinigptError
+from minigpt.fast_decode import StaticDecoder, StaticKVCache
+from minigpt.generate import Sampling, generate
+from minigpt.model import GPT, GPTConfig
+
+
+def small_gpt(**overrides) -> GPT:
+    torch.manual_seed(0)
+    config = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    return GPT(GPTConfig(**{**config, **overrides})).eval()
+
+
+@pytest.mark.parametrize("attention", ["fused", "wrapper"])
+@pytest.mark.parametrize("stride", [None, 0, 15])
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_the_static_decode_step_gives_the_tokens_of_the_eager_one(attention, stride, num_samples):
+    model = small_gpt(attention=attention)
+    prompt = torch.randint(50, (5,)).tolist()
+    settings = dict(num_samples=num_samples, temperature=0, stride=stride)
+    eager = torch.stack(list(generate(model, prompt, 60, **settings)), dim=1)
+    static = torch.stack(list(generate(model, prompt, 60, static_decode=True, **settings)), 1)
+    assert torch.equal(eager, static)  # 60 tokens past a block of 16: crops and re-prefills
+
+
+def test_the_static_decode_step_keeps_its_shapes_and_its_position_on_the_device():
+    model = small_gpt()
+    prefix, steps = torch.randint(50, (2, 5)), torch.randint(50, (3, 2, 1))
+    eager_cache, static_cache = model.new_kv_cache(2), model.new_kv_cache(2)
+    with torch.inference_mode():
+        model(prefix, kv_cache=eager_cache)
+        model(prefix, kv_cache=static_cache)
+        static = StaticKVCache(static_cache)
+        buffers = [k.data_ptr() for k in static_cache.keys]
+        for ids in steps:
+            eager, _ = model(ids, kv_cache=eager_cache, last_only=True)  # (2, 1, 50)
+            logits, _ = model(ids, kv_cache=static, last_only=True)  # (2, 1, 50)
+            torch.testing.assert_close(logits, eager, atol=1e-5, rtol=1e-5)
+            assert static.attn_mask(1).shape == (1, 16)  # every slot, every step
+    assert static.position.item() == 8 and static_cache.pos == 5  # pos: the caller's
+    assert [k.data_ptr() for k in static_cache.keys] == buffers  # written in place, never moved
+
+
+def test_the_static_decode_step_is_refused_without_a_kv_cache():
+    with pytest.raises(MinigptError, match="writes into the KV cache, which is turned off"):
+        Sampling(static_decode=True, use_kv_cache=False)
+
+
+def test_the_decoder_s_warm_up_leaves_the_cache_as_it_was():
+    # On CUDA the step is warmed up before its capture, in the middle of a generation:
+    # what the warm-up writes must never reach a token (run here on the CPU).
+    model = small_gpt()
+    prefix, steps = torch.randint(50, (2, 5)), torch.randint(50, (4, 2, 1))
+    eager_cache, static_cache = model.new_kv_cache(2), model.new_kv_cache(2)
+    with torch.inference_mode():
+        model(prefix, kv_cache=eager_cache)
+        model(prefix, kv_cache=static_cache)
+        decoder = StaticDecoder(model, static_cache)
+        for ids in steps:
+            decoder.ids.copy_(torch.randint(50, (2, 1)))  # what a warm-up may be fed
+            decoder.warm_up()
+            eager, _ = model(ids, kv_cache=eager_cache, last_only=True)
+            torch.testing.assert_close(decoder(ids), eager[:, -1], atol=1e-5, rtol=1e-5)
+    assert static_cache.pos == eager_cache.pos == 9
+    assert decoder.static_cache.position.item() == 9
