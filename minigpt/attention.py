@@ -93,8 +93,8 @@ class CausalAttention(nn.Module):
         return (context, weights) if need_weights else context
 
 
-class MultiHeadAttentionWrapper(nn.Module):
-    """The textbook multi-head attention: n_head `CausalAttention` heads, concat, W^O.
+class _MultiHead(nn.Module):
+    """The shape and the options both multi-head forms share.
 
     d_in, d_out: widths of X and Out; each head is d_head = d_out / n_head wide.
     context_length: the most positions attended over (the size of M).
@@ -106,10 +106,6 @@ class MultiHeadAttentionWrapper(nn.Module):
         with False because it checks its input once for all of them.
     n_kv_head: heads of K and V (None: n_head); n_head must be a multiple of it.
     qk_norm: RMSNorm (eps norm_eps) of every head's Q and K before the scores.
-
-    Its state dict uses the fused layout of `MultiHeadAttention` (`qkv.weight` holds
-    every head's W^Q, then W^K, then W^V, stacked by rows), so a checkpoint written
-    by either form loads into the other.
     """
 
     def __init__(
@@ -137,6 +133,20 @@ class MultiHeadAttentionWrapper(nn.Module):
         self.causal, self.qkv_bias, self.out_bias = causal, qkv_bias, out_bias
         self.dropout, self.layer_idx, self.check_inputs = dropout, layer_idx, check_inputs
         self.qk_norm, self.norm_eps = qk_norm, norm_eps
+
+
+class MultiHeadAttentionWrapper(_MultiHead):
+    """The textbook multi-head attention: n_head `CausalAttention` heads, concat, W^O.
+    The options are `_MultiHead`'s.
+
+    Its state dict uses the fused layout of `MultiHeadAttention` (`qkv.weight` holds
+    every head's W^Q, then W^K, then W^V, stacked by rows), so a checkpoint written
+    by either form loads into the other.
+    """
+
+    def __init__(self, d_in: int, d_out: int, context_length: int, n_head: int, **options):
+        super().__init__(d_in, d_out, context_length, n_head, **options)
+        d_head = self.d_head
         heads: list[CausalAttention] = []
         for h in range(n_head):
             # grouped-query attention: the first head of each group owns W^K and W^V,
@@ -145,26 +155,23 @@ class MultiHeadAttentionWrapper(nn.Module):
             heads.append(
                 CausalAttention(
                     d_in, d_head, context_length,
-                    causal=causal, qkv_bias=qkv_bias, dropout=dropout, kv_from=leader,
+                    causal=self.causal, qkv_bias=self.qkv_bias, dropout=self.dropout,
+                    kv_from=leader,
                 )  # fmt: skip
             )
         self.heads = nn.ModuleList(heads)
-        self.out_proj = nn.Linear(n_head * d_head, d_out, bias=out_bias)  # W^O
-        self.resid_dropout = nn.Dropout(dropout)
+        self.out_proj = nn.Linear(n_head * d_head, d_out, bias=self.out_bias)  # W^O
+        self.resid_dropout = nn.Dropout(self.dropout)
         # one gain per feature of a head, shared by every head (as Qwen3)
-        self.q_norm = RMSNorm(d_head, norm_eps) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(d_head, norm_eps) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(d_head, self.norm_eps) if self.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(d_head, self.norm_eps) if self.qk_norm else nn.Identity()
         self.register_state_dict_post_hook(_wrapper_to_fused_layout)
         self.register_load_state_dict_pre_hook(_fused_to_wrapper_layout)
 
     def forward(
-        self,
-        x: Tensor,
-        rope: Rope | None = None,
-        kv_cache: KVCache | None = None,
-        gate: Tensor | None = None,
-        need_weights: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+        self, x: Tensor, rope: Rope | None = None, kv_cache: KVCache | None = None,
+        gate: Tensor | None = None, need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         """X (B, T, d_in) -> (Out (B, T, d_out), A (B, H, T, T_k) or None); the
         arguments are those of `MultiHeadAttention.forward`."""
         if self.check_inputs:
@@ -205,60 +212,34 @@ class MultiHeadAttentionWrapper(nn.Module):
         return self.resid_dropout(self.out_proj(out)), weights  # W^O
 
 
-class MultiHeadAttention(nn.Module):
+class MultiHeadAttention(_MultiHead):
     """Multi-head causal attention with one fused QKV projection.
 
     `qkv` computes [Q | K | V] for all heads in one matmul (B, T, 3 * d_out); a
     view/transpose splits each into (B, H, T, d_head). The fast path is
     `F.scaled_dot_product_attention`; when the caller asks for the attention
     weights A (B, H, T, T_k) the explicit path (`explicit_attention`) runs instead
-    and returns them. The arguments are those of `MultiHeadAttentionWrapper`.
+    and returns them. The options are `_MultiHead`'s.
     """
 
-    def __init__(
-        self,
-        d_in: int,
-        d_out: int,
-        context_length: int,
-        n_head: int,
-        *,
-        causal: bool = True,
-        qkv_bias: bool = False,
-        out_bias: bool = True,
-        dropout: float = 0.0,
-        layer_idx: int = 0,
-        check_inputs: bool = True,
-        n_kv_head: int | None = None,
-        qk_norm: bool = False,
-        norm_eps: float = 1e-5,
-    ):
-        super().__init__()
-        d_head, n_kv_head = _head_sizes(d_out, n_head, n_kv_head)
-        self.d_in, self.d_out, self.n_head, self.d_head = d_in, d_out, n_head, d_head
-        self.n_kv_head, self.group = n_kv_head, n_head // n_kv_head
-        self.d_kv = n_kv_head * d_head
-        self.context_length = context_length
-        self.causal, self.qkv_bias, self.out_bias = causal, qkv_bias, out_bias
-        self.dropout, self.layer_idx, self.check_inputs = dropout, layer_idx, check_inputs
-        self.qk_norm, self.norm_eps = qk_norm, norm_eps
+    def __init__(self, d_in: int, d_out: int, context_length: int, n_head: int, **options):
+        super().__init__(d_in, d_out, context_length, n_head, **options)
+        d_head = self.d_head
+        self.d_kv = self.n_kv_head * d_head
         # [W^Q | W^K | W^V] of all heads, one ((n_head + 2 n_kv_head) d_head, d_in) matrix.
         # W^Q, W^K, W^V first, then W^O: the order parameters are made in decides the
         # seeded init and the order of the optimizer's state, which saved runs rely on.
-        self.qkv = nn.Linear(d_in, d_out + 2 * self.d_kv, bias=qkv_bias)
-        self.attn_dropout = nn.Dropout(dropout)
-        self.out_proj = nn.Linear(d_out, d_out, bias=out_bias)  # W^O
-        self.resid_dropout = nn.Dropout(dropout)
-        self.q_norm = RMSNorm(d_head, norm_eps) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(d_head, norm_eps) if qk_norm else nn.Identity()
+        self.qkv = nn.Linear(d_in, d_out + 2 * self.d_kv, bias=self.qkv_bias)
+        self.attn_dropout = nn.Dropout(self.dropout)
+        self.out_proj = nn.Linear(d_out, d_out, bias=self.out_bias)  # W^O
+        self.resid_dropout = nn.Dropout(self.dropout)
+        self.q_norm = RMSNorm(d_head, self.norm_eps) if self.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(d_head, self.norm_eps) if self.qk_norm else nn.Identity()
 
     def forward(
-        self,
-        x: Tensor,
-        rope: Rope | None = None,
-        kv_cache: KVCache | None = None,
-        gate: Tensor | None = None,
-        need_weights: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+        self, x: Tensor, rope: Rope | None = None, kv_cache: KVCache | None = None,
+        gate: Tensor | None = None, need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         """X (B, T, d_in) -> (Out (B, T, d_out), A (B, H, T, T_k) or None).
 
         rope: cos and sin of X's positions, each (T, d_head / 2): turn Q and K by them.

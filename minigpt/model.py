@@ -193,13 +193,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
 
     def forward(
-        self,
-        x: Tensor,
-        rope: Rope | None = None,
-        kv_cache: KVCache | None = None,
-        gate: Tensor | None = None,
-        need_weights: bool = False,
-    ) -> tuple[Tensor, Tensor | None]:
+        self, x: Tensor, rope: Rope | None = None, kv_cache: KVCache | None = None,
+        gate: Tensor | None = None, need_weights: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
         """x (B, T, n_embd) -> (x (B, T, n_embd), A (B, H, T, T_k) or None); the
         arguments are the attention's (`MultiHeadAttention.forward`)."""
         attn_out, weights = self.attn(self.ln_attn(x), rope, kv_cache, gate, need_weights)
