@@ -175,7 +175,7 @@ def _with_settings(sampling: Sampling | None, settings: dict[str, Any]) -> Sampl
 
 
 def default_stride(block_size: int) -> int:
-    """Free cache slots after a crop: a quarter of the context (nanoGPT-sized models: 64)."""
+    """Free cache slots after a crop: a quarter of the context."""
     return block_size // 4
 
 
@@ -199,9 +199,9 @@ def new_seed() -> int:
 def sampling_dtype(name: str) -> torch.dtype:
     """The dtype of the weights while sampling: 'float32', 'bfloat16', or 'auto'.
 
-    'auto' is float32 on every device for now. On a GPU at batch 1 bf16 was measured
-    at half fp32's speed with the eager step (issue 14); auto turns to bf16 there once
-    bench/gpu.py shows the captured step in bf16 at least as fast as in fp32.
+    'auto' is float32 on every device: at batch 1 a decode step is bound by kernel
+    launches, not memory, so halving the weights' bytes does not make it faster (see
+    docs/benchmarks.md for the GPU figures, and bench/gpu.py to measure them).
     """
     if name not in DTYPES:
         raise MinigptError(
@@ -669,12 +669,16 @@ def generate_text(
         seconds=seconds,
         first_token_seconds=first_token_seconds,
         cropped_prompt_tokens=cropped,
-        settings={
-            **sampling.to_json(block_size),
-            "device": str(model.device),
-            "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
-            "kv_cache_bytes": cache_bytes(model, sampling.num_samples)
-            if sampling.use_kv_cache
-            else 0,
-        },
+        settings=_settings_json(model, sampling),
     )
+
+
+def _settings_json(model: GPT, sampling: Sampling) -> dict:
+    """What a generation ran with, as its JSON result reports it."""
+    cache = cache_bytes(model, sampling.num_samples) if sampling.use_kv_cache else 0
+    return {
+        **sampling.to_json(model.config.block_size),
+        "device": str(model.device),
+        "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
+        "kv_cache_bytes": cache,
+    }
