@@ -84,8 +84,9 @@ from minigpt.checkpoint import METRICS_FILE, read_metrics
 from minigpt.config import load_config
 from minigpt.generate import StaticDecoder, generate
 from minigpt.model import GPT, GPTConfig
+from minigpt.optim import make_optimizer
 from minigpt.tokenizer import CharTokenizer
-from minigpt.train import TrainData, make_optimizer, train
+from minigpt.train import TrainData, train
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results" / "gpu.json"
