@@ -85,8 +85,9 @@ from minigpt.config import load_config
 from minigpt.fast_decode import StaticDecoder
 from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
+from minigpt.optim import make_optimizer
 from minigpt.tokenizer import CharTokenizer
-from minigpt.train import TrainData, make_optimizer, train
+from minigpt.train import TrainData, train
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results" / "gpu.json"

@@ -51,7 +51,7 @@ import torch  # noqa: E402
 
 from minigpt.checkpoint import read_metrics  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
-from minigpt.train import make_optimizer  # noqa: E402
+from minigpt.optim import make_optimizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"

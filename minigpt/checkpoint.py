@@ -259,6 +259,20 @@ class TrainerCheckpoint:
     """Each batch stream's `Batcher.state_dict()`, in stream order over all processes."""
 
 
+def rng_state(device: torch.device) -> dict:
+    """torch's RNG state (and the GPU's, on CUDA): what trainer.pt keeps of each process."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device).cpu()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def save_trainer_state(run_dir: str | Path, checkpoint: TrainerCheckpoint) -> None:
     """trainer.pt (everything resume needs), then model-last.safetensors (its weights)."""
     run_dir = Path(run_dir)
@@ -438,6 +452,40 @@ def clear_run(out_dir: str | Path) -> None:
             (Path(out_dir) / name).unlink(missing_ok=True)
         except OSError as err:
             raise os_error(err, "remove", Path(out_dir) / name) from err
+
+
+@contextlib.contextmanager
+def cleared_on_failure(out_dir: Path, fresh: bool) -> Iterator[None]:
+    """A fresh run whose first files cannot all be written (a full disk) leaves none:
+    a run directory without weights would pass for a run and load as nothing."""
+    try:
+        yield
+    except BaseException:
+        if fresh:
+            clear_run(out_dir)
+        raise
+
+
+def start_run(
+    out_dir: Path,
+    model: GPT,
+    tokenizer: Tokenizer,
+    sections: dict,
+    *,
+    resume: bool,
+    force: bool,
+    step: int,
+) -> None:
+    """A fresh run writes config.json (with `sections`), tokenizer.json and its initial
+    weights; a resumed one records its new `sections` and drops the metrics logged
+    after `step`."""
+    if resume:
+        truncate_metrics(out_dir, step)
+        update_config(out_dir, sections)
+        return
+    if force:
+        clear_run(out_dir)
+    write_run_files(out_dir, model, tokenizer, sections)
 
 
 # --------------------------------------------------------------------------- the run lock

@@ -17,7 +17,8 @@ import typer
 
 from minigpt import console
 from minigpt.device import choose_wait_policy
-from minigpt.errors import MinigptError, Terminated, os_error
+from minigpt.errors import MinigptError, os_error
+from minigpt.signals import Stopped, exit_quietly, raising
 
 # The modules that load torch are imported inside the commands that need them, so
 # `minigpt --help` and usage errors answer at once instead of after torch loads.
@@ -101,7 +102,12 @@ def train(
     flags.update(seed=seed, compile=compile, init_from=init_from)
     run_config = build_config(config, sets, resume=resume, **flags)
     result = trainer.train(
-        run_config, resume=resume is not None, force=force, progress=True, log=console.say
+        run_config,
+        resume=resume is not None,
+        force=force,
+        progress=True,
+        log=console.say,
+        step_bar=console.StepBar,
     )
     if result.signal:
         console.note(console.resume_hint(result))
@@ -171,7 +177,7 @@ def generate(
     """Sample text from a trained run with the KV cache."""
     choose_wait_policy(threads)  # before torch loads (see device.py)
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
-    from minigpt.config import resolve_device
+    from minigpt.device import resolve_device
     from minigpt.generate import Sampling, generate_text, sampling_dtype, set_threads
 
     sampling = Sampling(
@@ -265,12 +271,10 @@ def inspect_heads(
     local: mean attention distance <= 2.0 tokens; mixed: anything else.
     """
     choose_wait_policy()  # before torch loads (see device.py)
-    from rich.console import Console
-
     from minigpt import heads, render
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
-    from minigpt.config import resolve_device
     from minigpt.corpus import read_prompts
+    from minigpt.device import resolve_device
 
     writers = [
         (render.save_html, html, "html_file"),
@@ -288,11 +292,7 @@ def inspect_heads(
     inspection = heads.inspect_run(run, prompts=prompts, repeated=repeated, importance=importance)
     for note in inspection.notes:
         console.warn(note)
-    terminal = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    render.print_table(terminal, inspection)
-    if layer is not None:
-        for h in [head] if head is not None else range(inspection.n_head):
-            render.print_heatmap(terminal, inspection, layer, h)
+    console.print_inspection(inspection, layer, head)
     for save, path in outputs:
         save(path, inspection)
         console.note(f"wrote {path}")
@@ -339,7 +339,7 @@ def prepare(
         workers=workers,
         bpe_sample_chars=bpe_sample_chars,
     )
-    print(data.describe_prepared(prepared))
+    console.say(data.describe_prepared(prepared))
 
 
 @app.command("eval")
@@ -366,7 +366,7 @@ def eval_(
     choose_wait_policy()  # before torch loads (see device.py)
     from minigpt import evaluate
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
-    from minigpt.config import resolve_device
+    from minigpt.device import resolve_device
 
     run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
     # the window bar only where someone watches it: not in a log or a pipe
@@ -376,7 +376,7 @@ def eval_(
     if as_json:
         console.print_json(result.to_dict())
     else:
-        print(evaluate.describe(result))
+        console.say(evaluate.describe(result))
 
 
 @app.command("import")
@@ -391,8 +391,7 @@ def import_(
     from minigpt import hf
 
     loaded = hf.import_checkpoint(source, Path(out), force=force)
-    print(f"imported {source}: {loaded.config.describe()}, {loaded.tokenizer.describe()} tokenizer")
-    print(f"  in {out}  (try: minigpt generate {out} --prompt 'Hello')")
+    console.imported(source, out, loaded)
 
 
 @app.command()
@@ -405,29 +404,7 @@ def export(
     from minigpt import hf
 
     exported = hf.export_run(Path(run_dir), Path(out), force=force)
-    print(f"wrote {', '.join(exported.files)} to {out}")
-    if exported.tokenizer_note:
-        console.warn(exported.tokenizer_note)
-    print(f"  load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
-
-
-class _Interrupted(BaseException):
-    """Ctrl-C, raised by our own SIGINT handler: typer and click would each turn a
-    KeyboardInterrupt into their own exit (1 with "Aborted!", or a silent 130)."""
-
-
-def _on_sigint(signum, frame) -> None:
-    raise _Interrupted()
-
-
-def _exit_on_signal(word: str, code: int) -> None:
-    """Say why, and exit with the shell's code for the signal. The signal raised wherever
-    Python was, possibly inside a library's constructor (a tqdm bar half built): that
-    object's finalizer then fails as the process ends, and Python would print its
-    traceback. The user asked us to stop; such noise from the way out is not theirs."""
-    console.note(word)
-    sys.unraisablehook = lambda unraisable: None
-    sys.exit(code)
+    console.exported(out, exported)
 
 
 def main() -> None:
@@ -436,20 +413,17 @@ def main() -> None:
     typer handles its own usage errors (unknown option, bad value) with exit code 2.
     A machine that refuses a read or a write (a full disk, a permission) is reported
     the way bad input is: it is a fact about the machine, not a bug. Ctrl-C prints
-    "interrupted" and exits with 130, as shells expect.
+    "interrupted" and exits with 130, as shells expect (see signals.py).
     """
-    previous = signal.signal(signal.SIGINT, _on_sigint)
-    try:
-        app()
-    except _Interrupted:
-        _exit_on_signal("interrupted", 130)
-    except Terminated:
-        _exit_on_signal("terminated", 143)
-    except MinigptError as err:
-        console.print_error(err, OPTION_NAMES)
-        sys.exit(2)
-    except OSError as err:
-        console.print_error(os_error(err), OPTION_NAMES)
-        sys.exit(2)
-    finally:
-        signal.signal(signal.SIGINT, previous)  # main may be called in-process (tests)
+    with raising(signal.SIGINT):
+        try:
+            app()
+        except Stopped as stop:
+            console.stopped(stop)
+            exit_quietly(stop.exit_code)
+        except MinigptError as err:
+            console.print_error(err, OPTION_NAMES)
+            sys.exit(2)
+        except OSError as err:
+            console.print_error(os_error(err), OPTION_NAMES)
+            sys.exit(2)

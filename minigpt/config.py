@@ -28,15 +28,11 @@ from dataclasses import asdict, dataclass, field, fields
 from functools import cache
 from pathlib import Path
 
-import torch
-
 from minigpt.checkpoint import CONFIG_FILE, read_config
 from minigpt.data import DEFAULT_BPE_SAMPLE_CHARS
+from minigpt.device import DEVICES, DTYPES
 from minigpt.errors import MinigptError
 from minigpt.model import GPTConfig
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -359,86 +355,99 @@ MAX_THREADS = 1024
 
 def validate(config: RunConfig) -> None:
     """Check the values that the dataclasses' types cannot: ranges and choices."""
-    t = config.train
+    _validate_numbers(config.train)
+    _validate_choices(config.train)
+    _validate_data(config.data)
+
+
+def _validate_numbers(train: TrainConfig) -> None:
+    """[train]'s numbers: finite, and in their ranges."""
     for f in fields(TrainConfig):
-        value = getattr(t, f.name)
+        value = getattr(train, f.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise MinigptError(
                 f"train.{f.name} must be a finite number, got {value!r}",
                 hint=f"train.{f.name}: {field_docs(TrainConfig).get(f.name, '')}".rstrip(": "),
             )
-    if not 0 <= t.seed <= MAX_SEED:
+    if not 0 <= train.seed <= MAX_SEED:
         raise MinigptError(
-            f"train.seed must be from 0 to 2**63 - 1, got {t.seed}", hint="e.g. 1337"
+            f"train.seed must be from 0 to 2**63 - 1, got {train.seed}", hint="e.g. 1337"
         )
-    if t.threads > MAX_THREADS:
-        raise MinigptError(f"train.threads must be at most {MAX_THREADS}, got {t.threads}")
+    if train.threads > MAX_THREADS:
+        raise MinigptError(f"train.threads must be at most {MAX_THREADS}, got {train.threads}")
     for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters"):
-        _positive(f"train.{name}", getattr(t, name))
-    _positive("train.log_interval", t.log_interval)
-    _positive("train.lr", t.lr, hint="typical values are 1e-4 to 3e-3")
+        _positive(f"train.{name}", getattr(train, name))
+    _positive("train.log_interval", train.log_interval)
+    _positive("train.lr", train.lr, hint="typical values are 1e-4 to 3e-3")
     for name in ("tokens_per_step", "max_time", "warmup_iters", "lr_decay_iters", "threads",
                  "loss_chunk"):  # fmt: skip
-        if getattr(t, name) < 0:
-            raise MinigptError(f"train.{name} must not be negative, got {getattr(t, name)!r}")
+        if getattr(train, name) < 0:
+            raise MinigptError(f"train.{name} must not be negative, got {getattr(train, name)!r}")
     for name in ("min_lr", "weight_decay", "grad_clip"):
-        if getattr(t, name) < 0:
-            raise MinigptError(f"train.{name} must not be negative, got {getattr(t, name)!r}")
-    if t.min_lr > t.lr:
+        if getattr(train, name) < 0:
+            raise MinigptError(f"train.{name} must not be negative, got {getattr(train, name)!r}")
+    if train.min_lr > train.lr:
         raise MinigptError(
-            f"train.min_lr={t.min_lr} is larger than train.lr={t.lr}",
+            f"train.min_lr={train.min_lr} is larger than train.lr={train.lr}",
             hint="min_lr is where the cosine decay ends; make it lr/10 or so",
         )
     for name in ("beta1", "beta2"):
-        if not 0.0 <= getattr(t, name) < 1.0:
-            raise MinigptError(f"train.{name} must be in [0, 1), got {getattr(t, name)!r}")
-    if t.device not in DEVICES and not re.fullmatch(r"cuda:\d+", t.device):
+        if not 0.0 <= getattr(train, name) < 1.0:
+            raise MinigptError(f"train.{name} must be in [0, 1), got {getattr(train, name)!r}")
+
+
+def _validate_choices(train: TrainConfig) -> None:
+    """[train]'s named choices (device, dtype), and the settings that need another."""
+    if train.device not in DEVICES and not re.fullmatch(r"cuda:\d+", train.device):
         raise MinigptError(
-            f"train.device must be one of {', '.join(DEVICES)} or cuda:N, got {t.device!r}",
+            f"train.device must be one of {', '.join(DEVICES)} or cuda:N, got {train.device!r}",
             hint="use 'auto' to pick cuda, then mps, then cpu",
         )
-    if t.dtype not in DTYPES:
+    if train.dtype not in DTYPES:
         raise MinigptError(
-            f"train.dtype must be one of {', '.join(DTYPES)}, got {t.dtype!r}",
+            f"train.dtype must be one of {', '.join(DTYPES)}, got {train.dtype!r}",
             hint="'auto' uses bfloat16 autocast where the device supports it",
         )
-    if t.decay_by_time and t.max_time <= 0:
+    if train.decay_by_time and train.max_time <= 0:
         raise MinigptError(
             "train.decay_by_time needs train.max_time", hint="set train.max_time to the seconds"
         )
-    if not t.out_dir.strip():
+    if not train.out_dir.strip():
         raise MinigptError("train.out_dir must not be empty", hint="e.g. checkpoints/my-run")
-    d = config.data
-    if not d.source.strip():
+
+
+def _validate_data(data: DataConfig) -> None:
+    """[data]'s settings: named, and in their ranges."""
+    if not data.source.strip():
         raise MinigptError("data.source must not be empty", hint="e.g. pystdlib or a path")
-    if d.vocab_size < 0:
-        raise MinigptError(f"data.vocab_size must not be negative, got {d.vocab_size}")
-    if d.workers < 0:
+    if data.vocab_size < 0:
+        raise MinigptError(f"data.vocab_size must not be negative, got {data.vocab_size}")
+    if data.workers < 0:
         raise MinigptError(
-            f"data.workers must not be negative, got {d.workers}", hint="0 uses every core"
+            f"data.workers must not be negative, got {data.workers}", hint="0 uses every core"
         )
-    if d.bpe_sample_chars < 1:
+    if data.bpe_sample_chars < 1:
         raise MinigptError(
-            f"data.bpe_sample_chars must be at least 1, got {d.bpe_sample_chars}",
+            f"data.bpe_sample_chars must be at least 1, got {data.bpe_sample_chars}",
             hint=f"the default is {DEFAULT_BPE_SAMPLE_CHARS}",
         )
-    if not d.text_field.strip():
+    if not data.text_field.strip():
         raise MinigptError("data.text_field must not be empty", hint="e.g. text")
 
 
 def micro_steps(config: RunConfig, world_size: int = 1) -> int:
     """Micro-batches each process runs per optimizer step (gradient accumulation)."""
-    t = config.train
-    total = t.grad_accum
-    if t.tokens_per_step:
-        per_micro = t.batch_size * config.model.block_size
-        if t.tokens_per_step % (per_micro * world_size) != 0:
+    train = config.train
+    total = train.grad_accum
+    if train.tokens_per_step:
+        per_micro = train.batch_size * config.model.block_size
+        if train.tokens_per_step % (per_micro * world_size) != 0:
             raise MinigptError(
-                f"train.tokens_per_step={t.tokens_per_step} is not a multiple of "
+                f"train.tokens_per_step={train.tokens_per_step} is not a multiple of "
                 f"batch_size * block_size * processes = {per_micro * world_size}",
                 hint=f"use a multiple of {per_micro * world_size}",
             )
-        total = t.tokens_per_step // per_micro
+        total = train.tokens_per_step // per_micro
     if total > MAX_MICRO_STEPS:
         raise MinigptError(
             f"{total:,} micro-batches per optimizer step is more than {MAX_MICRO_STEPS:,}",
@@ -450,35 +459,6 @@ def micro_steps(config: RunConfig, world_size: int = 1) -> int:
             hint="make train.grad_accum a multiple of the number of processes",
         )
     return total // world_size
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """'auto' -> cuda, then mps, then cpu; anything else must exist on this machine."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise MinigptError(
-            f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps"
-        ) from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise MinigptError(
-            "device cuda was asked for but no CUDA GPU is available",
-            hint="use device cpu (or auto)",
-            param="device",
-        )
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise MinigptError(
-            "device mps was asked for but MPS is not available",
-            hint="use device cpu (or auto)",
-            param="device",
-        )
-    return device
 
 
 # --------------------------------------------------------------------------- what `train` runs

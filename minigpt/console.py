@@ -1,6 +1,7 @@
-"""What the command line prints: errors, warnings and notes, the trainer's lines and
-summary, samples as they stream, the stats line after generating, and the
-interactive prompt loop.
+"""What the command line prints: errors, warnings and notes, the trainer's step bar
+and summary, samples as they stream, the stats line after generating, the
+interactive prompt loop, the head inspector's tables, and the word a signal exits
+with.
 
 stdout carries only what the user asked for (the text, or one JSON object), so it
 can be piped; errors, warnings and numbers go to stderr. This module loads neither
@@ -18,8 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minigpt.errors import MinigptError
+from minigpt.signals import Interrupted
 
 if TYPE_CHECKING:
+    from minigpt.config import TrainConfig
+    from minigpt.heads import Inspection
+    from minigpt.hf import Export, Pretrained
+    from minigpt.signals import Stopped
     from minigpt.text import GenerationResult
     from minigpt.train import TrainResult
 
@@ -46,8 +52,13 @@ def print_error(err: MinigptError, names: dict[str, str], with_hint: bool = True
 
 
 def say(message: str) -> None:
-    """One line on stdout, at once (the trainer's progress lines)."""
+    """One line on stdout, at once (the trainer's lines, a command's result)."""
     print(message, flush=True)
+
+
+def stopped(stop: Stopped) -> None:
+    """The one word a command says when a signal stops it."""
+    note("interrupted" if isinstance(stop, Interrupted) else "terminated")
 
 
 def print_json(data: dict) -> None:
@@ -164,3 +175,65 @@ def resume_hint(result: TrainResult) -> str:
         f"{name}: stopped at step {result.step}, last state saved; "
         f"resume with: minigpt train --resume {result.run_dir}"
     )
+
+
+class StepBar:
+    """The trainer's step bar on stderr (loss, lr, tokens/s, time left); the trainer's
+    lines are printed above it while it runs. Made by `train.train` (its `step_bar`)."""
+
+    def __init__(self, train_config: TrainConfig, first_step: int):
+        from tqdm.auto import tqdm  # here: the command line starts without it
+
+        from minigpt.train import clock_text
+
+        self.max_time, self.clock_text = train_config.max_time, clock_text
+        self.bar = tqdm(
+            total=train_config.max_iters,
+            initial=first_step,
+            unit="step",
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
+        )
+
+    def advance(self, loss: float, lr: float, tokens_per_s: float, elapsed: float) -> None:
+        self.bar.update(1)
+        left = max(0.0, self.max_time - elapsed)
+        left_text = f", {self.clock_text(left)} left" if self.max_time else ""
+        self.bar.set_postfix_str(
+            f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s / 1000:.1f}k tok/s{left_text}",
+            refresh=False,
+        )
+
+    def write(self, message: str) -> None:
+        self.bar.write(message)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def print_inspection(inspection: Inspection, layer: int | None, head: int | None) -> None:
+    """inspect-heads' table of every head, then layer `layer`'s heatmaps (all of its
+    heads, or only `head`), on stdout; wide enough for the table in a pipe or a log."""
+    from rich.console import Console
+
+    from minigpt import render
+
+    terminal = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    render.print_table(terminal, inspection)
+    if layer is not None:
+        for each in [head] if head is not None else range(inspection.n_head):
+            render.print_heatmap(terminal, inspection, layer, each)
+
+
+def imported(source: str, out: str, loaded: Pretrained) -> None:
+    """What `minigpt import` prints."""
+    print(f"imported {source}: {loaded.config.describe()}, {loaded.tokenizer.describe()} tokenizer")
+    print(f"  in {out}  (try: minigpt generate {out} --prompt 'Hello')")
+
+
+def exported(out: str, export: Export) -> None:
+    """What `minigpt export` prints (the tokenizer's note as a warning)."""
+    print(f"wrote {', '.join(export.files)} to {out}")
+    if export.tokenizer_note:
+        warn(export.tokenizer_note)
+    print(f"  load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")

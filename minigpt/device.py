@@ -1,31 +1,21 @@
-"""The machine a command runs on: its memory, its cores, and how torch's threads use them.
+"""The machine a command runs on: which device and dtype it computes in, whether what
+it is about to allocate fits in memory, and how torch's CPU threads use the cores.
 
 This module never imports torch at load time: the OpenMP wait policy below must be
 set before torch starts, so the command line imports it first.
 
-How torch's OpenMP threads wait between parallel ops, chosen before torch loads.
-
+How torch's OpenMP threads wait between parallel ops is chosen before torch loads.
 Between two parallel ops OpenMP's worker threads either spin (its default: ready at
-once, but each holds a core) or sleep (OMP_WAIT_POLICY=PASSIVE: waking costs tens of
-microseconds, paid by every op). Which is faster depends on whether the cores are
-free. Measured on a 2-core Xeon, three runs of each, fresh processes:
-
-    training steps of nanoGPT's CPU model (4L/4H/128, batch 12 x 64), median ms/step
-    CPUs                        spin        sleep
-    idle                        34-47       72-121   sleeping: about 2x slower
-    one other busy process      217-245     83-94    spinning: about 2.6x slower
-    two other busy processes    224-322     153-169  spinning: about 1.7x slower
-
-    `minigpt generate -n 500` of the default model, tokens/s
-    idle                        589-737     129-169  sleeping: about 4x slower
-    one other busy process      157-186     457-672  spinning: about 3x slower
-
-A spinning thread that waits for a sibling the scheduler has put off the core waits
-for a whole time slice. So the commands that run a model (train, generate,
-inspect-heads, eval) look at how idle this process's cores are for a moment before
-torch loads, and let the threads sleep only when they are not. nanoGPT leaves
-OpenMP's default, the idle-CPU column. The choice is made only when OMP_WAIT_POLICY
-is unset: a user's setting always wins.
+once, but each holds a core) or sleep (OMP_WAIT_POLICY=PASSIVE: every op then pays
+for waking them). Which is faster depends on whether the cores are free: on idle
+cores spinning wins by a wide margin, for training steps and for generating alike;
+with other busy processes on the same cores sleeping wins by as much
+(docs/benchmarks.md has the measurements). A spinning thread that waits for a
+sibling the scheduler has put off the core waits for a whole time slice. So the
+commands that run a model (train, generate, inspect-heads, eval) look at how idle
+this process's cores are for a moment before torch loads, and let the threads sleep
+only when they are not. nanoGPT leaves OpenMP's default, the choice for idle cores.
+The choice is made only when OMP_WAIT_POLICY is unset: a user's setting always wins.
 """
 
 from __future__ import annotations
@@ -33,6 +23,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import MutableMapping
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -40,6 +31,85 @@ from minigpt.errors import MinigptError
 
 if TYPE_CHECKING:
     import torch
+
+    from minigpt.model import GPTConfig
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+"""The devices a setting may name (and cuda:N)."""
+DTYPES = ("auto", "float32", "bfloat16")
+"""The dtypes a setting may name."""
+
+
+# --------------------------------------------------------------------------- device and dtype
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; anything else must exist on this machine."""
+    import torch  # here, not at load: see the module docstring
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise MinigptError(
+            f"unknown device {name!r}", hint="use auto, cpu, cuda, cuda:N or mps"
+        ) from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MinigptError(
+            "device cuda was asked for but no CUDA GPU is available",
+            hint="use device cpu (or auto)",
+            param="device",
+        )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise MinigptError(
+            "device mps was asked for but MPS is not available",
+            hint="use device cpu (or auto)",
+            param="device",
+        )
+    return device
+
+
+def process_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The device `name` resolves to; a process of a DDP job (its `local_rank` given)
+    takes cuda:LOCAL_RANK when `name` names no GPU of its own."""
+    import torch
+
+    device = resolve_device(name)
+    if local_rank is not None and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """bfloat16 where it is supported and asked for (auto: CUDA with bf16 only), else None."""
+    import torch
+
+    if dtype == "float32":
+        return None
+    if dtype == "bfloat16":
+        return torch.bfloat16
+    # auto: only probe CUDA when the device is CUDA, so a driverless machine is never touched
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def allow_tf32(dtype: str, device: torch.device) -> None:
+    """Let float32 matmuls on a GPU run on TF32 tensor cores, as nanoGPT does, unless
+    dtype=float32 asks for full precision: what autocast leaves in float32 runs there."""
+    import torch
+
+    if device.type == "cuda" and dtype != "float32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+# --------------------------------------------------------------------------- CPU threads
 
 PROBE_SECONDS = 0.1
 """How long start-up watches the cores (/proc/stat counts in 10 ms ticks): one other
@@ -156,6 +226,9 @@ def _count(value: str | None) -> int:
         return 0
 
 
+# --------------------------------------------------------------------------- memory
+
+
 def device_memory(device: torch.device) -> int | None:
     """Bytes of memory on `device` (a GPU's own; the machine's RAM for cpu and mps),
     or None where it cannot be told."""
@@ -180,6 +253,20 @@ def check_memory(needed: int, device: torch.device, what: str) -> None:
             hint="make the model or the batch smaller (model.n_layer, model.n_embd, "
             "model.vocab_size, model.block_size, train.batch_size)",
         )
+
+
+def check_training_memory(model: GPTConfig, batch_size: int, device: torch.device) -> None:
+    """Refuse a run whose weights, gradients, AdamW moments (16 bytes a parameter) and
+    one micro-batch's activations cannot fit on the device: a lower bound, so a run
+    that fits is never refused."""
+    if not model.vocab_size:  # not known yet: the tokenizer's
+        model = replace(model, vocab_size=1)
+    B, T, C = batch_size, model.block_size, model.n_embd
+    # activations kept for backward: ~14 floats a token per layer (LN, QKV, attention
+    # output, LN, the MLP's 4C twice), plus the logits and their gradient
+    activations = 4 * B * T * (model.n_layer * 14 * C + 2 * model.vocab_size)
+    needed = 16 * model.num_params() + model.module_bytes() + activations
+    check_memory(needed, device, f"training a model of {model.describe()} with batch_size {B:,}")
 
 
 def _bytes_text(n: int) -> str:

@@ -70,10 +70,3 @@ def first_line(err: BaseException, limit: int = 100) -> str:
     about what a library (safetensors, torch, pyarrow) could not read."""
     lines = str(err).strip().splitlines()
     return (lines[0] if lines else type(err).__name__)[:limit]
-
-
-class Terminated(BaseException):
-    """SIGTERM while a trainer sets up (preparing data, building the model): raised by
-    its handler so that the `finally` blocks remove what was half made, and the command
-    line exits with 143, as a process killed by SIGTERM does. A BaseException, like
-    KeyboardInterrupt, so that no `except Exception` swallows it."""

@@ -1,5 +1,5 @@
 """GPT-2 checkpoints in Hugging Face format: import one into a run directory, export
-a run to one, and load one as the start of a fine-tune.
+a run to one, and load one as the start of a fine-tune (finetune.py fits the run to it).
 
 minigpt's GPT is GPT-2's architecture (pre-norm blocks, learned positions, a tied LM
 head), so the conversion is a renaming, with two details:

@@ -1,5 +1,6 @@
-"""The trainer: AdamW, warmup + cosine schedule, gradient accumulation, evaluation,
-checkpoints, exact resume, signals and DistributedDataParallel.
+"""The trainer: gradient accumulation, evaluation, checkpoints and exact resume, on
+one process or many (the optimizer and schedule are in optim.py, the process group
+in distributed.py, how a signal stops a run in signals.py).
 
 Read it in the order it runs: `train` calls `setup` (device, data, model,
 optimizer, the run directory; `restore` for a resumed run), then `fit`, the loop:
@@ -21,215 +22,33 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import signal
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import nn
 
 from minigpt import checkpoint
 from minigpt.batches import Batcher
 from minigpt.checkpoint import BEST_WEIGHTS, TRAINER_STATE, MetricsLog, TrainerCheckpoint
-from minigpt.config import (
-    RunConfig,
-    TrainConfig,
-    config_from_dict,
-    micro_steps,
-    resolve_device,
-)
-from minigpt.data import check_block_size, prepare, prepare_for_resume
-from minigpt.device import check_memory
-from minigpt.errors import MinigptError, Terminated
-from minigpt.hf import Pretrained, load_pretrained
+from minigpt.config import RunConfig, TrainConfig, config_from_dict, micro_steps
+from minigpt.device import allow_tf32, autocast_dtype, check_training_memory, process_device
+from minigpt.distributed import Distributed, setup_distributed
+from minigpt.errors import MinigptError
+from minigpt.finetune import fine_tune_config, fixed_tokenizer, load_source_weights
+from minigpt.hf import load_pretrained
+from minigpt.meters import Clock, LossLog, Meters
 from minigpt.model import GPT
-from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
+from minigpt.optim import lr_at, make_optimizer, schedule_change, set_lr
+from minigpt.signals import EXIT_CODES, SignalFlag, raising
+from minigpt.train_data import TrainData, check_data, load_data_once
 
 EVAL_SEED_OFFSET = 1_000_003  # eval batch streams: far from the training streams' seeds
-EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 PLOT_EVERY_SECONDS = 60  # loss.png is redrawn at an evaluation at most this often
-
-
-# --------------------------------------------------------------------------- data
-
-
-@dataclass
-class TrainData:
-    """Tokenised splits and the tokenizer that made them."""
-
-    tokenizer: Tokenizer
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
-    summary: dict = field(default_factory=dict)
-    """What config.json records about the data (source, token counts, ...)."""
-
-
-def load_data(
-    config: RunConfig,
-    progress: bool = False,
-    run_data: dict | None = None,
-    tokenizer: Tokenizer | None = None,
-) -> TrainData:
-    """Prepare (or reuse the cached) token files of config.data.
-
-    run_data: a resumed run's config.json "prepared_data": the data must then be
-    exactly what the run was trained on (see `data.prepare_for_resume`).
-    tokenizer: tokenise with this one (a fine-tuned model's) instead of building
-    config.data.tokenizer for the corpus.
-    """
-    d = config.data
-    settings = dict(
-        tokenizer=tokenizer or d.tokenizer,
-        vocab_size=None if tokenizer else d.vocab_size or None,
-        glob=d.glob,
-        text_field=d.text_field,
-        workers=d.workers,
-        bpe_sample_chars=d.bpe_sample_chars,
-    )
-    if run_data is None:
-        prepared = prepare(d.source, data_dir=Path(d.data_dir), progress=progress, **settings)
-    else:
-        run_dir = Path(config.train.out_dir)
-        prepared = prepare_for_resume(
-            d.source, Path(d.data_dir), run_data, run_dir, progress=progress, **settings
-        )
-    scalars = {k: v for k, v in prepared.meta.items() if isinstance(v, str | int | float | bool)}
-    return TrainData(
-        tokenizer=prepared.tokenizer,
-        train_tokens=prepared.train_tokens(),
-        val_tokens=prepared.val_tokens(),
-        summary={**scalars, "dir": str(prepared.dir.resolve())},
-    )
-
-
-# --------------------------------------------------------------------------- devices
-
-
-@dataclass
-class Distributed:
-    """Where this process sits in a torchrun job (rank 0 of 1 when run alone)."""
-
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    started_here: bool = False
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_master(self) -> bool:
-        return self.rank == 0
-
-    def gather(self, obj: object) -> list:
-        """`obj` from every process, in rank order (all ranks must call it)."""
-        if not self.enabled:
-            return [obj]
-        out: list = [None] * self.world_size
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
-def setup_distributed(device_name: str) -> Distributed:
-    """Join the process group torchrun describes in the environment (nccl on CUDA, gloo on CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return Distributed()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    started_here = False
-    if not dist.is_initialized():
-        use_cuda = device_name.startswith("cuda") or (
-            device_name == "auto" and torch.cuda.is_available()
-        )
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-        started_here = True
-    return Distributed(rank, local_rank, world_size, started_here)
-
-
-def process_device(name: str, ddp: Distributed) -> torch.device:
-    """The device `name` resolves to; under DDP each process takes cuda:LOCAL_RANK."""
-    device = resolve_device(name)
-    if ddp.enabled and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", ddp.local_rank)
-    return device
-
-
-def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
-    """bfloat16 where it is supported and asked for (auto: CUDA with bf16 only), else None."""
-    if dtype == "float32":
-        return None
-    if dtype == "bfloat16":
-        return torch.bfloat16
-    # auto: only probe CUDA when the device is CUDA, so a driverless machine is never touched
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device).cpu()
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# --------------------------------------------------------------------------- optimisation
-
-
-def make_optimizer(model: nn.Module, config: RunConfig, device: torch.device):
-    """AdamW with weight decay on matrices (dim >= 2) only: not on biases or LayerNorm gains."""
-    t = config.train
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": t.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-    kwargs = {"lr": t.lr, "betas": (t.beta1, t.beta2)}
-    if device.type in ("cuda", "cpu"):
-        try:
-            return torch.optim.AdamW(groups, fused=True, **kwargs)
-        except (RuntimeError, TypeError):
-            pass
-    return torch.optim.AdamW(groups, foreach=device.type != "cpu" or None, **kwargs)
-
-
-def lr_at(step: int, config: RunConfig, elapsed: float = 0.0) -> float:
-    """Linear warmup for warmup_iters steps, then cosine decay to min_lr.
-
-    The decay runs over steps up to lr_decay_iters (default max_iters), or over
-    elapsed seconds up to max_time when decay_by_time is set.
-    """
-    t = config.train
-    if step < t.warmup_iters:
-        return t.lr * (step + 1) / (t.warmup_iters + 1)
-    if t.decay_by_time:
-        ratio = min(1.0, elapsed / t.max_time)
-    else:
-        decay_iters = t.lr_decay_iters or t.max_iters
-        if step >= decay_iters:
-            return t.min_lr
-        ratio = (step - t.warmup_iters) / max(1, decay_iters - t.warmup_iters)
-    return t.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (t.lr - t.min_lr)
 
 
 # --------------------------------------------------------------------------- what the loop works with
@@ -281,8 +100,8 @@ class Trainer:
 
     @property
     def tokens_per_step(self) -> int:
-        t = self.config.train
-        return t.batch_size * self.config.model.block_size * self.accum * self.ddp.world_size
+        batch_size, block_size = self.config.train.batch_size, self.config.model.block_size
+        return batch_size * block_size * self.accum * self.ddp.world_size
 
     def autocast(self):
         if self.amp is None:
@@ -331,37 +150,38 @@ def setup(
 
     resume: the resumed run's config.json as it was before this session, or None.
     """
-    t = config.train
-    device = process_device(t.device, ddp)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    out_dir = Path(t.out_dir)
+    train_config = config.train
+    device = process_device(train_config.device, ddp.local_rank if ddp.enabled else None)
+    if train_config.threads:
+        torch.set_num_threads(train_config.threads)
+    out_dir = Path(train_config.out_dir)
     if ddp.is_master:  # the others would see the files rank 0 is about to write
         checkpoint.check_out_dir(out_dir, resume is not None, force)
     source = None
-    if t.init_from and resume is None:
-        source = load_pretrained(t.init_from)
+    if train_config.init_from and resume is None:
+        source = load_pretrained(train_config.init_from)
         config = fine_tune_config(config, source)
     accum = micro_steps(config, ddp.world_size)
-    check_training_memory(config, device)  # before preparing data for a model that cannot fit
+    check_training_memory(config.model, train_config.batch_size, device)  # before preparing data
     saved = checkpoint.load_trainer_state(out_dir / TRAINER_STATE) if resume else None
     if data is None:
         run_data = (resume.get("prepared_data") or {}) if resume is not None else None
-        tokenizer = _fixed_tokenizer(source, config, out_dir)
-        data = _load_data_once(config, ddp, progress, resume is not None, run_data, tokenizer)
-    _check_data(data, config.model.block_size, out_dir if resume else None)
+        tokenizer = fixed_tokenizer(source, config, out_dir)
+        data = load_data_once(config, ddp, progress, run_data, tokenizer)
+    check_data(data, config.model.block_size, out_dir if resume else None)
 
     config = replace(config, model=config.model.with_vocab(data.tokenizer.vocab_size))
-    check_training_memory(config, device)
-    torch.manual_seed(t.seed)
+    check_training_memory(config.model, train_config.batch_size, device)
+    torch.manual_seed(train_config.seed)
     model = GPT(config.model).to(device)
     if source is not None:
-        _load_source_weights(model, source)
+        load_source_weights(model, source)
     optimizer = make_optimizer(model, config, device)
-    torch.manual_seed(t.seed + 7919 * (ddp.rank + 1))  # dropout: differs per rank
+    torch.manual_seed(train_config.seed + 7919 * (ddp.rank + 1))  # dropout: differs per rank
     first_stream = ddp.rank * accum
+    batch_size, block_size = train_config.batch_size, config.model.block_size
     streams = [
-        Batcher(data.train_tokens, config.model.block_size, t.batch_size, t.seed + j, device)
+        Batcher(data.train_tokens, block_size, batch_size, train_config.seed + j, device)
         for j in range(first_stream, first_stream + accum)
     ]
     log = log if ddp.is_master else _silent
@@ -370,158 +190,21 @@ def setup(
     if saved is not None:
         restore(trainer, state, saved)
     if ddp.is_master:
-        with _cleared_on_failure(out_dir, fresh=resume is None):
-            _write_run_files(trainer, resume=resume is not None, force=force, step=state.step)
+        with checkpoint.cleared_on_failure(out_dir, fresh=resume is None):
+            _start_run(trainer, resume=resume is not None, force=force, step=state.step)
             trainer.metrics = MetricsLog(out_dir)
     return trainer, state
 
 
-@contextlib.contextmanager
-def _cleared_on_failure(out_dir: Path, fresh: bool):
-    """A fresh run whose first files cannot all be written (a full disk) leaves none:
-    a run directory without weights would pass for a run and load as nothing."""
-    try:
-        yield
-    except BaseException:
-        if fresh:
-            checkpoint.clear_run(out_dir)
-        raise
-
-
-def check_training_memory(config: RunConfig, device: torch.device) -> None:
-    """Refuse a run whose weights, gradients, AdamW moments (16 bytes a parameter) and
-    one micro-batch's activations cannot fit on the device: a lower bound, so a run
-    that fits is never refused."""
-    model = config.model if config.model.vocab_size else replace(config.model, vocab_size=1)
-    B, T, C = config.train.batch_size, model.block_size, model.n_embd
-    # activations kept for backward: ~14 floats a token per layer (LN, QKV, attention
-    # output, LN, the MLP's 4C twice), plus the logits and their gradient
-    activations = 4 * B * T * (model.n_layer * 14 * C + 2 * model.vocab_size)
-    needed = 16 * model.num_params() + model.module_bytes() + activations
-    check_memory(needed, device, f"training a model of {model.describe()} with batch_size {B:,}")
-
-
-def _load_data_once(
-    config: RunConfig,
-    ddp: Distributed,
-    progress: bool,
-    resumed: bool,
-    run_data: dict | None,
-    tokenizer: Tokenizer | None,
-) -> TrainData:
-    """Rank 0 prepares (and caches) the data first; the others then reuse its folder."""
-    if not ddp.is_master:
-        ddp.barrier()
-    run_data = run_data if resumed else None
-    data = load_data(config, progress and ddp.is_master, run_data, tokenizer)
-    if ddp.is_master:
-        ddp.barrier()
-    return data
-
-
-# --------------------------------------------------------------------------- fine-tuning
-
-# [model] settings a fine-tune may choose for itself: they change how the source's
-# weights are trained or computed, not what the weights are
-FREE_MODEL_SETTINGS = ("dropout", "attention", "init_std")
-
-
-def fine_tune_config(config: RunConfig, source: Pretrained) -> RunConfig:
-    """The config of a run that starts from `source`: its model shape and tokenizer.
-
-    A [model] setting given explicitly must agree with the source, except those in
-    FREE_MODEL_SETTINGS and a smaller block_size (the positions are cropped, as
-    nanoGPT's crop_block_size does). A tokenizer setting is an error: the source's
-    token ids are what its embeddings mean.
-    """
-    given = {key.split(".", 1)[1] for key in config.explicit if key.startswith("model.")}
-    model = source.config
-    for key in sorted(given):
-        ours, theirs = getattr(config.model, key), getattr(source.config, key)
-        if key == "vocab_size" and ours == 0:  # 0 means "the tokenizer's": the source's
-            continue
-        if key in FREE_MODEL_SETTINGS or ours == theirs:
-            model = replace(model, **{key: ours})
-        elif key == "block_size" and ours < theirs:
-            model = replace(model, block_size=ours)
-        else:
-            theirs_text = (
-                f"larger than the {theirs} positions {source.source} has"
-                if key == "block_size"
-                else f"but {source.source} has {key}={theirs!r}"
-            )
-            raise MinigptError(
-                f"model.{key}={ours!r} is set, {theirs_text}",
-                hint=f"drop model.{key} from the config: --init-from takes the model's "
-                "shape from the source (block_size may only be lowered)",
-            )
-    for key in ("data.tokenizer", "data.vocab_size"):
-        if key in config.explicit:
-            raise MinigptError(
-                f"{key} is set, but a run started from {source.source} uses its tokenizer",
-                hint=f"drop {key} from the config",
-            )
-    data = replace(config.data, tokenizer=source.tokenizer.kind, vocab_size=0)
-    return replace(config, model=model, data=data)
-
-
-def _fixed_tokenizer(
-    source: Pretrained | None, config: RunConfig, out_dir: Path
-) -> Tokenizer | None:
-    """The tokenizer the data must be tokenised with, when the corpus does not choose
-    it: a fine-tune's source's; on resume, the one the fine-tune saved."""
-    if source is not None:
-        return source.tokenizer
-    if config.train.init_from:  # a resumed fine-tune
-        return load_tokenizer(out_dir / TOKENIZER_FILE)
-    return None
-
-
-def _load_source_weights(model: GPT, source: Pretrained) -> None:
-    """The source's weights, positions cropped to the model's block_size."""
-    state = dict(source.state)
-    if "pos_emb.weight" in state:  # rotary models have no position rows to crop
-        state["pos_emb.weight"] = state["pos_emb.weight"][: model.config.block_size]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if [k for k in missing if k != "lm_head.weight"] or unexpected:  # the head is tied
-        raise MinigptError(
-            f"the weights of {source.source} do not fit the model "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]})",
-            hint="the source is damaged",
-        )
-
-
-def _check_data(data: TrainData, block_size: int, resumed_run: Path | None) -> None:
-    """Both splits hold a window of block_size + 1 tokens; a resumed run's data is
-    tokenised as it was when the run started."""
-    source = f" of {data.summary['source']}" if "source" in data.summary else ""
-    for split, tokens in (("train", data.train_tokens), ("val", data.val_tokens)):
-        check_block_size(len(tokens), block_size, f"the {split} split{source}")
-    if resumed_run is None:
-        return
-    if load_tokenizer(resumed_run / TOKENIZER_FILE).to_json() != data.tokenizer.to_json():
-        raise MinigptError(
-            f"the data's tokenizer differs from the one {resumed_run} was trained with",
-            hint="the corpus changed since the run started; resume needs the same data",
-        )
-
-
 def _wrap(model: GPT, config: RunConfig, ddp: Distributed, device: torch.device) -> nn.Module:
     """The module the loop calls: compiled if asked, inside DDP when there are several processes."""
-    if device.type == "cuda" and config.train.dtype != "float32":
-        # What autocast leaves in float32 (and every matmul of a float32 GPU) runs on
-        # TF32 tensor cores, as in nanoGPT; train.dtype=float32 keeps full precision.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    allow_tf32(config.train.dtype, device)
     # dynamic=False: the shapes of a run never change, so keep every kernel specialised
     # to them. torch.compile's default marks a size dynamic when a second model of
     # another shape is compiled in the same process (a sweep in a notebook), and the
     # second model's kernels would then be compiled for symbolic sizes.
     compiled = torch.compile(model, dynamic=False) if config.train.compile else model
-    if not ddp.enabled:
-        return compiled
-    device_ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(compiled, device_ids=device_ids)
+    return ddp.wrap(compiled, device)
 
 
 def restore(trainer: Trainer, state: TrainState, saved: TrainerCheckpoint) -> None:
@@ -533,7 +216,7 @@ def restore(trainer: Trainer, state: TrainState, saved: TrainerCheckpoint) -> No
         for j, stream in enumerate(state.streams):
             stream.load_state_dict(saved.batchers[first_stream + j])
         if len(saved.rng) == trainer.ddp.world_size:
-            _set_rng_state(saved.rng[trainer.ddp.rank], trainer.device)
+            checkpoint.set_rng_state(saved.rng[trainer.ddp.rank], trainer.device)
     except (RuntimeError, KeyError, IndexError, ValueError, TypeError) as err:
         raise MinigptError(
             f"{trainer.out_dir / TRAINER_STATE} does not fit this run "
@@ -545,75 +228,32 @@ def restore(trainer: Trainer, state: TrainState, saved: TrainerCheckpoint) -> No
     state.saved_step = state.step
 
 
-def _write_run_files(trainer: Trainer, *, resume: bool, force: bool, step: int) -> None:
-    """A fresh run writes config.json, tokenizer.json and its initial weights; a resumed
-    one records its new train settings and drops the metrics logged after `step`."""
-    out_dir, config = trainer.out_dir, trainer.config.to_dict()
+def _start_run(trainer: Trainer, *, resume: bool, force: bool, step: int) -> None:
+    """Write a fresh run's files, or record a resumed one's new settings."""
+    config = trainer.config.to_dict()
     sections = {
-        "train": {**config["train"], "out_dir": str(out_dir)},
+        "train": {**config["train"], "out_dir": str(trainer.out_dir)},
         "data": config["data"],
         "prepared_data": trainer.data.summary,
     }
-    if resume:
-        checkpoint.truncate_metrics(out_dir, step)
-        checkpoint.update_config(out_dir, sections)
-        return
-    if force:
-        checkpoint.clear_run(out_dir)
-    checkpoint.write_run_files(out_dir, trainer.model, trainer.data.tokenizer, sections)
+    checkpoint.start_run(
+        trainer.out_dir, trainer.model, trainer.data.tokenizer, sections,
+        resume=resume, force=force, step=step,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------- one step
 
 
-class _LossLog:
-    """The training loss of each step, kept on the device until it is read.
-
-    Reading a CUDA tensor on the host waits for the GPU to finish, and while the CPU
-    waits it cannot queue the next step's kernels: one read per step leaves the GPU
-    idle between steps. So losses are read every `read_every` steps (nanoGPT reads at
-    its log_interval too), and the first non-finite one is remembered on the device,
-    with its step, for `read` to report. The CPU runs in step with itself: it reads
-    every step, for a live progress bar.
-    """
-
-    def __init__(self, device: torch.device, read_every: int):
-        self.read_every = read_every
-        self.last: Tensor | None = None  # the latest step's mean loss, a 0-d tensor
-        self.bad_step = torch.full((), -1, dtype=torch.long, device=device)
-        self.bad_loss = torch.zeros((), device=device)
-
-    def add(self, loss: Tensor, step: int) -> None:
-        """The mean loss of `step` (a 0-d float tensor on the device); no host sync."""
-        first_bad = ~torch.isfinite(loss) & (self.bad_step < 0)
-        self.bad_step = torch.where(first_bad, step, self.bad_step)
-        self.bad_loss = torch.where(first_bad, loss, self.bad_loss)
-        self.last = loss
-
-    def due(self, step: int) -> bool:
-        return step % self.read_every == 0 or step == 1
-
-    def read(self, trainer: Trainer, state: TrainState) -> float:
-        """The latest loss as a float (a host sync); raises, keeping the last saved
-        state, if any loss since the last read was not finite."""
-        bad_step, bad_loss, last = torch.stack(
-            [self.bad_step.double(), self.bad_loss.double(), self.last.double()]
-        ).tolist()
-        if bad_step >= 0:
-            trainer.optimizer.zero_grad(set_to_none=True)
-            raise _diverged(trainer, state, f"the loss became {bad_loss} at step {int(bad_step)}")
-        return last
-
-
 def train_step(
-    trainer: Trainer, state: TrainState, signals: _SignalFlag, clock: _Clock, losses: _LossLog
+    trainer: Trainer, state: TrainState, signals: SignalFlag, clock: Clock, losses: LossLog
 ) -> bool:
     """One optimizer step over `accum` micro-batches; whether any rank got a signal.
 
     The mean loss goes to `losses`, unread: one process reads it when due. With DDP the
     ranks agree on the loss, the signal and the clock in one small all-reduce per step,
     which reads it, and a non-finite loss then raises at once, keeping the last saved
-    state, as `_LossLog.read` does later for one process."""
+    state, as `_record_step` does later for one process."""
     ddp, accum = trainer.ddp, trainer.accum
     loss_sum = torch.zeros((), device=trainer.device)
     for micro, stream in enumerate(state.streams):
@@ -627,16 +267,10 @@ def train_step(
             (loss / accum).backward()
     loss = loss_sum / accum
     if ddp.enabled:
-        # One small all-reduce: the mean loss over all ranks, whether any rank got a
-        # signal, and a shared clock, so that every rank stops and schedules in step.
-        shared = torch.tensor(
-            [0.0, float(signals.signum), clock.now()], dtype=torch.float64, device=trainer.device
+        # so that every rank stops and schedules in step (a host sync, once a step)
+        loss, loss_value, got_signal, state.elapsed = ddp.share_step(
+            loss, signals.signum, clock.now()
         )
-        shared[0] = loss
-        dist.all_reduce(shared, op=dist.ReduceOp.SUM)
-        shared /= ddp.world_size
-        loss_value, got_signal, state.elapsed = shared.tolist()
-        loss = shared[0].float()
         if not math.isfinite(loss_value):
             trainer.optimizer.zero_grad(set_to_none=True)
             raise _diverged(
@@ -658,45 +292,36 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(trainer: Trainer, signals: _SignalFlag | None = None) -> dict[str, float] | None:
+def evaluate(trainer: Trainer, signals: SignalFlag | None = None) -> dict[str, float] | None:
     """Mean loss on the same eval_iters batches of each split every time; None when a
     signal arrives meanwhile (a long evaluation must not delay a stop).
 
     Runs the uncompiled module: eval mode would make torch.compile build a
     second graph, which costs more than the few forward passes it speeds up.
     """
-    t, ddp, model = trainer.config.train, trainer.ddp, trainer.model
+    train_config, ddp, model = trainer.config.train, trainer.ddp, trainer.model
+    eval_iters, batch_size = train_config.eval_iters, train_config.batch_size
     model.eval()
     result: dict[str, float] | None = {}
     for split in ("train", "val"):
         tokens = trainer.data.train_tokens if split == "train" else trainer.data.val_tokens
-        seed = t.seed + EVAL_SEED_OFFSET + ddp.rank
-        batcher = Batcher(tokens, model.config.block_size, t.batch_size, seed, trainer.device)
+        seed = train_config.seed + EVAL_SEED_OFFSET + ddp.rank
+        batcher = Batcher(tokens, model.config.block_size, batch_size, seed, trainer.device)
         total = torch.zeros((), device=trainer.device)
-        for _ in range(t.eval_iters):
-            if signals is not None and _any_rank(ddp, signals.signum != 0, trainer.device):
+        for _ in range(eval_iters):
+            if signals is not None and ddp.any_rank(signals.signum != 0, trainer.device):
                 result = None
                 break
             x, y = batcher.next()
             with trainer.autocast():
-                _, loss = model(x, y, loss_chunk=t.loss_chunk)
+                _, loss = model(x, y, loss_chunk=train_config.loss_chunk)
             total += loss.float()
         if result is None:
             break
-        if ddp.enabled:
-            dist.all_reduce(total, op=dist.ReduceOp.SUM)
-        result[split] = total.item() / (t.eval_iters * ddp.world_size)
+        ddp.sum_(total)
+        result[split] = total.item() / (eval_iters * ddp.world_size)
     model.train()
     return result
-
-
-def _any_rank(ddp: Distributed, flag: bool, device: torch.device) -> bool:
-    """Whether `flag` is true on any process (every process must ask together)."""
-    if not ddp.enabled:
-        return flag
-    shared = torch.tensor(float(flag), device=device)
-    dist.all_reduce(shared, op=dist.ReduceOp.MAX)
-    return bool(shared.item())
 
 
 def save(trainer: Trainer, state: TrainState, loss_checked: bool = False) -> None:
@@ -714,7 +339,7 @@ def save(trainer: Trainer, state: TrainState, loss_checked: bool = False) -> Non
     if not loss_checked and not _finite_loss(trainer):
         raise _diverged(trainer, state, f"the weights of step {state.step} give a non-finite loss")
     batchers = [s for group in ddp.gather([s.state_dict() for s in state.streams]) for s in group]
-    rngs = ddp.gather(_rng_state(trainer.device))
+    rngs = ddp.gather(checkpoint.rng_state(trainer.device))
     state.saved_step = state.step
     if not ddp.is_master:
         return
@@ -743,12 +368,12 @@ def _finite_state(trainer: Trainer) -> bool:
 def _finite_loss(trainer: Trainer) -> bool:
     """Whether the current weights give a finite loss on one fixed batch (a forward in
     eval mode with its own batch stream: no RNG of the run is touched)."""
-    t, model = trainer.config.train, trainer.model
+    train_config, model = trainer.config.train, trainer.model
     batcher = Batcher(
         trainer.data.train_tokens,
         model.config.block_size,
-        t.batch_size,
-        t.seed + EVAL_SEED_OFFSET,
+        train_config.batch_size,
+        train_config.seed + EVAL_SEED_OFFSET,
         trainer.device,
     )
     x, y = batcher.next()
@@ -775,7 +400,7 @@ def _diverged(trainer: Trainer, state: TrainState, what: str) -> MinigptError:
 
 
 def evaluate_and_save(
-    trainer: Trainer, state: TrainState, signals: _SignalFlag | None = None
+    trainer: Trainer, state: TrainState, signals: SignalFlag | None = None
 ) -> str | None:
     """Evaluate, keep the best weights, save the last state; the line to report (None
     when a signal cut the evaluation short: nothing is saved then)."""
@@ -807,55 +432,48 @@ def evaluate_and_save(
 # --------------------------------------------------------------------------- the loop
 
 
-def fit(trainer: Trainer, state: TrainState, progress: bool) -> TrainResult:
-    """Step until max_iters, max_time or a signal; evaluate and save along the way."""
-    t = trainer.config.train
-    bar = _ProgressBar(t, state.step, progress and trainer.ddp.is_master, trainer.log)
-    clock, speed = _Clock(state.elapsed), _Throughput(state.step)
-    losses = _LossLog(trainer.device, 1 if trainer.device.type == "cpu" else t.log_interval)
-    loss = math.nan  # the latest loss read (see _LossLog)
-    stop_reason, stop_signal, last_plot = "max_iters", None, time.perf_counter()
-    with _SignalFlag() as signals, contextlib.closing(bar):
+class StepBar(Protocol):
+    """A display of the steps as they go (the command line's is `console.StepBar`);
+    the trainer's lines are written above it while it runs."""
+
+    def advance(self, loss: float, lr: float, tokens_per_s: float, elapsed: float) -> None: ...
+
+    def write(self, message: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def fit(
+    trainer: Trainer, state: TrainState, step_bar: Callable[..., StepBar] | None = None
+) -> TrainResult:
+    """Step until max_iters, max_time or a signal; evaluate and save along the way.
+
+    step_bar: makes the display of the steps, from the [train] config and the first
+    step (the master process only); without one, the lines go to the trainer's log."""
+    train_config = trainer.config.train
+    read_every = 1 if trainer.device.type == "cpu" else train_config.log_interval
+    meters = Meters(state.elapsed, state.step, LossLog(trainer.device, read_every))
+    with_bar = step_bar is not None and trainer.ddp.is_master
+    bar = step_bar(train_config, state.step) if with_bar else _NoBar(trainer.log)
+    stop_reason, stop_signal = "max_iters", None
+    with SignalFlag() as signals, contextlib.closing(bar):
         trainer.model.train()
-        while state.step < t.max_iters:
+        while state.step < train_config.max_iters:
             lr = lr_at(state.step, trainer.config, state.elapsed)
-            for group in trainer.optimizer.param_groups:
-                group["lr"] = lr
-            got_signal = train_step(trainer, state, signals, clock, losses)
-            out_of_time = t.max_time > 0 and state.elapsed >= t.max_time
-            must_save = state.step % t.eval_interval == 0 or state.step == t.max_iters
-            if losses.due(state.step) or got_signal or out_of_time or must_save:
-                loss = losses.read(trainer, state)  # the GPU catches up here
-                if not trainer.ddp.enabled:
-                    state.elapsed = clock.now()  # so the step is timed as done, not queued
-                speed.update(state.step, trainer.tokens_per_step)
-            if state.step % t.log_interval == 0 or state.step == 1:
-                trainer.record(
-                    {
-                        "step": state.step,
-                        "loss": loss,
-                        "lr": lr,
-                        "tokens": state.tokens_seen,
-                        "time": round(state.elapsed, 3),
-                        "tokens_per_s": round(speed.tokens_per_s, 1),
-                    }
-                )
-            bar.advance(loss, lr, speed.tokens_per_s, state.elapsed)
-            if got_signal:  # this rank's signal, or SIGTERM sent to another rank
+            set_lr(trainer.optimizer, lr)
+            got_signal = train_step(trainer, state, signals, meters.clock, meters.losses)
+            out_of_time = train_config.max_time > 0 and state.elapsed >= train_config.max_time
+            step = state.step
+            must_save = step % train_config.eval_interval == 0 or step == train_config.max_iters
+            _record_step(trainer, state, meters, lr, got_signal or out_of_time or must_save)
+            bar.advance(meters.loss, lr, meters.speed.tokens_per_s, state.elapsed)
+            stopped = got_signal  # this rank's signal, or SIGTERM sent to another rank
+            if not stopped and (must_save or out_of_time):
+                stopped = not _evaluate_in_loop(trainer, state, signals, meters, bar)
+            if stopped:
                 stop_reason, stop_signal = "signal", signals.signum or signal.SIGTERM
                 save(trainer, state)
                 break
-            if must_save or out_of_time:
-                line = evaluate_and_save(trainer, state, signals)
-                if line is None:  # a signal arrived during the evaluation
-                    stop_reason, stop_signal = "signal", signals.signum or signal.SIGTERM
-                    save(trainer, state)
-                    break
-                bar.write(line)
-                if trainer.ddp.is_master and time.perf_counter() - last_plot > PLOT_EVERY_SECONDS:
-                    checkpoint.plot_losses(trainer.out_dir)
-                    last_plot = time.perf_counter()
-                speed.skip(state.step)  # tokens/s is of training steps only
             if out_of_time:
                 stop_reason = "max_time"
                 break
@@ -871,6 +489,48 @@ def fit(trainer: Trainer, state: TrainState, progress: bool) -> TrainResult:
     )
 
 
+def _record_step(
+    trainer: Trainer, state: TrainState, meters: Meters, lr: float, read_now: bool
+) -> None:
+    """Read the loss when due (or `read_now`), and write the step to metrics.jsonl
+    every log_interval steps."""
+    if meters.losses.due(state.step) or read_now:
+        meters.loss, bad = meters.losses.read()  # the GPU catches up here
+        if bad is not None:
+            trainer.optimizer.zero_grad(set_to_none=True)
+            raise _diverged(trainer, state, f"the loss became {bad[1]} at step {bad[0]}")
+        if not trainer.ddp.enabled:
+            state.elapsed = meters.clock.now()  # so the step is timed as done, not queued
+        meters.speed.update(state.step, trainer.tokens_per_step)
+    if state.step % trainer.config.train.log_interval == 0 or state.step == 1:
+        trainer.record(
+            {
+                "step": state.step,
+                "loss": meters.loss,
+                "lr": lr,
+                "tokens": state.tokens_seen,
+                "time": round(state.elapsed, 3),
+                "tokens_per_s": round(meters.speed.tokens_per_s, 1),
+            }
+        )
+
+
+def _evaluate_in_loop(
+    trainer: Trainer, state: TrainState, signals: SignalFlag, meters: Meters, bar: StepBar
+) -> bool:
+    """Evaluate and save, report it, and redraw loss.png now and then; False when a
+    signal arrived during the evaluation (nothing was saved then)."""
+    line = evaluate_and_save(trainer, state, signals)
+    if line is None:
+        return False
+    bar.write(line)
+    if trainer.ddp.is_master and time.perf_counter() - meters.last_plot > PLOT_EVERY_SECONDS:
+        checkpoint.plot_losses(trainer.out_dir)
+        meters.last_plot = time.perf_counter()
+    meters.speed.skip(state.step)  # tokens/s is of training steps only
+    return True
+
+
 def train(
     config: RunConfig,
     *,
@@ -879,20 +539,26 @@ def train(
     data: TrainData | None = None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    step_bar: Callable[[TrainConfig, int], StepBar] | None = None,
 ) -> TrainResult:
     """Train `config`'s model and write its run directory (train.out_dir).
 
     resume: continue from out_dir/trainer.pt (use `config.resume_config` for the config).
     data: tokenised splits to use instead of preparing config.data (tests, benchmarks).
-    progress: show progress bars (data preparation, steps) on stderr.
+    progress: show data preparation's progress bars on stderr.
     log: receives the trainer's lines (what it trains, each evaluation); silent if None.
+    step_bar: makes a display of the steps (see `fit`); none if None.
     """
     ddp = setup_distributed(config.train.device)
     out_dir = Path(config.train.out_dir)
     # One trainer per run directory, for the whole run: rank 0 holds the lock.
     lock = checkpoint.RunLock(out_dir) if ddp.is_master else contextlib.nullcontext()
     try:
-        with lock, _sigterm_raises():
+        # Until the loop's own handler takes over (SignalFlag), SIGTERM raises
+        # Terminated: preparing data or building a model stops within seconds and
+        # cleans up after itself, where the default action would kill the process
+        # mid-write.
+        with lock, raising(signal.SIGTERM):
             before = checkpoint.read_config(out_dir) if resume else None
             trainer, state = setup(
                 config,
@@ -903,13 +569,17 @@ def train(
                 log=log or _silent,
                 progress=progress,
             )
-            return _run(trainer, state, before, progress)
+            return _run(trainer, state, before, step_bar)
     finally:
-        if ddp.started_here and dist.is_initialized():
-            dist.destroy_process_group()
+        ddp.close()
 
 
-def _run(trainer: Trainer, state: TrainState, before: dict | None, progress: bool) -> TrainResult:
+def _run(
+    trainer: Trainer,
+    state: TrainState,
+    before: dict | None,
+    step_bar: Callable[..., StepBar] | None,
+) -> TrainResult:
     """Report what is trained, save step 0 of a fresh run, fit, and draw the curves."""
     try:
         trainer.log(_start_line(trainer))
@@ -923,12 +593,12 @@ def _run(trainer: Trainer, state: TrainState, before: dict | None, progress: boo
         elif trainer.config.train.init_from:
             trainer.log(f"starting from {trainer.config.train.init_from}")
             # where a fine-tune starts: the source's loss on this data, kept as the best
-            with _cleared_on_failure(trainer.out_dir, fresh=trainer.ddp.is_master):
+            with checkpoint.cleared_on_failure(trainer.out_dir, fresh=trainer.ddp.is_master):
                 trainer.log(evaluate_and_save(trainer, state) or "")
         else:
-            with _cleared_on_failure(trainer.out_dir, fresh=trainer.ddp.is_master):
+            with checkpoint.cleared_on_failure(trainer.out_dir, fresh=trainer.ddp.is_master):
                 save(trainer, state)  # a fresh run is resumable from step 0
-        result = fit(trainer, state, progress)
+        result = fit(trainer, state, step_bar)
     finally:
         if trainer.metrics is not None:
             trainer.metrics.close()
@@ -937,131 +607,20 @@ def _run(trainer: Trainer, state: TrainState, before: dict | None, progress: boo
     return result
 
 
-def schedule_change(before: TrainConfig, now: TrainConfig, step: int) -> str | None:
-    """One line when a resumed run's lr schedule differs from the one it was started
-    with (a new max_iters moves the end of the cosine decay), else None. Resume
-    reproduces a run exactly only when the schedule is unchanged."""
-    old, new = _schedule(before), _schedule(now)
-    changed = [f"{key} {old[key]} -> {new[key]}" for key in old if old[key] != new[key]]
-    if not changed:
-        return None
-    return (
-        f"the lr schedule changed on resume ({', '.join(changed)}): from step {step + 1} "
-        "the lr follows the new one, so this run differs from one trained with these "
-        "settings from the start"
-    )
+# --------------------------------------------------------------------------- the trainer's lines
 
 
-def _schedule(t: TrainConfig) -> dict[str, object]:
-    """What `lr_at` depends on."""
-    decay_end = f"{t.max_time} s" if t.decay_by_time else f"step {t.lr_decay_iters or t.max_iters}"
-    return {
-        "lr": t.lr,
-        "min_lr": t.min_lr,
-        "warmup_iters": t.warmup_iters,
-        "decay ends at": decay_end,
-    }
+class _NoBar:
+    """Where the lines go without a step bar: to the trainer's log."""
 
-
-# --------------------------------------------------------------------------- reporting
-
-
-@contextlib.contextmanager
-def _sigterm_raises():
-    """Until the loop's own handler takes over (`_SignalFlag`), SIGTERM raises
-    Terminated: preparing data or building a model stops within seconds and cleans up
-    after itself, where the default action would kill the process mid-write."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handle(signum, frame):
-        raise Terminated()
-
-    previous = signal.signal(signal.SIGTERM, handle)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-class _SignalFlag:
-    """SIGINT/SIGTERM set a flag the loop checks after each step, so it can save first."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> _SignalFlag:
-        if threading.current_thread() is threading.main_thread():
-            for signum in EXIT_CODES:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
-class _Clock:
-    """Seconds of training: what earlier sessions ran plus this session's wall time."""
-
-    def __init__(self, elapsed_before: float):
-        self.elapsed_before, self.session_start = elapsed_before, time.perf_counter()
-
-    def now(self) -> float:
-        return self.elapsed_before + (time.perf_counter() - self.session_start)
-
-
-class _Throughput:
-    """Tokens per second between the steps whose loss was read (only then has the GPU
-    caught up with the clock), smoothed; the first reading of a session is taken as is."""
-
-    def __init__(self, step: int) -> None:
-        self.step, self.time = step, time.perf_counter()
-        self.tokens_per_s = 0.0
-        self.measured = False
-
-    def update(self, step: int, tokens_per_step: int) -> None:
-        now = time.perf_counter()
-        rate = (step - self.step) * tokens_per_step / max(now - self.time, 1e-9)
-        self.tokens_per_s = 0.9 * self.tokens_per_s + 0.1 * rate if self.measured else rate
-        self.step, self.time, self.measured = step, now, True
-
-    def skip(self, step: int) -> None:
-        """Leave out the time since the last reading (an evaluation, a save)."""
-        self.step, self.time = step, time.perf_counter()
-
-
-class _ProgressBar:
-    """The step bar (loss, lr, tokens/s, time left); lines printed while it runs go above it."""
-
-    def __init__(self, t: TrainConfig, initial: int, enabled: bool, log: Callable[[str], None]):
-        self.max_time, self.log = t.max_time, log
-        self.bar = tqdm(
-            total=t.max_iters,
-            initial=initial,
-            disable=not enabled,
-            unit="step",
-            dynamic_ncols=True,
-            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}{postfix}]",
-        )
+    def __init__(self, log: Callable[[str], None]):
+        self.write = log
 
     def advance(self, loss: float, lr: float, tokens_per_s: float, elapsed: float) -> None:
-        self.bar.update(1)
-        left = f", {clock_text(max(0.0, self.max_time - elapsed))} left" if self.max_time else ""
-        self.bar.set_postfix_str(
-            f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s / 1000:.1f}k tok/s{left}", refresh=False
-        )
-
-    def write(self, message: str) -> None:
-        self.bar.write(message) if not self.bar.disable else self.log(message)
+        pass
 
     def close(self) -> None:
-        self.bar.close()
+        pass
 
 
 def _silent(_message: str) -> None:

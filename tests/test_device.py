@@ -1,12 +1,14 @@
-"""The OpenMP wait policy that train, generate, inspect-heads and eval pick before torch
-loads (minigpt/device.py):
-spinning threads on idle cores, sleeping ones on busy cores, a user's choice kept."""
+"""The machine a command runs on (minigpt/device.py): the device and dtype, the memory
+checks, and the OpenMP wait policy that train, generate, inspect-heads and eval pick
+before torch loads: spinning threads on idle cores, sleeping ones on busy cores, a
+user's choice kept."""
 
 from __future__ import annotations
 
 import pytest
 
 from minigpt import device
+from minigpt.errors import MinigptError
 
 STAT = """cpu  {u0} 0 {s0} {i0} 0 0 0 0 0 0
 cpu0 {u0} 0 {s0} {i0} 0 0 0 0 0 0
@@ -128,3 +130,31 @@ def test_an_unreadable_proc_stat_line_reads_as_unknown(tmp_path, monkeypatch):
     stat = tmp_path / "stat"
     stat.write_text("\ncpu0 1 2 3 x 5 6 7 8\n")
     assert device._cpu_ticks(stat, {"cpu0"}) == {}
+
+
+def test_the_device_named_is_the_device_used():
+    import torch
+
+    assert device.resolve_device("cpu") == torch.device("cpu")
+    assert device.process_device("cpu", local_rank=1) == torch.device("cpu")  # not a GPU's
+    with pytest.raises(MinigptError, match="unknown device 'warp9'"):
+        device.resolve_device("warp9")
+
+
+def test_autocast_is_bfloat16_only_where_asked_or_supported():
+    import torch
+
+    cpu = torch.device("cpu")
+    assert device.autocast_dtype("float32", cpu) is None
+    assert device.autocast_dtype("bfloat16", cpu) is torch.bfloat16
+    assert device.autocast_dtype("auto", cpu) is None  # auto: CUDA with bf16 only
+
+
+def test_a_training_run_too_big_for_memory_is_refused_before_allocating():
+    import torch
+
+    from minigpt.model import GPTConfig
+
+    with pytest.raises(MinigptError, match=r"training a model of .* needs at least"):
+        device.check_training_memory(GPTConfig(n_layer=10**9), 8, torch.device("cpu"))
+    device.check_training_memory(GPTConfig(), 8, torch.device("cpu"))  # fits: no error

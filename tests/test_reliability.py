@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_train import TEXT, TINY  # the same tiny model and corpus as the trainer's tests
 
-from minigpt import checkpoint
+from minigpt import checkpoint, optim, signals
 from minigpt import train as trainer
 from minigpt.checkpoint import (
     BEST_WEIGHTS,
@@ -233,13 +233,13 @@ def test_an_interrupted_run_resumed_with_the_same_config_equals_the_straight_run
             trainer_signal_flag["flag"].signum = 2  # as the SIGINT handler would
 
     trainer_signal_flag: dict = {}
-    original_enter = trainer._SignalFlag.__enter__
+    original_enter = signals.SignalFlag.__enter__
 
     def remember(flag):
         trainer_signal_flag["flag"] = flag
         return original_enter(flag)
 
-    monkeypatch.setattr(trainer._SignalFlag, "__enter__", remember)
+    monkeypatch.setattr(signals.SignalFlag, "__enter__", remember)
     cut = train_run(
         tmp_path,
         corpus,
@@ -263,7 +263,7 @@ def test_resume_with_a_new_max_iters_says_the_schedule_changed_and_follows_it(tm
     assert len(changed) == 1 and "step 15 -> step 30" in changed[0]
     records = checkpoint.read_metrics(tmp_path / "run" / METRICS_FILE)
     lr_16 = next(r["lr"] for r in records if r["step"] == 16)
-    assert lr_16 == pytest.approx(trainer.lr_at(15, config))
+    assert lr_16 == pytest.approx(optim.lr_at(15, config))
 
 
 def test_resume_with_a_pinned_decay_and_a_new_max_iters_says_nothing(tmp_path, corpus):
