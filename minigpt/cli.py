@@ -177,8 +177,9 @@ def generate(
     """Sample text from a trained run with the KV cache."""
     choose_wait_policy(threads)  # before torch loads (see device.py)
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
-    from minigpt.device import resolve_device
-    from minigpt.generate import Sampling, generate_text, sampling_dtype, set_threads
+    from minigpt.device import resolve_device, sampling_dtype, set_threads
+    from minigpt.generate import generate_text
+    from minigpt.sampling import Sampling
 
     sampling = Sampling(
         max_new_tokens=max_new_tokens,

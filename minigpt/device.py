@@ -109,7 +109,42 @@ def allow_tf32(dtype: str, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def sampling_dtype(name: str) -> torch.dtype:
+    """The dtype of the weights while sampling: 'float32', 'bfloat16', or 'auto'.
+
+    'auto' is float32 on every device: at batch 1 a decode step is bound by kernel
+    launches, not memory, so halving the weights' bytes does not make it faster (see
+    docs/benchmarks.md for the GPU figures, and bench/gpu.py to measure them).
+    """
+    import torch  # here, not at load: see the module docstring
+
+    if name not in DTYPES:
+        raise MinigptError(
+            f"dtype must be one of {', '.join(DTYPES)}, got {name!r}",
+            hint="bfloat16 halves the weights' memory; float32 is exact",
+            param="dtype",
+        )
+    return torch.bfloat16 if name == "bfloat16" else torch.float32
+
+
 # --------------------------------------------------------------------------- CPU threads
+
+
+def set_threads(threads: int | None) -> None:
+    """Set torch's CPU threads. Decoding a small model is a chain of tiny matmuls: on a
+    machine whose cores are busy, threads wait for each other far longer than they work."""
+    import torch
+
+    if threads is None:
+        return
+    if not 1 <= threads <= 1024:
+        raise MinigptError(
+            f"threads must be between 1 and 1024, got {threads}",
+            hint="use 1 on a busy machine, or leave it out",
+            param="threads",
+        )
+    torch.set_num_threads(threads)
+
 
 PROBE_SECONDS = 0.1
 """How long start-up watches the cores (/proc/stat counts in 10 ms ticks): one other

@@ -6,8 +6,9 @@ import torch
 
 from minigpt.errors import MinigptError
 from minigpt.fast_decode import StaticDecoder, StaticKVCache
-from minigpt.generate import Sampling, generate
+from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
+from minigpt.sampling import Sampling
 
 
 def small_gpt(**overrides) -> GPT:

@@ -13,17 +13,9 @@ from minigpt import console
 from minigpt import generate as generate_module
 from minigpt.checkpoint import BEST_WEIGHTS, CONFIG_FILE, TOKENIZER_FILE, write_run_files
 from minigpt.errors import MinigptError
-from minigpt.generate import (
-    MAX_SEED,
-    Sampling,
-    cache_bytes,
-    encode_prompt,
-    generate,
-    generate_text,
-    sample_next,
-    window_start,
-)
+from minigpt.generate import cache_bytes, encode_prompt, generate, generate_text, window_start
 from minigpt.model import GPT
+from minigpt.sampling import MAX_SEED, Sampling, sample_next
 from minigpt.text import StopStrings
 from minigpt.tokenizer import BPETokenizer, CharTokenizer
 
