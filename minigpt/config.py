@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 
 from minigpt.checkpoint import CONFIG_FILE, read_config
-from minigpt.data import DEFAULT_BPE_SAMPLE_CHARS
 from minigpt.errors import MinigptError
 from minigpt.model import GPTConfig
+from minigpt.prepare import DEFAULT_BPE_SAMPLE_CHARS
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DTYPES = ("auto", "float32", "bfloat16")

@@ -45,11 +45,12 @@ from minigpt.config import (
     micro_steps,
     resolve_device,
 )
-from minigpt.data import check_block_size, prepare, prepare_for_resume
+from minigpt.data import check_block_size
 from minigpt.device import check_memory
 from minigpt.errors import MinigptError, Terminated
 from minigpt.hf import Pretrained, load_pretrained
 from minigpt.model import GPT
+from minigpt.prepare import prepare, prepare_for_resume
 from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 EVAL_SEED_OFFSET = 1_000_003  # eval batch streams: far from the training streams' seeds
@@ -80,7 +81,7 @@ def load_data(
     """Prepare (or reuse the cached) token files of config.data.
 
     run_data: a resumed run's config.json "prepared_data": the data must then be
-    exactly what the run was trained on (see `data.prepare_for_resume`).
+    exactly what the run was trained on (see `prepare.prepare_for_resume`).
     tokenizer: tokenise with this one (a fine-tuned model's) instead of building
     config.data.tokenizer for the corpus.
     """
