@@ -6,7 +6,8 @@ tokenizer allows (`Tokenizer.cut_point`) so its pieces encode to the ids of the
 whole. `encode_in_order` encodes those pieces on several threads (tiktoken releases
 the GIL, so threads run in parallel) and hands the ids back in order, holding only
 a few tasks in memory. prepare.py writes them into token files; `tokenize_corpus`
-keeps them in memory (what `minigpt eval --data` scores).
+keeps them in memory (what `minigpt eval --data` scores). `bpe_sample` reads the start
+of the training split as the texts a BPE learns its merges from.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
 from tqdm import tqdm
 
+from minigpt.bpe_training import line_chunks
 from minigpt.corpus import ContentHash, Corpus, Document, OnBytes
 from minigpt.errors import MinigptError
 from minigpt.tokenizer import Tokenizer
@@ -281,6 +284,43 @@ def encode_in_order(
             yield pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def bpe_sample(
+    corpus: Corpus, split: Split, sample_chars: int, on_bytes: OnBytes = lambda n: None
+) -> Iterator[str]:
+    """The first `sample_chars` characters of the training split, as the texts BPE
+    training counts (`line_chunks` of each document, as `BPETokenizer.train` cuts any
+    text: a corpus smaller than the sample learns the merges of the whole)."""
+    left = sample_chars
+    texts = split_texts(corpus, split, None, False, ContentHash(), on_bytes)
+    with closing(texts):
+        for part, document in _documents_of(texts):
+            if part != TRAIN or left <= 0:
+                return
+            for chunk in line_chunks(document):
+                yield chunk[:left]
+                left -= len(chunk)
+                if left <= 0:
+                    return
+
+
+def _documents_of(texts: Iterator[tuple[int, str, bool]]):
+    """(split, that document's texts) for each document part in `texts`."""
+    for (part, _), group in itertools.groupby(texts, key=_DocumentKey()):
+        yield part, (text for _, text, _ in group)
+
+
+class _DocumentKey:
+    """A groupby key that changes at every document part's start."""
+
+    def __init__(self):
+        self.number = 0
+
+    def __call__(self, item: tuple[int, str, bool]) -> tuple[int, int]:
+        part, _, starts = item
+        self.number += starts
+        return part, self.number
 
 
 def tokenize_corpus(

@@ -25,21 +25,18 @@ it again. `prepare_for_resume` prepares exactly the data a resumed run was train
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import os
 import shutil
 import time
 from array import array
-from collections.abc import Iterator
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from minigpt.atomic import discard, make_temp_dir, remove_stale_temp_folders, write_json_atomic
-from minigpt.corpus import AUTO_GLOB, DEFAULT_FIELD, TEXT, ContentHash, Corpus, OnBytes
+from minigpt.corpus import AUTO_GLOB, DEFAULT_FIELD, TEXT, ContentHash, Corpus
 from minigpt.data import (
     DEFAULT_DATA_DIR,
     META_FILE,
@@ -56,10 +53,10 @@ from minigpt.data import (
 )
 from minigpt.datasets import BUILTIN_DATASETS, DEFAULT_SOURCE, load_source
 from minigpt.encode import (
-    TRAIN,
     VAL_FRACTION,
     ByteProgress,
     Split,
+    bpe_sample,
     check_workers,
     encode_in_order,
     hashed_pieces,
@@ -73,7 +70,6 @@ from minigpt.tokenizer import (
     CharTokenizer,
     Tokenizer,
     check_tokenizer_settings,
-    line_chunks,
     save_tokenizer,
     train_tokenizer,
 )
@@ -220,43 +216,6 @@ def build_tokenizer(
             sample = bpe_sample(corpus, split, sample_chars, bar)
             return BPETokenizer.train(sample, choice.vocab_size)
     return train_tokenizer(choice.kind, [], choice.vocab_size)
-
-
-def bpe_sample(
-    corpus: Corpus, split: Split, sample_chars: int, on_bytes: OnBytes = lambda n: None
-) -> Iterator[str]:
-    """The first `sample_chars` characters of the training split, as the texts BPE
-    training counts (`line_chunks` of each document, as `BPETokenizer.train` cuts any
-    text: a corpus smaller than the sample learns the merges of the whole)."""
-    left = sample_chars
-    texts = split_texts(corpus, split, None, False, ContentHash(), on_bytes)
-    with closing(texts):
-        for part, document in _documents_of(texts):
-            if part != TRAIN or left <= 0:
-                return
-            for chunk in line_chunks(document):
-                yield chunk[:left]
-                left -= len(chunk)
-                if left <= 0:
-                    return
-
-
-def _documents_of(texts: Iterator[tuple[int, str, bool]]):
-    """(split, that document's texts) for each document part in `texts`."""
-    for (part, _), group in itertools.groupby(texts, key=_DocumentKey()):
-        yield part, (text for _, text, _ in group)
-
-
-class _DocumentKey:
-    """A groupby key that changes at every document part's start."""
-
-    def __init__(self):
-        self.number = 0
-
-    def __call__(self, item: tuple[int, str, bool]) -> tuple[int, int]:
-        part, _, starts = item
-        self.number += starts
-        return part, self.number
 
 
 # ---------------------------------------------------------------------------- pass 2: the token files

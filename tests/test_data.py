@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from minigpt import atomic
-from minigpt.data import check_block_size, load_prepared
+from minigpt.data import check_block_size, find_run_data, load_prepared
 from minigpt.errors import MinigptError
 from minigpt.prepare import prepare
+from minigpt.tokenizer import CharTokenizer
 
 
 def test_check_block_size(tmp_path):
@@ -139,3 +140,34 @@ def test_ctrl_c_while_removing_a_damaged_folder_leaves_no_visible_folder(
     monkeypatch.undo()
     assert [p for p in os.listdir(tmp_path / "data") if not p.startswith(".")] == []
     assert not prepare(corpus, "char", data_dir=tmp_path / "data", progress=False).reused
+
+
+# ------------------------------------------------------------------------------- a run's data
+
+
+def test_a_runs_data_is_found_where_recorded_or_in_its_moved_project(
+    tmp_path, monkeypatch, make_text
+):
+    """The one rule that train's resume, inspect-heads and eval share: the folder where
+    config.json says, else data_dir/<its name> in the run's project; and only ever the
+    corpus with the recorded content hash (and the tokenizer or dataset asked for)."""
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "c.txt").write_text(make_text())
+    prepared = prepare(project / "c.txt", "char", data_dir=project / "data", progress=False)
+    run_data = {"dir": str(prepared.dir), "content_hash": prepared.meta["content_hash"]}
+    assert find_run_data(run_data, project / "checkpoints" / "run").dir == prepared.dir
+    moved = tmp_path / "moved"
+    project.rename(moved)
+    run_dir = moved / "checkpoints" / "run"
+    found = find_run_data(run_data, run_dir)
+    assert found is not None and found.dir == moved / "data" / prepared.dir.name
+    assert find_run_data(run_data, run_dir, tokenizer=found.tokenizer) is not None
+    assert find_run_data(run_data, run_dir, tokenizer=CharTokenizer(["a", "b"])) is None
+    assert find_run_data(run_data, run_dir, builtin="pystdlib") is None
+    assert find_run_data({**run_data, "content_hash": "0" * 64}, run_dir) is None
+    assert find_run_data({"dir": str(prepared.dir)}, run_dir) is None
+    assert find_run_data("not a table", run_dir) is None
+    monkeypatch.chdir(moved)
+    relative = {**run_data, "dir": f"data/{prepared.dir.name}"}
+    assert find_run_data(relative, tmp_path / "elsewhere" / "run").dir == moved / relative["dir"]

@@ -417,7 +417,7 @@ def test_meta_records_the_absolute_source_path(tmp_path, monkeypatch, make_text)
 def test_folder_names_are_unchanged(tmp_path, make_text):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(make_text())
-    # names made by the previous release: its prepared folders are still found
+    # the names prepared folders already carry on disk: a folder is found again only by its name
     assert prepare(corpus, "char", data_dir=tmp_path, progress=False).dir.name == (
         "corpus-char-24ce2b5b16f2"
     )
@@ -551,7 +551,7 @@ def test_learning_bpe_from_a_huge_document_holds_a_piece_not_the_document(tmp_pa
     split = split_point([big.stat().st_size])
     tracemalloc.start()
     try:
-        n_chars = sum(len(chunk) for chunk in prepare_module.bpe_sample(corpus, split, 10**9))
+        n_chars = sum(len(chunk) for chunk in encode.bpe_sample(corpus, split, 10**9))
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
