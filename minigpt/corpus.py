@@ -199,7 +199,7 @@ class Corpus:
     format: str = TEXT  # of every file: text, jsonl or parquet
     text_field: str = DEFAULT_FIELD  # the field (jsonl) or column (parquet) of the text
     glob: str | None = None  # a folder's glob, as resolved ("auto" becomes "*.jsonl", ...)
-    texts: list[str] | None = None  # a built-in dataset's documents, made in memory
+    texts: list[str] | None = None  # documents held in memory (a built-in dataset's)
     n_bytes: int = 0  # the size of what is read: files on disk, or the texts
 
     def documents(self, on_bytes: OnBytes = _ignore) -> Iterator[Document]:
