@@ -28,6 +28,7 @@ from rich.console import Console
 
 from minigpt import heads, render
 from minigpt.atomic import write_json_atomic
+from minigpt.heads_run import validation_batches
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer
 
@@ -49,7 +50,7 @@ def time_table(config: GPTConfig, n_batches: int, seed: int = 0) -> dict:
     )
     start = time.perf_counter()
     probes = list(heads.repeated_probe(tokenizer, config.block_size // 2))
-    batches = heads.validation_batches(val_tokens, config.block_size, n_batches=n_batches)
+    batches = validation_batches(val_tokens, config.block_size, n_batches=n_batches)
     inspection = heads.inspect_heads(
         model, tokenizer, probes, repeated=config.block_size // 2,
         importance_batches=batches, importance_source="random validation tokens",

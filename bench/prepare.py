@@ -1,6 +1,6 @@
 """Time `minigpt prepare`, and check that it streams: memory, formats, throughput.
 
-    python bench/prepare.py                         # every section (about 10 minutes on 2 cores)
+    python bench/prepare.py                         # every section (minutes)
     python bench/prepare.py --quick                 # a smoke run: two small cases and the batcher
     python bench/prepare.py --sections scale        # one section, or several: scale,throughput
     python bench/prepare.py --corpus-dir /tmp/corp  # keep the generated corpora, reuse them later
@@ -19,8 +19,8 @@ scale: memory does not grow with the corpus. Folders of about 100 and 200 MB (--
   again and again into copy00/, copy01/, ... as .txt files (one document each) until
   the size is reached. `minigpt prepare FOLDER` runs in a child process for char and
   for bpe --vocab-size 4096 on each, with --workers; its peak RSS is read exactly
-  from os.wait4's rusage (ru_maxrss). The issue's targets: every peak under 600 MB,
-  and the 200 MB run's peak at most 1.25x the 100 MB run's. The repeated sources do
+  from os.wait4's rusage (ru_maxrss). The targets: every peak under RSS_TARGET_MB,
+  and the larger run's peak at most GROWTH_TARGET times the smaller's. The repeated sources do
   not grow BPE's distinct words (what its training counts) as real text would, so bpe
   4096 runs a second time on "zipf" folders of the same sizes: words drawn by Zipf's
   law from 5M random strings, whose vocabulary keeps growing with the text
@@ -40,7 +40,7 @@ throughput: the tokenizer is the limit. With the bpe 4096 tokenizer learned on t
     held in memory (threads sharing one encoding);
   - `prepare(folder, tokenizer, workers=N)` with that ready tokenizer (nothing
     learned: reading twice, hashing, tokenising, writing), MB/s = meta bytes over its
-    seconds; the target is at least 0.80 of tiktoken's;
+    seconds; the target is at least THROUGHPUT_TARGET of tiktoken's;
   - processes or threads? a ProcessPoolExecutor(N) whose workers each build the
     encoding once and map encode_to_numpy over the documents (the map alone is
     timed, the pool already started); and a thread pool whose threads each build
@@ -83,8 +83,9 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.corpus import shakespeare_path, stdlib_files
-from minigpt.data import prepare, token_dtype
+from minigpt.data import token_dtype
+from minigpt.datasets import shakespeare_path, stdlib_files
+from minigpt.prepare import prepare
 from minigpt.tokenizer import Tokenizer, load_tokenizer, tokenizer_from_json
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,9 +1,15 @@
-"""Atomic file writes: a crash or a kill never leaves a half-written file.
+"""Atomic writes: a crash or a kill never leaves a half-written file or folder.
 
 Every file that matters (weights, configs, tokenizers, prepared data) is written
 to a temporary name in the same folder, flushed to disk, then moved into place
 with `os.replace`, which is atomic on POSIX and Windows. A reader sees either the
 old file or the new one, never a mix.
+
+A whole folder (prepared data, an exported model) is built the same way: in a
+temporary folder beside it (`make_temp_dir`), renamed into place in one step. The
+temporary name says which host and process own it (`.NAME.HOST.PID.RANDOM.tmp`),
+so that the leftovers of a killed writer can be told from the work of a live one
+and cleared (`remove_stale_temp_folders`).
 """
 
 from __future__ import annotations
@@ -11,8 +17,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
+import secrets
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -82,3 +92,107 @@ def write_text_atomic(path: str | Path, text: str) -> None:
 
 def write_json_atomic(path: str | Path, data: object) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+# ---------------------------------------------------------------------------- temporary folders
+
+STALE_AFTER_S = 24 * 3600
+"""A temporary folder whose owner cannot be asked (on another host) is stale after a day
+untouched: a live owner touches it more often than that while it works, however long."""
+# .NAME.HOST.PID.RANDOM.tmp, NAME ending in the 12 hex digits of a prepared folder's key;
+# OLD_TEMP_NAME is the older .NAME.RANDOM.tmp of tempfile.mkdtemp. Nothing else is touched.
+TEMP_NAME = re.compile(
+    r"\.(?P<name>.+-[0-9a-f]{12})\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp"
+)
+OLD_TEMP_NAME = re.compile(r"\..+-[0-9a-f]{12}\.[a-z0-9_]{8}\.tmp")
+
+
+def _host_tag() -> str:
+    """This host's name with only letters, digits and '-', so the name's dots stay separators."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
+
+
+def _temp_path(out_dir: Path) -> Path:
+    owner = f"{_host_tag()}.{os.getpid()}"
+    return out_dir.parent / f".{out_dir.name}.{owner}.{secrets.token_hex(4)}.tmp"
+
+
+def make_temp_dir(out_dir: Path) -> Path:
+    """A fresh temporary folder beside `out_dir`, named for its owner (see TEMP_NAME).
+
+    Made with mkdir's mode, 0o777 less the umask, so the folder renamed into place has
+    the modes of any folder (mkdtemp's would be 0o700: private to one user).
+    """
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            path = _temp_path(out_dir)
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:  # 32 random bits taken already: draw again
+                continue
+    except OSError as err:  # named for the folder it is in, not for the hidden name it tried
+        raise os_error(OSError(err.errno, err.strerror), "write in", out_dir.parent) from None
+
+
+def remove_stale_temp_folders(folder: Path, now: float | None = None) -> list[Path]:
+    """Remove the temporary folders that killed writers left in `folder`; returns them.
+
+    One made on this host by a process that is gone is stale at once; one whose owner
+    cannot be asked (another host, or an older name without a pid) after STALE_AFTER_S.
+    """
+    now = time.time() if now is None else now
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no folder yet, or one that cannot be listed: nothing to clear
+        return []
+    stale = [Path(entry.path) for entry in entries if _is_stale_temp(entry, now)]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
+def _is_stale_temp(entry: os.DirEntry, now: float) -> bool:
+    match = TEMP_NAME.fullmatch(entry.name)
+    if not (match or OLD_TEMP_NAME.fullmatch(entry.name)):
+        return False
+    try:
+        if not entry.is_dir(follow_symlinks=False):
+            return False
+        age = now - entry.stat(follow_symlinks=False).st_mtime
+    except OSError:
+        return False
+    if match and match["host"] == _host_tag() and os.name == "posix":
+        return not _process_alive(int(match["pid"]))
+    return age > STALE_AFTER_S
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether a process `pid` exists (on POSIX; signal 0 only asks)."""
+    if pid <= 0:  # 0 and -1 would signal whole process groups: never a real owner
+        return False
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):  # no such process; larger than any pid
+        return False
+    except OSError:  # PermissionError: it exists, as another user's
+        return True
+    return True
+
+
+def discard(path: Path) -> None:
+    """Remove a folder (or a link or file in its place); an OSError says why it cannot be.
+
+    A folder is renamed to a temporary name first, so it vanishes in one step: a kill
+    while it is being deleted leaves a temporary folder, never a half-deleted one.
+    """
+    try:
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()  # a link's target is not ours to delete
+            return
+        doomed = _temp_path(path)
+        os.rename(path, doomed)
+    except FileNotFoundError:  # someone else removed it first
+        return
+    shutil.rmtree(doomed, ignore_errors=True)

@@ -272,10 +272,11 @@ def inspect_heads(
     local: mean attention distance <= 2.0 tokens; mixed: anything else.
     """
     choose_wait_policy()  # before torch loads (see device.py)
-    from minigpt import heads, render
+    from minigpt import render
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
     from minigpt.corpus import read_prompts
     from minigpt.device import resolve_device
+    from minigpt.heads_run import check_head, inspect_run
 
     writers = [
         (render.save_html, html, "html_file"),
@@ -289,8 +290,8 @@ def inspect_heads(
     ]
     prompts = read_prompts(prompt or (), prompt_file or ())
     run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
-    heads.check_head(layer, head, run.model.config.n_layer, run.model.config.n_head)
-    inspection = heads.inspect_run(run, prompts=prompts, repeated=repeated, importance=importance)
+    check_head(layer, head, run.model.config.n_layer, run.model.config.n_head)
+    inspection = inspect_run(run, prompts=prompts, repeated=repeated, importance=importance)
     for note in inspection.notes:
         console.warn(note)
     console.print_inspection(inspection, layer, head)
@@ -328,9 +329,10 @@ def prepare(
     data_dir: str = typer.Option("data", "--data-dir", help="Where prepared data is kept."),
 ) -> None:
     """Tokenise a corpus once into train/val token files (cached by content hash)."""
-    from minigpt import data
+    from minigpt.data import describe_prepared
+    from minigpt.prepare import prepare as prepare_corpus
 
-    prepared = data.prepare(
+    prepared = prepare_corpus(
         source,
         tokenizer,
         vocab_size,
@@ -340,7 +342,7 @@ def prepare(
         workers=workers,
         bpe_sample_chars=bpe_sample_chars,
     )
-    console.say(data.describe_prepared(prepared))
+    console.say(describe_prepared(prepared))
 
 
 @app.command("eval")

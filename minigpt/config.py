@@ -29,10 +29,10 @@ from functools import cache
 from pathlib import Path
 
 from minigpt.checkpoint import CONFIG_FILE, read_config
-from minigpt.data import DEFAULT_BPE_SAMPLE_CHARS
 from minigpt.device import DEVICES, DTYPES
 from minigpt.errors import MinigptError
 from minigpt.model import GPTConfig
+from minigpt.prepare import DEFAULT_BPE_SAMPLE_CHARS
 
 
 @dataclass

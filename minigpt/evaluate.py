@@ -26,10 +26,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from minigpt.checkpoint import Run
-from minigpt.corpus import AUTO_GLOB, DEFAULT_FIELD, load_corpus
-from minigpt.data import DEFAULT_DATA_DIR, tokenize_corpus
+from minigpt.corpus import AUTO_GLOB, DEFAULT_FIELD
+from minigpt.data import DEFAULT_DATA_DIR, find_run_data
+from minigpt.datasets import load_source
+from minigpt.encode import tokenize_corpus
 from minigpt.errors import MinigptError
-from minigpt.heads import validation_tokens
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer, Tokenizer
 
@@ -309,17 +310,17 @@ def _tokens_to_evaluate(
     """(token ids, what they are in words): `data` tokenised by the run's tokenizer,
     else the run's prepared validation split."""
     if data is not None:
-        corpus = load_corpus(data, Path(data_dir), glob, progress, text_field)
+        corpus = load_source(data, Path(data_dir), glob, progress, text_field)
         return tokenize_corpus(run.tokenizer, corpus, progress=progress), str(data)
-    found = validation_tokens(run.config, run.dir, run.tokenizer)
-    if found is None:
+    prepared = find_run_data(run.config.get("prepared_data"), run.dir, tokenizer=run.tokenizer)
+    if prepared is None:
         raise MinigptError(
             f"{run.dir} has no validation split to evaluate (it was imported, or its "
             "prepared data is gone)",
             hint="pass --data FILE or a folder",
         )
-    tokens, where = found
-    return np.asarray(tokens, dtype=np.int64), f"validation split of {Path(where).parent}"
+    tokens = np.asarray(prepared.val_tokens(), dtype=np.int64)
+    return tokens, f"validation split of {prepared.dir}"
 
 
 def describe(result: Evaluation) -> str:

@@ -28,18 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from minigpt.batches import Batcher
-from minigpt.checkpoint import Run
-from minigpt.data import META_FILE, VAL_FILE, load_prepared
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
-from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer
+from minigpt.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------
 # Roles
@@ -83,10 +78,6 @@ ROLES = ("induction", "previous-token", "duplicate-token", "first-token", "broad
 
 REPEATED_PROBES = 8
 """How many random [r, r] sequences `--repeated N` averages over."""
-IMPORTANCE_BATCHES = 8
-"""Validation batches the ablation importance is averaged over."""
-IMPORTANCE_BATCH_SIZE = 4
-"""Sequences (of block_size tokens) per importance batch."""
 
 
 def assign_role(metrics: dict, thresholds: RoleThresholds = ROLE_THRESHOLDS) -> str:
@@ -465,7 +456,7 @@ def score_sequences(attention: Tensor, repeated: int | None) -> dict[str, Tensor
     return {k: v.sum(0) for k, v in scores.items()}
 
 
-def _by_length(sequences: Iterable[Tensor]) -> list[list[Tensor]]:
+def by_length(sequences: Iterable[Tensor]) -> list[list[Tensor]]:
     """Sequences grouped by length, in order of first appearance: each group stacks
     into one batch."""
     groups: dict[int, list[Tensor]] = {}
@@ -484,7 +475,7 @@ def _capture_and_score(
     sums: dict[str, Tensor] = {}
     similarity = torch.zeros(L * H, L * H)
     first_attention = None
-    for group in _by_length(sequences):  # the first group holds sequences[0]
+    for group in by_length(sequences):  # the first group holds sequences[0]
         idx = torch.stack(group).to(model.device)  # (B, T)
         attention = capture_attention(model, idx).cpu()  # (B, L, H, T, T)
         if first_attention is None:
@@ -593,223 +584,3 @@ def inspect_heads(
         base_loss=base_loss,
         thresholds=thresholds,
     )
-
-
-# ---------------------------------------------------------------------------
-# From a run directory and the user's input to an Inspection
-
-
-def prompt_sequences(
-    tokenizer: Tokenizer, prompts: list[str], block_size: int
-) -> tuple[list[Tensor], list[str]]:
-    """Encode prompts, cropping each to its first block_size tokens: (sequences, warnings)."""
-    sequences, notes = [], []
-    for number, prompt in enumerate(prompts, 1):
-        ids = tokenizer.encode_prompt(prompt) if prompt else []
-        if not ids:
-            raise MinigptError(
-                "the prompt is empty" if not prompt else "the prompt encodes to no tokens",
-                hint="give every prompt some text",
-                param="prompts",
-            )
-        if len(ids) > block_size:
-            notes.append(
-                f"prompt {number} has {len(ids)} tokens, more than block_size={block_size}: "
-                f"cropped to its first {block_size}"
-            )
-            ids = ids[:block_size]
-        sequences.append(torch.tensor(ids, dtype=torch.long))
-    return sequences, notes
-
-
-def check_repeated(n: int, block_size: int) -> None:
-    """The repeated probe [r1..rn, r1..rn] is 2n tokens: they must fit the context."""
-    if not 2 <= n <= block_size // 2:
-        raise MinigptError(
-            f"repeated {n} is out of range: the probe is 2 x {n} tokens, so with "
-            f"block_size={block_size} it must be from 2 to {block_size // 2}",
-            hint=f"pass repeated from 2 to {block_size // 2}",
-            param="repeated",
-        )
-
-
-def validation_tokens(
-    config: dict, run_dir: Path, tokenizer: Tokenizer
-) -> tuple[np.ndarray, str] | None:
-    """The run's prepared validation tokens and where they are, if findable.
-
-    config.json's prepared_data names the prepared folder (`dir`, written by `minigpt
-    train`) and its corpus (`content_hash`); a relative dir is tried from the working
-    directory, then from the run's project. A run directory is data, not instructions:
-    a folder is used only if it is genuinely this run's data (see `_genuine_val_tokens`).
-    """
-    recorded = config.get("prepared_data")
-    if not isinstance(recorded, dict):
-        return None
-    name, content_hash = recorded.get("dir"), recorded.get("content_hash")
-    if not (isinstance(name, str) and name and isinstance(content_hash, str) and content_hash):
-        return None
-    for base in (Path.cwd(), run_dir.resolve().parent.parent):
-        tokens = _genuine_val_tokens(base / name, content_hash, tokenizer)
-        if tokens is not None:
-            return tokens, str(base / name / VAL_FILE)
-    return None
-
-
-def _genuine_val_tokens(folder: Path, content_hash: str, tokenizer: Tokenizer) -> np.ndarray | None:
-    """The validation tokens of `folder` if it is prepared data of the corpus with this
-    content hash, tokenised by this very tokenizer; else None.
-
-    Its files must be regular files (a FIFO or a device named by a hostile config
-    would block or stream forever), and `load_prepared` must accept the folder.
-    """
-    files = (folder / META_FILE, folder / VAL_FILE)
-    tokenizer_file = folder / TOKENIZER_FILE
-    try:
-        if not all(f.is_file() for f in files):
-            return None
-        if tokenizer_file.exists() and not tokenizer_file.is_file():
-            return None
-        prepared = load_prepared(folder)
-        if not isinstance(prepared.meta, dict) or prepared.meta.get("content_hash") != content_hash:
-            return None
-        if prepared.tokenizer.to_json() != tokenizer.to_json():
-            return None
-        return prepared.val_tokens()
-    except (MinigptError, OSError, ValueError, KeyError, TypeError):
-        return None  # damaged or not prepared data: the caller falls back to the prompt
-
-
-def validation_batches(
-    tokens: np.ndarray,
-    block_size: int,
-    n_batches: int = IMPORTANCE_BATCHES,
-    batch_size: int = IMPORTANCE_BATCH_SIZE,
-    seed: int = 0,
-) -> list[tuple[Tensor, Tensor]]:
-    """`n_batches` seeded random windows of the validation tokens, as (x, y) pairs."""
-    window = min(block_size, len(tokens) - 1)
-    batcher = Batcher(tokens, window, batch_size, seed)
-    return [batcher.next() for _ in range(n_batches)]
-
-
-def prompt_batches(sequences: list[Tensor]) -> list[tuple[Tensor, Tensor]]:
-    """The prompts themselves as (x, y) next-token batches, equal lengths grouped."""
-    groups = _by_length(seq for seq in sequences if seq.numel() >= 2)
-    return [(torch.stack(g)[:, :-1], torch.stack(g)[:, 1:]) for g in groups]
-
-
-def _sequences_to_inspect(
-    tokenizer: Tokenizer,
-    prompts: list[str] | None,
-    repeated: int | None,
-    block_size: int,
-    n_probes: int,
-    seed: int,
-) -> tuple[list[Tensor], int | None, str, list[str]]:
-    """The prompts, or else the repeated probe: (sequences, the probe's half-length or
-    None, what they are in words, warnings)."""
-    if prompts and repeated is not None:
-        raise MinigptError(
-            "pass either prompts or repeated, not both", hint="drop one of them", param="repeated"
-        )
-    if prompts:
-        sequences, notes = prompt_sequences(tokenizer, prompts, block_size)
-        source = "the prompt" if len(prompts) == 1 else f"{len(prompts)} prompts"
-        return sequences, None, source, notes
-    if repeated is None:
-        repeated = min(32, block_size // 2)
-    check_repeated(repeated, block_size)
-    sequences = list(repeated_probe(tokenizer, repeated, n_probes, seed))
-    source = f"{n_probes} random sequences of {repeated} tokens, each followed by itself"
-    return sequences, repeated, source, []
-
-
-def _importance_batches(
-    run: Run, sequences: list[Tensor], probed: bool, seed: int
-) -> tuple[list[tuple[Tensor, Tensor]] | None, str, list[str]]:
-    """Batches to measure importance on, on the model's device (None if there are none),
-    where they come from in words, and warnings: the run's validation data if it can
-    be found, else the inspected sequences themselves."""
-    model = run.model
-    found = validation_tokens(run.config, run.dir, run.tokenizer)
-    batches = None
-    if found is not None and len(found[0]) >= 2:
-        tokens, where = found
-        batches = validation_batches(tokens, model.config.block_size, seed=seed)
-        if not _within_vocab(batches, run.tokenizer.vocab_size):
-            batches = None  # the token file does not match its tokenizer: not usable
-    if batches is not None:
-        B, T = batches[0][0].shape
-        source, notes = f"{len(batches)} validation batches of {B} x {T} tokens from {where}", []
-    else:
-        batches = prompt_batches(sequences)
-        what = "the probe sequences" if probed else "the prompt"
-        source = f"{what} (no validation data found for this run)"
-        notes = [f"importance is measured on {what}: the run's validation data was not found"]
-        if not batches:
-            notes.append("importance skipped: the prompt has fewer than 2 tokens")
-    batches = [(x.to(model.device), y.to(model.device)) for x, y in batches]
-    return batches or None, source, notes
-
-
-def _within_vocab(batches: list[tuple[Tensor, Tensor]], vocab_size: int) -> bool:
-    """Whether every id of the (x, y) batches is one the tokenizer has: the embedding
-    would fail on a larger one, or score a padded row the model never learned."""
-    return all(int(t.min()) >= 0 and int(t.max()) < vocab_size for x, y in batches for t in (x, y))
-
-
-def inspect_run(
-    run: Run,
-    prompts: list[str] | None = None,
-    repeated: int | None = None,
-    importance: bool = True,
-    n_probes: int = REPEATED_PROBES,
-    seed: int = 0,
-) -> Inspection:
-    """Inspect a loaded run (`checkpoint.load_run`) on prompts or on the repeated probe.
-
-    With neither, the probe with N = min(32, block_size // 2) is used. Importance is
-    measured on validation batches of the run's prepared data, or on the prompts
-    (with a note saying so) when that data cannot be found.
-    """
-    model, tokenizer = run.model, run.tokenizer
-    sequences, repeated, source, notes = _sequences_to_inspect(
-        tokenizer, prompts, repeated, model.config.block_size, n_probes, seed
-    )
-    batches = importance_source = None
-    if importance:
-        batches, importance_source, importance_notes = _importance_batches(
-            run, sequences, repeated is not None, seed
-        )
-        notes += importance_notes
-    inspection = inspect_heads(
-        model,
-        tokenizer,
-        sequences,
-        repeated=repeated,
-        importance_batches=batches,
-        importance_source=importance_source,
-        source=source,
-    )
-    inspection.notes = notes + inspection.notes
-    return inspection
-
-
-def check_head(layer: int | None, head: int | None, n_layer: int, n_head: int) -> None:
-    """layer and head, where given, must name an existing layer and head."""
-    if head is not None and layer is None:
-        # A rule about the command line's combination of options, so in its words.
-        raise MinigptError("--head needs --layer", hint="pass --layer L --head H")
-    if layer is not None and not 0 <= layer < n_layer:
-        raise MinigptError(
-            f"layer {layer} is out of range: this model has layers 0 to {n_layer - 1}",
-            hint=f"pass layer from 0 to {n_layer - 1}",
-            param="layer",
-        )
-    if head is not None and not 0 <= head < n_head:
-        raise MinigptError(
-            f"head {head} is out of range: this model has heads 0 to {n_head - 1} in each layer",
-            hint=f"pass head from 0 to {n_head - 1}",
-            param="head",
-        )

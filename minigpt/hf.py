@@ -41,9 +41,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from minigpt import checkpoint
-from minigpt.atomic import atomic_path, write_json_atomic
+from minigpt.atomic import atomic_path, make_temp_dir, write_json_atomic
 from minigpt.checkpoint import CONFIG_FILE, RunLock, load_run, read_config
-from minigpt.data import make_temp_dir
 from minigpt.errors import MinigptError, first_line, os_error
 from minigpt.hf_tokenizer import tokenizer_from_hf, write_hf_tokenizer
 from minigpt.model import GPT, GPTConfig

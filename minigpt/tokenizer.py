@@ -20,17 +20,16 @@ import codecs
 import copy
 import json
 import numbers
-import signal
 import socket
-import threading
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from minigpt.atomic import write_json_atomic
+from minigpt.bpe_training import learn_merges
 from minigpt.errors import MinigptError, os_error
 
 ENDOFTEXT = "<|endoftext|>"
@@ -294,7 +293,7 @@ class TiktokenTokenizer(Tokenizer):
     """Shared machinery for tokenizers run by a `tiktoken.Encoding` (byte-level BPE).
 
     User text is encoded as ordinary text: a literal "<|endoftext|>" in a corpus is
-    just characters; the end-of-text id is placed between documents by data.py.
+    just characters; the end-of-text id is placed between documents by encode.py.
     """
 
     def __init__(self, encoding):  # encoding: tiktoken.Encoding
@@ -323,8 +322,8 @@ class TiktokenTokenizer(Tokenizer):
         return self.encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
 
     def for_thread(self) -> TiktokenTokenizer:
-        # threads sharing one tiktoken encoding hold each other up: two of them encode
-        # 7.2 MB/s together, 13.3 with an encoding each (bench/prepare.py); one costs ms
+        # threads sharing one tiktoken encoding hold each other up (bench/prepare.py
+        # measures it); a copy of its tables costs milliseconds
         import tiktoken
 
         clone = copy.copy(self)
@@ -403,18 +402,10 @@ class BPETokenizer(TiktokenTokenizer):
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         """Learn `vocab_size - 257` merges from `texts` (the 257 are the bytes and <|endoftext|>)."""
-        import rustbpe
-
         check_bpe_vocab_size(vocab_size)
-        trainer = rustbpe.Tokenizer()
-        with _SignalsDeferred() as signals:
-            trainer.train_from_iterator(  # rustbpe's vocab is bytes + merges; the special token is ours
-                _chunks(texts, signals),
-                vocab_size - 1,
-                buffer_size=BPE_TRAIN_BUFFER,
-                pattern=GPT4_SPLIT_PATTERN,
-            )
-        return cls(dict(trainer.get_mergeable_ranks()), trainer.get_pattern())
+        # rustbpe's vocabulary is the bytes and the merges; the special token is ours
+        ranks, pattern = learn_merges(texts, vocab_size - 1, GPT4_SPLIT_PATTERN)
+        return cls(ranks, pattern)
 
     def to_json(self) -> dict:
         by_rank = sorted(self.mergeable_ranks.items(), key=lambda item: item[1])
@@ -542,75 +533,6 @@ def train_tokenizer(kind: str, texts: list[str], vocab_size: int | None = None) 
     if kind == "bpe":
         return BPETokenizer.train(texts, vocab_size)
     return NamedTokenizer(kind)
-
-
-BPE_TRAIN_BUFFER = 512
-"""Texts rustbpe holds at once while it counts (its default, 8192 texts of up to 64 KB,
-could hold half a GB): counts are summed over batches, so the merges are the same."""
-
-
-def line_chunks(pieces: Iterable[str], size: int = 1 << 16) -> Iterator[str]:
-    """One text (whole, or in pieces) cut after the first newline at or past every `size`
-    characters: ~64 KB texts that rustbpe counts in parallel."""
-    buffer, start = "", 0
-    for piece in pieces:
-        buffer, start = buffer[start:] + piece, 0
-        while (end := buffer.find("\n", start + size)) != -1:
-            yield buffer[start : end + 1]
-            start = end + 1
-    if start < len(buffer):
-        yield buffer[start:]
-
-
-def _chunks(texts: Iterable[str], signals: _SignalsDeferred) -> Iterator[str]:
-    for text in texts:
-        for chunk in line_chunks((text,)):
-            signals.raise_pending()  # a Ctrl-C while reading stops here, between chunks
-            yield chunk
-
-
-class _SignalsDeferred:
-    """While rustbpe trains, SIGINT and SIGTERM are recorded, and their own handlers run
-    between chunks of the iterator or when training returns.
-
-    Why: rustbpe calls back into Python outside our iterator too (pyo3-log looks up a
-    Python logger on its first message). A handler that raises inside such a call is
-    printed and left pending by the Rust side, and the next Python call then fails with
-    "SystemError: ... returned a result with an exception set": a traceback and exit
-    code 1 instead of a clean stop. Signals that the process ignores or leaves at the
-    default action are not touched; neither is anything off the main thread, which
-    cannot set handlers.
-    """
-
-    CAUGHT = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.pending: list[int] = []
-        self.previous: dict[int, object] = {}
-
-    def __enter__(self) -> _SignalsDeferred:
-        if threading.current_thread() is threading.main_thread():
-            for signum in self.CAUGHT:
-                handler = signal.getsignal(signum)
-                if callable(handler):
-                    self.previous[signum] = handler
-                    signal.signal(signum, self._record)
-        return self
-
-    def _record(self, signum, frame) -> None:
-        self.pending.append(signum)
-
-    def raise_pending(self) -> None:
-        """Run the first recorded signal's handler now (ours raise, to stop cleanly)."""
-        if self.pending:
-            signum = self.pending.pop(0)
-            self.previous[signum](signum, None)
-
-    def __exit__(self, exc_type, exc, traceback) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        if exc_type is None:
-            self.raise_pending()
 
 
 def tokenizer_from_json(data: dict, where: str = TOKENIZER_FILE) -> Tokenizer:

@@ -2,7 +2,7 @@
 tokenizer that made them.
 
 A fresh run prepares its data (or reuses the cached token files); a resumed run
-must find exactly the data it was trained on (`data.prepare_for_resume`); a
+must find exactly the data it was trained on (`prepare.prepare_for_resume`); a
 fine-tune tokenises with its source's tokenizer. Under torchrun, rank 0 prepares
 first and the other processes then reuse its folder.
 """
@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from minigpt.config import RunConfig
-from minigpt.data import check_block_size, prepare, prepare_for_resume
+from minigpt.data import check_block_size
 from minigpt.distributed import Distributed
 from minigpt.errors import MinigptError
+from minigpt.prepare import prepare, prepare_for_resume
 from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer
 
 
@@ -41,7 +42,7 @@ def load_data(
     """Prepare (or reuse the cached) token files of config.data.
 
     run_data: a resumed run's config.json "prepared_data": the data must then be
-    exactly what the run was trained on (see `data.prepare_for_resume`).
+    exactly what the run was trained on (see `prepare.prepare_for_resume`).
     tokenizer: tokenise with this one (a fine-tuned model's) instead of building
     config.data.tokenizer for the corpus.
     """

@@ -41,6 +41,40 @@ def run_minigpt():
     return run
 
 
+# --------------------------------------------------------------------------- corpora for the data tests
+
+
+@pytest.fixture(scope="session")
+def make_text():
+    """make_text(n_lines=400, extra=""): a small corpus of numbered lines, `extra` at its end."""
+
+    def make(n_lines: int = 400, extra: str = "") -> str:
+        lines = [f"line {i}: the cat sat on mat number {i * 7 % 13}.\n" for i in range(n_lines)]
+        return "".join(lines) + extra
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def listing():
+    """listing(folder): every path under `folder`, relative to it, sorted."""
+
+    def paths(folder) -> list[str]:
+        return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*"))
+
+    return paths
+
+
+@pytest.fixture(scope="session")
+def assert_nothing_written(listing):
+    """assert_nothing_written(data_dir): nothing in data_dir, hidden or not (or no data_dir)."""
+
+    def check(data_dir) -> None:
+        assert not data_dir.exists() or listing(data_dir) == []
+
+    return check
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt():
     """Build a small GPT in eval mode from torch.manual_seed(seed): the same weights every time."""

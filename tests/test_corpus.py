@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 
 from minigpt import corpus as corpora
-from minigpt import data
+from minigpt import encode
+from minigpt import prepare as prepare_module
 from minigpt.corpus import LargeDocument, load_corpus
-from minigpt.data import prepare
 from minigpt.errors import MinigptError
+from minigpt.prepare import prepare
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -194,7 +195,7 @@ def test_a_large_file_streams_in_pieces_to_the_same_tokens(tmp_path, monkeypatch
         for t, v in (("char", None), ("bpe", 300))
     ]
     monkeypatch.setattr(corpora, "PIECE_BYTES", 16)
-    monkeypatch.setattr(data, "CUT_CHARS", 50)  # and tokenised in pieces too
+    monkeypatch.setattr(encode, "CUT_CHARS", 50)  # and tokenised in pieces too
     pieces = [
         prepare(tmp_path / "big.txt", t, v, tmp_path / "b", progress=False)
         for t, v in (("char", None), ("bpe", 300))
@@ -235,13 +236,13 @@ def test_a_file_that_grows_while_read_is_refused(tmp_path, small_pieces):
 
 def test_a_corpus_edited_between_the_passes_is_refused(tmp_path, monkeypatch):
     folder = write_txt(tmp_path / "c")
-    real_build = data.build_tokenizer
+    real_build = prepare_module.build_tokenizer
 
     def edit_then_build(*args, **kwargs):
         (folder / "doc000.txt").write_text("edited while preparing\n")
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(data, "build_tokenizer", edit_then_build)
+    monkeypatch.setattr(prepare_module, "build_tokenizer", edit_then_build)
     with pytest.raises(MinigptError, match="changed while it was being prepared"):
         prepare(folder, data_dir=tmp_path / "d", progress=False)
     assert not any((tmp_path / "d").iterdir())

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt import data
 from minigpt.checkpoint import load_run, write_run_files
+from minigpt.encode import tokenize_documents
 from minigpt.errors import MinigptError
 from minigpt.evaluate import (
     evaluate_run,
@@ -19,6 +19,7 @@ from minigpt.evaluate import (
     sliding_windows,
     token_byte_counts,
 )
+from minigpt.prepare import prepare
 from minigpt.tokenizer import BPETokenizer, CharTokenizer
 
 BLOCK = 16
@@ -190,7 +191,7 @@ def test_bpe_bytes_are_the_texts_and_eot_is_left_out(tiny_gpt, bpe):
     assert counts[tokenizer.eot_id] == 0 and (counts[:256] == 1).all()
     merges = range(256, tokenizer.eot_id)  # the corpus may run out of merges before 300
     assert all(counts[i] == len(tokenizer.token_bytes([i])) for i in merges)
-    ids = data.tokenize_documents(tokenizer, documents, progress=False)
+    ids = tokenize_documents(tokenizer, documents, progress=False)
     eot = ids == tokenizer.eot_id
     assert eot.sum() == len(documents) - 1
     model = tiny_gpt(tokenizer.vocab_size, block_size=BLOCK)
@@ -218,7 +219,7 @@ def runs(tiny_gpt, tmp_path_factory):
     root = tmp_path_factory.mktemp("evaluate")
     source = root / "corpus.txt"
     source.write_text(CORPUS)
-    prepared = data.prepare(str(source), "char", data_dir=root / "data", progress=False)
+    prepared = prepare(str(source), "char", data_dir=root / "data", progress=False)
     tokenizer = prepared.tokenizer
     model = tiny_gpt(tokenizer.vocab_size, block_size=BLOCK)
     recorded = {"dir": str(prepared.dir), "content_hash": prepared.meta["content_hash"]}

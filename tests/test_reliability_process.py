@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 from test_train_process import TEXT, wait_for_steps  # the process tests' corpus and poll
 
-from minigpt import checkpoint, data
+from minigpt import checkpoint
 from minigpt.checkpoint import CONFIG_FILE, LAST_WEIGHTS, METRICS_FILE, TRAINER_STATE, load_run
 from minigpt.errors import MinigptError
+from minigpt.prepare import TokenFiles, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
@@ -223,9 +224,9 @@ def test_a_disk_that_fills_while_tokens_are_written_is_one_sentence(
 ):
     corpus = tmp_path / "big.txt"
     corpus.write_text(TEXT * 300)
-    monkeypatch.setattr(data.TokenFiles, "check_room", lambda self, tokens: None)  # misjudged
+    monkeypatch.setattr(TokenFiles, "check_room", lambda self, tokens: None)  # misjudged
     with pytest.raises(MinigptError, match="No space left on device") as err:
-        data.prepare(corpus, "char", data_dir=small_disk / "data", progress=False)
+        prepare(corpus, "char", data_dir=small_disk / "data", progress=False)
     assert "\n" not in str(err.value) and "free some space" in err.value.hint
     assert not [p for p in (small_disk / "data").iterdir()]
 

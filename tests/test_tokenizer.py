@@ -188,7 +188,7 @@ def test_train_tokenizer_bpe_defaults_to_2048():
 
 
 # A Ctrl-C can land while rustbpe itself calls into Python: here, inside pyo3-log's first
-# logging.getLogger, where a raising handler used to leave "SystemError: ... returned a
+# logging.getLogger, where a raising handler would leave "SystemError: ... returned a
 # result with an exception set" and a traceback. Each case runs in a fresh process, since
 # pyo3-log looks the logger up once per process.
 SIGNAL_IN_RUSTBPE = """
