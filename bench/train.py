@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
 import statistics
@@ -47,6 +46,7 @@ from minigpt.device import choose_wait_policy  # noqa: E402
 
 WAIT_POLICY = choose_wait_policy()  # before torch loads, as `minigpt train` does
 
+import harness  # noqa: E402 (bench/harness.py; the script's folder is on sys.path)
 import torch  # noqa: E402
 
 from minigpt.checkpoint import read_metrics  # noqa: E402
@@ -70,7 +70,7 @@ SHAPES = {
 }
 
 
-LOOP_STEPS = 300  # per loop and round: about 12 s each on a 2-core CPU
+LOOP_STEPS = 300  # per loop and round
 
 
 def _bench_gpu():
@@ -342,7 +342,7 @@ def main() -> None:
     report = {
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": harness.cpu_name(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "omp_wait_policy": WAIT_POLICY,
@@ -357,9 +357,7 @@ def main() -> None:
         "quality": quality,
         "quick": args.quick,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = harness.write_json(args.out, report)
     lines = [
         f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads, "
         f"OpenMP wait policy {WAIT_POLICY}, load average {os.getloadavg()[0]:.1f}",

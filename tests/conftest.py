@@ -135,7 +135,8 @@ def tiny_train_data():
 # `merges.txt` laid out as GPT-2's are. `reference_encoder` is the GPT-2 release's
 # encoder.py (merges applied by pair rank, in pure Python with `regex`): a third
 # implementation, independent of both tiktoken and Hugging Face `tokenizers`. `regex` is a
-# dependency of tiktoken, so nothing here needs transformers.
+# dependency of tiktoken, so nothing here needs transformers. bench/hf.py builds its
+# checkpoints' vocabularies with write_gpt2_vocab and GPT2_CORPUS too.
 
 
 @pytest.fixture(scope="session")
@@ -144,8 +145,8 @@ def gpt2_files():
     `reference_encoder(folder)` -> encode function."""
     return SimpleNamespace(
         hard_texts=list(_HARD_TEXTS),
-        corpus=_GPT2_CORPUS,
-        write_vocab=_write_gpt2_vocab,
+        corpus=GPT2_CORPUS,
+        write_vocab=write_gpt2_vocab,
         reference_encoder=_gpt2_reference_encoder,
     )
 
@@ -185,7 +186,7 @@ _HARD_TEXTS = [
 """Strings where tokenizers tend to disagree: emoji (ZWJ sequences, flags, skin tones), CJK,
 combining accents, unusual whitespace, contractions, digits, punctuation and <|endoftext|>."""
 
-_GPT2_CORPUS = (
+GPT2_CORPUS = (
     "The quick brown fox jumps over the lazy dog. I'll say it's the dog's day, don't you think?\n"
     "Café crème, naïve façade, smörgåsbord and jalapeño. 日本語のテキスト 🎉🎉\n"
     "def f(x):\n    return x ** 2  # squares 12345 12345\n\n"
@@ -227,7 +228,7 @@ def _merge_word(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]
     return tuple(out)
 
 
-def _write_gpt2_vocab(folder: Path, corpus: str, n_merges: int = 60) -> int:
+def write_gpt2_vocab(folder: Path, corpus: str, n_merges: int = 60) -> int:
     """Write vocab.json and merges.txt as GPT-2 lays them out (ids 0..255 the bytes in
     bytes_to_unicode order, then one id per merge in order, then <|endoftext|>); return the
     vocab size (merges + 257)."""
