@@ -522,7 +522,13 @@ def _straight30(c: Case) -> list[str]:
     return train_args(*EXACT, "--max-iters", "30", out="S")
 
 
-BUILDERS = {"base": _base, "padded": _padded, "straight30": _straight30}
+def _prepared(c: Case) -> list[str]:
+    """corpus.txt and D/: its prepared folder, and nothing else."""
+    c.corpus()
+    return ["prepare", "corpus.txt", "--data-dir", "D"]
+
+
+BUILDERS = {"base": _base, "padded": _padded, "straight30": _straight30, "prepared": _prepared}
 
 
 class TrainedRuns:

@@ -62,11 +62,9 @@ def whole_again(folder: Path | None, tokens: int) -> list[str]:
 
 
 def damaged_cache(c, damage_name: str, then_train_only: bool) -> list[str]:
-    c.corpus()
-    first = c.mg("prepare", "corpus.txt", "--data-dir", "D")
-    tokens, folder = c.prepared_numbers(first)
-    if first.rc != 0 or tokens is None or folder is None:
-        return [f"the first prepare failed: {first.tail}"]
+    c.use("prepared")  # corpus.txt prepared into D/ once: one folder
+    (folder,) = [p.relative_to(c.dir) for p in c.p("D").iterdir()]
+    tokens = json.loads((c.dir / folder / "meta.json").read_text())["train_tokens"]
     DAMAGES[damage_name](c)(c.dir / folder)
     problems = []
     if not then_train_only:
