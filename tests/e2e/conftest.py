@@ -11,9 +11,11 @@ sentences; its test asserts that list is empty, so a failure says what broke:
     ok        exit code 0, no `Traceback`
     loads     a previous run directory still loads afterwards
 
-Process start-up (importing torch) dominates these tests, so each module hands its
-cases to `run_cases`, which runs them two or more at a time and returns each case's
-problems; the trained runs the cases start from are built once per session (`Case.use`).
+A module lists its cases in CASES (name -> function) and has one test taking `name`
+and `problems`: the test runs once per case. Process start-up (importing torch)
+dominates these tests, so `problems` runs the module's cases two or more at a time
+(`run_cases`) before its first test; the trained runs the cases start from are built
+once per session (`Case.use`).
 """
 
 from __future__ import annotations
@@ -236,12 +238,6 @@ def avoids(r: Result, *words: str) -> list[str]:
     return [f"the message says {word!r}" for word in words if word.lower() in r.err.lower()]
 
 
-def empty_or_absent(path: Path) -> list[str]:
-    if path.is_dir() and any(path.iterdir()):
-        return [f"{path.name}/ got {sorted(p.name for p in path.iterdir())[:3]}"]
-    return []
-
-
 def metrics_records(path: Path) -> list[dict]:
     records = []
     if path.exists():
@@ -358,7 +354,6 @@ class Case:
     def __init__(self, folder: Path, runs: TrainedRuns | None = None):
         self.dir = folder
         self.runs = runs
-        self.mounts: list[Path] = []
         self._n = 0
 
     def p(self, *parts: str) -> Path:
@@ -471,18 +466,7 @@ class Case:
                 wrong.append(f"{name} is {mode:o}, not {want:o}")
         return wrong
 
-    def mount_tmpfs(self, name: str, size: str) -> Path:
-        path = self.p(name)
-        path.mkdir()
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True
-        )
-        self.mounts.append(path)
-        return path
-
     def cleanup(self) -> None:
-        for path in self.mounts:
-            subprocess.run(["umount", "-l", str(path)], check=False)
         subprocess.run(["chmod", "-R", "u+rwx", str(self.dir)], check=False)
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -490,9 +474,8 @@ class Case:
 SHARED = [
     "TINY", "QUICK", "EXACT", "LONG", "FOR_SECONDS", "WORDS", "RUN_FILES", "GEN", "HEADS",
     "words_text", "big_text", "lines_of", "sha", "wait_for", "edit_json", "strict_json",
-    "train_args", "refused", "clean", "ok", "mentions", "avoids", "empty_or_absent",
-    "metrics_records", "loss_steps", "last_step", "steps_once", "one_wins",
-    "prepared_numbers", "tmp_entries", "partial_folders", "trainer_loads", "finite_weights",
+    "train_args", "refused", "clean", "ok", "mentions", "avoids", "loss_steps", "last_step",
+    "steps_once", "one_wins", "prepared_numbers", "tmp_entries", "partial_folders", "trainer_loads", "finite_weights",
     "truncate_half", "dir_instead",
 ]  # fmt: skip
 # the test modules reach the settings and checks above through the case they are given
@@ -623,6 +606,19 @@ def new_case(e2e_work, trained_runs) -> Callable[[str], Case]:
         return Case(folder, trained_runs)
 
     return make
+
+
+def pytest_generate_tests(metafunc):
+    """A test of a module with CASES that takes `name` runs once per case."""
+    cases = getattr(metafunc.module, "CASES", None)
+    if cases is not None and "name" in metafunc.fixturenames:
+        metafunc.parametrize("name", list(cases))
+
+
+@pytest.fixture(scope="module")
+def problems(request, run_cases) -> dict[str, list[str]]:
+    """{case name: the promises it found broken} for the module's CASES."""
+    return run_cases(request, request.module.CASES)
 
 
 @pytest.fixture(scope="session")

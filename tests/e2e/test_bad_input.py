@@ -5,17 +5,11 @@ accepted prints strict JSON and files with ordinary modes."""
 
 from __future__ import annotations
 
-import pytest
-
 CASES: dict = {}
 
 
 def case(name: str):
-    def register(fn):
-        CASES[name] = fn
-        return fn
-
-    return register
+    return lambda fn: CASES.setdefault(name, fn)
 
 
 # --------------------------------------------------------------------------- non-finite numbers
@@ -403,11 +397,5 @@ def _(c):
 # --------------------------------------------------------------------------- the tests
 
 
-@pytest.fixture(scope="module")
-def problems(request, run_cases):
-    return run_cases(request, CASES)
-
-
-@pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_sentence_and_what_is_accepted_is_well_formed(problems, name):
     assert problems[name] == []

@@ -9,17 +9,11 @@ import json
 import shutil
 from pathlib import Path
 
-import pytest
-
 CASES: dict = {}
 
 
 def case(name: str):
-    def register(fn):
-        CASES[name] = fn
-        return fn
-
-    return register
+    return lambda fn: CASES.setdefault(name, fn)
 
 
 # --------------------------------------------------------------------------- the prepared folder
@@ -225,11 +219,5 @@ for _label, _bytes in METRICS.items():
 # --------------------------------------------------------------------------- the tests
 
 
-@pytest.fixture(scope="module")
-def problems(request, run_cases):
-    return run_cases(request, CASES)
-
-
-@pytest.mark.parametrize("name", list(CASES))
 def test_a_damaged_file_is_mended_or_refused_in_one_sentence(problems, name):
     assert problems[name] == []

@@ -6,18 +6,12 @@ from __future__ import annotations
 
 import os
 
-import pytest
-
 CASES: dict = {}
 NOBODY_UID = 65534
 
 
 def case(name: str):
-    def register(fn):
-        CASES[name] = fn
-        return fn
-
-    return register
+    return lambda fn: CASES.setdefault(name, fn)
 
 
 def as_nobody(c, lock, *command):
@@ -56,11 +50,5 @@ def _(c):
     return c.refused(as_nobody(c, lock, *c.HEADS, "--html", "ro/v.html"))
 
 
-@pytest.fixture(scope="module")
-def problems(request, run_cases, nobody_ok):
-    return run_cases(request, CASES)
-
-
-@pytest.mark.parametrize("name", list(CASES))
-def test_what_the_user_cannot_read_or_write_is_one_sentence(problems, name):
+def test_what_the_user_cannot_read_or_write_is_one_sentence(nobody_ok, problems, name):
     assert problems[name] == []

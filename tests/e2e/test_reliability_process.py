@@ -338,6 +338,8 @@ def test_a_read_only_run_dir_refuses_resume_before_writing(nobodys_run):
     nobodys_run.chmod(0o755)
     assert done.returncode == 2 and one_error(done.stderr), done.stderr
     assert (nobodys_run / METRICS_FILE).read_text() == metrics
+    load_run(nobodys_run)  # and the run still loads
+    load_run(nobodys_run, weights_file=LAST_WEIGHTS)
 
 
 def test_a_read_only_data_dir_is_one_sentence(code_text, shared_dir):

@@ -13,17 +13,11 @@ import shutil
 import signal
 from pathlib import Path
 
-import pytest
-
 CASES: dict = {}
 
 
 def case(name: str):
-    def register(fn):
-        CASES[name] = fn
-        return fn
-
-    return register
+    return lambda fn: CASES.setdefault(name, fn)
 
 
 RESUME = ("train", "--resume", "R", "--max-iters", "30")
@@ -380,11 +374,5 @@ def _(c):
 # --------------------------------------------------------------------------- the tests
 
 
-@pytest.fixture(scope="module")
-def problems(request, run_cases):
-    return run_cases(request, CASES)
-
-
-@pytest.mark.parametrize("name", list(CASES))
 def test_resume_keeps_its_promises(problems, name):
     assert problems[name] == []

@@ -9,17 +9,11 @@ import shutil
 import signal
 import time
 
-import pytest
-
 CASES: dict = {}
 
 
 def case(name: str):
-    def register(fn):
-        CASES[name] = fn
-        return fn
-
-    return register
+    return lambda fn: CASES.setdefault(name, fn)
 
 
 BIG_LINES = 400_000  # long enough that preparing it outlasts the wait for its phases
@@ -236,11 +230,5 @@ def _(c):
 # --------------------------------------------------------------------------- the tests
 
 
-@pytest.fixture(scope="module")
-def problems(request, run_cases):
-    return run_cases(request, CASES)
-
-
-@pytest.mark.parametrize("name", list(CASES))
 def test_signals_and_concurrent_commands_keep_their_promises(problems, name):
     assert problems[name] == []
