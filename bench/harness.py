@@ -104,9 +104,9 @@ def markdown_table(
     headers: Sequence[str], rows: Sequence[Sequence[object]], right: Collection[int] = ()
 ) -> str:
     """A Markdown table; the columns numbered in `right` (from 0) are right-aligned."""
-    rule = ["---:" if i in right else "---" for i in range(len(headers))]
-    lines = [headers, rule, *rows]
-    return "\n".join("| " + " | ".join(map(str, line)) + " |" for line in lines)
+    rule = "|" + "|".join("---:" if i in right else "---" for i in range(len(headers))) + "|"
+    lines = ["| " + " | ".join(map(str, line)) + " |" for line in (headers, *rows)]
+    return "\n".join([lines[0], rule, *lines[1:]])
 
 
 def print_table(

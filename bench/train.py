@@ -35,7 +35,6 @@ import argparse
 import importlib.util
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -183,16 +182,8 @@ def throughput(config: GPTConfig, batch_size: int, compile: bool, steps: int, wa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    warmup_s = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    warmup_s = sum(harness.timings(step, warmup))  # compiling, when asked, happens here
+    seconds = harness.median_of(step, steps)
     tokens = batch_size * config.block_size
     return {
         "compile": compile,
