@@ -623,7 +623,7 @@ def problems(request, run_cases) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="session")
 def run_cases(new_case):
-    """Run the cases of a module that this session selected, a few at a time, once:
+    """Run the cases of a module that pytest selected, a few at a time, once:
     `run_cases(request, {name: case function})` -> {name: problems}."""
     workers = max(2, min(4, os.cpu_count() or 2))
 
