@@ -11,12 +11,10 @@ path over the wrapper) and writes bench/results/attention.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
+import harness  # bench/harness.py (the script's folder is on sys.path)
 import torch
 
 from minigpt.attention import MultiHeadAttention, MultiHeadAttentionWrapper
@@ -30,24 +28,14 @@ HEAD_COUNTS = (1, 4, 8, 16)
 
 
 def time_fwd_bwd(module, x, need_weights, repeats, device) -> float:
-    """Median milliseconds of one forward + backward pass."""
+    """Median milliseconds of one forward + backward pass (after a warm-up of the
+    allocator, kernels and caches)."""
 
     def step():
         out, _ = module(x, need_weights=need_weights)
         out.sum().backward()
 
-    for _ in range(3):  # warm-up: allocator, kernels, caches
-        step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return harness.median_of(step, repeats, device, warmup=3) * 1e3
 
 
 def main() -> None:
@@ -95,17 +83,15 @@ def main() -> None:
                 f"{row['speedup_explicit']:>9.2f}x {row['speedup_sdpa']:>6.2f}x"
             )
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = dict(
         torch=torch.__version__,
         device=str(device),
         threads=torch.get_num_threads(),
         machine=platform.machine(),
-        processor=platform.processor(),
+        processor=harness.cpu_name(),
         repeats=repeats,
     )
-    out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=2) + "\n")
+    out = harness.write_json(args.out, dict(meta=meta, rows=rows))
     print(f"wrote {out}")
 
 

@@ -21,7 +21,7 @@ process, interleaved with minigpt. GPT-2 has learned positions too, so its
 length is kept within n_positions: those rows use block_size - 8 new tokens
 (at most --hf-tokens). Needs `pip install transformers` (the `bench` extra).
 
-Rolling cache (issue 15): the shakespeare-char shape with rotary positions
+Rolling cache: the shakespeare-char shape with rotary positions
 (`position="rope"`), whose KV cache is a ring, against the same shape with learned
 positions (cropped and prefilled again every block_size / 4 tokens), at 1 x and
 8 x block_size new tokens, batch 1: tokens/s, and the 8 x / 1 x ratio (1.0 when a
@@ -34,12 +34,12 @@ Prints markdown tables and writes bench/results/generate.json.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 import tomllib
 from pathlib import Path
 
+import harness  # bench/harness.py (the script's folder is on sys.path)
 import torch
 
 from minigpt.generate import generate
@@ -66,15 +66,6 @@ def model_shapes() -> dict[str, GPTConfig]:
             vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768, bias=True
         ),
     }
-
-
-def best_seconds(run, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def minigpt_run(model: GPT, prompt: list[int], n: int, batch: int, use_kv_cache: bool):
@@ -159,7 +150,7 @@ def rolling_rows(quick: bool, repeats: int) -> list[dict]:
         rates = {}
         for times in (1, 8):
             n = times * shape.block_size
-            rates[times] = n / best_seconds(minigpt_run(model, prompt, n, 1, True), repeats)
+            rates[times] = n / harness.best_of(minigpt_run(model, prompt, n, 1, True), repeats)
         rows.append({
             "position": position, "block_size": shape.block_size,
             "tokens_per_s_1x": rates[1], "tokens_per_s_8x": rates[8],
@@ -171,13 +162,15 @@ def rolling_rows(quick: bool, repeats: int) -> list[dict]:
 
 def print_rolling(rows: list[dict]) -> None:
     block_size = rows[0]["block_size"]
-    print(f"\n| positions (KV cache) | tok/s at {block_size} new tokens "
-          f"| tok/s at {8 * block_size} | 8x / 1x |")  # fmt: skip
-    print("|---|---:|---:|---:|")
-    for r in rows:
-        cache = "rope (rolling)" if r["position"] == "rope" else "learned (crop + prefill)"
-        print(f"| {cache} | {fmt(r['tokens_per_s_1x'])} | {fmt(r['tokens_per_s_8x'])} "
-              f"| {r['ratio_8x_over_1x']:.2f} |")  # fmt: skip
+    headers = ["positions (KV cache)", f"tok/s at {block_size} new tokens",
+               f"tok/s at {8 * block_size}", "8x / 1x"]  # fmt: skip
+    cells = [
+        ["rope (rolling)" if r["position"] == "rope" else "learned (crop + prefill)",
+         fmt(r["tokens_per_s_1x"]), fmt(r["tokens_per_s_8x"]), f"{r['ratio_8x_over_1x']:.2f}"]
+        for r in rows
+    ]  # fmt: skip
+    print()
+    harness.print_table(headers, cells, right={1, 2, 3})
 
 
 def fmt(value: float | None) -> str:
@@ -224,8 +217,7 @@ def main() -> None:
     rolling = rolling_rows(args.quick, repeats)
     if args.rolling_only:
         print_rolling(rolling)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"rolling": rolling}, indent=2) + "\n")
+        harness.write_json(out, {"rolling": rolling})
         print(f"\nwrote {out}")
         return
     shapes = model_shapes()
@@ -247,12 +239,12 @@ def main() -> None:
                     print(shape_name, batch, n, "skipped: est.", round(seconds_per_step * n), "s")
                     continue
                 run = minigpt_run(model, prompt, n, batch, True)
-                cached = best_seconds(run, repeats if seconds_per_step * n < 10 else 1)
+                cached = harness.best_of(run, repeats if seconds_per_step * n < 10 else 1)
                 seconds_per_step = cached / n
                 estimate = recompute_estimate(model, batch, n)
                 recomputed = None
                 if estimate <= max_seconds:
-                    recomputed = best_seconds(minigpt_run(model, prompt, n, batch, False), 1)
+                    recomputed = harness.best_of(minigpt_run(model, prompt, n, batch, False), 1)
                 row = {
                     "shape": shape_name, "batch": batch, "new_tokens": n,
                     "cache_tokens_per_s": batch * n / cached,
@@ -272,8 +264,8 @@ def main() -> None:
                 theirs_run()  # warm-up
                 ours_s = theirs_s = float("inf")
                 for _ in range(repeats):  # interleaved, so both see the same machine load
-                    ours_s = min(ours_s, best_seconds(ours_run, 1))
-                    theirs_s = min(theirs_s, best_seconds(theirs_run, 1))
+                    ours_s = min(ours_s, harness.best_of(ours_run, 1))
+                    theirs_s = min(theirs_s, harness.best_of(theirs_run, 1))
                 ours_ids, theirs_ids = ours_run(), theirs_run()
                 same = sum(a == b for a, b in zip(ours_ids, theirs_ids, strict=True)) / n
                 hf_rows.append({
@@ -286,34 +278,32 @@ def main() -> None:
                 print(shape_name, batch, n, "hf", fmt(batch * n / theirs_s), flush=True)
 
     print()
-    print("| shape | batch | new tokens | KV cache tok/s | recompute tok/s | speedup |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in cache_rows:
-        speedup = f"{r['speedup']:.1f}x" if r["speedup"] else "-"
-        print(f"| {r['shape']} | {r['batch']} | {r['new_tokens']} | {fmt(r['cache_tokens_per_s'])} "
-              f"| {fmt(r['recompute_tokens_per_s'])} | {speedup} |")  # fmt: skip
+    headers = ["shape", "batch", "new tokens", "KV cache tok/s", "recompute tok/s", "speedup"]
+    cells = [
+        [r["shape"], r["batch"], r["new_tokens"], fmt(r["cache_tokens_per_s"]),
+         fmt(r["recompute_tokens_per_s"]), f"{r['speedup']:.1f}x" if r["speedup"] else "-"]
+        for r in cache_rows
+    ]  # fmt: skip
+    harness.print_table(headers, cells, right={1, 2, 3, 4, 5})
     if hf_rows:
         print()
-        print(f"| shape | batch | new tokens | minigpt tok/s | HF transformers {hf_version} tok/s "
-              "| minigpt / HF | same greedy tokens |")  # fmt: skip
-        print("|---|---:|---:|---:|---:|---:|---:|")
-        for r in hf_rows:
-            print(f"| {r['shape']} | {r['batch']} | {r['new_tokens']} | {fmt(r['minigpt_tokens_per_s'])} "
-                  f"| {fmt(r['hf_tokens_per_s'])} | {r['ratio']:.2f}x | {r['same_greedy_tokens']:.0%} |")  # fmt: skip
+        headers = ["shape", "batch", "new tokens", "minigpt tok/s",
+                   f"HF transformers {hf_version} tok/s", "minigpt / HF", "same greedy tokens"]  # fmt: skip
+        cells = [
+            [r["shape"], r["batch"], r["new_tokens"], fmt(r["minigpt_tokens_per_s"]),
+             fmt(r["hf_tokens_per_s"]), f"{r['ratio']:.2f}x", f"{r['same_greedy_tokens']:.0%}"]
+            for r in hf_rows
+        ]  # fmt: skip
+        harness.print_table(headers, cells, right={1, 2, 3, 4, 5, 6})
     print_rolling(rolling)
     meta = {
         "device": "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "transformers": hf_version, "machine": platform.machine(), "processor": platform.processor(),
+        "transformers": hf_version, "machine": platform.machine(), "processor": harness.cpu_name(),
         "python": platform.python_version(), "quick": args.quick, "repeats": repeats,
         "prompt_tokens": PROMPT_TOKENS, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"meta": meta, "kv_cache": cache_rows, "vs_hf": hf_rows, "rolling": rolling}, indent=2
-        )
-        + "\n"
-    )
+    results = {"meta": meta, "kv_cache": cache_rows, "vs_hf": hf_rows, "rolling": rolling}
+    harness.write_json(out, results)
     print(f"\nwrote {out}")
 
 

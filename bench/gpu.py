@@ -1,11 +1,11 @@
 """Speed on a GPU: training tokens/s and MFU, and decode tokens/s against Hugging Face.
 
-    python bench/gpu.py                       # on the GPU (cuda), about 4-6 minutes
+    python bench/gpu.py                       # on the GPU (cuda), minutes
     python bench/gpu.py --device cpu --quick  # the same code paths on tiny shapes, seconds
 
 Training, as nanoGPT's recipes set it (no biases; dropout 0.2 for shakespeare-char):
 the GPT-2 124M shape (4 micro-batches of 16 x 1024 = 65,536 tokens per step, the
-issue's recipe) and shakespeare-char (6L/6H/384, 64 x 256), on random tokens, bf16
+GPT-2 recipe) and shakespeare-char (6L/6H/384, 64 x 256), on random tokens, bf16
 autocast and torch.compile on CUDA (fp32, eager on a CPU). Three columns:
 
 - "bare step": whole optimizer steps (forward, backward, clip, AdamW as `minigpt
@@ -66,8 +66,6 @@ import argparse
 import dataclasses
 import datetime
 import importlib.util
-import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -79,7 +77,6 @@ import torch
 from torch.autograd import DeviceType
 
 from minigpt import generate as generate_module
-from minigpt.atomic import write_json_atomic
 from minigpt.checkpoint import METRICS_FILE, read_metrics
 from minigpt.config import load_config
 from minigpt.fast_decode import StaticDecoder
@@ -87,7 +84,8 @@ from minigpt.generate import generate
 from minigpt.model import GPT, GPTConfig
 from minigpt.optim import make_optimizer
 from minigpt.tokenizer import CharTokenizer
-from minigpt.train import TrainData, train
+from minigpt.train import train
+from minigpt.train_data import TrainData
 
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results" / "gpu.json"
@@ -101,8 +99,13 @@ def _bench_module(name: str):
         spec = importlib.util.spec_from_file_location(key, BENCH / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules[key] = module  # before it runs: its dataclasses look themselves up there
+        if str(BENCH) not in sys.path:  # as when it runs as a script: it imports harness
+            sys.path.append(str(BENCH))
         spec.loader.exec_module(module)
     return sys.modules[key]
+
+
+harness = _bench_module("harness")  # timing, tables and JSON, shared by the bench scripts
 
 
 def shapes(quick: bool) -> dict[str, tuple[GPTConfig, int]]:
@@ -122,11 +125,6 @@ def shapes(quick: bool) -> dict[str, tuple[GPTConfig, int]]:
             16,
         ),
     }
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def fresh_compiler() -> None:
@@ -184,14 +182,9 @@ def train_rate(config: GPTConfig, batch: int, accum: int, device: torch.device,
         step()
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)  # the steps' peak, not the compiler's
-    times = []
-    for _ in range(steps):
-        sync(device)
-        start = time.perf_counter()
-        loss = step()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    losses = []
+    seconds = harness.median_of(lambda: losses.append(step()), steps, device)
+    loss = losses[-1]
     c = model.config
     return {
         "step_ms": seconds * 1e3,
@@ -356,7 +349,7 @@ def decode_kernels(device: torch.device, quick: bool, top: int = 8) -> dict:
         run()  # warm-up
         with profile(activities=[activity]) as prof:
             run()
-            sync(device)
+            harness.sync(device)
         attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         averages = prof.key_averages()
         events = sorted(averages, key=lambda e: getattr(e, attr), reverse=True)
@@ -376,15 +369,7 @@ def decode_rate(run, tokens: int, device: torch.device) -> float:
 
 
 def decode_seconds(run, device: torch.device, repeats: int = 2) -> float:
-    run()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        start = time.perf_counter()
-        run()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return best
+    return harness.best_of(run, repeats, device, warmup=1)
 
 
 def minigpt_decode(model: GPT, prompt: list[int], n: int, batch: int, kv: bool = True,
@@ -466,11 +451,11 @@ def captured_step_us(model: GPT, prompt: list[int], batch: int, device: torch.de
     last = ids[:, -1:]  # (B, 1): any ids do, the time does not depend on them
     steps = min(steps, kv_cache.remaining - 1)
     decoder(last)  # captures the graph on CUDA
-    sync(device)
+    harness.sync(device)
     start = time.perf_counter()
     for _ in range(steps):
         decoder(last)
-    sync(device)
+    harness.sync(device)
     return (time.perf_counter() - start) / steps * 1e6
 
 
@@ -520,7 +505,7 @@ SECTIONS = ("decode", "kv_cache", "kernels", "training", "loss", "curve")
 """In the order they run: the decode targets first, the training (minutes of compiling)
 last, so that a run cut short by its time limit keeps the most."""
 DEFAULT_SECTIONS = SECTIONS[:-2]
-"""What a plain run measures, in about 5 minutes on an H100: the issue's speed targets.
+"""What a plain run measures: the decode and training speed targets.
 The loss section (two more GPT-2 compilations) and the curve (two 2,000-step runs, a
 few minutes) run when asked: `--only loss curve`."""
 
@@ -642,7 +627,7 @@ def main() -> None:
     peak, peak_label = peak_flops(device)
     result = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": harness.device_name(device),
         "torch": torch.__version__,
         "quick": args.quick,
         "peak_flops": peak,
@@ -658,7 +643,7 @@ def main() -> None:
             result[name] = {"error": f"{type(error).__name__}: {error}"}
             traceback.print_exc()
         result["seconds"] = time.perf_counter() - started
-        write_json_atomic(args.out, result)  # after every section: a run cut short keeps it
+        harness.write_json(args.out, result)  # after every section: a run cut short keeps it
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print_tables(result)

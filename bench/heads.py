@@ -17,17 +17,16 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import platform
 import tempfile
 import time
 from pathlib import Path
 
+import harness  # bench/harness.py (the script's folder is on sys.path)
 import numpy as np
 import torch
 from rich.console import Console
 
 from minigpt import heads, render
-from minigpt.atomic import write_json_atomic
 from minigpt.heads_run import validation_batches
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import CharTokenizer
@@ -117,10 +116,7 @@ def main() -> None:
     page = html_size(html_config, prompt_tokens)
     results = {
         "quick": args.quick,
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-        },
+        "machine": harness.machine(threads=torch.get_num_threads()),
         "table": table,
         "html": page,
         "targets": {"table_seconds": 20, "html_mb": 5},
@@ -131,7 +127,7 @@ def main() -> None:
     print(f"{'HTML, ' + page['model'] + ', ' + str(prompt_tokens) + ' tok, MB':<44} "
           f"{page['html_mb']:>10.2f} {'< 5':>8}")  # fmt: skip
     if not args.quick:
-        write_json_atomic(args.out, results)
+        harness.write_json(args.out, results)
         print(f"wrote {args.out}")
     else:
         print(json.dumps(results, indent=2))

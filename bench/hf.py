@@ -1,6 +1,6 @@
 """minigpt against Hugging Face transformers on GPT-2 small's shape, side by side.
 
-    python bench/hf.py                        # the full table (about 5 minutes on 2 cores)
+    python bench/hf.py                        # the full table (minutes)
     python bench/hf.py --quick                # a smoke run: few tokens, one repeat
     python bench/hf.py --threads 2 --new-tokens 128 --eval-tokens 8192 --repeats 5
 
@@ -49,7 +49,7 @@ Prints a markdown table and writes bench/results/hf.json (--json-out).
 from __future__ import annotations
 
 import argparse
-import json
+import importlib.util
 import os
 import platform
 import shutil
@@ -60,6 +60,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import harness  # bench/harness.py (the script's folder is on sys.path)
 import numpy as np
 import torch
 
@@ -79,20 +80,21 @@ BLOCK_SCALE = 4.0
 every next token (greedy decoding repeats one id), at 4x the blocks do (tens of
 different ids in 128), so comparing greedy ids means something. Speed is the same."""
 
-sys.path.insert(0, str(ROOT / "tests"))
-from gpt2_files import CORPUS, write_gpt2_vocab  # noqa: E402
+
+def _tests_conftest():
+    """tests/conftest.py as a module: its offline GPT-2 vocabulary builder."""
+    spec = importlib.util.spec_from_file_location(
+        "minigpt_tests_conftest", ROOT / "tests" / "conftest.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_conftest = _tests_conftest()
+CORPUS, write_gpt2_vocab = _conftest.GPT2_CORPUS, _conftest.write_gpt2_vocab
 
 # --------------------------------------------------------------------------- helpers
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def interleaved(
@@ -441,14 +443,12 @@ def main() -> None:
     wall = time.perf_counter() - began
     loads["end"] = os.getloadavg()[0]
     print()
-    print(
-        f"| metric | minigpt | transformers {transformers.__version__} | minigpt speed / transformers |"
-    )
-    print("|---|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['metric']} | {r['minigpt']} | {r['transformers']} | {r['ratio']} |")
+    headers = ["metric", "minigpt", f"transformers {transformers.__version__}",
+               "minigpt speed / transformers"]  # fmt: skip
+    cells = [[r["metric"], r["minigpt"], r["transformers"], r["ratio"]] for r in rows]
+    harness.print_table(headers, cells, right={1, 2, 3})
     meta = {
-        "cpu": cpu_model(), "cores": os.cpu_count(),
+        "cpu": harness.cpu_name(), "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": threads, "generate_threads": sorted({1, threads}),
@@ -460,9 +460,7 @@ def main() -> None:
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "command": " ".join(["python", *sys.argv]),
     }  # fmt: skip
-    out = Path(args.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "details": details}, indent=2) + "\n")
+    out = harness.write_json(args.json_out, {"meta": meta, "rows": rows, "details": details})
     print(f"\n{wall:.0f} s in all; wrote {out}")
 
 

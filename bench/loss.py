@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import subprocess
 import sys
 from pathlib import Path
+
+import harness  # bench/harness.py (the script's folder is on sys.path)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "loss.json"
 SHAPES = {
@@ -84,11 +85,13 @@ def compare(device_name: str, shape: str, steps: int, rounds: int) -> dict:
 
 def print_table(result: dict) -> None:
     print(f"\n{result['shape']} on {result['device']} (torch {result['torch']})\n")
-    print("| loss_chunk | step ms | peak memory MiB | memory / full | speed / full | loss |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for row in result["rows"]:
-        print(f"| {row['loss_chunk'] or 'full'} | {row['step_ms']:,.0f} | {row['peak_mib']:,.0f} "
-              f"| {row['memory_vs_full']:.2f} | {row['speed_vs_full']:.2f}x | {row['loss']:.5f} |")  # fmt: skip
+    headers = ["loss_chunk", "step ms", "peak memory MiB", "memory / full", "speed / full", "loss"]
+    cells = [
+        [row["loss_chunk"] or "full", f"{row['step_ms']:,.0f}", f"{row['peak_mib']:,.0f}",
+         f"{row['memory_vs_full']:.2f}", f"{row['speed_vs_full']:.2f}x", f"{row['loss']:.5f}"]
+        for row in result["rows"]
+    ]  # fmt: skip
+    harness.print_table(headers, cells, right=range(6))
 
 
 def main() -> None:
@@ -106,18 +109,15 @@ def main() -> None:
         return
     import torch
 
-    from minigpt.atomic import write_json_atomic
-
     shape = "quick" if args.quick else ("cuda" if args.device.startswith("cuda") else "cpu")
     steps, rounds = (2, 1) if args.quick else (args.steps, args.rounds)
     result = compare(args.device, shape, steps, rounds)
     result |= {
-        "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "device": harness.device_name(args.device),
         "torch": torch.__version__,
     }  # fmt: skip
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out, result)
+    harness.write_json(args.out, result)
     print(f"\nwrote {args.out}")
 
 

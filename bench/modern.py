@@ -1,6 +1,6 @@
 """What each modern block option changes on tiny shakespeare, in the same 180 s.
 
-    python bench/modern.py                       # 7 runs x 180 s of training, ~25 minutes
+    python bench/modern.py                       # 7 runs x 180 s of training
     python bench/modern.py --max-time 5 --variants baseline all   # a smoke run
 
 Every run is `minigpt train configs/shakespeare-char-cpu.toml` on
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness  # bench/harness.py (the script's folder is on sys.path)
 import torch
 
 from minigpt.checkpoint import read_metrics
@@ -107,18 +107,18 @@ def main() -> None:
             print(f"{name}: best val loss {row['best_val_loss']:.4f} at {row['steps']} steps",
                   flush=True)  # fmt: skip
     base = next((r for r in rows if r["variant"] == "baseline"), None)
-    print(f"\n| model (on {CONFIG.name}) | parameters | steps in {args.max_time:.0f} s "
-          "| best val loss | vs baseline |")  # fmt: skip
-    print("|---|---:|---:|---:|---:|")
-    for r in rows:
-        delta = f"{r['best_val_loss'] - base['best_val_loss']:+.4f}" if base else "-"
-        print(f"| {r['variant']} | {r['params']:,} | {r['steps']:,} | {r['best_val_loss']:.4f} "
-              f"| {delta} |")  # fmt: skip
-    meta = {"torch": torch.__version__, "processor": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(), "max_time": args.max_time,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"meta": meta, "runs": rows}, indent=2) + "\n")
+    headers = [f"model (on {CONFIG.name})", "parameters", f"steps in {args.max_time:.0f} s",
+               "best val loss", "vs baseline"]  # fmt: skip
+    cells = [
+        [r["variant"], f"{r['params']:,}", f"{r['steps']:,}", f"{r['best_val_loss']:.4f}",
+         f"{r['best_val_loss'] - base['best_val_loss']:+.4f}" if base else "-"]
+        for r in rows
+    ]  # fmt: skip
+    print()
+    harness.print_table(headers, cells, right={1, 2, 3, 4})
+    meta = harness.machine(processor=harness.cpu_name(), threads=torch.get_num_threads(),
+                           max_time=args.max_time)  # fmt: skip
+    harness.write_json(args.out, {"meta": meta, "runs": rows})
     print(f"\nwrote {args.out}")
 
 

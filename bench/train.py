@@ -33,10 +33,8 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -47,6 +45,7 @@ from minigpt.device import choose_wait_policy  # noqa: E402
 
 WAIT_POLICY = choose_wait_policy()  # before torch loads, as `minigpt train` does
 
+import harness  # noqa: E402 (bench/harness.py; the script's folder is on sys.path)
 import torch  # noqa: E402
 
 from minigpt.checkpoint import read_metrics  # noqa: E402
@@ -70,7 +69,7 @@ SHAPES = {
 }
 
 
-LOOP_STEPS = 300  # per loop and round: about 12 s each on a 2-core CPU
+LOOP_STEPS = 300  # per loop and round
 
 
 def _bench_gpu():
@@ -183,16 +182,8 @@ def throughput(config: GPTConfig, batch_size: int, compile: bool, steps: int, wa
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    start = time.perf_counter()
-    for _ in range(warmup):
-        step()
-    warmup_s = time.perf_counter() - start
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    seconds = statistics.median(times)
+    warmup_s = sum(harness.timings(step, warmup))  # compiling, when asked, happens here
+    seconds = harness.median_of(step, steps)
     tokens = batch_size * config.block_size
     return {
         "compile": compile,
@@ -342,7 +333,7 @@ def main() -> None:
     report = {
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": harness.cpu_name(),
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "omp_wait_policy": WAIT_POLICY,
@@ -357,9 +348,7 @@ def main() -> None:
         "quality": quality,
         "quick": args.quick,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    out = harness.write_json(args.out, report)
     lines = [
         f"fp32 matmul peak: {peak / 1e9:.1f} GFLOP/s, {torch.get_num_threads()} threads, "
         f"OpenMP wait policy {WAIT_POLICY}, load average {os.getloadavg()[0]:.1f}",

@@ -1,9 +1,23 @@
-"""Shared test helpers: the command line in-process and as a subprocess, and a tiny GPT."""
+"""Shared test helpers: the command line in-process and as a subprocess, a tiny GPT, the
+trainer tests' tiny corpus and settings, and GPT-2-format tokenizer files built offline.
 
+Test modules share helpers only through the fixtures here (no test module imports
+another); process-level helpers are in tests/e2e/conftest.py.
+"""
+
+import json
 import subprocess
 import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import regex
+
+from minigpt.hf_tokenizer import bytes_to_unicode
+from minigpt.tokenizer import ENDOFTEXT
 
 
 @pytest.fixture
@@ -97,3 +111,192 @@ def tiny_gpt():
         return GPT(GPTConfig(**{**config, **overrides})).eval()
 
     return build
+
+
+# --------------------------------------------------------------------------- the trainer's tiny run
+
+TINY_TEXT = (
+    "def add(a, b):\n    return a + b\n\n"
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n"
+) * 40
+
+TINY_SETS = [
+    "model.n_layer=1",
+    "model.n_head=2",
+    "model.n_embd=16",
+    "model.block_size=16",
+    "train.batch_size=4",
+    "train.eval_iters=2",
+    "train.log_interval=1",
+    "train.warmup_iters=2",
+    "train.lr=1e-2",
+    "train.min_lr=1e-3",
+    "train.device=cpu",
+    "train.threads=1",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_train():
+    """The trainer tests' tiny corpus (`text`) and `--set` list (`sets`), and `losses(run_dir)`:
+    the (step, loss) pairs a run logged."""
+    from minigpt import checkpoint
+
+    def losses(run_dir) -> list[tuple[int, float]]:
+        return list(checkpoint.iter_losses(run_dir))
+
+    return SimpleNamespace(text=TINY_TEXT, sets=list(TINY_SETS), losses=losses)
+
+
+@pytest.fixture(scope="module")
+def tiny_train_data():
+    """The tiny corpus as the trainer takes it in memory: char tokens, a 90/10 split."""
+    import numpy as np
+
+    from minigpt import train as trainer
+    from minigpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text(TINY_TEXT)
+    ids = np.array(tokenizer.encode(TINY_TEXT), dtype=np.uint16)
+    split = int(0.9 * len(ids))
+    return trainer.TrainData(tokenizer, ids[:split], ids[split:])
+
+
+# --------------------------------------------------------------------------- GPT-2 files
+# Tiny GPT-2-format tokenizers built offline, for tests that compare minigpt with Hugging
+# Face. `write_vocab` learns a few merges from a corpus with textbook BPE (merge the most
+# frequent adjacent pair, over GPT-2 pre-tokenized words) and writes `vocab.json` +
+# `merges.txt` laid out as GPT-2's are. `reference_encoder` is the GPT-2 release's
+# encoder.py (merges applied by pair rank, in pure Python with `regex`): a third
+# implementation, independent of both tiktoken and Hugging Face `tokenizers`. `regex` is a
+# dependency of tiktoken, so nothing here needs transformers. bench/hf.py builds its
+# checkpoints' vocabularies with write_gpt2_vocab and GPT2_CORPUS too.
+
+
+@pytest.fixture(scope="session")
+def gpt2_files():
+    """`hard_texts`, `corpus`, `write_vocab(folder, corpus, n_merges)` -> vocab size, and
+    `reference_encoder(folder)` -> encode function."""
+    return SimpleNamespace(
+        hard_texts=list(_HARD_TEXTS),
+        corpus=GPT2_CORPUS,
+        write_vocab=write_gpt2_vocab,
+        reference_encoder=_gpt2_reference_encoder,
+    )
+
+
+# GPT-2's split exactly as its release (and Hugging Face's ByteLevel) writes it
+_GPT2_RELEASE_PATTERN = (
+    r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+)
+
+_HARD_TEXTS = [
+    "",
+    "Hello world",
+    " Hello  world ",
+    "🎉 party 👩‍👩‍👧 family 🇫🇷🇯🇵 flags 👍🏽",
+    "日本語のテキスト、中文，한국어",
+    "Café crème, naïve façade, smörgåsbord — jalapeño",
+    "e\u0301 combining, ﬁ ligature, Ελληνικά, עברית, العربية",
+    "runs    of     spaces",
+    "tabs\tand\t\ttabs",
+    "\n\n\n",
+    "trailing spaces   ",
+    " \n ",
+    "line\r\nwindows\r\n",
+    "I'll say don't, it's John's; we've I'm you'd they're",
+    "I'LL DON'T 'S 'll",
+    "digits 12345 and 3.14159, 1,000,000",
+    "mixed!?... punctuation;; (brackets) [x] {y} <z> --> ~~~ @#$%^&*",
+    "<|endoftext|>",
+    "text before<|endoftext|>text after",
+    "hello <|endoftext|> world <|endoftext|><|endoftext|>",
+    "<|endoftext|> is just text here",
+    "def f(x):\n    return x ** 2  # squares\n",
+    "\u00a0non-breaking\u2003em space\u3000ideographic\u200bzero width",
+    "\u0085next line\u2028line sep\u2029para sep\x0bvt\x0cff",
+    "mañana 🤷‍♀️ 123abc abc123 ½ ² Ⅻ ٣",
+]
+"""Strings where tokenizers tend to disagree: emoji (ZWJ sequences, flags, skin tones), CJK,
+combining accents, unusual whitespace, contractions, digits, punctuation and <|endoftext|>."""
+
+GPT2_CORPUS = (
+    "The quick brown fox jumps over the lazy dog. I'll say it's the dog's day, don't you think?\n"
+    "Café crème, naïve façade, smörgåsbord and jalapeño. 日本語のテキスト 🎉🎉\n"
+    "def f(x):\n    return x ** 2  # squares 12345 12345\n\n"
+) * 20
+
+
+def _learn_merges(corpus: str, n_merges: int) -> list[tuple[str, str]]:
+    """GPT-2-style BPE training: count adjacent pairs over the pre-tokenized words and merge
+    the most frequent, `n_merges` times (ties go to the smallest pair, so it is deterministic).
+    Tokens are strings in GPT-2's byte alphabet (bytes_to_unicode)."""
+    byte_char = bytes_to_unicode()
+    words = Counter(
+        tuple(byte_char[b] for b in word.encode("utf-8"))
+        for word in regex.findall(_GPT2_RELEASE_PATTERN, corpus)
+    )
+    merges: list[tuple[str, str]] = []
+    for _ in range(n_merges):
+        pairs: Counter[tuple[str, str]] = Counter()
+        for word, count in words.items():
+            for pair in zip(word, word[1:], strict=False):
+                pairs[pair] += count
+        if not pairs:
+            break
+        best = min(pairs, key=lambda pair: (-pairs[pair], pair))
+        merges.append(best)
+        words = Counter({_merge_word(word, best): count for word, count in words.items()})
+    return merges
+
+
+def _merge_word(word: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, ...]:
+    out, i = [], 0
+    while i < len(word):
+        if i + 1 < len(word) and (word[i], word[i + 1]) == pair:
+            out.append(word[i] + word[i + 1])
+            i += 2
+        else:
+            out.append(word[i])
+            i += 1
+    return tuple(out)
+
+
+def write_gpt2_vocab(folder: Path, corpus: str, n_merges: int = 60) -> int:
+    """Write vocab.json and merges.txt as GPT-2 lays them out (ids 0..255 the bytes in
+    bytes_to_unicode order, then one id per merge in order, then <|endoftext|>); return the
+    vocab size (merges + 257)."""
+    merges = _learn_merges(corpus, n_merges)
+    vocab = {char: i for i, char in enumerate(bytes_to_unicode().values())}
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab[ENDOFTEXT] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return len(vocab)
+
+
+def _gpt2_reference_encoder(folder: Path) -> Callable[[str], list[int]]:
+    """The GPT-2 release's encoder.py over vocab.json + merges.txt in `folder`: for each
+    pre-tokenized word, join every occurrence of the adjacent pair that comes first in
+    merges.txt until none is left. Ordinary text only (no special tokens)."""
+    vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+    lines = (folder / "merges.txt").read_text(encoding="utf-8").split("\n")[1:]
+    merge_rank = {tuple(line.split(" ")): i for i, line in enumerate(lines) if line}
+    byte_char = bytes_to_unicode()
+
+    def encode_word(word: tuple[str, ...]) -> list[int]:
+        while len(word) > 1:
+            pair = min(zip(word, word[1:], strict=False), key=lambda p: merge_rank.get(p, 1e18))
+            if pair not in merge_rank:
+                break
+            word = _merge_word(word, pair)
+        return [vocab[part] for part in word]
+
+    def encode(text: str) -> list[int]:
+        words = regex.findall(_GPT2_RELEASE_PATTERN, text)
+        return [i for w in words for i in encode_word(tuple(byte_char[b] for b in w.encode()))]
+
+    return encode

@@ -18,8 +18,6 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from gpt2_files import HARD_TEXTS, write_gpt2_vocab  # noqa: E402
-
 from minigpt import hf  # noqa: E402
 from minigpt.batches import Batcher  # noqa: E402
 from minigpt.checkpoint import load_run, read_metrics  # noqa: E402
@@ -37,10 +35,10 @@ PROMPTS = ["First Citizen:\nBefore we", "All:\nSpeak, speak 🎭 — 12345   \n\
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory):
+def gpt2_dir(tmp_path_factory, gpt2_files):
     """A GPT-2 checkpoint folder as save_pretrained writes it, random weights."""
     folder = tmp_path_factory.mktemp("gpt2")
-    vocab_size = write_gpt2_vocab(folder, CORPUS * 4, n_merges=80)
+    vocab_size = gpt2_files.write_vocab(folder, CORPUS * 4, n_merges=80)
     config = transformers.GPT2Config(
         vocab_size=vocab_size,
         n_positions=N_POSITIONS,
@@ -118,9 +116,9 @@ def test_imported_logits_equal_transformers(imported, hf_model, hf_tokenizer):
         assert diff < 1e-4, (len(ids), diff)
 
 
-def test_imported_tokenizer_matches_transformers(imported, hf_tokenizer):
+def test_imported_tokenizer_matches_transformers(imported, hf_tokenizer, gpt2_files):
     run = load_run(imported)
-    for text in HARD_TEXTS:
+    for text in gpt2_files.hard_texts:
         assert run.tokenizer.encode_prompt(text) == hf_tokenizer(text)["input_ids"], text
 
 
@@ -276,7 +274,9 @@ def test_eval_of_an_imported_run_needs_data(imported, minigpt_cli):
 # --------------------------------------------------------------------------- export
 
 
-def test_export_of_an_import_loads_in_transformers(imported, hf_model, tmp_path, minigpt_cli):
+def test_export_of_an_import_loads_in_transformers(
+    imported, hf_model, tmp_path, minigpt_cli, gpt2_files
+):
     code, out, err = minigpt_cli("export", imported, "--out", tmp_path / "hf")
     assert code == 0, err
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -285,7 +285,7 @@ def test_export_of_an_import_loads_in_transformers(imported, hf_model, tmp_path,
     diff = (hf_logits(model, ids) - hf_logits(hf_model, ids)).abs().max().item()
     assert diff < 1e-4
     run = load_run(imported)
-    for text in HARD_TEXTS:
+    for text in gpt2_files.hard_texts:
         assert tokenizer(text)["input_ids"] == run.tokenizer.encode_prompt(text), text
 
 
@@ -304,14 +304,14 @@ def train_tiny(tmp_path, minigpt_cli, tokenizer: str, *extra: str):
     return out
 
 
-def test_export_of_a_trained_bpe_run(tmp_path, minigpt_cli):
+def test_export_of_a_trained_bpe_run(tmp_path, minigpt_cli, gpt2_files):
     run_dir = train_tiny(tmp_path, minigpt_cli, "bpe", "--set", "data.vocab_size=300")
     code, out, err = minigpt_cli("export", run_dir, "--out", tmp_path / "hf")
     assert code == 0, err
     run = load_run(run_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in [CORPUS[:80], *HARD_TEXTS]:
+    for text in [CORPUS[:80], *gpt2_files.hard_texts]:
         ids = run.tokenizer.encode_prompt(text)[:32]
         assert tokenizer(text)["input_ids"][:32] == ids, text
         if not ids:

@@ -1,6 +1,6 @@
 """Hugging Face tokenizer files: minigpt gives transformers' ids, both ways, or refuses.
 
-Everything is built offline: a tiny GPT-2-format vocab learned by tests/gpt2_files.py, and
+Everything is built offline: a tiny GPT-2-format vocab learned by the `gpt2_files` fixture, and
 minigpt's own BPE. transformers (a test-only dependency) is the judge of what HF does.
 """
 
@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from gpt2_files import CORPUS, HARD_TEXTS, gpt2_reference_encoder, write_gpt2_vocab
 
 from minigpt.errors import MinigptError
 from minigpt.hf_tokenizer import (
@@ -46,11 +45,11 @@ def transformers():
 
 
 @pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory) -> Path:
+def gpt2_dir(tmp_path_factory, gpt2_files) -> Path:
     """vocab.json + merges.txt of a tiny GPT-2-format tokenizer (200 merges)."""
     folder = tmp_path_factory.mktemp("gpt2")
-    corpus = CORPUS + "".join(HARD_TEXTS) + "".join(fuzz_texts(500, seed=1))
-    assert write_gpt2_vocab(folder, corpus, n_merges=200) == 256 + 200 + 1
+    corpus = gpt2_files.corpus + "".join(gpt2_files.hard_texts) + "".join(fuzz_texts(500, seed=1))
+    assert gpt2_files.write_vocab(folder, corpus, n_merges=200) == 256 + 200 + 1
     return folder
 
 
@@ -60,9 +59,11 @@ def gpt2_tok(gpt2_dir) -> BPETokenizer:
 
 
 @pytest.fixture(scope="module")
-def gpt4_tok() -> BPETokenizer:
+def gpt4_tok(gpt2_files) -> BPETokenizer:
     """minigpt's own BPE (rustbpe, GPT-4 split)."""
-    return BPETokenizer.train([CORPUS, *HARD_TEXTS, *fuzz_texts(500, seed=2)], vocab_size=600)
+    return BPETokenizer.train(
+        [gpt2_files.corpus, *gpt2_files.hard_texts, *fuzz_texts(500, seed=2)], vocab_size=600
+    )
 
 
 def assert_same_ids(tok: BPETokenizer, hf_tokenizer, texts: list[str]) -> None:
@@ -83,13 +84,13 @@ def test_split_pattern_is_tiktokens_gpt2_pattern():
     assert GPT2_SPLIT_PATTERN == openai_public.r50k_pat_str
 
 
-def test_split_pattern_splits_as_the_release_pattern():
+def test_split_pattern_splits_as_the_release_pattern(gpt2_files):
     """tiktoken cuts text with GPT2_SPLIT_PATTERN where the `regex` module cuts it with the
     release's pattern. With every piece in the vocab tiktoken emits each piece as one token
     (it looks a whole piece up before merging), so its tokens are its pieces."""
     import regex
 
-    texts = HARD_TEXTS + fuzz_texts(300, seed=3)
+    texts = gpt2_files.hard_texts + fuzz_texts(300, seed=3)
     for text in texts:
         text = text.replace(ENDOFTEXT, "")
         pieces = regex.findall(HF_GPT2_SPLIT_PATTERN, text)
@@ -115,22 +116,24 @@ def test_bytes_to_unicode_is_gpt2s_map():
 # ------------------------------------------------------------------------------------ import
 
 
-def test_gpt2_files_give_transformers_ids(gpt2_dir, gpt2_tok, transformers):
+def test_gpt2_files_give_transformers_ids(gpt2_dir, gpt2_tok, transformers, gpt2_files):
     slow = transformers.GPT2Tokenizer(str(gpt2_dir / "vocab.json"), str(gpt2_dir / "merges.txt"))
     fast = transformers.GPT2TokenizerFast.from_pretrained(gpt2_dir)
     assert gpt2_tok.vocab_size == len(fast) == 457 and gpt2_tok.eot_id == 456
-    assert_same_ids(gpt2_tok, slow, HARD_TEXTS)
-    assert_same_ids(gpt2_tok, fast, HARD_TEXTS + fuzz_texts(1000))
+    assert_same_ids(gpt2_tok, slow, gpt2_files.hard_texts)
+    assert_same_ids(gpt2_tok, fast, gpt2_files.hard_texts + fuzz_texts(1000))
 
 
-def test_gpt2_files_give_the_release_encoders_ids(gpt2_dir, gpt2_tok):
+def test_gpt2_files_give_the_release_encoders_ids(gpt2_dir, gpt2_tok, gpt2_files):
     """A third implementation (pair-rank BPE and the `regex` module) agrees, no HF needed."""
-    reference = gpt2_reference_encoder(gpt2_dir)
-    for text in HARD_TEXTS + fuzz_texts(300, seed=4):
+    reference = gpt2_files.reference_encoder(gpt2_dir)
+    for text in gpt2_files.hard_texts + fuzz_texts(300, seed=4):
         assert gpt2_tok.encode(text) == reference(text), repr(text)
 
 
-def test_tokenizer_json_written_by_transformers(gpt2_dir, gpt2_tok, tmp_path, transformers):
+def test_tokenizer_json_written_by_transformers(
+    gpt2_dir, gpt2_tok, tmp_path, transformers, gpt2_files
+):
     fast = transformers.GPT2TokenizerFast.from_pretrained(gpt2_dir)
     fast.save_pretrained(tmp_path)
     for name in ("vocab.json", "merges.txt"):  # older transformers write these too
@@ -138,7 +141,7 @@ def test_tokenizer_json_written_by_transformers(gpt2_dir, gpt2_tok, tmp_path, tr
     tok = tokenizer_from_hf(tmp_path)
     assert tok.to_json() == gpt2_tok.to_json()
     reloaded = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    assert_same_ids(tok, reloaded, HARD_TEXTS)
+    assert_same_ids(tok, reloaded, gpt2_files.hard_texts)
 
 
 @pytest.mark.parametrize("form", ["strings", "lists"])
@@ -159,7 +162,7 @@ def test_tokenizer_json_merges_in_either_form(gpt2_tok, tmp_path, form):
 # ------------------------------------------------------------------------------------ export
 
 
-def test_export_gpt2_split_round_trip(gpt2_dir, gpt2_tok, tmp_path, transformers):
+def test_export_gpt2_split_round_trip(gpt2_dir, gpt2_tok, tmp_path, transformers, gpt2_files):
     written = write_hf_tokenizer(gpt2_tok, tmp_path, model_max_length=64)
     assert sorted(written) == [
         "merges.txt",
@@ -176,12 +179,12 @@ def test_export_gpt2_split_round_trip(gpt2_dir, gpt2_tok, tmp_path, transformers
     )
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert auto.model_max_length == 64 and auto.eos_token == ENDOFTEXT
-    assert_same_ids(gpt2_tok, auto, HARD_TEXTS + fuzz_texts(500, seed=5))
+    assert_same_ids(gpt2_tok, auto, gpt2_files.hard_texts + fuzz_texts(500, seed=5))
     slow = transformers.GPT2Tokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"))
-    assert_same_ids(gpt2_tok, slow, HARD_TEXTS)
+    assert_same_ids(gpt2_tok, slow, gpt2_files.hard_texts)
 
 
-def test_export_gpt4_split_round_trip(gpt4_tok, tmp_path, transformers):
+def test_export_gpt4_split_round_trip(gpt4_tok, tmp_path, transformers, gpt2_files):
     written = write_hf_tokenizer(gpt4_tok, tmp_path, model_max_length=128)
     assert sorted(written) == [
         "tokenizer.json",
@@ -192,7 +195,7 @@ def test_export_gpt4_split_round_trip(gpt4_tok, tmp_path, transformers):
     assert split["pattern"] == {"Regex": GPT4_SPLIT_PATTERN} and byte_level["use_regex"] is False
     auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
     assert auto.model_max_length == 128 and len(auto) == gpt4_tok.vocab_size
-    assert_same_ids(gpt4_tok, auto, HARD_TEXTS + fuzz_texts(1000, seed=6))
+    assert_same_ids(gpt4_tok, auto, gpt2_files.hard_texts + fuzz_texts(1000, seed=6))
 
 
 @pytest.mark.parametrize("which", ["gpt2_tok", "gpt4_tok"])

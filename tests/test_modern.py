@@ -1,4 +1,4 @@
-"""Modern blocks as options (issue 15): rotary positions, RMSNorm, SwiGLU, grouped-query
+"""Modern blocks as options: rotary positions, RMSNorm, SwiGLU, grouped-query
 attention, QK-norm, and the rolling KV cache that rotary positions allow."""
 
 from __future__ import annotations
@@ -7,9 +7,7 @@ import json
 from dataclasses import replace
 
 import pytest
-import test_train
 import torch
-from test_train import TEXT, TINY, losses
 
 from minigpt import train as trainer
 from minigpt.attention import MultiHeadAttention, MultiHeadAttentionWrapper
@@ -214,9 +212,11 @@ def test_a_stride_is_refused_for_rotary_positions():
         ("model.n_embd=36", "needs an even head size"),  # 36 / 4 heads = 9
     ],
 )
-def test_bad_combinations_are_one_sentence_and_exit_2(tmp_path, minigpt_cli, setting, message):
+def test_bad_combinations_are_one_sentence_and_exit_2(
+    tmp_path, minigpt_cli, tiny_train, setting, message
+):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(TEXT)
+    corpus.write_text(tiny_train.text)
     sets = ["model.n_head=4", "model.n_embd=32", "model.position=rope", setting]
     args = ["train", "--data", str(corpus), "--out", str(tmp_path / "run"), "--device", "cpu"]
     for item in sets:
@@ -231,7 +231,9 @@ def test_gpt2_export_refuses_what_gpt2_cannot_hold():
         hf_config_from_gpt(replace(model_with(OPTIONS["all"]).config), None)
 
 
-data = test_train.data  # the trainer tests' tiny corpus, as a fixture here too
+@pytest.fixture(scope="module")
+def data(tiny_train_data):
+    return tiny_train_data  # the trainer tests' tiny corpus
 
 
 def option_sets(options: dict) -> list[str]:
@@ -240,9 +242,9 @@ def option_sets(options: dict) -> list[str]:
 
 @pytest.mark.parametrize("name", OPTIONS)
 def test_every_option_trains_resumes_bit_identically_samples_and_inspects(
-    name, tmp_path, data, minigpt_cli
+    name, tmp_path, data, minigpt_cli, tiny_train
 ):
-    sets = [*TINY, "model.n_head=4", "model.n_embd=32", *option_sets(OPTIONS[name])]
+    sets = [*tiny_train.sets, "model.n_head=4", "model.n_embd=32", *option_sets(OPTIONS[name])]
     sets += ["train.eval_interval=3", "train.lr_decay_iters=6"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     config = load_config(None, [*sets, f"train.out_dir={straight}", "train.max_iters=6"])
@@ -250,7 +252,7 @@ def test_every_option_trains_resumes_bit_identically_samples_and_inspects(
     config = load_config(None, [*sets, f"train.out_dir={split}", "train.max_iters=3"])
     trainer.train(config, data=data, progress=False)
     trainer.train(resume_config(split, {"train": {"max_iters": 6}}), resume=True, data=data)
-    assert losses(split) == losses(straight)  # exact, step by step
+    assert tiny_train.losses(split) == tiny_train.losses(straight)  # exact, step by step
 
     run = load_run(straight)  # the run dir round-trips every option
     for key, value in OPTIONS[name].items():

@@ -1,11 +1,11 @@
-"""Reliability of the run directory and the trainer under abuse (issue 11), in-process:
+"""Reliability of the run directory and the trainer under abuse, in-process:
 a second trainer on a locked run, divergence never saved, a changed corpus on resume,
 what resume reproduces, damaged run files, output paths, absurd sizes and numbers.
 
 Every case checks the promise a user relies on: one sentence (a MinigptError, which
 the CLI prints with exit code 2), nothing half-written, the previous run intact.
 Process-level cases (two processes at once, signals, a full disk, permissions as a
-non-root user) are in test_reliability_process.py.
+non-root user) are in tests/e2e/.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_train import TEXT, TINY  # the same tiny model and corpus as the trainer's tests
 
 from minigpt import checkpoint, optim, signals
 from minigpt import train as trainer
@@ -38,19 +37,27 @@ from minigpt.model import GPT, GPTConfig
 
 
 @pytest.fixture
-def corpus(tmp_path) -> Path:
+def corpus(tmp_path, tiny_train) -> Path:
     path = tmp_path / "corpus.txt"
-    path.write_text(TEXT)
+    path.write_text(tiny_train.text)  # the same tiny corpus and model as the trainer's tests
     return path
 
 
-def config_for(tmp_path: Path, corpus: Path, *extra: str, out: str = "run"):
-    sets = [*TINY, f"data.data_dir={tmp_path / 'data'}", *extra]
-    return build_config(None, sets, data=str(corpus), out=str(tmp_path / out))
+@pytest.fixture
+def config_for(tiny_train):
+    def build(tmp_path: Path, corpus: Path, *extra: str, out: str = "run"):
+        sets = [*tiny_train.sets, f"data.data_dir={tmp_path / 'data'}", *extra]
+        return build_config(None, sets, data=str(corpus), out=str(tmp_path / out))
+
+    return build
 
 
-def train_run(tmp_path: Path, corpus: Path, *extra: str, out: str = "run", **kwargs):
-    return trainer.train(config_for(tmp_path, corpus, *extra, out=out), **kwargs)
+@pytest.fixture
+def train_run(config_for):
+    def run(tmp_path: Path, corpus: Path, *extra: str, out: str = "run", **kwargs):
+        return trainer.train(config_for(tmp_path, corpus, *extra, out=out), **kwargs)
+
+    return run
 
 
 def resume(tmp_path: Path, *sets: str, out: str = "run", **flags):
@@ -69,7 +76,9 @@ def finite_file(path: Path) -> bool:
 # --------------------------------------------------------------------------- one trainer per run
 
 
-def test_a_locked_run_dir_refuses_a_second_trainer_and_names_the_holder(tmp_path, corpus):
+def test_a_locked_run_dir_refuses_a_second_trainer_and_names_the_holder(
+    train_run, tmp_path, corpus
+):
     out = tmp_path / "run"
     with RunLock(out):
         with pytest.raises(MinigptError, match=r"in use by another training run \(pid \d+"):
@@ -82,7 +91,7 @@ def test_a_locked_run_dir_refuses_a_second_trainer_and_names_the_holder(tmp_path
             resume(tmp_path, max_iters=4)
 
 
-def test_a_refused_fresh_run_leaves_no_directory_behind(tmp_path, corpus):
+def test_a_refused_fresh_run_leaves_no_directory_behind(train_run, tmp_path, corpus):
     with pytest.raises(MinigptError):
         train_run(tmp_path, corpus, "model.block_size=100000", out="fresh")
     assert not (tmp_path / "fresh").exists()
@@ -101,7 +110,9 @@ def test_the_lock_removes_a_killed_writers_temporary_files(tmp_path):
 # --------------------------------------------------------------------------- divergence
 
 
-def test_divergence_never_saves_a_non_finite_state_and_the_kept_one_resumes(tmp_path, corpus):
+def test_divergence_never_saves_a_non_finite_state_and_the_kept_one_resumes(
+    train_run, tmp_path, corpus
+):
     diverge = ["train.lr=1e6", "train.min_lr=0", "train.warmup_iters=0", "train.grad_clip=0"]
     with pytest.raises(MinigptError, match=r"training stopped and .*still holds step \d+"):
         train_run(tmp_path, corpus, *diverge, "train.eval_interval=1", "train.max_iters=50")
@@ -141,20 +152,22 @@ def test_a_seed_out_of_range_is_refused(seed):
 # --------------------------------------------------------------------------- resume
 
 
-def test_resume_refuses_a_corpus_that_changed_and_leaves_the_run_as_it_was(tmp_path, corpus):
+def test_resume_refuses_a_corpus_that_changed_and_leaves_the_run_as_it_was(
+    train_run, tiny_train, tmp_path, corpus
+):
     train_run(tmp_path, corpus, "train.max_iters=4")
     config_before = (tmp_path / "run" / CONFIG_FILE).read_text()
-    corpus.write_text(TEXT.replace("Point", "Vector"))
+    corpus.write_text(tiny_train.text.replace("Point", "Vector"))
     with pytest.raises(MinigptError, match="has changed since the run started"):
         resume(tmp_path, max_iters=8)
     assert (tmp_path / "run" / CONFIG_FILE).read_text() == config_before
 
 
 def test_resume_from_another_working_directory_finds_a_relative_corpus(
-    tmp_path, corpus, monkeypatch
+    tiny_train, tmp_path, corpus, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
-    sets = [*TINY, "data.data_dir=data", "train.max_iters=4"]
+    sets = [*tiny_train.sets, "data.data_dir=data", "train.max_iters=4"]
     trainer.train(build_config(None, sets, data="corpus.txt", out="run"))
     config = json.loads((tmp_path / "run" / CONFIG_FILE).read_text())
     assert Path(config["prepared_data"]["dir"]).is_absolute()
@@ -163,21 +176,23 @@ def test_resume_from_another_working_directory_finds_a_relative_corpus(
     monkeypatch.chdir(elsewhere)
     assert resume(tmp_path, max_iters=6).step == 6
     assert not (elsewhere / "data").exists()  # the run's own prepared folder was reused
-    corpus.write_text(TEXT.replace("Point", "Vector"))  # and its content is still checked
+    corpus.write_text(
+        tiny_train.text.replace("Point", "Vector")
+    )  # and its content is still checked
     with pytest.raises(MinigptError, match="has changed since the run started"):
         resume(tmp_path, max_iters=8)
 
 
 def test_resume_of_a_project_copied_elsewhere_finds_its_corpus_and_data(
-    tmp_path, corpus, monkeypatch
+    tiny_train, tmp_path, corpus, monkeypatch
 ):
     """config.json's absolute paths point at the old place; relative ones are taken from
     the run's project, and the run's own prepared folder there is reused."""
     project = tmp_path / "project"
     project.mkdir()
-    (project / "corpus.txt").write_text(TEXT)
+    (project / "corpus.txt").write_text(tiny_train.text)
     monkeypatch.chdir(project)
-    sets = [*TINY, "data.data_dir=data", "train.max_iters=4"]
+    sets = [*tiny_train.sets, "data.data_dir=data", "train.max_iters=4"]
     trainer.train(build_config(None, sets, data="corpus.txt", out="checkpoints/run"))
     copy = tmp_path / "copy"
     shutil.copytree(project, copy)
@@ -190,26 +205,30 @@ def test_resume_of_a_project_copied_elsewhere_finds_its_corpus_and_data(
 
 
 @pytest.mark.parametrize("section", ["train", "data", "model"])
-def test_resume_refuses_a_config_json_whose_section_is_not_a_table(tmp_path, corpus, section):
+def test_resume_refuses_a_config_json_whose_section_is_not_a_table(
+    train_run, tmp_path, corpus, section
+):
     train_run(tmp_path, corpus, "train.max_iters=2")
     edit_config(tmp_path / "run", lambda c: c.update({section: []}))
     with pytest.raises(MinigptError, match=f"'{section}' entry is \\[\\], not a table"):
         resume(tmp_path, max_iters=4)
 
 
-def test_resume_refuses_an_edited_config_that_names_a_builtin_dataset(tmp_path, corpus):
+def test_resume_refuses_an_edited_config_that_names_a_builtin_dataset(train_run, tmp_path, corpus):
     train_run(tmp_path, corpus, "train.max_iters=2")
     edit_config(tmp_path / "run", lambda c: c["data"].update(source="induction"))
     with pytest.raises(MinigptError, match="has changed since the run started"):
         resume(tmp_path, max_iters=4)
 
 
-def test_resume_refuses_an_edited_config_that_points_at_other_data(tmp_path, corpus):
+def test_resume_refuses_an_edited_config_that_points_at_other_data(
+    train_run, tiny_train, tmp_path, corpus
+):
     train_run(tmp_path, corpus, "train.max_iters=4")
     path = tmp_path / "run" / CONFIG_FILE
     config = json.loads(path.read_text())
     other = tmp_path / "other.txt"
-    other.write_text(TEXT.upper())
+    other.write_text(tiny_train.text.upper())
     elsewhere = tmp_path / "elsewhere-data"
     config["data"].update(source=str(other), data_dir=str(elsewhere))
     config["prepared_data"]["dir"] = str(tmp_path / "nowhere")
@@ -220,7 +239,7 @@ def test_resume_refuses_an_edited_config_that_points_at_other_data(tmp_path, cor
 
 
 def test_an_interrupted_run_resumed_with_the_same_config_equals_the_straight_run(
-    tmp_path, corpus, monkeypatch
+    train_run, tmp_path, corpus, monkeypatch
 ):
     """What the README promises: stop a run (Ctrl-C, SIGTERM, a kill after a save) and
     resume it, and the losses are those of the run that was never stopped."""
@@ -254,7 +273,9 @@ def test_an_interrupted_run_resumed_with_the_same_config_equals_the_straight_run
     assert losses(tmp_path / "cut") == losses(straight.run_dir)
 
 
-def test_resume_with_a_new_max_iters_says_the_schedule_changed_and_follows_it(tmp_path, corpus):
+def test_resume_with_a_new_max_iters_says_the_schedule_changed_and_follows_it(
+    train_run, tmp_path, corpus
+):
     train_run(tmp_path, corpus, "train.max_iters=15")
     lines: list[str] = []
     config = build_config(None, [], resume=str(tmp_path / "run"), max_iters=30)
@@ -266,7 +287,7 @@ def test_resume_with_a_new_max_iters_says_the_schedule_changed_and_follows_it(tm
     assert lr_16 == pytest.approx(optim.lr_at(15, config))
 
 
-def test_resume_with_a_pinned_decay_and_a_new_max_iters_says_nothing(tmp_path, corpus):
+def test_resume_with_a_pinned_decay_and_a_new_max_iters_says_nothing(train_run, tmp_path, corpus):
     train_run(tmp_path, corpus, "train.max_iters=15", "train.lr_decay_iters=30")
     lines: list[str] = []
     config = build_config(None, [], resume=str(tmp_path / "run"), max_iters=30)
@@ -278,7 +299,7 @@ def test_resume_with_a_pinned_decay_and_a_new_max_iters_says_nothing(tmp_path, c
 
 
 @pytest.fixture
-def run_dir(tmp_path, corpus) -> Path:
+def run_dir(train_run, tmp_path, corpus) -> Path:
     train_run(tmp_path, corpus, "train.max_iters=4", "train.eval_interval=2")
     return tmp_path / "run"
 
@@ -357,7 +378,9 @@ def test_a_file_given_as_the_run_dir_is_named_a_file(tmp_path):
 # --------------------------------------------------------------------------- output paths
 
 
-def test_out_paths_that_cannot_hold_a_run_are_refused_before_writing(tmp_path, corpus):
+def test_out_paths_that_cannot_hold_a_run_are_refused_before_writing(
+    train_run, config_for, tmp_path, corpus
+):
     afile = tmp_path / "afile"
     afile.write_text("x")
     with pytest.raises(MinigptError, match="Not a directory|is a file"):
@@ -370,7 +393,7 @@ def test_out_paths_that_cannot_hold_a_run_are_refused_before_writing(tmp_path, c
         train_run(tmp_path, corpus, "train.max_iters=2", force=True)
 
 
-def test_a_data_dir_that_is_a_file_is_one_sentence(tmp_path, corpus):
+def test_a_data_dir_that_is_a_file_is_one_sentence(train_run, tmp_path, corpus):
     (tmp_path / "data").write_text("not a folder")
     with pytest.raises(MinigptError):
         train_run(tmp_path, corpus, "train.max_iters=2")
@@ -390,7 +413,9 @@ def test_a_data_dir_that_is_a_file_is_one_sentence(tmp_path, corpus):
         "train.batch_size=1000000000",
     ],
 )
-def test_a_run_that_cannot_fit_in_memory_is_refused_before_allocating(tmp_path, corpus, setting):
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_allocating(
+    train_run, tmp_path, corpus, setting
+):
     extra = ["model.n_head=1"] if "n_embd" in setting else []
     with pytest.raises(MinigptError, match=r"needs at least .* more than the .* of memory"):
         train_run(tmp_path, corpus, setting, *extra, "train.max_iters=2")

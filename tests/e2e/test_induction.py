@@ -5,7 +5,7 @@ a random segment of distinct symbols written three times, generated, not
 downloaded), then `minigpt inspect-heads RUN --repeated 32 --json ...`. The run is
 trained once per session (module fixture) in a temporary folder.
 
-What the issue asks, and what holds (docs/induction.md has the measurements):
+What it checks (docs/induction.md has the measurements):
   - a layer-1 induction head: induction score A[i, i-n+1] >= 0.35, labelled
     `induction`; zeroing it raises the loss on repeated sequences, it copies on its
     own when the other inducting heads are zeroed, and zeroing all of them removes
@@ -28,7 +28,7 @@ import torch
 from minigpt import heads
 from minigpt.checkpoint import load_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CONFIG = REPO / "configs" / "induction.toml"
 N = 32  # probe half-length, as in the README's command
 INDUCTING = 0.2  # a layer-1 head that puts this much on A[i, i-n+1] takes part in copying

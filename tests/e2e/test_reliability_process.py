@@ -1,4 +1,4 @@
-"""Reliability as processes (issue 11): two trainers on one run directory, a stale lock
+"""Reliability as processes: two trainers on one run directory, a stale lock
 after kill -9, SIGTERM during a long evaluation, Ctrl-C in generate, a full disk (a
 2 MB tmpfs, mounted where the tests run as root), and files the user cannot read or
 write (run as an unprivileged user, since root ignores file modes).
@@ -17,14 +17,13 @@ import time
 from pathlib import Path
 
 import pytest
-from test_train_process import TEXT, wait_for_steps  # the process tests' corpus and poll
 
 from minigpt import checkpoint
 from minigpt.checkpoint import CONFIG_FILE, LAST_WEIGHTS, METRICS_FILE, TRAINER_STATE, load_run
 from minigpt.errors import MinigptError
 from minigpt.prepare import TokenFiles, prepare
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 NOBODY = 65534
 
 
@@ -36,10 +35,10 @@ def env() -> dict:
     }
 
 
-def tiny_args(folder: Path, *extra: str) -> list[str]:
+def tiny_args(folder: Path, text: str, *extra: str) -> list[str]:
     corpus = folder / "corpus.txt"
     if not corpus.exists():
-        corpus.write_text(TEXT)
+        corpus.write_text(text)
     sets = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16"]
     sets += ["train.batch_size=4", "train.eval_iters=1", "train.log_interval=1"]
     sets += ["train.threads=1", f"data.data_dir={folder / 'data'}", *extra]
@@ -87,22 +86,24 @@ def one_error(stderr: str) -> bool:
 # --------------------------------------------------------------------------- two processes
 
 
-def test_two_trainers_on_one_run_dir_one_runs_and_the_other_is_refused(tmp_path):
+def test_two_trainers_on_one_run_dir_one_runs_and_the_other_is_refused(code_text, tmp_path):
     out = tmp_path / "run"
-    args = ["train", *tiny_args(tmp_path), "--out", str(out), "--max-iters", "200"]
+    args = ["train", *tiny_args(tmp_path, code_text), "--out", str(out), "--max-iters", "200"]
     first, second = start(args, tmp_path), start(args, tmp_path)
     results = [(p.wait(timeout=240), *p.communicate()) for p in (first, second)]
     codes = sorted(code for code, _, _ in results)
     assert codes == [0, 2], results
     refused = next(err for code, _, err in results if code == 2)
-    assert "in use by another training run (pid" in refused and one_error(refused)
+    winner = (first, second)[[code for code, _, _ in results].index(0)]
+    assert f"in use by another training run (pid {winner.pid}" in refused, refused
+    assert one_error(refused)
     steps = [step for step, _ in checkpoint.iter_losses(out)]
     assert steps == list(range(1, 201))  # every step once
 
 
-def test_a_killed_trainers_lock_does_not_block_the_next_one(tmp_path):
+def test_a_killed_trainers_lock_does_not_block_the_next_one(code_text, wait_for_steps, tmp_path):
     out = tmp_path / "run"
-    args = ["train", *tiny_args(tmp_path), "--out", str(out), "--max-iters", "100000"]
+    args = ["train", *tiny_args(tmp_path, code_text), "--out", str(out), "--max-iters", "100000"]
     proc = start([*args, "--set", "train.eval_interval=5"], tmp_path)
     wait_for_steps(out, proc, 6)
     proc.kill()
@@ -114,10 +115,17 @@ def test_a_killed_trainers_lock_does_not_block_the_next_one(tmp_path):
 # --------------------------------------------------------------------------- signals
 
 
-def test_sigterm_during_a_long_evaluation_stops_within_seconds(tmp_path):
+def test_sigterm_during_a_long_evaluation_stops_within_seconds(code_text, wait_for_steps, tmp_path):
     out = tmp_path / "run"
     sets = ["train.eval_interval=3", "train.eval_iters=10000000"]
-    args = ["train", *tiny_args(tmp_path, *sets), "--out", str(out), "--max-iters", "1000"]
+    args = [
+        "train",
+        *tiny_args(tmp_path, code_text, *sets),
+        "--out",
+        str(out),
+        "--max-iters",
+        "1000",
+    ]
     proc = start(args, tmp_path)
     wait_for_steps(out, proc, 3)
     time.sleep(1.0)  # well inside the evaluation at step 3
@@ -139,8 +147,8 @@ def test_a_signal_while_train_prepares_its_data_stops_it_and_leaves_nothing(tmp_
     data = tmp_path / "data"
     proc = start(args, tmp_path)
     # Signal once the hidden folder of the second pass exists: learning the BPE and
-    # tokenizing are still ahead. (A fixed sleep raced a fast machine, which had
-    # finished preparing by then.)
+    # tokenizing are still ahead. (A fixed sleep would race a fast machine, which
+    # could have finished preparing by then.)
     deadline = time.monotonic() + 60
     while not (data.exists() and any(p.name.endswith(".tmp") for p in data.iterdir())):
         assert proc.poll() is None, proc.communicate()
@@ -155,9 +163,11 @@ def test_a_signal_while_train_prepares_its_data_stops_it_and_leaves_nothing(tmp_
     assert not (data.exists() and list(data.iterdir()))  # no folder, hidden or not
 
 
-def test_ctrl_c_in_generate_prints_interrupted_and_exits_130(tmp_path):
+def test_ctrl_c_in_generate_prints_interrupted_and_exits_130(code_text, tmp_path):
     out = tmp_path / "run"
-    done = run(["train", *tiny_args(tmp_path), "--out", str(out), "--max-iters", "2"], tmp_path)
+    done = run(
+        ["train", *tiny_args(tmp_path, code_text), "--out", str(out), "--max-iters", "2"], tmp_path
+    )
     assert done.returncode == 0, done.stderr
     proc = start(["generate", str(out), "-n", "1000000", "--device", "cpu"], tmp_path)
     time.sleep(4.0)
@@ -170,9 +180,9 @@ def test_ctrl_c_in_generate_prints_interrupted_and_exits_130(tmp_path):
 @pytest.mark.parametrize(("raised", "code", "word"),
                          [("Interrupted", 130, "interrupted"), ("Terminated", 143, "terminated")])  # fmt: skip
 def test_a_signal_inside_a_half_built_object_exits_without_its_traceback(raised, code, word):
-    """A signal raises wherever Python is, inside a library's constructor too (CI once
-    caught SIGINT in tqdm's: its __del__ then failed on a missing attribute, and Python
-    printed that traceback at exit). The exit says one word and nothing else."""
+    """A signal raises wherever Python is, inside a library's constructor too (SIGINT
+    inside tqdm's, say: its __del__ then fails on a missing attribute, and Python would
+    print that traceback at exit). The exit says one word and nothing else."""
     script = f"""
 import minigpt.cli as cli
 from minigpt.signals import Interrupted, Terminated
@@ -209,9 +219,11 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
-def test_prepare_on_a_full_disk_is_one_sentence_and_leaves_no_folder(tmp_path, small_disk):
+def test_prepare_on_a_full_disk_is_one_sentence_and_leaves_no_folder(
+    code_text, tmp_path, small_disk
+):
     corpus = tmp_path / "big.txt"
-    corpus.write_text(TEXT * 300)  # 2.3 MB of text: twice that as uint16 tokens
+    corpus.write_text(code_text * 300)  # 2.3 MB of text: twice that as uint16 tokens
     done = run(["prepare", str(corpus), "--data-dir", str(small_disk / "data")], tmp_path)
     assert done.returncode == 2 and one_error(done.stderr), done.stderr
     # checked before the first token is written: char's token count is known exactly
@@ -220,10 +232,10 @@ def test_prepare_on_a_full_disk_is_one_sentence_and_leaves_no_folder(tmp_path, s
 
 
 def test_a_disk_that_fills_while_tokens_are_written_is_one_sentence(
-    tmp_path, small_disk, monkeypatch
+    code_text, tmp_path, small_disk, monkeypatch
 ):
     corpus = tmp_path / "big.txt"
-    corpus.write_text(TEXT * 300)
+    corpus.write_text(code_text * 300)
     monkeypatch.setattr(TokenFiles, "check_room", lambda self, tokens: None)  # misjudged
     with pytest.raises(MinigptError, match="No space left on device") as err:
         prepare(corpus, "char", data_dir=small_disk / "data", progress=False)
@@ -231,9 +243,18 @@ def test_a_disk_that_fills_while_tokens_are_written_is_one_sentence(
     assert not [p for p in (small_disk / "data").iterdir()]
 
 
-def test_a_save_that_fills_the_disk_stops_the_run_and_keeps_the_last_state(tmp_path, small_disk):
+def test_a_save_that_fills_the_disk_stops_the_run_and_keeps_the_last_state(
+    code_text, tmp_path, small_disk
+):
     out = small_disk / "run"
-    args = ["train", *tiny_args(tmp_path), "--out", str(out), "--set", "train.eval_interval=2"]
+    args = [
+        "train",
+        *tiny_args(tmp_path, code_text),
+        "--out",
+        str(out),
+        "--set",
+        "train.eval_interval=2",
+    ]
     done = run([*args, "--max-iters", "2"], tmp_path)
     assert done.returncode == 0, done.stderr
     free = shutil.disk_usage(small_disk).free
@@ -247,9 +268,9 @@ def test_a_save_that_fills_the_disk_stops_the_run_and_keeps_the_last_state(tmp_p
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_run_too_big_for_the_disk_is_one_sentence(tmp_path, small_disk):
+def test_a_run_too_big_for_the_disk_is_one_sentence(code_text, tmp_path, small_disk):
     out = small_disk / "run"
-    args = ["train", *tiny_args(tmp_path, "model.n_embd=256", "model.n_layer=2")]
+    args = ["train", *tiny_args(tmp_path, code_text, "model.n_embd=256", "model.n_layer=2")]
     done = run([*args, "--out", str(out), "--max-iters", "2"], tmp_path)
     assert done.returncode == 2 and one_error(done.stderr), done.stderr
     assert not out.exists()  # no run without weights left to pass for a run
@@ -279,10 +300,10 @@ def shared_dir():
 
 
 @pytest.fixture
-def nobodys_run(shared_dir) -> Path:
+def nobodys_run(code_text, shared_dir) -> Path:
     out = shared_dir / "run"
     done = run(
-        ["train", *tiny_args(shared_dir), "--out", str(out), "--max-iters", "2"],
+        ["train", *tiny_args(shared_dir, code_text), "--out", str(out), "--max-iters", "2"],
         shared_dir,
         user=NOBODY,
     )
@@ -318,24 +339,26 @@ def test_a_read_only_run_dir_refuses_resume_before_writing(nobodys_run):
     nobodys_run.chmod(0o755)
     assert done.returncode == 2 and one_error(done.stderr), done.stderr
     assert (nobodys_run / METRICS_FILE).read_text() == metrics
+    load_run(nobodys_run)  # and the run still loads
+    load_run(nobodys_run, weights_file=LAST_WEIGHTS)
 
 
-def test_a_read_only_data_dir_is_one_sentence(shared_dir):
+def test_a_read_only_data_dir_is_one_sentence(code_text, shared_dir):
     data = shared_dir / "data"
     data.mkdir()
     data.chmod(0o555)
     corpus = shared_dir / "corpus.txt"
-    corpus.write_text(TEXT)
+    corpus.write_text(code_text)
     done = run(["prepare", str(corpus), "--data-dir", str(data)], shared_dir, user=NOBODY)
     assert done.returncode == 2 and one_error(done.stderr), done.stderr
     assert "Permission denied" in done.stderr
 
 
-def test_kill9_while_prepare_streams_leaves_nothing_the_next_prepare_trusts(tmp_path):
+def test_kill9_while_prepare_streams_leaves_nothing_the_next_prepare_trusts(code_text, tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    for i in range(60):  # ~5 MB: a second or more of BPE learning and tokenising
-        (corpus / f"{i:02d}.txt").write_text(f"# file {i}\n" + TEXT * 10)
+    for i in range(60):  # enough that learning the BPE and tokenising take a while
+        (corpus / f"{i:02d}.txt").write_text(f"# file {i}\n" + code_text * 10)
     data_dir = tmp_path / "data"
     args = ["prepare", str(corpus), "--data-dir", str(data_dir), "-t", "bpe", "--vocab-size", "400"]
     child = subprocess.Popen(

@@ -21,16 +21,11 @@ from minigpt import train as trainer
 from minigpt.checkpoint import LAST_WEIGHTS, TRAINER_STATE, load_run
 from minigpt.config import load_config
 
-TEXT = (
-    "for item in items:\n    if item is None:\n        continue\n    total += item\n"
-    "while queue:\n    node = queue.pop()\n    seen.add(node)\n"
-) * 60
 
-
-def tiny_args(tmp_path: Path) -> list[str]:
+def tiny_args(tmp_path: Path, text: str) -> list[str]:
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():
-        corpus.write_text(TEXT)
+        corpus.write_text(text)
     sets = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16"]
     sets += ["train.batch_size=4", "train.eval_iters=1", "train.log_interval=1"]
     sets += ["train.warmup_iters=2", "train.lr=1e-2", "train.min_lr=1e-3", "train.threads=1"]
@@ -42,7 +37,7 @@ def tiny_args(tmp_path: Path) -> list[str]:
 
 
 def env() -> dict:
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(Path(__file__).resolve().parents[2])
     return {**os.environ, "PYTHONPATH": repo + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
@@ -57,22 +52,10 @@ def start(args: list[str], cwd: Path) -> subprocess.Popen:
     )
 
 
-def wait_for_steps(out: Path, proc: subprocess.Popen, n: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if len(list(checkpoint.iter_losses(out))) >= n:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended early: {proc.communicate()}")
-        time.sleep(0.05)
-    proc.kill()
-    raise AssertionError("training did not start in time")
-
-
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_signal_saves_the_last_state_and_exits(tmp_path, signum, code):
+def test_signal_saves_the_last_state_and_exits(code_text, wait_for_steps, tmp_path, signum, code):
     out = tmp_path / "run"
-    args = [*tiny_args(tmp_path), "--out", str(out), "--max-iters", "100000"]
+    args = [*tiny_args(tmp_path, code_text), "--out", str(out), "--max-iters", "100000"]
     args += ["--set", "train.eval_interval=100000"]
     proc = start(args, tmp_path)
     wait_for_steps(out, proc, 3)
@@ -87,9 +70,11 @@ def test_signal_saves_the_last_state_and_exits(tmp_path, signum, code):
     load_run(out, weights_file=LAST_WEIGHTS)
 
 
-def test_kill9_at_random_moments_leaves_a_loadable_run(tmp_path, run_minigpt):
+def test_kill9_at_random_moments_leaves_a_loadable_run(
+    code_text, wait_for_steps, tmp_path, run_minigpt
+):
     out = tmp_path / "run"
-    args = [*tiny_args(tmp_path), "--set", "train.eval_interval=1"]  # saves every step
+    args = [*tiny_args(tmp_path, code_text), "--set", "train.eval_interval=1"]  # saves every step
     first = run_minigpt("train", *args, "--out", out, "--max-iters", 3, cwd=tmp_path, env=env())
     assert first.returncode == 0, first.stderr
     rng = random.Random(0)
@@ -123,8 +108,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_gloo_processes_match_one_with_twice_the_accumulation(tmp_path):
-    args = tiny_args(tmp_path)
+def test_torchrun_two_gloo_processes_match_one_with_twice_the_accumulation(code_text, tmp_path):
+    args = tiny_args(tmp_path, code_text)
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     steps = "4"
     launcher = ["--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]

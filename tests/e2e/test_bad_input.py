@@ -1,0 +1,401 @@
+"""Bad input on the command line: non-finite and absurd numbers, bad flags, paths that
+cannot hold what is asked, files that are not UTF-8 text. Each is refused in one
+sentence (exit 2, one `error:` line, no traceback) before anything is written; what is
+accepted prints strict JSON and files with ordinary modes."""
+
+from __future__ import annotations
+
+CASES: dict = {}
+
+
+def case(name: str):
+    return lambda fn: CASES.setdefault(name, fn)
+
+
+# --------------------------------------------------------------------------- non-finite numbers
+
+CONFIG_TIME = [
+    "train.min_lr=nan",
+    "train.weight_decay=nan",
+    "train.grad_clip=nan",
+    "train.max_time=nan",
+    "train.lr=inf",
+    "train.max_time=inf",
+    "model.dropout=nan",
+    "model.init_std=nan",
+    "train.lr=nan",
+    "train.beta2=nan",
+    "train.weight_decay=inf",
+    "model.init_std=inf",
+    "model.init_std=-1",
+]
+for _setting in CONFIG_TIME:
+
+    @case(f"--set {_setting} refused at config time")
+    def _(c, setting=_setting):
+        c.corpus()
+        r = c.mg(*c.train_args("--max-iters", "20", *c.QUICK, "--set", setting))
+        return c.refused(r) + c.absent("R", "data")
+
+
+@case("--max-time nan refused at config time")
+def _(c):
+    c.corpus()
+    r = c.mg(*c.train_args("--max-iters", "20", *c.QUICK, "--max-time", "nan"))
+    return c.refused(r) + c.absent("R", "data")
+
+
+@case("lr = nan in a TOML config refused")
+def _(c):
+    c.corpus()
+    c.write("bad.toml", "[train]\nlr = nan\n")
+    r = c.mg(
+        "train", "bad.toml", "--data", "corpus.txt", "--out", "R", *c.TINY, "--max-iters", "20"
+    )
+    return c.refused(r) + c.absent("R", "data")
+
+
+@case("lr=1e6 diverges: exit 2, finite checkpoint, resume with lr=1e-3 runs")
+def _(c):
+    c.corpus()
+    hot = ["--set", "train.lr=1e6", "--set", "train.warmup_iters=0", "--set", "train.grad_clip=0"]
+    hot += ["--set", "train.eval_interval=1", "--set", "train.eval_iters=2"]
+    r = c.mg(*c.train_args("--max-iters", "50", *hot))
+    problems = c.refused(r) + c.finite_weights(c.p("R"))
+    bad = []
+    for line in c.p("R", "metrics.jsonl").read_text().splitlines():
+        try:
+            c.strict_json(line)
+        except ValueError:
+            bad.append(line[:80])
+    problems += [f"metrics.jsonl lines that are not strict JSON: {bad[:2]}"] if bad else []
+    resume = c.mg("train", "--resume", "R", "--set", "train.lr=1e-3")
+    return problems + [f"resume with lr=1e-3: {p}" for p in c.ok(resume)]
+
+
+# --------------------------------------------------------------------------- absurd numbers
+
+FRESH_TRAIN = {
+    "train --seed 99999999999999999999999": ["--seed", "99999999999999999999999"],
+    "train --max-time inf": ["--max-time", "inf"],
+}
+for _label, _extra in FRESH_TRAIN.items():
+
+    @case(_label)
+    def _(c, extra=_extra):
+        c.corpus()
+        r = c.mg(*c.train_args(*c.QUICK, "--max-iters", "20", *extra), timeout=60)
+        return c.refused(r) + c.absent("R")
+
+
+ABSURD = {  # setting: the numbers an error naming it may show
+    "model.n_embd=1000000000": (1e9,),
+    "model.vocab_size=10000000000": (1e10,),
+    "train.batch_size=1000000000": (1e9,),
+    "model.n_layer=1e23": (1e23,),
+    "model.block_size=100000000": (1e8, 1e8 + 1),  # "block_size + 1 = 100000001" names it too
+}
+
+
+def number_named(r, numbers: tuple[float, ...]) -> list[str]:
+    text = " ".join(r.error_lines).replace(",", "").replace("_", "")
+    forms = set()
+    for number in numbers:
+        forms |= {str(int(number)), f"{number:g}", f"{number:g}".replace("e+", "e")}
+        if number >= 1e9 and int(number) % 10**9 == 0:
+            forms.add(f"{int(number) // 10**9} billion")
+    return [] if any(f in text for f in forms) else [f"the error does not name {numbers[0]:g}"]
+
+
+for _setting, _numbers in ABSURD.items():
+
+    @case(f"absurd size --set {_setting}")
+    def _(c, setting=_setting, numbers=_numbers):
+        c.corpus()
+        r = c.mg(*c.train_args(*c.QUICK, "--max-iters", "5", "--set", setting), timeout=60)
+        named = number_named(r, numbers) if r.rc == 2 else []
+        return c.refused(r) + named + c.absent("R")
+
+
+GENERATE_ARGS = {
+    "generate --max-new-tokens -1": ["--max-new-tokens", "-1"],
+    "generate --top-p 2": ["--top-p", "2"],
+    "generate --top-k 0": ["--top-k", "0"],
+    "generate --temperature -1": ["--temperature", "-1"],
+    "generate --temperature nan": ["--temperature", "nan"],
+    "generate --num-samples 1000000000": ["--num-samples", "1000000000"],
+    "generate --overflow-stride -1": ["--overflow-stride", "-1"],
+    "generate --seed 99999999999999999999999": ["--seed", "99999999999999999999999"],
+    "generate --prompt-file a folder": ["--prompt-file", "R"],
+}
+for _label, _extra in GENERATE_ARGS.items():
+
+    @case(_label)
+    def _(c, extra=_extra):
+        c.use("base")
+        return c.refused(c.mg("generate", "R", "-n", "20", *extra, timeout=60))
+
+
+@case("generate --temperature 1e-40 (exit 0 with the greedy text, or 2)")
+def _(c):
+    c.use("base")
+    r = c.mg(*c.GEN, "--temperature", "1e-40")
+    problems = c.clean(r)
+    # a tiny temperature is greedy decoding; the greedy text of an undertrained model
+    # may be only newlines or spaces, so compare with --temperature 0, not with ""
+    if r.rc == 0 and r.out != c.mg(*c.GEN, "--temperature", "0").out:
+        problems.append("exit 0 but not the greedy text")
+    return problems
+
+
+@case("generate -p with characters the model never saw")
+def _(c):
+    c.use("base")
+    return c.clean(c.mg(*c.GEN, "-p", "ζ€"))
+
+
+@case("inspect-heads --layer 99")
+def _(c):
+    c.use("base")
+    return c.refused(c.mg(*c.HEADS, "--layer", "99"))
+
+
+for _flag in ("--html", "--png", "--json"):
+
+    @case(f"inspect-heads {_flag} ''")
+    def _(c, flag=_flag):
+        c.use("base")
+        return c.refused(c.mg(*c.HEADS, flag, ""))
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@case("prepare --data-dir that is a file")
+def _(c):
+    c.corpus()
+    c.write("afile", "x")
+    return c.refused(c.mg("prepare", "corpus.txt", "--data-dir", "afile"))
+
+
+@case("prepare --data-dir under a file")
+def _(c):
+    c.corpus()
+    c.write("afile", "x")
+    return c.refused(c.mg("prepare", "corpus.txt", "--data-dir", "afile/sub"))
+
+
+@case("train with data.data_dir a file")
+def _(c):
+    c.corpus()
+    c.write("afile", "x")
+    r = c.mg(*c.train_args("--max-iters", "5", "--set", "data.data_dir=afile"))
+    return c.refused(r) + c.absent("R")
+
+
+@case("train --out afile/run")
+def _(c):
+    c.use("base")
+    c.write("afile", "x")
+    r = c.mg(*c.train_args("--max-iters", "5", *c.QUICK, out="afile/run"))
+    return c.refused(r) + ([] if c.p("afile").read_text() == "x" else ["afile changed"])
+
+
+@case("train --force --out afile")
+def _(c):
+    c.use("base")
+    c.write("afile", "x")
+    r = c.mg(*c.train_args("--force", "--max-iters", "5", *c.QUICK, out="afile"))
+    return c.refused(r) + ([] if c.p("afile").read_text() == "x" else ["afile changed"])
+
+
+@case("a directory named model.safetensors in --out, train --force")
+def _(c):
+    c.use("base")
+    c.dir_instead(c.p("R"), "model.safetensors")
+    return c.refused(c.mg(*c.train_args("--force", "--max-iters", "5", *c.QUICK)))
+
+
+@case("inspect-heads --json to a folder")
+def _(c):
+    c.use("base")
+    c.p("outdir").mkdir()
+    return c.refused(c.mg(*c.HEADS, "--json", "outdir"))
+
+
+@case("--out equal to the data file")
+def _(c):
+    c.corpus()
+    before = c.sha(c.p("corpus.txt"))
+    r = c.mg(*c.train_args("--max-iters", "5", *c.QUICK, out="corpus.txt"))
+    same = [] if c.sha(c.p("corpus.txt")) == before else ["corpus.txt changed"]
+    return c.refused(r) + same
+
+
+@case("a file as the run dir: not 'does not exist'")
+def _(c):
+    c.use("base")
+    c.write("afile", "x")
+    r = c.mg("generate", "afile", "-n", "5")
+    return c.refused(r) + c.avoids(r, "does not exist")
+
+
+for _glob in ("../*.txt", "/etc/*", "**/../../*.txt", "../**/*.txt", ""):
+
+    @case(f"prepare FOLDER --glob {_glob!r}")
+    def _(c, glob=_glob):
+        c.write("secret.txt", c.words_text(5_000, 2))
+        c.write("folder/a.txt", c.words_text(5_000, 3))
+        r = c.mg("prepare", "folder", "--glob", glob, "--data-dir", "D")
+        return c.refused(r) + c.absent("D")
+
+
+@case("symlink loop as source folder")
+def _(c):
+    c.write("loop/a.txt", c.words_text(5_000, 3))
+    c.p("loop", "self").symlink_to(".")
+    return c.clean(c.mg("prepare", "loop", "--data-dir", "D", timeout=60))
+
+
+# --------------------------------------------------------------------------- not UTF-8 text
+
+
+@case("NUL bytes in a file: message names the offset")
+def _(c):
+    c.write("bin.txt", b"hello world\n" * 50 + b"\x00abc")
+    r = c.mg("prepare", "bin.txt", "--data-dir", "D")
+    return c.refused(r) + c.mentions(r, "offset") + c.absent("D")
+
+
+@case("UTF-16 file: message names the offset or UTF-16")
+def _(c):
+    c.write("u16.txt", ("hello world\n" * 50).encode("utf-16"))
+    r = c.mg("prepare", "u16.txt", "--data-dir", "D")
+    return c.refused(r) + c.mentions(r, "offset", "UTF-16") + c.absent("D")
+
+
+@case("Latin-1 file: message names the offset")
+def _(c):
+    c.write("l1.txt", ("caf\u00e9 au lait\n" * 50).encode("latin-1"))
+    r = c.mg("prepare", "l1.txt", "--data-dir", "D")
+    return c.refused(r) + c.mentions(r, "offset") + c.absent("D")
+
+
+@case("NUL bytes in one file of a folder: message names the file")
+def _(c):
+    c.write("docs/a.txt", c.words_text(5_000))
+    c.write("docs/b.txt", b"abc\x00def")
+    r = c.mg("prepare", "docs", "--data-dir", "D")
+    return c.refused(r) + c.mentions(r, "b.txt") + c.absent("D")
+
+
+# --------------------------------------------------------------------------- what comes out
+
+
+def json_lines(c, r) -> list[str]:
+    bad = []
+    for line in c.lines_of(r.out):
+        try:
+            c.strict_json(line)
+        except ValueError:
+            bad.append(line[:60])
+    return [f"stdout lines that are not JSON: {bad[:2]}"] if bad else []
+
+
+@case("generate --json --interactive: every stdout line is JSON")
+def _(c):
+    c.use("base")
+    r = c.mg(*c.GEN, "--json", "--interactive", stdin="hello\n\n")
+    return c.ok(r) + json_lines(c, r)
+
+
+@case("generate --json --interactive with an unseen character, then a prompt")
+def _(c):
+    c.use("base")
+    r = c.mg(*c.GEN, "--json", "--interactive", stdin="\u03b6\nhello\n\n")
+    return c.ok(r) + json_lines(c, r)
+
+
+@case("generate --interactive with no input")
+def _(c):
+    c.use("base")
+    return c.ok(c.mg(*c.GEN, "--interactive", stdin=""))
+
+
+@case("generate --json --num-samples 2: stdout is strict JSON")
+def _(c):
+    c.use("base")
+    r = c.mg(*c.GEN, "--json", "--num-samples", "2")
+    try:
+        c.strict_json(r.out)
+        return c.ok(r)
+    except ValueError as err:
+        return c.ok(r) + [f"stdout is not strict JSON ({err})"]
+
+
+@case("inspect-heads --json: strict JSON (no NaN/Infinity)")
+def _(c):
+    c.use("base")
+    r = c.mg(*c.HEADS, "--json", "out.json")
+    try:
+        c.strict_json(c.p("out.json").read_text(encoding="utf-8"))
+        return c.ok(r)
+    except (ValueError, OSError) as err:
+        return c.ok(r) + [f"out.json is not strict JSON ({str(err)[:80]})"]
+
+
+@case("every run file is 0644, the run dir 0755, under umask 022")
+def _(c):
+    c.use("base")  # trained under umask 022; the copy keeps the modes
+    names = [f"R/{n}" for n in (*c.RUN_FILES, "metrics.jsonl", "loss.png")]
+    return c.modes(names, 0o644) + c.modes(["R"], 0o755)
+
+
+@case("prepared data folder is 0755, its files 0644")
+def _(c):
+    c.corpus()
+    r = c.mg("prepare", "corpus.txt", "--data-dir", "D")
+    _, folder = c.prepared_numbers(r)
+    if folder is None:
+        return c.ok(r) + ["no folder reported"]
+    files = [str(folder / n) for n in ("train.bin", "val.bin", "meta.json", "tokenizer.json")]
+    return c.ok(r) + c.modes([str(folder)], 0o755) + c.modes(files, 0o644)
+
+
+def html_injection(c, *tokenizer: str) -> list[str]:
+    """Train on a corpus full of `<!--` and `<script>`, then view a prompt made of them."""
+    tags = ["<!--", "<script>", "</script>", "-->"] * 6  # frequent enough for BPE merges
+    c.write("corpus.txt", c.words_text(15_000, 6, [*c.WORDS, *tags]))
+    first = c.mg(*c.train_args("--max-iters", "10", *c.QUICK, *tokenizer))
+    if first.rc != 0:
+        return [f"training failed: {first.tail}"]
+    control = c.mg(*c.HEADS, "--prompt", "the dog", "--html", "control.html")
+    r = c.mg(*c.HEADS, "--prompt", "<!--<script>", "--html", "v.html")
+    problems = c.ok(control) + c.ok(r)
+    if problems:
+        return problems
+    page = c.p("v.html").read_text(encoding="utf-8").lower()
+    template = c.p("control.html").read_text(encoding="utf-8").lower()
+    for needle in ("<script", "</script", "<!--"):
+        if page.count(needle) != template.count(needle):
+            problems.append(
+                f"{needle!r} appears {page.count(needle)} times, template {template.count(needle)}"
+            )
+    return problems
+
+
+@case("HTML injection through a char vocabulary and the prompt")
+def _(c):
+    return html_injection(c)
+
+
+@case("HTML injection through BPE tokens (<!-- as one token)")
+def _(c):
+    return html_injection(c, "--set", "data.tokenizer=bpe", "--set", "data.vocab_size=400")
+
+
+# --------------------------------------------------------------------------- the tests
+
+
+def test_bad_input_is_one_sentence_and_what_is_accepted_is_well_formed(problems, name):
+    assert problems[name] == []
