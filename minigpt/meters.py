@@ -52,7 +52,8 @@ class LossLog:
 
 
 class Clock:
-    """Seconds of training: what earlier sessions ran plus this session's wall time."""
+    """Seconds of training: what the run trained before it was resumed, plus the wall
+    time since."""
 
     def __init__(self, elapsed_before: float):
         self.elapsed_before, self.session_start = elapsed_before, time.perf_counter()

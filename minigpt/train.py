@@ -148,7 +148,7 @@ def setup(
     resumed run's state, and write the run files. Nothing is written before every
     input has been checked.
 
-    resume: the resumed run's config.json as it was before this session, or None.
+    resume: the resumed run's config.json as it was before this resume, or None.
     """
     train_config = config.train
     device = process_device(train_config.device, ddp.local_rank if ddp.enabled else None)

@@ -157,7 +157,7 @@ def compiled_step_ops(model, x, y) -> dict[str, collections.Counter]:
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_the_compiled_training_step_does_nanogpts_work_op_for_op(gpu_bench, dropout):
-    """Issue 14's GPU gap to nanoGPT is not in the model: compiled with bf16 autocast,
+    """A GPU gap to nanoGPT's training speed is not in the model: compiled with bf16 autocast,
     minigpt's forward and backward are the recipe's aten ops, matmul for matmul and
     elementwise op for elementwise op (an extra copy or cast would show here first)."""
     recipe = gpu_bench._bench_module("nanogpt_recipe")
