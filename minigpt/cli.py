@@ -294,7 +294,7 @@ def inspect_heads(
     inspection = inspect_run(run, prompts=prompts, repeated=repeated, importance=importance)
     for note in inspection.notes:
         console.warn(note)
-    console.print_inspection(inspection, layer, head)
+    render.print_inspection(inspection, layer, head)
     for save, path in outputs:
         save(path, inspection)
         console.note(f"wrote {path}")

@@ -14,7 +14,7 @@ import json
 import math
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,7 +23,6 @@ from minigpt.signals import Interrupted
 
 if TYPE_CHECKING:
     from minigpt.config import TrainConfig
-    from minigpt.heads import Inspection
     from minigpt.hf import Export, Pretrained
     from minigpt.signals import Stopped
     from minigpt.text import GenerationResult
@@ -177,6 +176,28 @@ def resume_hint(result: TrainResult) -> str:
     )
 
 
+def clock_text(seconds: float) -> str:
+    """Seconds as m:ss."""
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}:{secs:02d}"
+
+
+def progress_bar(
+    iterable: Iterable | None = None,
+    *,
+    total: float | None = None,
+    desc: str | None = None,
+    show: bool = True,
+    in_bytes: bool = False,
+):
+    """A progress bar on stderr (a tqdm; hidden unless `show`): over `iterable`, or
+    advanced by hand with `update(n)` up to `total`; `in_bytes` counts B, kB, MB."""
+    from tqdm.auto import tqdm  # here: the command line starts without it
+
+    unit = {"unit": "B", "unit_scale": True} if in_bytes else {}
+    return tqdm(iterable, total=total, desc=desc, disable=not show, **unit)
+
+
 class StepBar:
     """The trainer's step bar on stderr (loss, lr, tokens/s, time left); the trainer's
     lines are printed above it while it runs. Made by `train.train` (its `step_bar`)."""
@@ -184,9 +205,7 @@ class StepBar:
     def __init__(self, train_config: TrainConfig, first_step: int):
         from tqdm.auto import tqdm  # here: the command line starts without it
 
-        from minigpt.train import clock_text
-
-        self.max_time, self.clock_text = train_config.max_time, clock_text
+        self.max_time = train_config.max_time
         self.bar = tqdm(
             total=train_config.max_iters,
             initial=first_step,
@@ -198,7 +217,7 @@ class StepBar:
     def advance(self, loss: float, lr: float, tokens_per_s: float, elapsed: float) -> None:
         self.bar.update(1)
         left = max(0.0, self.max_time - elapsed)
-        left_text = f", {self.clock_text(left)} left" if self.max_time else ""
+        left_text = f", {clock_text(left)} left" if self.max_time else ""
         self.bar.set_postfix_str(
             f"loss {loss:.4f} lr {lr:.2e} {tokens_per_s / 1000:.1f}k tok/s{left_text}",
             refresh=False,
@@ -209,20 +228,6 @@ class StepBar:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def print_inspection(inspection: Inspection, layer: int | None, head: int | None) -> None:
-    """inspect-heads' table of every head, then layer `layer`'s heatmaps (all of its
-    heads, or only `head`), on stdout; wide enough for the table in a pipe or a log."""
-    from rich.console import Console
-
-    from minigpt import render
-
-    terminal = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
-    render.print_table(terminal, inspection)
-    if layer is not None:
-        for each in [head] if head is not None else range(inspection.n_head):
-            render.print_heatmap(terminal, inspection, layer, each)
 
 
 def imported(source: str, out: str, loaded: Pretrained) -> None:

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 
-from tqdm import tqdm
-
 from minigpt.atomic import atomic_path
+from minigpt.console import progress_bar
 from minigpt.corpus import AUTO_GLOB, DEFAULT_FIELD, Corpus, load_corpus, read_text
 from minigpt.errors import MinigptError
 
@@ -109,13 +108,7 @@ def fetch_shakespeare(data_dir: Path, url: str | None = None, progress: bool = T
             hasher = hashlib.sha256()
             with (
                 open(tmp, "wb") as f,
-                tqdm(
-                    total=total,
-                    unit="B",
-                    unit_scale=True,
-                    desc="tiny shakespeare",
-                    disable=not progress,
-                ) as bar,
+                progress_bar(total=total, desc="tiny shakespeare", show=progress, in_bytes=True) as bar,
             ):
                 while chunk := response.read(1 << 16):
                     f.write(chunk)

@@ -23,9 +23,9 @@ from contextlib import closing
 from dataclasses import dataclass
 
 import numpy as np
-from tqdm import tqdm
 
 from minigpt.bpe_training import line_chunks
+from minigpt.console import progress_bar
 from minigpt.corpus import ContentHash, Corpus, Document, OnBytes
 from minigpt.errors import MinigptError
 from minigpt.tokenizer import Tokenizer
@@ -67,7 +67,7 @@ class ByteProgress:
 
     def __init__(self, total: int, desc: str, show: bool):
         show = show and total >= SHOW_PROGRESS_BYTES
-        self.bar = tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not show)
+        self.bar = progress_bar(total=total, desc=desc, show=show, in_bytes=True)
         self.pending = 0
 
     def __call__(self, n_bytes: int) -> None:

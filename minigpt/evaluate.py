@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from minigpt.checkpoint import Run
+from minigpt.console import progress_bar
 from minigpt.corpus import AUTO_GLOB, DEFAULT_FIELD
 from minigpt.data import DEFAULT_DATA_DIR, find_run_data
 from minigpt.datasets import load_source
@@ -201,7 +201,7 @@ def sliding_window_nll(
     model.eval()  # no dropout: the same text always scores the same
     try:
         with torch.no_grad():
-            parts = [_batch_nll(model, ids, b) for b in tqdm(batches, disable=not progress)]
+            parts = [_batch_nll(model, ids, b) for b in progress_bar(batches, show=progress)]
     finally:
         model.train(was_training)
     nll = torch.cat([p[0] for p in parts]).double().cpu().numpy()

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -494,3 +495,13 @@ function select(k) {
 select(0);
 </script></body></html>
 """
+
+
+def print_inspection(inspection: Inspection, layer: int | None, head: int | None) -> None:
+    """inspect-heads' table of every head, then layer `layer`'s heatmaps (all of its
+    heads, or only `head`), on stdout; wide enough for the table in a pipe or a log."""
+    terminal = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    print_table(terminal, inspection)
+    if layer is not None:
+        for each in [head] if head is not None else range(inspection.n_head):
+            print_heatmap(terminal, inspection, layer, each)

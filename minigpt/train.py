@@ -36,6 +36,7 @@ from minigpt import checkpoint
 from minigpt.batches import Batcher
 from minigpt.checkpoint import BEST_WEIGHTS, TRAINER_STATE, MetricsLog, TrainerCheckpoint
 from minigpt.config import RunConfig, TrainConfig, config_from_dict, micro_steps
+from minigpt.console import clock_text
 from minigpt.device import allow_tf32, autocast_dtype, check_training_memory, process_device
 from minigpt.distributed import Distributed, setup_distributed
 from minigpt.errors import MinigptError
@@ -625,12 +626,6 @@ class _NoBar:
 
 def _silent(_message: str) -> None:
     pass
-
-
-def clock_text(seconds: float) -> str:
-    """Seconds as m:ss."""
-    minutes, secs = divmod(int(seconds), 60)
-    return f"{minutes}:{secs:02d}"
 
 
 def _start_line(trainer: Trainer) -> str:
