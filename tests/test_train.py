@@ -1,7 +1,7 @@
 """The trainer: run directory, exact resume, bad input, NaN stop.
 
 Everything trains tiny models for a few steps on a small corpus written to tmp_path.
-The process-level checks (signals, kill -9, torchrun) are in test_train_process.py.
+The process-level checks (signals, kill -9, torchrun) are in e2e/test_train_process.py.
 """
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import argparse
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,46 +20,28 @@ from minigpt.checkpoint import BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, load_r
 from minigpt.config import load_config, resume_config
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
-from minigpt.tokenizer import CharTokenizer
-
-TEXT = (
-    "def add(a, b):\n    return a + b\n\n"
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n\n"
-) * 40
-
-TINY = [
-    "model.n_layer=1",
-    "model.n_head=2",
-    "model.n_embd=16",
-    "model.block_size=16",
-    "train.batch_size=4",
-    "train.eval_iters=2",
-    "train.log_interval=1",
-    "train.warmup_iters=2",
-    "train.lr=1e-2",
-    "train.min_lr=1e-3",
-    "train.device=cpu",
-    "train.threads=1",
-]
 
 
 @pytest.fixture(scope="module")
-def data() -> trainer.TrainData:
-    tokenizer = CharTokenizer.from_text(TEXT)
-    ids = np.array(tokenizer.encode(TEXT), dtype=np.uint16)
-    split = int(0.9 * len(ids))
-    return trainer.TrainData(tokenizer, ids[:split], ids[split:])
+def data(tiny_train_data) -> trainer.TrainData:
+    return tiny_train_data
 
 
-def tiny_config(out_dir, *extra: str):
-    return load_config(None, [*TINY, f"train.out_dir={out_dir}", *extra])
+@pytest.fixture
+def tiny_config(tiny_train):
+    """A run config of the tiny model writing to out_dir, with more `--set` items."""
+
+    def make(out_dir, *extra: str):
+        return load_config(None, [*tiny_train.sets, f"train.out_dir={out_dir}", *extra])
+
+    return make
 
 
 def losses(run_dir) -> list[tuple[int, float]]:
     return list(checkpoint.iter_losses(run_dir))
 
 
-def test_train_writes_a_loadable_run_dir(tmp_path, data, capsys):
+def test_train_writes_a_loadable_run_dir(tiny_config, tmp_path, data, capsys):
     out = tmp_path / "run"
     result = trainer.train(
         tiny_config(out, "train.max_iters=6", "train.eval_interval=3"), data=data, progress=False
@@ -91,7 +72,7 @@ def test_train_writes_a_loadable_run_dir(tmp_path, data, capsys):
         assert torch.equal(tensor, state.model[name]), name
 
 
-def test_compiled_training_is_one_graph_with_each_models_own_static_shapes(
+def test_compiled_training_is_one_graph_with_each_models_own_static_shapes(tiny_config,
     tmp_path, data, monkeypatch
 ):
     """train.compile: the model compiles as one graph (no graph break), and a second model
@@ -119,7 +100,7 @@ def test_compiled_training_is_one_graph_with_each_models_own_static_shapes(
     assert graphs == [False, False]
 
 
-def test_training_with_a_chunked_loss_follows_the_same_losses(tmp_path, data, monkeypatch):
+def test_training_with_a_chunked_loss_follows_the_same_losses(tiny_config, tmp_path, data, monkeypatch):
     """train.loss_chunk changes how the loss is computed, not what: the same losses step
     by step (up to float rounding), and the same evaluation."""
     chunk_sizes = []  # of every chunked loss computed, in training and evaluation
@@ -143,7 +124,7 @@ def test_training_with_a_chunked_loss_follows_the_same_losses(tmp_path, data, mo
     assert chunked.best_val_loss == pytest.approx(plain.best_val_loss, rel=1e-5)
 
 
-def test_eval_batches_are_fixed(tmp_path, data):
+def test_eval_batches_are_fixed(tiny_config, tmp_path, data):
     # lr tiny, so the weights hardly move: two evaluations of the same batches agree closely
     out = tmp_path / "run"
     tiny_lr = ["train.lr=1e-9", "train.min_lr=0", "train.warmup_iters=0"]
@@ -154,7 +135,7 @@ def test_eval_batches_are_fixed(tmp_path, data):
     assert abs(evals[0]["train_loss"] - evals[1]["train_loss"]) < 1e-5
 
 
-def test_extending_a_run_with_a_pinned_decay_end_is_bit_identical(tmp_path, data):
+def test_extending_a_run_with_a_pinned_decay_end_is_bit_identical(tiny_config, tmp_path, data):
     """6 steps, then a resume to 10, equal 10 straight when lr_decay_iters pins the
     schedule (else the new max_iters moves the cosine decay: test_reliability.py).
     Dropout on and two micro-batches per step: the RNG and both batch streams must be
@@ -176,7 +157,7 @@ def test_extending_a_run_with_a_pinned_decay_end_is_bit_identical(tmp_path, data
     assert set(best) == {4, 6, 8, 10}
 
 
-def test_out_dir_with_another_run_is_refused(tmp_path, data):
+def test_out_dir_with_another_run_is_refused(tiny_config, tmp_path, data):
     out = tmp_path / "run"
     trainer.train(tiny_config(out, "train.max_iters=2"), data=data, progress=False)
     before = (out / TRAINER_STATE).read_bytes()
@@ -190,7 +171,7 @@ def test_out_dir_with_another_run_is_refused(tmp_path, data):
     assert result.step == 3 and [s for s, _ in losses(out)] == [1, 2, 3]
 
 
-def test_resume_refuses_bad_trainer_state(tmp_path, data):
+def test_resume_refuses_bad_trainer_state(tiny_config, tmp_path, data):
     out = tmp_path / "run"
     trainer.train(tiny_config(out, "train.max_iters=2"), data=data, progress=False)
     path = out / TRAINER_STATE
@@ -213,7 +194,7 @@ def test_resume_refuses_bad_trainer_state(tmp_path, data):
         trainer.train(resume_config(out), resume=True, data=data, progress=False)
 
 
-def test_resume_refuses_model_changes(tmp_path, data):
+def test_resume_refuses_model_changes(tiny_config, tmp_path, data):
     out = tmp_path / "run"
     trainer.train(tiny_config(out, "train.max_iters=1"), data=data, progress=False)
     with pytest.raises(MinigptError, match="keeps its model config"):
@@ -222,7 +203,7 @@ def test_resume_refuses_model_changes(tmp_path, data):
         resume_config(tmp_path / "missing")
 
 
-def test_block_size_larger_than_a_split(tmp_path, data):
+def test_block_size_larger_than_a_split(tiny_config, tmp_path, data):
     small = trainer.TrainData(data.tokenizer, data.train_tokens, data.val_tokens[:10])
     with pytest.raises(MinigptError, match="val split"):
         trainer.train(tiny_config(tmp_path / "run"), data=small, progress=False)
@@ -230,7 +211,7 @@ def test_block_size_larger_than_a_split(tmp_path, data):
 
 
 @pytest.mark.parametrize("read_every", [1, 5])
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data, monkeypatch, read_every):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path, data, monkeypatch, read_every):
     # read_every=5 is the GPU's way (the loss stays on the device between reads): the
     # NaN of step 6 is found at the read before step 8's save, and named by its step.
     out = tmp_path / "run"
@@ -286,7 +267,7 @@ def test_signal_flag_result_exit_codes(tmp_path):
     assert trainer.TrainResult(tmp_path, 7, 1.0, 0, 1.0, "signal", signal=2).exit_code == 130
 
 
-def test_config_json_records_train_and_data(tmp_path, data):
+def test_config_json_records_train_and_data(tiny_config, tmp_path, data):
     out = tmp_path / "run"
     trainer.train(tiny_config(out, "train.max_iters=1"), data=data, progress=False)
     saved = json.loads((out / "config.json").read_text())
