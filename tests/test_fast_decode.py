@@ -7,6 +7,7 @@ import torch
 from minigpt.errors import MinigptError
 from minigpt.fast_decode import StaticDecoder, StaticKVCache
 from minigpt.generate import generate
+from minigpt.kv_cache import KVCache
 from minigpt.model import GPT, GPTConfig
 from minigpt.sampling import Sampling
 
@@ -29,13 +30,21 @@ def test_the_static_decode_step_gives_the_tokens_of_the_eager_one(attention, str
     assert torch.equal(eager, static)  # 60 tokens past a block of 16: crops and re-prefills
 
 
+def two_prefilled_caches(model: GPT) -> tuple[KVCache, KVCache]:
+    """Two caches of batch 2 holding the same 5 random positions."""
+    prefix = torch.randint(50, (2, 5))
+    caches = model.new_kv_cache(2), model.new_kv_cache(2)
+    with torch.inference_mode():
+        for cache in caches:
+            model(prefix, kv_cache=cache)
+    return caches
+
+
 def test_the_static_decode_step_keeps_its_shapes_and_its_position_on_the_device():
     model = small_gpt()
-    prefix, steps = torch.randint(50, (2, 5)), torch.randint(50, (3, 2, 1))
-    eager_cache, static_cache = model.new_kv_cache(2), model.new_kv_cache(2)
+    steps = torch.randint(50, (3, 2, 1))
+    eager_cache, static_cache = two_prefilled_caches(model)
     with torch.inference_mode():
-        model(prefix, kv_cache=eager_cache)
-        model(prefix, kv_cache=static_cache)
         static = StaticKVCache(static_cache)
         buffers = [k.data_ptr() for k in static_cache.keys]
         for ids in steps:
@@ -56,11 +65,9 @@ def test_the_decoder_s_warm_up_leaves_the_cache_as_it_was():
     # On CUDA the step is warmed up before its capture, in the middle of a generation:
     # what the warm-up writes must never reach a token (run here on the CPU).
     model = small_gpt()
-    prefix, steps = torch.randint(50, (2, 5)), torch.randint(50, (4, 2, 1))
-    eager_cache, static_cache = model.new_kv_cache(2), model.new_kv_cache(2)
+    steps = torch.randint(50, (4, 2, 1))
+    eager_cache, static_cache = two_prefilled_caches(model)
     with torch.inference_mode():
-        model(prefix, kv_cache=eager_cache)
-        model(prefix, kv_cache=static_cache)
         decoder = StaticDecoder(model, static_cache)
         for ids in steps:
             decoder.ids.copy_(torch.randint(50, (2, 1)))  # what a warm-up may be fed
