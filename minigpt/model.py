@@ -346,8 +346,9 @@ class GPT(nn.Module):
         head_gates: (n_layer, H) or (n_layer, B, H), indexed by layer, as in `forward`.
         Restarting from any layer is what the head inspector's ablations need.
         """
-        self.positions_of(x[..., 0], head_gates=head_gates)  # the checks forward makes
-        rope = self.pos_emb.rope(torch.arange(x.size(1), device=x.device))
+        # x's first feature stands in for token ids (B, T): the checks forward makes
+        positions = self.positions_of(x[..., 0], head_gates=head_gates)  # (T,) 0..T-1
+        rope = self.pos_emb.rope(positions)
         attention = []
         for layer in range(start_layer, self.config.n_layer if end_layer is None else end_layer):
             gate = head_gates[layer] if head_gates is not None else None

@@ -136,6 +136,16 @@ TINY_SETS = [
 ]
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_gpt):
+    """A small GPT over lowercase letters, space and newline, and its char tokenizer:
+    what the head inspector's tests look inside."""
+    from minigpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz \n")
+    return tiny_gpt(tokenizer.vocab_size, block_size=32, n_head=3, n_embd=24), tokenizer
+
+
 @pytest.fixture(scope="session")
 def tiny_train():
     """The trainer tests' tiny corpus (`text`) and `--set` list (`sets`), and `losses(run_dir)`:

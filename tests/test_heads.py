@@ -15,7 +15,6 @@ import torch
 from minigpt import heads, heads_run, render
 from minigpt.checkpoint import write_run_files
 from minigpt.errors import MinigptError
-from minigpt.tokenizer import CharTokenizer
 
 
 def causal_uniform(T: int) -> torch.Tensor:
@@ -147,12 +146,6 @@ def test_thresholds_are_described():
 
 
 # ---------------------------------------------------------------------------- with a model
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_gpt):
-    tokenizer = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz \n")
-    return tiny_gpt(tokenizer.vocab_size, block_size=32, n_head=3, n_embd=24), tokenizer
 
 
 def test_repeated_probe(tiny):

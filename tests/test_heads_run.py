@@ -12,13 +12,6 @@ import pytest
 
 from minigpt import heads, heads_run
 from minigpt.checkpoint import load_run, write_run_files
-from minigpt.tokenizer import CharTokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_gpt):
-    tokenizer = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz \n")
-    return tiny_gpt(tokenizer.vocab_size, block_size=32, n_head=3, n_embd=24), tokenizer
 
 
 def test_prompt_cropping_and_empty(tiny):
