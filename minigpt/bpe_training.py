@@ -15,6 +15,8 @@ import signal
 import threading
 from collections.abc import Iterable, Iterator
 
+from minigpt.signals import check
+
 BPE_TRAIN_BUFFER = 512
 """Texts rustbpe holds at once while it counts (its default, 8192 texts of up to 64 KB,
 could hold half a GB): counts are summed over batches, so the merges are the same."""
@@ -52,6 +54,7 @@ def _chunks(texts: Iterable[str], signals: _SignalsDeferred) -> Iterator[str]:
     for text in texts:
         for chunk in line_chunks((text,)):
             signals.raise_pending()  # a Ctrl-C while reading stops here, between chunks
+            check()
             yield chunk
 
 

@@ -25,7 +25,7 @@ import pickle
 import socket
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import IO
 
@@ -257,6 +257,8 @@ class TrainerCheckpoint:
     """torch's (and CUDA's) RNG state of each process, in rank order."""
     batchers: list[dict]
     """Each batch stream's `Batcher.state_dict()`, in stream order over all processes."""
+    eval_pending: bool = False
+    """The evaluation due at `step` has not run yet (a signal stopped the run first)."""
 
 
 def rng_state(device: torch.device) -> dict:
@@ -310,14 +312,15 @@ def load_trainer_state(path: str | Path) -> TrainerCheckpoint:
             hint="the run cannot be resumed from it; its weights are still in "
             f"{BEST_WEIGHTS} and {LAST_WEIGHTS} (start a new run with another --out)",
         ) from err
-    names = {f.name for f in fields(TrainerCheckpoint)}
+    names = {f.name for f in fields(TrainerCheckpoint) if f.default is MISSING}
     if not isinstance(state, dict) or not {"format_version", *names} <= set(state):
         raise not_ours
     if state["format_version"] != TRAINER_FORMAT:
         raise MinigptError(
             f"{path} has trainer format {state['format_version']!r}, this minigpt reads {TRAINER_FORMAT}"
         )
-    return TrainerCheckpoint(**{name: state[name] for name in names})
+    known = {f.name for f in fields(TrainerCheckpoint)}
+    return TrainerCheckpoint(**{name: state[name] for name in known if name in state})
 
 
 # --------------------------------------------------------------------------- metrics

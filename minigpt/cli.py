@@ -9,16 +9,15 @@ a traceback.
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
 
 import typer
 
-from minigpt import console
+from minigpt import console, signals
 from minigpt.device import choose_wait_policy
 from minigpt.errors import MinigptError, os_error
-from minigpt.signals import Stopped, exit_quietly, raising
+from minigpt.signals import Stopped, exit_quietly
 
 # The modules that load torch are imported inside the commands that need them, so
 # `minigpt --help` and usage errors answer at once instead of after torch loads.
@@ -415,18 +414,26 @@ def main() -> None:
 
     typer handles its own usage errors (unknown option, bad value) with exit code 2.
     A machine that refuses a read or a write (a full disk, a permission) is reported
-    the way bad input is: it is a fact about the machine, not a bug. Ctrl-C prints
-    "interrupted" and exits with 130, as shells expect (see signals.py).
+    the way bad input is: it is a fact about the machine, not a bug.
+
+    SIGINT (Ctrl-C) and SIGTERM set a flag that the commands poll (signals.py); the
+    command stops with one word, "interrupted" or "terminated", and the shell's exit
+    code, 130 or 143. A signal that came after the last poll (while a finished run
+    draws its plot, say) stops the command the same way when it returns, and so
+    does one that came before whatever else went wrong.
     """
-    with raising(signal.SIGINT):
+    signals.install()
+    try:
         try:
             app()
-        except Stopped as stop:
-            console.stopped(stop)
-            exit_quietly(stop.exit_code)
-        except MinigptError as err:
-            console.print_error(err, OPTION_NAMES)
-            sys.exit(2)
-        except OSError as err:
-            console.print_error(os_error(err), OPTION_NAMES)
-            sys.exit(2)
+        finally:
+            signals.check()
+    except Stopped as stop:
+        console.stopped(stop)
+        exit_quietly(stop.exit_code)
+    except MinigptError as err:
+        console.print_error(err, OPTION_NAMES)
+        sys.exit(2)
+    except OSError as err:
+        console.print_error(os_error(err), OPTION_NAMES)
+        sys.exit(2)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from minigpt.errors import MinigptError
-from minigpt.signals import Interrupted
+from minigpt.signals import Interrupted, interruptible
 
 if TYPE_CHECKING:
     from minigpt.config import TrainConfig
@@ -146,12 +146,13 @@ def interactive_loop(
 
 def _read_prompt(as_json: bool) -> str:
     """One line of input after the `> ` marker: on stdout (input's own), or on stderr
-    when stdout must hold nothing but JSON."""
-    if not as_json:
-        return input("> ")
-    sys.stderr.write("> ")
-    sys.stderr.flush()
-    return input()
+    when stdout must hold nothing but JSON. A signal while it waits stops it at once."""
+    with interruptible():
+        if not as_json:
+            return input("> ")
+        sys.stderr.write("> ")
+        sys.stderr.flush()
+        return input()
 
 
 def train_summary(result: TrainResult) -> str:

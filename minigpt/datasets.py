@@ -27,6 +27,7 @@ from minigpt.atomic import atomic_path
 from minigpt.console import progress_bar
 from minigpt.corpus import AUTO_GLOB, DEFAULT_FIELD, Corpus, load_corpus, read_text
 from minigpt.errors import MinigptError
+from minigpt.signals import check
 
 DEFAULT_SOURCE = "pystdlib"
 
@@ -111,6 +112,7 @@ def fetch_shakespeare(data_dir: Path, url: str | None = None, progress: bool = T
                 progress_bar(total=total, desc="tiny shakespeare", show=progress, in_bytes=True) as bar,
             ):
                 while chunk := response.read(1 << 16):
+                    check()  # a signal stops the download between two chunks
                     f.write(chunk)
                     hasher.update(chunk)
                     bar.update(len(chunk))

@@ -87,9 +87,16 @@ class Distributed:
         device_ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 
-    def close(self) -> None:
-        """End the process group if `setup_distributed` started it."""
+    def close(self, together: bool = False) -> None:
+        """End the process group if `setup_distributed` started it.
+
+        together: every process got here the normal way, so they first wait for each
+        other (rank 0 still draws loss.png when the others are done): a process
+        that tears down its connections while a peer still holds them open can make
+        the peer's backend abort the whole job."""
         if self.started_here and dist.is_initialized():
+            if together:
+                dist.barrier()
             dist.destroy_process_group()
 
 

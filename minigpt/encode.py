@@ -28,6 +28,7 @@ from minigpt.bpe_training import line_chunks
 from minigpt.console import progress_bar
 from minigpt.corpus import ContentHash, Corpus, Document, OnBytes
 from minigpt.errors import MinigptError
+from minigpt.signals import check, polled
 from minigpt.tokenizer import Tokenizer
 
 VAL_FRACTION = 0.1
@@ -86,6 +87,7 @@ class ByteProgress:
 
 def hashed_pieces(doc: Document, hasher: ContentHash) -> Iterator[tuple[str, int]]:
     """(text, its UTF-8 bytes) of a non-empty document, a piece at a time, fed to the hash."""
+    check()  # a signal stops every pass over the corpus between two pieces
     if isinstance(doc, str):
         if doc:
             raw = doc.encode("utf-8")
@@ -94,7 +96,7 @@ def hashed_pieces(doc: Document, hasher: ContentHash) -> Iterator[tuple[str, int
             yield doc, len(raw)
         return
     hasher.begin(doc.n_bytes)
-    for piece in doc.pieces:
+    for piece in polled(doc.pieces):
         raw = piece.encode("utf-8")
         hasher.update(raw)
         yield piece, len(raw)
@@ -276,7 +278,7 @@ def encode_in_order(
     pool = ThreadPoolExecutor(workers, thread_name_prefix="tokenize")
     pending: deque = deque()
     try:
-        for task in tasks:
+        for task in polled(tasks):
             pending.append(pool.submit(encode, *task))
             if len(pending) >= 2 * workers:
                 yield pending.popleft().result()

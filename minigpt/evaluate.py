@@ -32,6 +32,7 @@ from minigpt.datasets import load_source
 from minigpt.encode import tokenize_corpus
 from minigpt.errors import MinigptError
 from minigpt.model import GPT, GPTConfig
+from minigpt.signals import polled
 from minigpt.tokenizer import CharTokenizer, Tokenizer
 
 
@@ -201,7 +202,8 @@ def sliding_window_nll(
     model.eval()  # no dropout: the same text always scores the same
     try:
         with torch.no_grad():
-            parts = [_batch_nll(model, ids, b) for b in progress_bar(batches, show=progress)]
+            batches = polled(progress_bar(batches, show=progress))  # a signal stops between two
+            parts = [_batch_nll(model, ids, b) for b in batches]
     finally:
         model.train(was_training)
     nll = torch.cat([p[0] for p in parts]).double().cpu().numpy()

@@ -53,6 +53,7 @@ from minigpt.fast_decode import StaticDecoder
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT
 from minigpt.sampling import Sampling, new_seed, sample_next, with_settings
+from minigpt.signals import check
 from minigpt.text import GenerationResult, SampleStream
 from minigpt.tokenizer import Tokenizer
 
@@ -431,6 +432,7 @@ def generate_text(
     first_token_seconds = 0.0
     steps = generate(model, prompt_ids, sampling=sampling, vocab_limit=tokenizer.vocab_size)
     for step, next_ids in enumerate(steps):
+        check()  # a signal stops sampling between two tokens
         if step == 0:
             first_token_seconds = time.perf_counter() - started
         for index, token_id in enumerate(next_ids.tolist()):

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
+from minigpt.signals import polled
 from minigpt.tokenizer import Tokenizer
 
 # ---------------------------------------------------------------------------
@@ -269,7 +270,7 @@ def ablation_importance(
     every_head_but_one = torch.eye(H, device=model.device).logical_not().float()  # (H, H)
     rise = torch.zeros(L, H, dtype=torch.float64)
     base_total, n_batches = 0.0, 0
-    for x_ids, y in batches:
+    for x_ids, y in polled(batches):
         B = x_ids.size(0)
         x = model.embed(x_ids)  # entering layer 0: (B, T, n_embd)
         base = _loss_per_example(model, x, 0, None, y).mean().item()
@@ -301,7 +302,7 @@ def gradient_importance(model: GPT, batches: Iterable[tuple[Tensor, Tensor]]) ->
     model.eval()
     L, H = model.config.n_layer, model.config.n_head
     total, count = torch.zeros(L, H), 0
-    for x, y in batches:
+    for x, y in polled(batches):
         B = x.size(0)
         gates = torch.ones(L, B, H, device=x.device, requires_grad=True)
         _, loss = model(x, y, head_gates=gates)

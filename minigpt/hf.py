@@ -46,6 +46,7 @@ from minigpt.checkpoint import CONFIG_FILE, RunLock, load_run, read_config
 from minigpt.errors import MinigptError, first_line, os_error
 from minigpt.hf_tokenizer import tokenizer_from_hf, write_hf_tokenizer
 from minigpt.model import GPT, GPTConfig
+from minigpt.signals import check, interruptible
 from minigpt.tokenizer import BPETokenizer, NamedTokenizer, Tokenizer
 
 HF_CONFIG = "config.json"
@@ -403,9 +404,10 @@ def download(repo_id: str, cache_dir: Path | None = None) -> Path:
 
 
 def _snapshot(hub, repo_id: str, patterns: list[str], cache_dir: Path | None) -> str:
-    return hub.snapshot_download(
-        repo_id, allow_patterns=patterns, cache_dir=cache_dir, etag_timeout=HUB_TIMEOUT_S
-    )
+    with interruptible():  # waiting on the network: a signal stops it at once
+        return hub.snapshot_download(
+            repo_id, allow_patterns=patterns, cache_dir=cache_dir, etag_timeout=HUB_TIMEOUT_S
+        )
 
 
 def _hub_error(repo_id: str, err: Exception) -> MinigptError:
@@ -472,6 +474,7 @@ def import_checkpoint(source: str, out_dir: Path, force: bool = False) -> Pretra
     out_dir = Path(out_dir)
     checkpoint.check_out_dir(out_dir, resume=False, force=force)
     loaded = load_hf_checkpoint(source)
+    check()  # a signal stops the import before anything is written
     with RunLock(out_dir):
         fresh = True
         try:
@@ -481,6 +484,7 @@ def import_checkpoint(source: str, out_dir: Path, force: bool = False) -> Pretra
             checkpoint.write_run(
                 out_dir, loaded.config, loaded.state, loaded.tokenizer, {"imported_from": imported}
             )
+            check()  # a signal while it wrote: the finally below removes the run again
             fresh = False
         finally:
             if fresh:  # an interrupted import leaves no half of a run behind
@@ -511,6 +515,7 @@ def export_run(run_dir: Path, out_dir: Path, force: bool = False) -> Export:
     hf_config = hf_config_from_gpt(config, eot)
     hf_state = state_to_hf(run.model.state_dict(), config)
     generation = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
+    check()  # a signal stops the export before anything is written
     with _staging(out_dir) as staging:
         with atomic_path(staging / HF_SAFETENSORS) as tmp:
             save_file(hf_state, str(tmp), metadata={"format": "pt"})
@@ -535,6 +540,7 @@ def _staging(out_dir: Path):
     staging = make_temp_dir(out_dir)
     try:
         yield staging
+        check()  # a signal while the files were written: none of them moves into place
         if not out_dir.exists():
             os.rename(staging, out_dir)
             return

@@ -1,17 +1,28 @@
-"""SIGINT (Ctrl-C) and SIGTERM, for every command: how a signal stops one cleanly.
+"""SIGINT (Ctrl-C) and SIGTERM, for every command: a flag that the work polls.
 
-A signal lands wherever Python happens to be, so there are two ways to stop:
+A handler that raises lands wherever Python happens to be: inside a library's
+import (which then fails with its own ImportError), a finalizer, a progress bar's
+constructor. So, while `handled()` is in force (the command line's whole life;
+`train` as a library call), a signal only sets one process-wide flag, and the code
+stops at points where stopping is safe:
 
-- `raising`: the signal raises `Interrupted` (SIGINT) or `Terminated` (SIGTERM)
-  right there, and the `finally` blocks on the way out remove what was half made.
-  The command line raises on SIGINT for every command; the trainer also raises on
-  SIGTERM while it sets up (preparing data, building the model). The command line
-  catches either and exits with the shell's code for the signal (`EXIT_CODES`).
-- `SignalFlag`: the signal only sets a flag that a loop polls between steps, so the
-  trainer can save its state first and then stop.
+- `check()` raises `Interrupted` (SIGINT) or `Terminated` (SIGTERM) if the flag is
+  set. The long loops call it: each chunk that prepare reads or encodes, each
+  evaluation batch, each generated token, each head that inspect-heads ablates,
+  between the phases of a command. The `finally` blocks on the way out (and
+  atomic.py's temporary folders) remove what was half made.
+- `pending()` only reads the flag: the trainer saves its state first, then stops.
+- `interruptible()` is for waiting (a prompt read from the terminal, a download):
+  inside it a signal raises at once, since nothing is half done while one waits.
 
-Handlers can only be set from the main thread; called from another one (a
-notebook's worker), these leave the handlers alone.
+A second signal more than `REPEAT_S` after the first raises at once, wherever Python
+is: the user who presses Ctrl-C again wants out now. (torchrun forwards the signal
+that the terminal already sent every process, so a repeat within REPEAT_S is the
+same request and only sets the flag.)
+
+The command line catches `Stopped`, says one word ("interrupted", "terminated") and
+exits with the shell's code for the signal (`EXIT_CODES`). Handlers can only be set
+from the main thread; elsewhere (a notebook's worker) the flag is never set.
 """
 
 from __future__ import annotations
@@ -20,10 +31,17 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 """The code a shell reports for a process stopped by each signal (128 + its number)."""
+
+T = TypeVar("T")
+
+REPEAT_S = 1.0
+"""A second signal this long after the first stops the command at once."""
 
 
 class Stopped(BaseException):
@@ -40,14 +58,14 @@ class Stopped(BaseException):
 
 
 class Interrupted(Stopped):
-    """Ctrl-C (SIGINT), raised by our handler."""
+    """Ctrl-C (SIGINT)."""
 
     signum = signal.SIGINT
 
 
 class Terminated(Stopped):
-    """SIGTERM, raised by our handler: the command exits with 143, as a process killed
-    by SIGTERM does, after its `finally` blocks have cleaned up."""
+    """SIGTERM: the command exits with 143, as a process killed by SIGTERM does, after
+    its `finally` blocks have cleaned up."""
 
     signum = signal.SIGTERM
 
@@ -55,54 +73,110 @@ class Terminated(Stopped):
 _RAISED = {signal.SIGINT: Interrupted, signal.SIGTERM: Terminated}
 
 
+class _Flag:
+    """The one flag of the process, and what the handler needs to know."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self.first_at = 0.0
+        self.waiting = 0
+        """How many `interruptible()` blocks are open: a signal then raises at once."""
+        self.installed = 0
+        """How many `handled()` blocks are open."""
+        self.previous: dict[int, object] = {}
+
+    def handle(self, signum: int, frame: object) -> None:
+        now = time.monotonic()
+        if not self.signum:
+            self.signum, self.first_at = signum, now
+        elif now - self.first_at > REPEAT_S:
+            raise _RAISED[signum]()
+        if self.waiting:
+            raise _RAISED[self.signum]()
+
+
+_FLAG = _Flag()
+
+
+def pending() -> int:
+    """The signal that asked this process to stop (SIGINT or SIGTERM), or 0."""
+    return _FLAG.signum
+
+
+def check() -> None:
+    """Raise `Interrupted` or `Terminated` if a signal asked the process to stop."""
+    if _FLAG.signum:
+        raise _RAISED[_FLAG.signum]()
+
+
+def polled(items: Iterable[T]) -> Iterator[T]:
+    """`items`, with `check()` before each: a loop over them stops between two."""
+    for item in items:
+        check()
+        yield item
+
+
+def stop_for(signum: int) -> Stopped:
+    """The exception that stands for `signum`."""
+    return _RAISED[signum]()
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """While inside, a signal raises at once (for waits: a read, a download). Raises at
+    once on entry if a signal came before."""
+    check()
+    _FLAG.waiting += 1
+    try:
+        yield
+    finally:
+        _FLAG.waiting -= 1
+
+
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
+def install() -> None:
+    """From now on, for the rest of the process, SIGINT and SIGTERM set the flag (the
+    command line calls this first: its process ends with the command, and a signal
+    while Python shuts down must not kill it half-way through its exit)."""
+    if _in_main_thread():
+        _FLAG.installed += 1  # for good: a `handled()` inside it changes nothing
+        _set_handlers()
+
+
+def _set_handlers() -> None:
+    for signum in EXIT_CODES:
+        signal.signal(signum, _FLAG.handle)
+
+
 @contextlib.contextmanager
-def raising(*signums: signal.Signals) -> Iterator[None]:
-    """While inside, each of `signums` raises its `Stopped` exception; the handlers
-    that were there before come back on the way out."""
+def handled() -> Iterator[None]:
+    """While inside, SIGINT and SIGTERM set the flag (for a library call such as
+    `train.train`); on leaving the outermost block, the handlers that were there come
+    back and the flag is cleared, so that the next call starts afresh."""
     if not _in_main_thread():
         yield
         return
-
-    def handle(signum, frame) -> None:
-        raise _RAISED[signum]()
-
-    previous = {signum: signal.signal(signum, handle) for signum in signums}
+    if _FLAG.installed == 0:
+        _FLAG.previous = {signum: signal.getsignal(signum) for signum in EXIT_CODES}
+        _FLAG.signum = 0
+        _set_handlers()
+    _FLAG.installed += 1
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-class SignalFlag:
-    """While inside, SIGINT and SIGTERM only set `signum`, which a loop checks after
-    each step, so that it can save before it stops."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, object] = {}
-
-    def __enter__(self) -> SignalFlag:
-        if _in_main_thread():
-            for signum in EXIT_CODES:
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.signum = signum
-
-    def __exit__(self, *exc) -> None:
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
+        _FLAG.installed -= 1
+        if _FLAG.installed == 0:
+            for signum, handler in _FLAG.previous.items():
+                signal.signal(signum, handler)
+            _FLAG.signum = 0
 
 
 def exit_quietly(code: int) -> None:
-    """Exit with `code` after a signal. The signal raised wherever Python was, possibly
-    inside a library's constructor (a progress bar half built): that object's
+    """Exit with `code` after a signal. A second signal raises wherever Python is,
+    possibly inside a library's constructor (a progress bar half built): that object's
     finalizer then fails as the process ends, and Python would print its traceback.
     The user asked us to stop; such noise from the way out is not theirs."""
     sys.unraisablehook = lambda unraisable: None

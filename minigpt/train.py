@@ -32,7 +32,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from minigpt import checkpoint
+from minigpt import checkpoint, signals
 from minigpt.batches import Batcher
 from minigpt.checkpoint import BEST_WEIGHTS, TRAINER_STATE, MetricsLog, TrainerCheckpoint
 from minigpt.config import RunConfig, TrainConfig, config_from_dict, micro_steps
@@ -45,7 +45,7 @@ from minigpt.hf import load_pretrained
 from minigpt.meters import Clock, LossLog, Meters
 from minigpt.model import GPT
 from minigpt.optim import lr_at, make_optimizer, schedule_change, set_lr
-from minigpt.signals import EXIT_CODES, SignalFlag, raising
+from minigpt.signals import EXIT_CODES
 from minigpt.train_data import TrainData, check_data, load_data_once
 
 EVAL_SEED_OFFSET = 1_000_003  # eval batch streams: far from the training streams' seeds
@@ -66,6 +66,10 @@ class TrainState:
     best_val_loss: float = math.inf
     saved_step: int | None = None
     """The step trainer.pt holds (None before the first save)."""
+    eval_pending: bool = False
+    """The evaluation due at `step` has not run: a signal stopped the run first. The
+    run evaluates before its next step, so a resumed run evaluates where a straight
+    one does."""
     streams: list[Batcher] = field(default_factory=list)
     """This process's batch streams, one per micro-batch; each carries its RNG state."""
 
@@ -179,17 +183,17 @@ def setup(
         load_source_weights(model, source)
     optimizer = make_optimizer(model, config, device)
     torch.manual_seed(train_config.seed + 7919 * (ddp.rank + 1))  # dropout: differs per rank
-    first_stream = ddp.rank * accum
     batch_size, block_size = train_config.batch_size, config.model.block_size
     streams = [
         Batcher(data.train_tokens, block_size, batch_size, train_config.seed + j, device)
-        for j in range(first_stream, first_stream + accum)
+        for j in range(ddp.rank * accum, (ddp.rank + 1) * accum)
     ]
     log = log if ddp.is_master else _silent
     trainer = Trainer(config, ddp, device, data, model, optimizer, accum, log)
     state = TrainState(streams=streams)
     if saved is not None:
         restore(trainer, state, saved)
+    signals.check()  # the last point where a signal stops the run with nothing written
     if ddp.is_master:
         with checkpoint.cleared_on_failure(out_dir, fresh=resume is None):
             _start_run(trainer, resume=resume is not None, force=force, step=state.step)
@@ -226,7 +230,7 @@ def restore(trainer: Trainer, state: TrainState, saved: TrainerCheckpoint) -> No
         ) from err
     state.step, state.tokens_seen = int(saved.step), int(saved.tokens_seen)
     state.elapsed, state.best_val_loss = float(saved.elapsed), float(saved.best_val_loss)
-    state.saved_step = state.step
+    state.saved_step, state.eval_pending = state.step, bool(saved.eval_pending)
 
 
 def _start_run(trainer: Trainer, *, resume: bool, force: bool, step: int) -> None:
@@ -246,9 +250,7 @@ def _start_run(trainer: Trainer, *, resume: bool, force: bool, step: int) -> Non
 # --------------------------------------------------------------------------- one step
 
 
-def train_step(
-    trainer: Trainer, state: TrainState, signals: SignalFlag, clock: Clock, losses: LossLog
-) -> bool:
+def train_step(trainer: Trainer, state: TrainState, clock: Clock, losses: LossLog) -> bool:
     """One optimizer step over `accum` micro-batches; whether any rank got a signal.
 
     The mean loss goes to `losses`, unread: one process reads it when due. With DDP the
@@ -270,7 +272,7 @@ def train_step(
     if ddp.enabled:
         # so that every rank stops and schedules in step (a host sync, once a step)
         loss, loss_value, got_signal, state.elapsed = ddp.share_step(
-            loss, signals.signum, clock.now()
+            loss, signals.pending(), clock.now()
         )
         if not math.isfinite(loss_value):
             trainer.optimizer.zero_grad(set_to_none=True)
@@ -278,7 +280,7 @@ def train_step(
                 trainer, state, f"the loss became {loss_value} at step {state.step + 1}"
             )
     else:
-        got_signal, state.elapsed = signals.signum != 0, clock.now()
+        got_signal, state.elapsed = signals.pending() != 0, clock.now()
     losses.add(loss, state.step + 1)
     if trainer.config.train.grad_clip > 0:
         nn.utils.clip_grad_norm_(trainer.model.parameters(), trainer.config.train.grad_clip)
@@ -293,9 +295,9 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(trainer: Trainer, signals: SignalFlag | None = None) -> dict[str, float] | None:
-    """Mean loss on the same eval_iters batches of each split every time; None when a
-    signal arrives meanwhile (a long evaluation must not delay a stop).
+def evaluate(trainer: Trainer, stoppable: bool = False) -> dict[str, float] | None:
+    """Mean loss on the same eval_iters batches of each split every time; None when
+    `stoppable` and a signal arrives meanwhile (a long evaluation must not delay a stop).
 
     Runs the uncompiled module: eval mode would make torch.compile build a
     second graph, which costs more than the few forward passes it speeds up.
@@ -310,7 +312,7 @@ def evaluate(trainer: Trainer, signals: SignalFlag | None = None) -> dict[str, f
         batcher = Batcher(tokens, model.config.block_size, batch_size, seed, trainer.device)
         total = torch.zeros((), device=trainer.device)
         for _ in range(eval_iters):
-            if signals is not None and ddp.any_rank(signals.signum != 0, trainer.device):
+            if stoppable and ddp.any_rank(signals.pending() != 0, trainer.device):
                 result = None
                 break
             x, y = batcher.next()
@@ -354,6 +356,7 @@ def save(trainer: Trainer, state: TrainState, loss_checked: bool = False) -> Non
         optimizer=trainer.optimizer.state_dict(),
         rng=rngs,
         batchers=batchers,
+        eval_pending=state.eval_pending,
     )
     checkpoint.save_trainer_state(trainer.out_dir, saved)
 
@@ -400,12 +403,10 @@ def _diverged(trainer: Trainer, state: TrainState, what: str) -> MinigptError:
     )
 
 
-def evaluate_and_save(
-    trainer: Trainer, state: TrainState, signals: SignalFlag | None = None
-) -> str | None:
+def evaluate_and_save(trainer: Trainer, state: TrainState, stoppable: bool = False) -> str | None:
     """Evaluate, keep the best weights, save the last state; the line to report (None
     when a signal cut the evaluation short: nothing is saved then)."""
-    losses = evaluate(trainer, signals)
+    losses = evaluate(trainer, stoppable)
     if losses is None:
         return None
     if not all(math.isfinite(loss) for loss in losses.values()):
@@ -423,6 +424,7 @@ def evaluate_and_save(
     )
     if improved and trainer.ddp.is_master:
         checkpoint.save_weights(trainer.model.state_dict(), trainer.out_dir / BEST_WEIGHTS)
+    state.eval_pending = False
     save(trainer, state, loss_checked=True)  # the losses above are finite
     return (
         f"step {state.step:>6}: train loss {losses['train']:.4f}, val loss "
@@ -457,12 +459,14 @@ def fit(
     with_bar = step_bar is not None and trainer.ddp.is_master
     bar = step_bar(train_config, state.step) if with_bar else _NoBar(trainer.log)
     stop_reason, stop_signal = "max_iters", None
-    with SignalFlag() as signals, contextlib.closing(bar):
+    with contextlib.closing(bar):
         trainer.model.train()
-        while state.step < train_config.max_iters:
+        # the evaluation a signal kept the run from (see TrainState.eval_pending)
+        stopped = state.eval_pending and not _evaluate_in_loop(trainer, state, meters, bar)
+        while not stopped and state.step < train_config.max_iters:
             lr = lr_at(state.step, trainer.config, state.elapsed)
             set_lr(trainer.optimizer, lr)
-            got_signal = train_step(trainer, state, signals, meters.clock, meters.losses)
+            got_signal = train_step(trainer, state, meters.clock, meters.losses)
             out_of_time = train_config.max_time > 0 and state.elapsed >= train_config.max_time
             step = state.step
             must_save = step % train_config.eval_interval == 0 or step == train_config.max_iters
@@ -470,14 +474,16 @@ def fit(
             bar.advance(meters.loss, lr, meters.speed.tokens_per_s, state.elapsed)
             stopped = got_signal  # this rank's signal, or SIGTERM sent to another rank
             if not stopped and (must_save or out_of_time):
-                stopped = not _evaluate_in_loop(trainer, state, signals, meters, bar)
+                stopped = not _evaluate_in_loop(trainer, state, meters, bar)
             if stopped:
-                stop_reason, stop_signal = "signal", signals.signum or signal.SIGTERM
+                # the step is done, its evaluation (if due) is not: resume runs it first
+                state.eval_pending = must_save or out_of_time
                 save(trainer, state)
-                break
-            if out_of_time:
+            elif out_of_time:
                 stop_reason = "max_time"
                 break
+        if stopped:
+            stop_reason, stop_signal = "signal", signals.pending() or signal.SIGTERM
     return TrainResult(
         run_dir=trainer.out_dir,
         step=state.step,
@@ -516,12 +522,10 @@ def _record_step(
         )
 
 
-def _evaluate_in_loop(
-    trainer: Trainer, state: TrainState, signals: SignalFlag, meters: Meters, bar: StepBar
-) -> bool:
+def _evaluate_in_loop(trainer: Trainer, state: TrainState, meters: Meters, bar: StepBar) -> bool:
     """Evaluate and save, report it, and redraw loss.png now and then; False when a
     signal arrived during the evaluation (nothing was saved then)."""
-    line = evaluate_and_save(trainer, state, signals)
+    line = evaluate_and_save(trainer, state, stoppable=True)
     if line is None:
         return False
     bar.write(line)
@@ -550,29 +554,31 @@ def train(
     log: receives the trainer's lines (what it trains, each evaluation); silent if None.
     step_bar: makes a display of the steps (see `fit`); none if None.
     """
-    ddp = setup_distributed(config.train.device)
-    out_dir = Path(config.train.out_dir)
-    # One trainer per run directory, for the whole run: rank 0 holds the lock.
-    lock = checkpoint.RunLock(out_dir) if ddp.is_master else contextlib.nullcontext()
-    try:
-        # Until the loop's own handler takes over (SignalFlag), SIGTERM raises
-        # Terminated: preparing data or building a model stops within seconds and
-        # cleans up after itself, where the default action would kill the process
-        # mid-write.
-        with lock, raising(signal.SIGTERM):
-            before = checkpoint.read_config(out_dir) if resume else None
-            trainer, state = setup(
-                config,
-                ddp,
-                resume=before,
-                force=force,
-                data=data,
-                log=log or _silent,
-                progress=progress,
-            )
-            return _run(trainer, state, before, step_bar)
-    finally:
-        ddp.close()
+    # A signal sets a flag (signals.py): setup polls it between its phases (preparing
+    # data polls it too) and stops, cleaning up; the loop saves, then stops.
+    with signals.handled():
+        ddp = setup_distributed(config.train.device)
+        out_dir = Path(config.train.out_dir)
+        # One trainer per run directory, for the whole run: rank 0 holds the lock.
+        lock = checkpoint.RunLock(out_dir) if ddp.is_master else contextlib.nullcontext()
+        finished = False
+        try:
+            with lock:
+                before = checkpoint.read_config(out_dir) if resume else None
+                trainer, state = setup(
+                    config,
+                    ddp,
+                    resume=before,
+                    force=force,
+                    data=data,
+                    log=log or _silent,
+                    progress=progress,
+                )
+                result = _run(trainer, state, before, step_bar)
+                finished = True
+                return result
+        finally:
+            ddp.close(together=finished)
 
 
 def _run(
