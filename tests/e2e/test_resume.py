@@ -7,11 +7,16 @@ command."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 CASES: dict = {}
 
@@ -376,3 +381,132 @@ def _(c):
 
 def test_resume_keeps_its_promises(problems, name):
     assert problems[name] == []
+
+
+# --------------------------------------------------------------------------- a signal at each kind of step boundary
+# The trainer is run by a launcher that makes it send itself the signal at one chosen
+# moment (a wrapper around one of train.py's functions), then by `train --resume`; the
+# run must end as the straight run does: the same weights, byte for byte, and the
+# same metrics.jsonl records but for their timings.
+
+EVERY = 4  # eval_interval
+LAST = 10  # max_iters: the last step is not a multiple of EVERY
+EXACT_TINY = [
+    *("--seed", "3", "--device", "cpu", "--max-iters", str(LAST)),
+    *("--set", "model.n_layer=1", "--set", "model.n_head=2", "--set", "model.n_embd=16"),
+    *("--set", "model.block_size=16", "--set", "train.batch_size=4"),
+    *("--set", f"train.eval_interval={EVERY}", "--set", "train.eval_iters=2"),
+    *("--set", "train.log_interval=1", "--set", "train.threads=1"),
+]
+LAUNCHER = """
+import os, signal, sys
+from minigpt import checkpoint, train
+
+name, phase, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+signum = getattr(signal, name)
+sent = []
+
+def send(when=True):
+    if when and not sent:
+        sent.append(1)
+        print(f"sent {name} at {phase} {at}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signum)  # the handler runs before the next line
+
+def before(module, name, hook):
+    original = getattr(module, name)
+    def wrapped(*args, **kwargs):
+        hook(*args, **kwargs)
+        return original(*args, **kwargs)
+    setattr(module, name, wrapped)
+
+class OnImport:  # sends the signal while matplotlib's import is under way
+    def find_spec(self, name, path=None, target=None):
+        send(name.startswith("matplotlib."))
+
+if phase == "step":  # while step `at` runs (its lr is looked up as it starts)
+    before(train, "lr_at", lambda step, *a: send(step == at - 1))
+elif phase == "eval":  # once the evaluation after step `at` has begun
+    before(train, "evaluate", lambda trainer, stoppable=False: send(stoppable and sent_at(at)))
+elif phase == "save":  # as the state of step `at`, evaluated, is saved
+    before(train, "save", lambda t, state, loss_checked=False: send(loss_checked and state.step == at))
+elif phase == "plot":  # as the finished run imports matplotlib for loss.png
+    before(checkpoint, "plot_losses", lambda *a: sys.meta_path.insert(0, OnImport()))
+
+steps = []
+def sent_at(step):
+    return steps[-1] == step
+before(train, "_record_step", lambda trainer, state, *a: steps.append(state.step))
+
+sys.argv = ["minigpt", *sys.argv[4:]]
+from minigpt.cli import main
+main()
+"""
+TIMINGS = ("time", "tokens_per_s")
+
+
+def launched(folder: Path, signum: str, phase: str, at: int, *args: str):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env.update(OMP_NUM_THREADS="1", MPLCONFIGDIR=str(folder / ".mpl"))
+    argv = [sys.executable, "-c", LAUNCHER, signum, phase, str(at), *args]
+    return subprocess.run(argv, cwd=folder, env=env, capture_output=True, text=True, timeout=180)
+
+
+def run_files(run: Path) -> dict:
+    """The weights as bytes, tensor by tensor (safetensors writes its header's metadata in
+    a random order, so the files' bytes differ between two processes), and the metrics
+    without their timings."""
+    from safetensors.torch import load_file
+
+    files = {
+        name: {k: t.numpy().tobytes() for k, t in load_file(run / name).items()}
+        for name in ("model.safetensors", "model-last.safetensors")
+    }
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    timeless = [{k: v for k, v in r.items() if k not in TIMINGS} for r in records]
+    return {**files, "metrics.jsonl": timeless}
+
+
+@pytest.fixture(scope="module")
+def straight_run(tmp_path_factory, code_text) -> dict:
+    folder = tmp_path_factory.mktemp("straight")
+    (folder / "corpus.txt").write_text(code_text)
+    done = launched(
+        folder, "SIGTERM", "none", 0, "train", "--data", "corpus.txt", "--out", "S", *EXACT_TINY
+    )
+    assert done.returncode == 0, done.stderr
+    return run_files(folder / "S")
+
+
+BOUNDARIES = [
+    ("SIGTERM", "step", 3),  # a step with no evaluation
+    ("SIGTERM", "step", EVERY),  # a step that ends in an evaluation
+    ("SIGINT", "step", 2 * EVERY),
+    ("SIGTERM", "eval", EVERY),  # during that evaluation
+    ("SIGTERM", "save", EVERY),  # while its evaluated state is saved
+    ("SIGTERM", "step", LAST),  # the last step
+    ("SIGINT", "eval", LAST),  # during the final evaluation
+    ("SIGTERM", "save", LAST),  # during the final save
+    ("SIGTERM", "plot", LAST),  # while the final loss plot imports matplotlib
+]
+
+
+@pytest.mark.parametrize(
+    ("signum", "phase", "at"), BOUNDARIES, ids=[f"{s}-{p}-{a}" for s, p, a in BOUNDARIES]
+)
+def test_a_signal_at_any_step_boundary_then_resume_ends_as_the_straight_run(
+    tmp_path, code_text, straight_run, signum, phase, at
+):
+    (tmp_path / "corpus.txt").write_text(code_text)
+    stopped = launched(
+        tmp_path, signum, phase, at, "train", "--data", "corpus.txt", "--out", "R", *EXACT_TINY
+    )
+    word, code = ("interrupted", 130) if signum == "SIGINT" else ("terminated", 143)
+    assert f"sent {signum}" in stopped.stderr, "the launcher never sent the signal"
+    assert stopped.returncode == code, stopped.stderr
+    assert word in stopped.stderr.splitlines() and "Traceback" not in stopped.stderr, stopped.stderr
+    resumed = launched(tmp_path, signum, "none", 0, "train", "--resume", "R")
+    assert resumed.returncode == 0, resumed.stderr
+    mine = run_files(tmp_path / "R")
+    assert mine["metrics.jsonl"] == straight_run["metrics.jsonl"]
+    for name in ("model.safetensors", "model-last.safetensors"):
+        assert mine[name] == straight_run[name], f"{name} differs from the straight run's"
