@@ -420,9 +420,16 @@ def main() -> None:
     command stops with one word, "interrupted" or "terminated", and the shell's exit
     code, 130 or 143. A signal that came after the last poll (while a finished run
     draws its plot, say) stops the command the same way when it returns, and so
-    does one that came before whatever else went wrong.
+    does one that came before whatever else went wrong. (`python -m minigpt` sets
+    the flag's handlers before it imports anything, for the whole process; run
+    in-process, as the tests do, `main` restores the handlers that were there.)
     """
-    signals.install()
+    with signals.handled():
+        _run_app()
+
+
+def _run_app() -> None:
+    """The app, and what each way out of it prints (see `main`)."""
     try:
         try:
             app()
