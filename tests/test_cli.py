@@ -1,8 +1,11 @@
 """The command line as a user meets it: the help, and errors without tracebacks."""
 
+import os
+import signal
 import subprocess
 import sys
 
+import pytest
 import typer.main
 
 from minigpt import cli, console
@@ -57,3 +60,35 @@ def test_the_interactive_loop_renames_errors_and_goes_on(monkeypatch, capsys):
     console.interactive_loop(answer, cli.OPTION_NAMES)
     assert answered == ["good"]
     assert "error: --num-samples must be between 1 and 1024\n" in capsys.readouterr().err
+
+
+def _command_that(behaves):
+    """A stand-in for the typer app: it receives SIGTERM (its flag is set), then behaves."""
+
+    def app() -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # only sets the flag while main runs
+        behaves()
+
+    return app
+
+
+@pytest.mark.parametrize(
+    "behaves",
+    [
+        lambda: sys.exit(0),  # finished as the signal came: a plot drawn, a result printed
+        lambda: (_ for _ in ()).throw(MinigptError("something else went wrong")),
+        lambda: (_ for _ in ()).throw(ImportError("initialization failed")),  # a library's
+    ],
+    ids=["finished", "an error", "a library's error"],
+)
+def test_a_signal_that_no_poll_saw_still_stops_the_command_with_its_word(
+    monkeypatch, capsys, behaves
+):
+    monkeypatch.setattr(cli, "app", _command_that(behaves))
+    monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # exit_quietly sets it
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    assert info.value.code == 143
+    assert capsys.readouterr().err.splitlines() == ["terminated"]
+    assert signal.getsignal(signal.SIGTERM) is before  # in-process, main restores the handlers

@@ -504,6 +504,8 @@ def test_a_signal_at_any_step_boundary_then_resume_ends_as_the_straight_run(
     assert f"sent {signum}" in stopped.stderr, "the launcher never sent the signal"
     assert stopped.returncode == code, stopped.stderr
     assert word in stopped.stderr.splitlines() and "Traceback" not in stopped.stderr, stopped.stderr
+    if phase == "plot":  # the import the signal landed in went on: the plot is drawn
+        assert (tmp_path / "R" / "loss.png").exists(), "loss.png was not drawn"
     resumed = launched(tmp_path, signum, "none", 0, "train", "--resume", "R")
     assert resumed.returncode == 0, resumed.stderr
     mine = run_files(tmp_path / "R")
