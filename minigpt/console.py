@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from minigpt.hf import Export, Pretrained
     from minigpt.signals import Stopped
     from minigpt.text import GenerationResult
-    from minigpt.train import TrainResult
+    from minigpt.train import Trainer, TrainResult
 
 SAMPLE_SEPARATOR = "\n---------------\n"
 INTERACTIVE_BANNER = "interactive: type a prompt and press enter; an empty line or Ctrl-D quits"
@@ -174,6 +174,18 @@ def resume_hint(result: TrainResult) -> str:
     return (
         f"{name}: stopped at step {result.step}, last state saved; "
         f"resume with: minigpt train --resume {result.run_dir}"
+    )
+
+
+def start_line(trainer: Trainer) -> str:
+    """The line a run starts with: its size, device, tokens per step and data."""
+    ddp, accum, data = trainer.ddp, trainer.accum, trainer.data
+    return (
+        f"training {trainer.model.num_params() / 1e6:.2f}M parameters on {trainer.device}"
+        f"{f' x {ddp.world_size} processes' if ddp.enabled else ''}"
+        f"{' (bf16 autocast)' if trainer.amp else ''}: {trainer.tokens_per_step:,} tokens per step"
+        f"{f' ({accum} micro-batches)' if accum > 1 else ''}, "
+        f"{len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens"
     )
 
 

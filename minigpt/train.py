@@ -36,7 +36,7 @@ from minigpt import checkpoint, signals
 from minigpt.batches import Batcher
 from minigpt.checkpoint import BEST_WEIGHTS, TRAINER_STATE, MetricsLog, TrainerCheckpoint
 from minigpt.config import RunConfig, TrainConfig, config_from_dict, micro_steps
-from minigpt.console import clock_text
+from minigpt.console import clock_text, start_line
 from minigpt.device import allow_tf32, autocast_dtype, check_training_memory, process_device
 from minigpt.distributed import Distributed, setup_distributed
 from minigpt.errors import MinigptError
@@ -589,7 +589,7 @@ def _run(
 ) -> TrainResult:
     """Report what is trained, save step 0 of a fresh run, fit, and draw the curves."""
     try:
-        trainer.log(_start_line(trainer))
+        trainer.log(start_line(trainer))
         if before is not None:
             trainer.log(f"resuming {trainer.out_dir} at step {state.step}")
             change = schedule_change(
@@ -632,14 +632,3 @@ class _NoBar:
 
 def _silent(_message: str) -> None:
     pass
-
-
-def _start_line(trainer: Trainer) -> str:
-    ddp, accum, data = trainer.ddp, trainer.accum, trainer.data
-    return (
-        f"training {trainer.model.num_params() / 1e6:.2f}M parameters on {trainer.device}"
-        f"{f' x {ddp.world_size} processes' if ddp.enabled else ''}"
-        f"{' (bf16 autocast)' if trainer.amp else ''}: {trainer.tokens_per_step:,} tokens per step"
-        f"{f' ({accum} micro-batches)' if accum > 1 else ''}, "
-        f"{len(data.train_tokens):,} train / {len(data.val_tokens):,} val tokens"
-    )
