@@ -8,11 +8,11 @@ stops at points where stopping is safe:
 
 - `check()` raises `Interrupted` (SIGINT) or `Terminated` (SIGTERM) if the flag is
   set. The long loops call it: each chunk that prepare reads or encodes, each
-  evaluation batch, each generated token, each head that inspect-heads ablates,
-  between the phases of a command. The `finally` blocks on the way out (and
+  evaluation batch, each generated token, each batch inspect-heads measures head
+  importance on, each chunk a download reads, between the phases of a command. The `finally` blocks on the way out (and
   atomic.py's temporary folders) remove what was half made.
 - `pending()` only reads the flag: the trainer saves its state first, then stops.
-- `interruptible()` is for waiting (a prompt read from the terminal, a download):
+- `interruptible()` is for waiting (a prompt read from the terminal, a hub download):
   inside it a signal raises at once, since nothing is half done while one waits.
 
 A second signal more than `REPEAT_S` after the first raises at once, wherever Python
