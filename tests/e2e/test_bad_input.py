@@ -5,6 +5,8 @@ accepted prints strict JSON and files with ordinary modes."""
 
 from __future__ import annotations
 
+import re
+
 CASES: dict = {}
 
 
@@ -287,6 +289,70 @@ def _(c):
     c.write("docs/b.txt", b"abc\x00def")
     r = c.mg("prepare", "docs", "--data-dir", "D")
     return c.refused(r) + c.mentions(r, "b.txt") + c.absent("D")
+
+
+# --------------------------------------------------------------------------- fewer BPE tokens than asked
+
+
+def nothing_in(c, name: str) -> list[str]:
+    folder = c.p(name)
+    left = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return [f"{name} holds {left}"] if left else []
+
+
+@case("prepare -t bpe --bpe-sample-chars 1: no merge to learn, refused")
+def _(c):
+    c.corpus()
+    r = c.mg("prepare", "corpus.txt", "-t", "bpe", "--vocab-size", "300",
+             "--bpe-sample-chars", "1", "--data-dir", "D")  # fmt: skip
+    said = c.mentions(r, "learned no merges: its sample of 1 character has no pair")
+    hinted = (
+        [] if "hint: learn from more text (a larger --bpe-sample-chars" in r.err else ["no hint"]
+    )
+    return c.refused(r) + said + hinted + nothing_in(c, "D")
+
+
+@case("train on one-byte words with a bpe tokenizer: no merge to learn, refused")
+def _(c):
+    c.write("letters.txt", "a\nb\n7\n" * 200)
+    bpe = ["--set", "data.tokenizer=bpe", "--set", "data.vocab_size=300"]
+    r = c.mg(*c.train_args("--max-iters", "5", *c.QUICK, *bpe, data="letters.txt"))
+    return c.refused(r) + c.mentions(r, "learned no merges") + c.absent("R")
+
+
+def shortfall(c, r, asked: str) -> list[str]:
+    """The one warning, naming the tokens learned (the vocab size printed) and asked."""
+    vocab = re.search(r"vocab size +(\d+)", r.out)
+    if vocab is None:
+        return [f"no vocab size printed: {r.out[:120]}"]
+    wanted = f"warning: bpe learned {vocab.group(1)} of the {asked} tokens asked"
+    n = r.err.count("warning: bpe learned")
+    return [] if n == 1 and wanted in r.err else [f"not one {wanted!r}: {r.err[:200]}"]
+
+
+@case("prepare -t bpe --vocab-size 100000 on a tiny corpus: a warning naming both counts")
+def _(c):
+    c.corpus(3_000)
+    args = ("prepare", "corpus.txt", "-t", "bpe", "--vocab-size", "100000", "--data-dir", "D")
+    first, again = c.mg(*args), c.mg(*args)
+    _, folder = c.prepared_numbers(first)
+    same = [] if c.prepared_numbers(again)[1] == folder else ["the reuse found another folder"]
+    return (
+        c.ok(first)
+        + shortfall(c, first, "100,000")
+        + c.ok(again)
+        + shortfall(c, again, "100,000")
+        + same
+    )
+
+
+@case("train with data.vocab_size beyond the corpus's pairs: a warning, then trains")
+def _(c):
+    c.corpus(3_000)
+    bpe = ["--set", "data.tokenizer=bpe", "--set", "data.vocab_size=4000"]
+    r = c.mg(*c.train_args("--max-iters", "2", *c.QUICK, *bpe))
+    warned = re.search(r"warning: bpe learned \d+ of the 4,000 tokens asked", r.out)
+    return c.ok(r) + ([] if warned else [f"no warning: {r.out[:200]}"])
 
 
 # --------------------------------------------------------------------------- what comes out
