@@ -355,6 +355,69 @@ def _(c):
     return c.ok(r) + ([] if warned else [f"no warning: {r.out[:200]}"])
 
 
+# --------------------------------------------------------------------------- a context of one token
+
+
+def context_of(c, block_size: int) -> list[str]:
+    """R: a tiny run with model.block_size = block_size."""
+    c.corpus(5_000)
+    r = c.mg(*c.train_args("--max-iters", "5", *c.QUICK, "--set", f"model.block_size={block_size}"))
+    return [f"training failed: {r.tail}"] if r.rc != 0 else []
+
+
+@case("eval --json of a block_size=1 model: a real loss, the bigram's")
+def _(c):
+    problems = context_of(c, 1)
+    if problems:
+        return problems
+    r = c.mg("eval", "R", "--json", "--device", "cpu")
+    try:
+        result = c.strict_json(r.out)
+    except ValueError:
+        return c.ok(r) + [f"stdout is not JSON: {r.out[:120]}"]
+    if not (isinstance(result.get("loss"), float) and result["tokens"] > 0):
+        problems.append(f"no loss: {r.out[:160]}")
+    return c.ok(r) + problems + c.avoids(r, "RuntimeWarning")
+
+
+@case("eval --data of a block_size=1 model: every token but the first predicted once")
+def _(c):
+    problems = context_of(c, 1)
+    if problems:
+        return problems
+    c.write("other.txt", "the lazy dog\n" * 20)
+    r = c.mg("eval", "R", "--data", "other.txt", "--device", "cpu")
+    tokens = re.search(r"tokens +([\d,]+) predicted", r.out)
+    if tokens is None or int(tokens.group(1).replace(",", "")) != 13 * 20 - 1:
+        problems.append(f"not {13 * 20 - 1} tokens predicted: {r.out[:200]}")
+    return c.ok(r) + problems + c.avoids(r, "nan", "RuntimeWarning")
+
+
+for _extra in ([], ["--prompt", "the dog"]):
+
+    @case(f"inspect-heads {' '.join(_extra)} on a block_size=1 model: the shape refused")
+    def _(c, extra=_extra):
+        problems = context_of(c, 1)
+        if problems:
+            return problems
+        r = c.mg(*c.HEADS, *extra)
+        said = c.mentions(r, "needs a model with a context of at least 2 tokens; this one has 1")
+        return problems + c.refused(r) + said + c.avoids(r, "--repeated")
+
+
+@case("inspect-heads on a block_size=2 model: the probe refused, --prompt suggested")
+def _(c):
+    problems = context_of(c, 2)
+    if problems:
+        return problems
+    r = c.mg(*c.HEADS)
+    said = c.mentions(
+        r, "the repeated probe needs a context of at least 4 tokens; this model's is 2"
+    )
+    hint = [] if "hint: inspect it on text of your own with --prompt" in r.err else ["no hint"]
+    return c.refused(r) + said + hint + c.avoids(r, "--repeated")
+
+
 # --------------------------------------------------------------------------- what comes out
 
 
