@@ -355,6 +355,40 @@ def _(c):
     return c.ok(r) + ([] if warned else [f"no warning: {r.out[:200]}"])
 
 
+# --------------------------------------------------------------------------- Parquet columns
+
+
+def write_parquet(c, name: str, texts: list, dictionary: bool = False) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = pa.array(texts, type=pa.string())
+    column = column.dictionary_encode() if dictionary else column
+    c.p(name).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": column}), c.p(name), row_group_size=50)
+
+
+for _dictionary in (False, True):
+
+    @case(f"prepare a Parquet row whose text is null (dictionary={_dictionary}): the row named")
+    def _(c, dictionary=_dictionary):
+        texts = [c.words_text(200, i) for i in range(120)]
+        texts[77] = None
+        write_parquet(c, "shard.parquet", texts, dictionary)
+        r = c.mg("prepare", "shard.parquet", "--data-dir", "D")
+        said = c.mentions(r, "shard.parquet row 77 (counting from 0): its 'text' column is null")
+        return c.refused(r) + said + nothing_in(c, "D")
+
+
+@case("train on a folder of dictionary-encoded Parquet text: read as text")
+def _(c):
+    for shard in range(2):
+        texts = [c.words_text(300, 10 * shard + i) for i in range(40)]
+        write_parquet(c, f"pq/train-{shard:05d}.parquet", texts, dictionary=True)
+    r = c.mg(*c.train_args("--max-iters", "2", *c.QUICK, data="pq"))
+    return c.ok(r)
+
+
 # --------------------------------------------------------------------------- a context of one token
 
 
