@@ -262,7 +262,11 @@ def _ranks_from_vocab(
     vocab: object, merges: list, added: list, names: tuple[str, str]
 ) -> dict[bytes, int]:
     """tiktoken's mergeable ranks (token bytes -> id) from a vocab and its merges, checked to
-    give the same ids as Hugging Face's BPE (see the module docstring)."""
+    give the same ids as Hugging Face's BPE (see the module docstring).
+
+    The checks run from the most specific cause to the least, so that one fault is named
+    as what it is: an extra special token, a missing byte, then where <|endoftext|> sits.
+    """
     vocab_name, merges_name = names
     if not isinstance(vocab, dict) or not all(_is_id(i) for i in vocab.values()):
         raise MinigptError(f"{vocab_name}'s vocab is not a map from tokens to ids", hint=_BPE_HINT)
@@ -271,9 +275,16 @@ def _ranks_from_vocab(
     eot_ids = {token.get("id") for token in added}
     if ENDOFTEXT in vocab:
         eot_ids.add(vocab.pop(ENDOFTEXT))
-    n = len(vocab)
     if not eot_ids:
         raise MinigptError(f"{vocab_name} has no {ENDOFTEXT} token", hint=_BPE_HINT)
+    _check_nothing_after_endoftext(vocab, eot_ids, vocab_name)
+    ranks = {_token_bytes(token, vocab_name): token_id for token, token_id in vocab.items()}
+    missing = next((b for b in range(256) if bytes([b]) not in ranks), None)
+    if missing is not None:
+        raise MinigptError(
+            f"{vocab_name} has no token for the byte 0x{missing:02x}", hint=_BPE_HINT
+        )
+    n = len(vocab)
     if eot_ids != {n}:
         shown = ", ".join(map(str, sorted(eot_ids, key=str)))
         raise MinigptError(
@@ -286,14 +297,28 @@ def _ranks_from_vocab(
             f"{vocab_name}'s ids are not 0..{n - 1}, each once, with {ENDOFTEXT} last",
             hint=_BPE_HINT,
         )
-    ranks = {_token_bytes(token, vocab_name): token_id for token, token_id in vocab.items()}
-    missing = next((b for b in range(256) if bytes([b]) not in ranks), None)
-    if missing is not None:
-        raise MinigptError(
-            f"{vocab_name} has no token for the byte 0x{missing:02x}", hint=_BPE_HINT
-        )
     _check_merges(ranks, [_pair_bytes(pair, merges_name) for pair in merges], names)
     return ranks
+
+
+def _check_nothing_after_endoftext(vocab: dict, eot_ids: set, vocab_name: str) -> None:
+    """Tokens whose ids follow an <|endoftext|> that itself follows a whole vocabulary
+    (ids 0..m-1 below it) are special tokens added after it, not BPE tokens: they are
+    named as such, where counting them as BPE tokens would blame <|endoftext|>'s id."""
+    if len(eot_ids) != 1:
+        return
+    (eot_id,) = eot_ids
+    below = sorted(i for i in vocab.values() if i < eot_id)
+    after = sorted((i, token) for token, i in vocab.items() if i > eot_id)
+    if after and below == list(range(eot_id)) and eot_id >= 256:
+        token_id, token = after[0]
+        more = f" and {len(after) - 1} more" if len(after) > 1 else ""
+        raise MinigptError(
+            f"{vocab_name} has the token {token!r} (id {token_id}){more} after {ENDOFTEXT} "
+            f"(id {eot_id}): an extra special token, but minigpt's only special token is "
+            f"{ENDOFTEXT}",
+            hint="remove the extra special tokens, or run this model with transformers",
+        )
 
 
 def _is_id(value: object) -> bool:

@@ -308,6 +308,42 @@ def test_refuses_an_extra_special_token(fast_dir, slow_dir):
     assert_refused(slow_dir, "adds the token '<\\|im_start\\|>'")
 
 
+@pytest.mark.parametrize("with_gap", [True, False])
+def test_a_missing_byte_token_is_named_as_one_whatever_the_ids(slow_dir, fast_dir, with_gap):
+    """A byte token dropped without renumbering leaves a gap and <|endoftext|> one past
+    the count: the missing byte is the cause, not where <|endoftext|> sits."""
+
+    def drop(vocab, text):
+        gone = vocab.pop(text)
+        return vocab if with_gap else {t: i - (i > gone) for t, i in vocab.items()}
+
+    edit_json(slow_dir / "vocab.json", lambda vocab: drop(vocab, "Ā"))  # the byte 0x00
+    assert_refused(slow_dir, "^vocab.json has no token for the byte 0x00$")
+
+    def drop_from_model(data):
+        data["model"]["vocab"] = drop(data["model"]["vocab"], "ÿ")  # the byte 0xff
+
+    edit_json(fast_dir / "tokenizer.json", drop_from_model)
+    assert_refused(fast_dir, "^tokenizer.json has no token for the byte 0xff$")
+
+
+def test_an_extra_special_token_in_the_vocab_is_named_as_one(fast_dir, slow_dir):
+    """<|pad|> after <|endoftext|> in the vocab alone (no added_tokens entry): an extra
+    special token, not a 257th... BPE token that moves <|endoftext|>'s expected id."""
+    data = json.loads((fast_dir / "tokenizer.json").read_text())
+    n = data["model"]["vocab"][ENDOFTEXT]
+    edit_json(fast_dir / "tokenizer.json", lambda d: d["model"]["vocab"].update({"<|pad|>": n + 1}))
+    err = assert_refused(
+        fast_dir,
+        f"^tokenizer.json has the token '<\\|pad\\|>' \\(id {n + 1}\\) after <\\|endoftext\\|> "
+        f"\\(id {n}\\): an extra special token, but minigpt's only special token is",
+    )
+    assert "remove the extra special tokens" in err.hint
+    extra = {"<|pad|>": n + 1, "<|sep|>": n + 2}
+    edit_json(slow_dir / "vocab.json", lambda vocab: vocab.update(extra))
+    assert_refused(slow_dir, f"'<\\|pad\\|>' \\(id {n + 1}\\) and 1 more after <\\|endoftext\\|>")
+
+
 def test_refuses_endoftext_elsewhere_or_missing(slow_dir):
     edit_json(slow_dir / "vocab.json", lambda vocab: vocab.update({ENDOFTEXT: 0, "!": 456}))
     assert_refused(
