@@ -1,7 +1,8 @@
 """Byte-level BPE tokenizers to and from the Hugging Face format.
 
 A GPT-2 checkpoint carries its tokenizer as `vocab.json` + `merges.txt` (the slow format)
-or `tokenizer.json` (the `tokenizers` format). `tokenizer_from_hf` reads either into a
+or `tokenizer.json` (the `tokenizers` format), or both; `tokenizer_from_hf` reads the one
+transformers' AutoTokenizer reads (tokenizer.json where there is one) into a
 minigpt `BPETokenizer` run by tiktoken; `write_hf_tokenizer` writes a minigpt BPE
 tokenizer back out so that `transformers.AutoTokenizer.from_pretrained` gives the same ids.
 
@@ -76,13 +77,18 @@ def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byt
 
 
 def tokenizer_from_hf(folder: Path) -> BPETokenizer:
-    """Read a Hugging Face byte-level BPE tokenizer from a checkpoint folder: vocab.json +
-    merges.txt if both are there, else tokenizer.json. The result encodes to the same ids
-    as transformers does (rank = vocab id, <|endoftext|> = id n); a tokenizer that tiktoken
-    cannot run that way is a MinigptError saying why."""
+    """Read a Hugging Face byte-level BPE tokenizer from a checkpoint folder: tokenizer.json
+    if it is there, else vocab.json + merges.txt. The result encodes to the same ids as
+    transformers does (rank = vocab id, <|endoftext|> = id n); a tokenizer that tiktoken
+    cannot run that way is a MinigptError saying why.
+
+    Why tokenizer.json first: `AutoTokenizer.from_pretrained` loads it whenever it is
+    there and never looks at vocab.json and merges.txt, so a folder whose files disagree
+    must give its ids, which are the ones the model was used with.
+    """
     folder = Path(folder)
-    slow = (folder / VOCAB_FILE).is_file() and (folder / MERGES_FILE).is_file()
-    if not slow and not (folder / TOKENIZER_JSON).is_file():
+    slow = not (folder / TOKENIZER_JSON).is_file()
+    if slow and not ((folder / VOCAB_FILE).is_file() and (folder / MERGES_FILE).is_file()):
         raise _missing_files(folder)
     try:
         if slow:

@@ -159,6 +159,29 @@ def test_tokenizer_json_merges_in_either_form(gpt2_tok, tmp_path, form):
     assert tokenizer_from_hf(tmp_path).to_json() == gpt2_tok.to_json()
 
 
+@pytest.mark.parametrize("other", ["gpt2_split", "gpt4_split"])
+def test_tokenizer_json_and_disagreeing_slow_files_give_transformers_ids(
+    gpt2_dir, gpt2_tok, tmp_path, transformers, gpt2_files, other, request
+):
+    """vocab.json + merges.txt of one tokenizer beside the tokenizer.json of another:
+    AutoTokenizer reads tokenizer.json, and so does minigpt."""
+    if other == "gpt2_split":
+        texts = ["zebras quietly graze on the grass near rivers\n" * 40, *fuzz_texts(200, 7)]
+        ranks = BPETokenizer.train(texts, vocab_size=400).mergeable_ranks
+        theirs = BPETokenizer(ranks, GPT2_SPLIT_PATTERN)
+    else:
+        theirs = request.getfixturevalue("gpt4_tok")
+    write_hf_tokenizer(theirs, tmp_path, 64)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(gpt2_dir / name, tmp_path / name)
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tok = tokenizer_from_hf(tmp_path)
+    assert tok.to_json() == theirs.to_json() != gpt2_tok.to_json()
+    texts = gpt2_files.hard_texts + fuzz_texts(300, seed=8)
+    assert_same_ids(tok, auto, texts)
+    assert any(gpt2_tok.encode_prompt(t) != auto(t)["input_ids"] for t in texts)  # they differ
+
+
 # ------------------------------------------------------------------------------------ export
 
 
