@@ -119,6 +119,16 @@ for _setting, _numbers in ABSURD.items():
         return c.refused(r) + named + c.absent("R")
 
 
+for _setting in ("model.n_embd=200000", "train.batch_size=100000000"):
+
+    @case(f"--set {_setting} refused before the data: the vocab not named as 1")
+    def _(c, setting=_setting):
+        c.corpus()
+        r = c.mg(*c.train_args(*c.QUICK, "--max-iters", "5", "--set", setting), timeout=60)
+        said = c.mentions(r, "vocab not yet known")
+        return c.refused(r) + said + c.avoids(r, "vocab 1 ") + c.absent("R", "data")
+
+
 GENERATE_ARGS = {
     "generate --max-new-tokens -1": ["--max-new-tokens", "-1"],
     "generate --top-p 2": ["--top-p", "2"],
