@@ -362,7 +362,11 @@ def _(c):
     bpe = ["--set", "data.tokenizer=bpe", "--set", "data.vocab_size=4000"]
     r = c.mg(*c.train_args("--max-iters", "2", *c.QUICK, *bpe))
     warned = re.search(r"warning: bpe learned \d+ of the 4,000 tokens asked", r.out)
-    return c.ok(r) + ([] if warned else [f"no warning: {r.out[:200]}"])
+    problems = c.ok(r) + ([] if warned else [f"no warning: {r.out[:200]}"])
+    # the prepared folder keeps the size asked in its name: resume finds it again
+    resumed = c.mg("train", "--resume", "R", "--max-iters", "4")
+    again = ["the resume warned again"] if "warning: bpe" in resumed.out + resumed.err else []
+    return problems + c.ok(resumed) + again
 
 
 # --------------------------------------------------------------------------- Parquet columns
