@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
+from minigpt.bpe_training import bpe_shortfall
 from minigpt.errors import MinigptError, os_error
 from minigpt.tokenizer import (
     TOKENIZER_FILE,
     Tokenizer,
     TokenizerFileDamaged,
-    bpe_shortfall,
     load_tokenizer,
     tokenizer_from_json,
 )

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from minigpt.atomic import write_json_atomic
-from minigpt.bpe_training import learn_merges
+from minigpt.bpe_training import CountedTexts, learn_merges
 from minigpt.errors import MinigptError, os_error
 
 ENDOFTEXT = "<|endoftext|>"
@@ -403,7 +403,7 @@ class BPETokenizer(TiktokenTokenizer):
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         """Learn `vocab_size - 257` merges from `texts` (the 257 are the bytes and <|endoftext|>)."""
         check_bpe_vocab_size(vocab_size)
-        sample = _CountedTexts(texts)
+        sample = CountedTexts(texts)
         # rustbpe's vocabulary is the bytes and the merges; the special token is ours
         ranks, pattern = learn_merges(sample, vocab_size - 1, GPT4_SPLIT_PATTERN)
         if len(ranks) <= 256:
@@ -449,29 +449,6 @@ class BPETokenizer(TiktokenTokenizer):
             raise _damaged(where, str(err)) from None
         except ValueError as err:  # tiktoken cannot compile the split pattern
             raise _damaged(where, f"its bpe 'pattern' does not compile ({err})") from None
-
-
-class _CountedTexts:
-    """Texts passed through as they are, counting their characters on the way."""
-
-    def __init__(self, texts: Iterable[str]):
-        self.texts, self.chars = texts, 0
-
-    def __iter__(self):
-        for text in self.texts:
-            self.chars += len(text)
-            yield text
-
-
-def bpe_shortfall(asked: int, learned: int) -> str | None:
-    """The warning for a BPE that learned fewer tokens than asked (a corpus, or a sample
-    of one, runs out of pairs to merge), or None where it learned them all."""
-    if learned >= asked:
-        return None
-    return (
-        f"bpe learned {learned:,} of the {asked:,} tokens asked: "
-        "its sample of the corpus has no more pairs to merge"
-    )
 
 
 class NamedTokenizer(TiktokenTokenizer):

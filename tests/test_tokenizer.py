@@ -13,6 +13,7 @@ import tiktoken
 import tiktoken.load
 import tiktoken.registry
 
+from minigpt.bpe_training import bpe_shortfall
 from minigpt.errors import MinigptError
 from minigpt.tokenizer import (
     CL100K_SPLIT_PATTERN,
@@ -27,7 +28,6 @@ from minigpt.tokenizer import (
     CharTokenizer,
     NamedTokenizer,
     TokenizerFileDamaged,
-    bpe_shortfall,
     check_bpe_vocab_size,
     check_tokenizer_settings,
     load_tokenizer,
