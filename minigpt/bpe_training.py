@@ -7,6 +7,10 @@ It is more than one call for two reasons, each handled here:
   so a huge document is never held whole (prepare.py's `bpe_sample` feeds it so too).
 - signals: rustbpe calls back into Python while it trains, where a Ctrl-C must not
   land (`_SignalsDeferred`); the handlers run between chunks instead.
+
+A corpus can run out of pairs to merge before the vocabulary is full: `CountedTexts`
+counts the sample for the refusal when nothing could be merged, and `bpe_shortfall`
+words the warning when some, but fewer than asked, were.
 """
 
 from __future__ import annotations
@@ -35,6 +39,29 @@ def learn_merges(
             _chunks(texts, signals), vocab_size, buffer_size=BPE_TRAIN_BUFFER, pattern=pattern
         )
     return dict(trainer.get_mergeable_ranks()), trainer.get_pattern()
+
+
+class CountedTexts:
+    """Texts passed through as they are, counting their characters on the way."""
+
+    def __init__(self, texts: Iterable[str]):
+        self.texts, self.chars = texts, 0
+
+    def __iter__(self):
+        for text in self.texts:
+            self.chars += len(text)
+            yield text
+
+
+def bpe_shortfall(asked: int, learned: int) -> str | None:
+    """The warning for a BPE that learned fewer tokens than asked (a corpus, or a sample
+    of one, runs out of pairs to merge), or None where it learned them all."""
+    if learned >= asked:
+        return None
+    return (
+        f"bpe learned {learned:,} of the {asked:,} tokens asked: "
+        "its sample of the corpus has no more pairs to merge"
+    )
 
 
 def line_chunks(pieces: Iterable[str], size: int = 1 << 16) -> Iterator[str]:

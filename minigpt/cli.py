@@ -341,6 +341,8 @@ def prepare(
         workers=workers,
         bpe_sample_chars=bpe_sample_chars,
     )
+    for warning in prepared.warnings:
+        console.warn(warning)
     console.say(describe_prepared(prepared))
 
 

@@ -330,7 +330,8 @@ PARQUET_BATCH_ROWS = 1024
 
 def _parquet_documents(path: Path, field: str, on_bytes: OnBytes) -> Iterator[Document]:
     """One document per row: the `field` column, read a batch of rows at a time.
-    A null is an empty document, as an empty file is."""
+    An empty string is an empty document, as an empty file is; a null is refused, as
+    JSONL refuses a field that is not text: it is a missing document, not an empty one."""
     parquet = _pyarrow_parquet()
     try:
         table = parquet.ParquetFile(path)
@@ -342,10 +343,18 @@ def _parquet_documents(path: Path, field: str, on_bytes: OnBytes) -> Iterator[Do
         ) from None
     _check_parquet_column(path, table.schema_arrow, field)
     n_rows, size = max(1, table.metadata.num_rows), path.stat().st_size
+    row = 0
     for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
         on_bytes(size * batch.num_rows // n_rows)
-        for text in batch.column(0).to_pylist():
-            yield text or ""
+        for text in batch.column(0).to_pylist():  # a dictionary column gives its values
+            if text is None:
+                raise MinigptError(
+                    f"{path} row {row:,} (counting from 0): its {field!r} column is null, "
+                    "not text",
+                    hint="fill or drop that row; an empty string is an empty document",
+                )
+            row += 1
+            yield text
 
 
 def _pyarrow_parquet():
@@ -359,6 +368,9 @@ def _pyarrow_parquet():
     return pyarrow.parquet
 
 
+_ARROW_TEXT_TYPES = ("is_string", "is_large_string", "is_string_view")
+
+
 def _check_parquet_column(path: Path, schema, field: str) -> None:
     import pyarrow as pa
 
@@ -370,7 +382,10 @@ def _check_parquet_column(path: Path, schema, field: str) -> None:
             param="text_field",
         )
     kind = schema.field(field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    # a dictionary of strings (as FineWeb-style writers store repeated values) is text too
+    values = kind.value_type if pa.types.is_dictionary(kind) else kind
+    # pyarrow's string_view is new: an older pyarrow has no test for it, nor such columns
+    if not any(getattr(pa.types, name, lambda _: False)(values) for name in _ARROW_TEXT_TYPES):
         raise MinigptError(
             f"{path}'s {field!r} column holds {kind}, not text",
             hint="name the column that holds the text with text_field",

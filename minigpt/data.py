@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minigpt.bpe_training import bpe_shortfall
 from minigpt.errors import MinigptError, os_error
 from minigpt.tokenizer import (
     TOKENIZER_FILE,
@@ -69,6 +70,16 @@ class PreparedData:
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
+
+    @property
+    def warnings(self) -> list[str]:
+        """What a user should hear about this folder each time a command prepares or
+        reuses it: a BPE that learned fewer tokens than asked (the folder keeps the asked
+        size in its name, the cache key that finds it again without learning anew)."""
+        settings = self.meta.get("settings")
+        asked = settings.get("vocab_size") if isinstance(settings, dict) else None
+        shortfall = bpe_shortfall(asked, self.vocab_size) if isinstance(asked, int) else None
+        return [shortfall] if shortfall else []
 
 
 def _memmap(path: Path, dtype: np.dtype) -> np.ndarray:

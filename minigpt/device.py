@@ -293,15 +293,27 @@ def check_memory(needed: int, device: torch.device, what: str) -> None:
 def check_training_memory(model: GPTConfig, batch_size: int, device: torch.device) -> None:
     """Refuse a run whose weights, gradients, AdamW moments (16 bytes a parameter) and
     one micro-batch's activations cannot fit on the device: a lower bound, so a run
-    that fits is never refused."""
-    if not model.vocab_size:  # not known yet: the tokenizer's
-        model = replace(model, vocab_size=1)
+    that fits is never refused. A vocab_size of 0 is the tokenizer's, not known yet:
+    one token stands in for it, and the message says it is not known."""
+    shape = model.describe() if model.vocab_size else _shape_before_the_vocab(model)
+    model = model if model.vocab_size else replace(model, vocab_size=1)
     B, T, C = batch_size, model.block_size, model.n_embd
     # activations kept for backward: ~14 floats a token per layer (LN, QKV, attention
     # output, LN, the MLP's 4C twice), plus the logits and their gradient
     activations = 4 * B * T * (model.n_layer * 14 * C + 2 * model.vocab_size)
     needed = 16 * model.num_params() + model.module_bytes() + activations
-    check_memory(needed, device, f"training a model of {model.describe()} with batch_size {B:,}")
+    check_memory(needed, device, f"training a model of {shape} with batch_size {B:,}")
+
+
+def _shape_before_the_vocab(model: GPTConfig) -> str:
+    """`GPTConfig.describe` of a model whose vocabulary the tokenizer has yet to give:
+    the placeholder stand-in is not named as its vocab size."""
+    counted = replace(model, vocab_size=1)
+    return (
+        f"{model.n_layer:,} layers x {model.n_head:,} heads x {model.n_embd:,} wide, "
+        f"ctx {model.block_size:,}, vocab not yet known "
+        f"(at least {float(counted.num_params()):.3g} parameters)"
+    )
 
 
 def _bytes_text(n: int) -> str:

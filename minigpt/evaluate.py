@@ -116,10 +116,15 @@ def sliding_windows(n: int, block_size: int, stride: int) -> list[tuple[int, int
     The guide masks all but the last trg_len = end - prev_end labels and the model
     shifts them by one, so position p is scored iff prev_end <= p < end and p > begin
     (the window's first token has no context in it to be predicted from).
+
+    A model of block_size 1 predicts the next token from one token (a bigram model),
+    but a window of one token has nothing in it to predict: its windows are a token and
+    the one after it, of which the model reads the first (`_batch_nll`).
     """
+    span = max(block_size, 2)
     windows, prev_end = [], 0
     for begin in range(0, n, stride):
-        end = min(begin + block_size, n)
+        end = min(begin + span, n)
         windows.append((begin, end, max(prev_end, begin + 1)))
         prev_end = end
         if end == n:
@@ -148,7 +153,8 @@ def _batch_nll(model: GPT, ids: Tensor, batch: list[tuple[int, int, int]]) -> tu
     they score, in order. ids (N,) is on the model's device."""
     device = ids.device
     begin, end, first = (torch.tensor(c, device=device)[:, None] for c in zip(*batch, strict=True))
-    length = batch[0][1] - batch[0][0]
+    # a bigram window (block_size 1) is one token longer than the model reads
+    length = min(batch[0][1] - batch[0][0], model.config.block_size)
     positions = begin + torch.arange(length, device=device)  # (B, T) where each input is
     x = ids[positions]  # (B, T)
     targets = positions + 1  # (B, T) the position each output predicts
@@ -264,6 +270,11 @@ def evaluate_tokens(
     text = n_bytes > 0  # special tokens are no text: bits per byte leaves them out
     total_bytes = int(n_bytes.sum())
     loss = float(nll.mean())
+    if not math.isfinite(loss):  # log-softmax of finite logits is finite: the weights are not
+        raise MinigptError(
+            f"the model's loss on {source} is {loss}: its weights hold NaN or infinity",
+            hint="evaluate an earlier or the best checkpoint, or train again",
+        )
     return Evaluation(
         loss=loss,
         perplexity=math.exp(loss),
@@ -335,6 +346,7 @@ def describe(result: Evaluation) -> str:
             f"  perplexity     {result.perplexity:.3f}",
             f"  bits per byte  {bpb}",
             f"  tokens         {result.tokens:,} predicted ({result.bytes:,} bytes of text)",
-            f"  windows        {result.windows:,} of {result.block_size} tokens, stride {result.stride}",
+            f"  windows        {result.windows:,} of {result.block_size} "
+            f"token{'s' if result.block_size != 1 else ''}, stride {result.stride}",
         ]
     )

@@ -58,9 +58,34 @@ def prompt_sequences(
     return sequences, notes
 
 
+MIN_CONTEXT = 2
+"""The shortest context worth inspecting: in a context of one token every head attends
+to that token alone, with weight 1, and has nothing to show."""
+MIN_PROBE = 2
+"""The shortest half of the repeated probe: an induction head needs a token before the
+repeated one to look back from."""
+
+
+def check_context(block_size: int) -> None:
+    """A model whose heads can attend to more than one token."""
+    if block_size < MIN_CONTEXT:
+        raise MinigptError(
+            f"inspect-heads needs a model with a context of at least {MIN_CONTEXT} tokens; "
+            f"this one has {block_size}, so each head can attend only to the token itself",
+            hint=f"inspect a model trained with model.block_size of {MIN_CONTEXT} or more",
+        )
+
+
 def check_repeated(n: int, block_size: int) -> None:
     """The repeated probe [r1..rn, r1..rn] is 2n tokens: they must fit the context."""
-    if not 2 <= n <= block_size // 2:
+    if block_size // 2 < MIN_PROBE:
+        raise MinigptError(
+            f"repeated {n} does not fit: the shortest probe is 2 x {MIN_PROBE} tokens, "
+            f"and this model's context is {block_size}",
+            hint="inspect it on a prompt instead",
+            param="repeated",
+        )
+    if not MIN_PROBE <= n <= block_size // 2:
         raise MinigptError(
             f"repeated {n} is out of range: the probe is 2 x {n} tokens, so with "
             f"block_size={block_size} it must be from 2 to {block_size // 2}",
@@ -107,6 +132,13 @@ def _sequences_to_inspect(
         source = "the prompt" if len(prompts) == 1 else f"{len(prompts)} prompts"
         return sequences, None, source, notes
     if repeated is None:
+        if block_size // 2 < MIN_PROBE:  # not the user's repeated: say what to pass instead
+            raise MinigptError(
+                f"the repeated probe needs a context of at least {2 * MIN_PROBE} tokens; "
+                f"this model's is {block_size}",
+                hint="inspect it on text of your own with prompts",
+                param="prompts",
+            )
         repeated = min(32, block_size // 2)
     check_repeated(repeated, block_size)
     sequences = list(repeated_probe(tokenizer, repeated, n_probes, seed))
@@ -164,6 +196,7 @@ def inspect_run(
     (with a note saying so) when that data cannot be found.
     """
     model, tokenizer = run.model, run.tokenizer
+    check_context(model.config.block_size)
     sequences, repeated, source, notes = _sequences_to_inspect(
         tokenizer, prompts, repeated, model.config.block_size, n_probes, seed
     )

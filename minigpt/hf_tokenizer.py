@@ -1,7 +1,8 @@
 """Byte-level BPE tokenizers to and from the Hugging Face format.
 
 A GPT-2 checkpoint carries its tokenizer as `vocab.json` + `merges.txt` (the slow format)
-or `tokenizer.json` (the `tokenizers` format). `tokenizer_from_hf` reads either into a
+or `tokenizer.json` (the `tokenizers` format), or both; `tokenizer_from_hf` reads the one
+transformers' AutoTokenizer reads (tokenizer.json where there is one) into a
 minigpt `BPETokenizer` run by tiktoken; `write_hf_tokenizer` writes a minigpt BPE
 tokenizer back out so that `transformers.AutoTokenizer.from_pretrained` gives the same ids.
 
@@ -76,13 +77,18 @@ def _bpe_parts(ranks: dict[bytes, int], token: bytes, max_rank: int) -> list[byt
 
 
 def tokenizer_from_hf(folder: Path) -> BPETokenizer:
-    """Read a Hugging Face byte-level BPE tokenizer from a checkpoint folder: vocab.json +
-    merges.txt if both are there, else tokenizer.json. The result encodes to the same ids
-    as transformers does (rank = vocab id, <|endoftext|> = id n); a tokenizer that tiktoken
-    cannot run that way is a MinigptError saying why."""
+    """Read a Hugging Face byte-level BPE tokenizer from a checkpoint folder: tokenizer.json
+    if it is there, else vocab.json + merges.txt. The result encodes to the same ids as
+    transformers does (rank = vocab id, <|endoftext|> = id n); a tokenizer that tiktoken
+    cannot run that way is a MinigptError saying why.
+
+    Why tokenizer.json first: `AutoTokenizer.from_pretrained` loads it whenever it is
+    there and never looks at vocab.json and merges.txt, so a folder whose files disagree
+    must give its ids, which are the ones the model was used with.
+    """
     folder = Path(folder)
-    slow = (folder / VOCAB_FILE).is_file() and (folder / MERGES_FILE).is_file()
-    if not slow and not (folder / TOKENIZER_JSON).is_file():
+    slow = not (folder / TOKENIZER_JSON).is_file()
+    if slow and not ((folder / VOCAB_FILE).is_file() and (folder / MERGES_FILE).is_file()):
         raise _missing_files(folder)
     try:
         if slow:
@@ -262,7 +268,11 @@ def _ranks_from_vocab(
     vocab: object, merges: list, added: list, names: tuple[str, str]
 ) -> dict[bytes, int]:
     """tiktoken's mergeable ranks (token bytes -> id) from a vocab and its merges, checked to
-    give the same ids as Hugging Face's BPE (see the module docstring)."""
+    give the same ids as Hugging Face's BPE (see the module docstring).
+
+    The checks run from the most specific cause to the least, so that one fault is named
+    as what it is: an extra special token, a missing byte, then where <|endoftext|> sits.
+    """
     vocab_name, merges_name = names
     if not isinstance(vocab, dict) or not all(_is_id(i) for i in vocab.values()):
         raise MinigptError(f"{vocab_name}'s vocab is not a map from tokens to ids", hint=_BPE_HINT)
@@ -271,9 +281,16 @@ def _ranks_from_vocab(
     eot_ids = {token.get("id") for token in added}
     if ENDOFTEXT in vocab:
         eot_ids.add(vocab.pop(ENDOFTEXT))
-    n = len(vocab)
     if not eot_ids:
         raise MinigptError(f"{vocab_name} has no {ENDOFTEXT} token", hint=_BPE_HINT)
+    _check_nothing_after_endoftext(vocab, eot_ids, vocab_name)
+    ranks = {_token_bytes(token, vocab_name): token_id for token, token_id in vocab.items()}
+    missing = next((b for b in range(256) if bytes([b]) not in ranks), None)
+    if missing is not None:
+        raise MinigptError(
+            f"{vocab_name} has no token for the byte 0x{missing:02x}", hint=_BPE_HINT
+        )
+    n = len(vocab)
     if eot_ids != {n}:
         shown = ", ".join(map(str, sorted(eot_ids, key=str)))
         raise MinigptError(
@@ -286,14 +303,28 @@ def _ranks_from_vocab(
             f"{vocab_name}'s ids are not 0..{n - 1}, each once, with {ENDOFTEXT} last",
             hint=_BPE_HINT,
         )
-    ranks = {_token_bytes(token, vocab_name): token_id for token, token_id in vocab.items()}
-    missing = next((b for b in range(256) if bytes([b]) not in ranks), None)
-    if missing is not None:
-        raise MinigptError(
-            f"{vocab_name} has no token for the byte 0x{missing:02x}", hint=_BPE_HINT
-        )
     _check_merges(ranks, [_pair_bytes(pair, merges_name) for pair in merges], names)
     return ranks
+
+
+def _check_nothing_after_endoftext(vocab: dict, eot_ids: set, vocab_name: str) -> None:
+    """Tokens whose ids follow an <|endoftext|> that itself follows a whole vocabulary
+    (ids 0..m-1 below it) are special tokens added after it, not BPE tokens: they are
+    named as such, where counting them as BPE tokens would blame <|endoftext|>'s id."""
+    if len(eot_ids) != 1:
+        return
+    (eot_id,) = eot_ids
+    below = sorted(i for i in vocab.values() if i < eot_id)
+    after = sorted((i, token) for token, i in vocab.items() if i > eot_id)
+    if after and below == list(range(eot_id)) and eot_id >= 256:
+        token_id, token = after[0]
+        more = f" and {len(after) - 1} more" if len(after) > 1 else ""
+        raise MinigptError(
+            f"{vocab_name} has the token {token!r} (id {token_id}){more} after {ENDOFTEXT} "
+            f"(id {eot_id}): an extra special token, but minigpt's only special token is "
+            f"{ENDOFTEXT}",
+            hint="remove the extra special tokens, or run this model with transformers",
+        )
 
 
 def _is_id(value: object) -> bool:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from minigpt.atomic import write_json_atomic
-from minigpt.bpe_training import learn_merges
+from minigpt.bpe_training import CountedTexts, learn_merges
 from minigpt.errors import MinigptError, os_error
 
 ENDOFTEXT = "<|endoftext|>"
@@ -403,8 +403,19 @@ class BPETokenizer(TiktokenTokenizer):
     def train(cls, texts: Iterable[str], vocab_size: int) -> BPETokenizer:
         """Learn `vocab_size - 257` merges from `texts` (the 257 are the bytes and <|endoftext|>)."""
         check_bpe_vocab_size(vocab_size)
+        sample = CountedTexts(texts)
         # rustbpe's vocabulary is the bytes and the merges; the special token is ours
-        ranks, pattern = learn_merges(texts, vocab_size - 1, GPT4_SPLIT_PATTERN)
+        ranks, pattern = learn_merges(sample, vocab_size - 1, GPT4_SPLIT_PATTERN)
+        if len(ranks) <= 256:
+            # a BPE of the bytes alone is a byte tokenizer under another name: the user
+            # asked for merges, and silently getting none would go unseen
+            raise MinigptError(
+                f"bpe learned no merges: its sample of {sample.chars:,} "
+                f"character{'' if sample.chars == 1 else 's'} has no pair of bytes to merge",
+                hint="learn from more text (a larger bpe_sample_chars or a bigger corpus), "
+                "or use the char tokenizer",
+                param="bpe_sample_chars",
+            )
         return cls(ranks, pattern)
 
     def to_json(self) -> dict:

@@ -590,6 +590,8 @@ def _run(
     """Report what is trained, save step 0 of a fresh run, fit, and draw the curves."""
     try:
         trainer.log(start_line(trainer))
+        for warning in trainer.data.warnings if before is None else []:
+            trainer.log(f"warning: {warning}")
         if before is not None:
             trainer.log(f"resuming {trainer.out_dir} at step {state.step}")
             change = schedule_change(

@@ -31,6 +31,8 @@ class TrainData:
     val_tokens: np.ndarray
     summary: dict = field(default_factory=dict)
     """What config.json records about the data (source, token counts, ...)."""
+    warnings: list[str] = field(default_factory=list)
+    """What the user should hear about the data (a BPE that learned fewer tokens than asked)."""
 
 
 def load_data(
@@ -69,6 +71,7 @@ def load_data(
         train_tokens=prepared.train_tokens(),
         val_tokens=prepared.val_tokens(),
         summary={**scalars, "dir": str(prepared.dir.resolve())},
+        warnings=prepared.warnings,
     )
 
 

@@ -13,7 +13,7 @@ import pytest
 from minigpt import corpus as corpora
 from minigpt import encode
 from minigpt import prepare as prepare_module
-from minigpt.corpus import LargeDocument, load_corpus
+from minigpt.corpus import PARQUET_BATCH_ROWS, LargeDocument, load_corpus
 from minigpt.errors import MinigptError
 from minigpt.prepare import prepare
 
@@ -136,18 +136,60 @@ def test_jsonl_escapes_of_a_surrogate_pair_are_one_character(tmp_path):
     assert "\U0001f600" in prepared.tokenizer.chars
 
 
-def test_parquet_nulls_are_empty_documents_and_other_types_are_refused(tmp_path):
+def test_parquet_nulls_are_refused_naming_the_row_and_other_types_are_refused(tmp_path):
     folder = tmp_path / "p"
     folder.mkdir()
     pq.write_table(pa.table({"text": ["one\n", None, "two\n"]}), folder / "a.parquet")
-    prepared = prepare(folder, data_dir=tmp_path / "d", progress=False)
-    assert prepared.meta["documents"] == 2
+    with pytest.raises(
+        MinigptError, match=r"a.parquet row 1 \(counting from 0\): its 'text' column is null"
+    ):
+        prepare(folder, data_dir=tmp_path / "d", progress=False)
+    assert not (tmp_path / "d").exists() or list((tmp_path / "d").iterdir()) == []
+    # past the first batch, in a later row group: the row is counted through the file
+    texts = ["a line\n"] * (2 * PARQUET_BATCH_ROWS + 5)
+    texts[PARQUET_BATCH_ROWS + 3] = None
+    pq.write_table(pa.table({"text": texts}), tmp_path / "late.parquet", row_group_size=100)
+    with pytest.raises(MinigptError, match=f"row {PARQUET_BATCH_ROWS + 3:,} "):
+        prepare(tmp_path / "late.parquet", data_dir=tmp_path / "d", progress=False)
+    pq.write_table(pa.table({"text": ["one\n", "", "two\n"]}), folder / "a.parquet")
+    assert prepare(folder, data_dir=tmp_path / "d", progress=False).meta["documents"] == 2
     pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "ints.parquet")
     with pytest.raises(MinigptError, match="'text' column holds int64, not text"):
         prepare(tmp_path / "ints.parquet", data_dir=tmp_path / "d", progress=False)
     (tmp_path / "fake.parquet").write_text("not parquet at all")
     with pytest.raises(MinigptError, match="fake.parquet is not a Parquet file pyarrow can read"):
         prepare(tmp_path / "fake.parquet", data_dir=tmp_path / "d", progress=False)
+
+
+@pytest.mark.parametrize(
+    "kind, encoded",
+    [
+        (pa.string(), True),
+        (pa.large_string(), True),
+        (pa.large_string(), False),
+        (pa.string_view(), False),  # pyarrow cannot write a dictionary of string_view
+    ],
+)
+def test_a_dictionary_encoded_or_other_string_column_is_text(tmp_path, kind, encoded):
+    def column(texts):
+        values = pa.array(texts, type=kind)
+        return values.dictionary_encode() if encoded else values
+
+    table = pa.table({"id": range(len(DOCUMENTS)), "text": column(DOCUMENTS)})
+    pq.write_table(table, tmp_path / "train.parquet", row_group_size=7)
+    stored = pq.read_schema(tmp_path / "train.parquet").field("text").type
+    assert pa.types.is_dictionary(stored) == encoded  # as the reader will find it
+    assert list(load_corpus(tmp_path / "train.parquet").documents()) == DOCUMENTS
+    pq.write_table(pa.table({"text": column(["one\n", None])}), tmp_path / "nulls.parquet")
+    with pytest.raises(MinigptError, match="row 1 .*null"):
+        prepare(tmp_path / "nulls.parquet", data_dir=tmp_path / "d", progress=False)
+
+
+def test_a_dictionary_of_numbers_is_not_text(tmp_path):
+    ints = pa.array([1, 2]).dictionary_encode()
+    pq.write_table(pa.table({"text": ints}), tmp_path / "ints.parquet")
+    with pytest.raises(MinigptError, match="'text' column holds .*int64.*, not text"):
+        prepare(tmp_path / "ints.parquet", data_dir=tmp_path / "d", progress=False)
 
 
 def test_parquet_without_pyarrow_says_how_to_install_it(tmp_path, monkeypatch):

@@ -171,3 +171,30 @@ def test_a_runs_data_is_found_where_recorded_or_in_its_moved_project(
     monkeypatch.chdir(moved)
     relative = {**run_data, "dir": f"data/{prepared.dir.name}"}
     assert find_run_data(relative, tmp_path / "elsewhere" / "run").dir == moved / relative["dir"]
+
+
+def test_a_bpe_short_of_its_vocab_is_warned_of_each_time_and_kept_under_its_name(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat\n" * 20)
+    first = prepare(corpus, "bpe", 5000, tmp_path / "d", progress=False)
+    learned = first.vocab_size
+    assert 257 < learned < 5000
+    assert first.warnings == [
+        f"bpe learned {learned} of the 5,000 tokens asked: "
+        "its sample of the corpus has no more pairs to merge"
+    ]
+    # the folder keeps the size asked in its name: the key that finds it again unlearned
+    assert "-bpe5000-" in first.dir.name
+    again = prepare(corpus, "bpe", 5000, tmp_path / "d", progress=False)
+    assert again.reused and again.dir == first.dir and again.warnings == first.warnings
+    assert again.tokenizer.to_json() == first.tokenizer.to_json()
+    enough = prepare(corpus, "bpe", learned, tmp_path / "d", progress=False)
+    assert enough.vocab_size == learned and enough.warnings == []
+
+
+def test_a_bpe_that_learns_no_merge_leaves_no_folder(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the cat sat on the mat\n" * 20)
+    with pytest.raises(MinigptError, match="no merges: its sample of 1 character"):
+        prepare(corpus, "bpe", 300, tmp_path / "d", progress=False, bpe_sample_chars=1)
+    assert not (tmp_path / "d").exists() or list((tmp_path / "d").iterdir()) == []

@@ -158,3 +158,18 @@ def test_a_training_run_too_big_for_memory_is_refused_before_allocating():
     with pytest.raises(MinigptError, match=r"training a model of .* needs at least"):
         device.check_training_memory(GPTConfig(n_layer=10**9), 8, torch.device("cpu"))
     device.check_training_memory(GPTConfig(), 8, torch.device("cpu"))  # fits: no error
+
+
+def test_the_memory_refusal_names_the_vocab_only_once_the_tokenizer_gives_it():
+    import torch
+
+    from minigpt.model import GPTConfig
+
+    cpu = torch.device("cpu")
+    with pytest.raises(MinigptError) as err:  # before the data: no vocab size yet
+        device.check_training_memory(GPTConfig(n_embd=200_000, vocab_size=0), 16, cpu)
+    assert ", ctx 128, vocab not yet known (at least 1.92e+12 parameters)" in str(err.value)
+    assert "vocab 1 " not in str(err.value)
+    with pytest.raises(MinigptError) as err:  # the tokenizer's 53 tokens
+        device.check_training_memory(GPTConfig(vocab_size=53), 10**8, cpu)
+    assert ", ctx 128, vocab 53 (" in str(err.value)

@@ -140,6 +140,30 @@ def test_too_few_or_bad_ids_are_refused(model):
         sliding_window_nll(model, np.zeros((2, 5), dtype=np.int64), 4)
 
 
+@pytest.mark.parametrize("n", [2, 3, 40])
+def test_a_context_of_one_token_is_scored_as_the_bigram_model_it_is(tiny_gpt, n):
+    model = tiny_gpt(VOCAB, block_size=1)
+    ids = random_ids(n, seed=n)
+    x = torch.as_tensor(ids)
+    with torch.no_grad():  # what it trains on: each token alone predicting the next
+        _, expected = model(x[:-1, None], x[1:, None])
+    nll, targets = sliding_window_nll(model, ids, 1, batch_size=3)
+    assert len(nll) == n - 1 and np.array_equal(targets, ids[1:])
+    assert nll.mean() == pytest.approx(expected.item(), abs=1e-5)
+    assert sliding_windows(n, 1, 1) == [(p, p + 2, p + 1) for p in range(n - 1)]
+    result = evaluate_tokens(model, CharTokenizer([chr(65 + i) for i in range(VOCAB)]), ids)
+    assert result.loss == pytest.approx(expected.item(), abs=1e-5) and result.tokens == n - 1
+
+
+def test_a_model_whose_loss_is_not_a_number_is_refused(tiny_gpt):
+    model = tiny_gpt(VOCAB, block_size=BLOCK)
+    with torch.no_grad():
+        next(model.parameters()).fill_(float("nan"))
+    tokenizer = CharTokenizer([chr(65 + i) for i in range(VOCAB)])
+    with pytest.raises(MinigptError, match="loss on tokens is nan: its weights hold NaN"):
+        evaluate_tokens(model, tokenizer, random_ids(30))
+
+
 def test_eval_mode_is_used_and_the_mode_restored(tiny_gpt):
     model = tiny_gpt(VOCAB, block_size=BLOCK, dropout=0.5)
     ids = random_ids(40)

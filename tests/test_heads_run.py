@@ -129,3 +129,34 @@ def test_a_pipe_named_as_prepared_data_is_not_read(tiny, tmp_path):
     finally:
         done.set()
     assert "no validation data" in source and time.perf_counter() - started < 4
+
+
+def test_a_context_of_one_token_is_refused_for_its_shape(tiny_gpt, tiny, tmp_path):
+    _, tokenizer = tiny
+    model = tiny_gpt(tokenizer.vocab_size, block_size=1)
+    run = load_run(write_run_files(tmp_path / "run", model, tokenizer))
+    for asked in ({}, {"prompts": ["abc"]}, {"repeated": 2}):
+        with pytest.raises(ValueError, match="context of at least 2 tokens; this one has 1") as err:
+            heads_run.inspect_run(run, **asked)
+        assert err.value.param is None and "repeated" not in str(err.value)
+
+
+@pytest.mark.parametrize("block_size", [2, 3])
+def test_a_context_too_short_for_the_probe_names_the_probe_or_the_users_repeated(
+    tiny_gpt, tiny, tmp_path, block_size
+):
+    _, tokenizer = tiny
+    model = tiny_gpt(tokenizer.vocab_size, block_size=block_size)
+    run = load_run(write_run_files(tmp_path / "run", model, tokenizer))
+    with pytest.raises(
+        ValueError,
+        match=f"probe needs a context of at least 4 tokens; this model's is {block_size}",
+    ) as err:
+        heads_run.inspect_run(run)
+    assert err.value.param == "prompts" and "repeated" not in err.value.hint
+    with pytest.raises(
+        ValueError,
+        match=f"repeated 2 does not fit: the shortest probe is 2 x 2 tokens, and this model's context is {block_size}",
+    ):
+        heads_run.inspect_run(run, repeated=2)
+    assert heads_run.inspect_run(run, prompts=["abcdef"]).source == "the prompt"

@@ -159,6 +159,29 @@ def test_tokenizer_json_merges_in_either_form(gpt2_tok, tmp_path, form):
     assert tokenizer_from_hf(tmp_path).to_json() == gpt2_tok.to_json()
 
 
+@pytest.mark.parametrize("other", ["gpt2_split", "gpt4_split"])
+def test_tokenizer_json_and_disagreeing_slow_files_give_transformers_ids(
+    gpt2_dir, gpt2_tok, tmp_path, transformers, gpt2_files, other, request
+):
+    """vocab.json + merges.txt of one tokenizer beside the tokenizer.json of another:
+    AutoTokenizer reads tokenizer.json, and so does minigpt."""
+    if other == "gpt2_split":
+        texts = ["zebras quietly graze on the grass near rivers\n" * 40, *fuzz_texts(200, 7)]
+        ranks = BPETokenizer.train(texts, vocab_size=400).mergeable_ranks
+        theirs = BPETokenizer(ranks, GPT2_SPLIT_PATTERN)
+    else:
+        theirs = request.getfixturevalue("gpt4_tok")
+    write_hf_tokenizer(theirs, tmp_path, 64)
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(gpt2_dir / name, tmp_path / name)
+    auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    tok = tokenizer_from_hf(tmp_path)
+    assert tok.to_json() == theirs.to_json() != gpt2_tok.to_json()
+    texts = gpt2_files.hard_texts + fuzz_texts(300, seed=8)
+    assert_same_ids(tok, auto, texts)
+    assert any(gpt2_tok.encode_prompt(t) != auto(t)["input_ids"] for t in texts)  # they differ
+
+
 # ------------------------------------------------------------------------------------ export
 
 
@@ -306,6 +329,42 @@ def test_refuses_an_extra_special_token(fast_dir, slow_dir):
     config = {"added_tokens_decoder": {str(n + 1): {"content": "<|im_start|>", "special": True}}}
     (slow_dir / "tokenizer_config.json").write_text(json.dumps(config), encoding="utf-8")
     assert_refused(slow_dir, "adds the token '<\\|im_start\\|>'")
+
+
+@pytest.mark.parametrize("with_gap", [True, False])
+def test_a_missing_byte_token_is_named_as_one_whatever_the_ids(slow_dir, fast_dir, with_gap):
+    """A byte token dropped without renumbering leaves a gap and <|endoftext|> one past
+    the count: the missing byte is the cause, not where <|endoftext|> sits."""
+
+    def drop(vocab, text):
+        gone = vocab.pop(text)
+        return vocab if with_gap else {t: i - (i > gone) for t, i in vocab.items()}
+
+    edit_json(slow_dir / "vocab.json", lambda vocab: drop(vocab, "Ā"))  # the byte 0x00
+    assert_refused(slow_dir, "^vocab.json has no token for the byte 0x00$")
+
+    def drop_from_model(data):
+        data["model"]["vocab"] = drop(data["model"]["vocab"], "ÿ")  # the byte 0xff
+
+    edit_json(fast_dir / "tokenizer.json", drop_from_model)
+    assert_refused(fast_dir, "^tokenizer.json has no token for the byte 0xff$")
+
+
+def test_an_extra_special_token_in_the_vocab_is_named_as_one(fast_dir, slow_dir):
+    """<|pad|> after <|endoftext|> in the vocab alone (no added_tokens entry): an extra
+    special token, not a 257th... BPE token that moves <|endoftext|>'s expected id."""
+    data = json.loads((fast_dir / "tokenizer.json").read_text())
+    n = data["model"]["vocab"][ENDOFTEXT]
+    edit_json(fast_dir / "tokenizer.json", lambda d: d["model"]["vocab"].update({"<|pad|>": n + 1}))
+    err = assert_refused(
+        fast_dir,
+        f"^tokenizer.json has the token '<\\|pad\\|>' \\(id {n + 1}\\) after <\\|endoftext\\|> "
+        f"\\(id {n}\\): an extra special token, but minigpt's only special token is",
+    )
+    assert "remove the extra special tokens" in err.hint
+    extra = {"<|pad|>": n + 1, "<|sep|>": n + 2}
+    edit_json(slow_dir / "vocab.json", lambda vocab: vocab.update(extra))
+    assert_refused(slow_dir, f"'<\\|pad\\|>' \\(id {n + 1}\\) and 1 more after <\\|endoftext\\|>")
 
 
 def test_refuses_endoftext_elsewhere_or_missing(slow_dir):

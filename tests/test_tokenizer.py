@@ -13,6 +13,7 @@ import tiktoken
 import tiktoken.load
 import tiktoken.registry
 
+from minigpt.bpe_training import bpe_shortfall
 from minigpt.errors import MinigptError
 from minigpt.tokenizer import (
     CL100K_SPLIT_PATTERN,
@@ -179,6 +180,29 @@ def test_bpe_damaged_json_is_a_clear_error():
 def test_bpe_vocab_too_small(vocab_size):
     with pytest.raises(MinigptError, match="too small for BPE"):
         train_tokenizer("bpe", [CORPUS], vocab_size)
+
+
+@pytest.mark.parametrize(
+    "texts, chars",
+    [
+        (["a"], "1 character"),
+        (["x\ny\n7\n"], "6 characters"),  # one-byte pieces under the split: no pair at all
+    ],
+)
+def test_bpe_that_learns_no_merge_is_refused_naming_its_sample(texts, chars):
+    with pytest.raises(MinigptError, match=f"no merges: its sample of {chars} has no pair") as err:
+        BPETokenizer.train(texts, vocab_size=300)
+    assert err.value.param == "bpe_sample_chars" and "bpe_sample_chars" in err.value.hint
+
+
+def test_bpe_learns_what_pairs_there_are_and_says_how_many_it_lacks():
+    tok = BPETokenizer.train(["abcdefg"], vocab_size=1000)
+    assert tok.vocab_size == 256 + 6 + 1  # ab cd ef abcd efg abcdefg, and <|endoftext|>
+    assert bpe_shortfall(1000, tok.vocab_size) == (
+        "bpe learned 263 of the 1,000 tokens asked: "
+        "its sample of the corpus has no more pairs to merge"
+    )
+    assert bpe_shortfall(263, 263) is None
 
 
 def test_train_tokenizer_bpe_defaults_to_2048():

@@ -5,6 +5,8 @@ accepted prints strict JSON and files with ordinary modes."""
 
 from __future__ import annotations
 
+import re
+
 CASES: dict = {}
 
 
@@ -115,6 +117,16 @@ for _setting, _numbers in ABSURD.items():
         r = c.mg(*c.train_args(*c.QUICK, "--max-iters", "5", "--set", setting), timeout=60)
         named = number_named(r, numbers) if r.rc == 2 else []
         return c.refused(r) + named + c.absent("R")
+
+
+for _setting in ("model.n_embd=200000", "train.batch_size=100000000"):
+
+    @case(f"--set {_setting} refused before the data: the vocab not named as 1")
+    def _(c, setting=_setting):
+        c.corpus()
+        r = c.mg(*c.train_args(*c.QUICK, "--max-iters", "5", "--set", setting), timeout=60)
+        said = c.mentions(r, "vocab not yet known")
+        return c.refused(r) + said + c.avoids(r, "vocab 1 ") + c.absent("R", "data")
 
 
 GENERATE_ARGS = {
@@ -287,6 +299,171 @@ def _(c):
     c.write("docs/b.txt", b"abc\x00def")
     r = c.mg("prepare", "docs", "--data-dir", "D")
     return c.refused(r) + c.mentions(r, "b.txt") + c.absent("D")
+
+
+# --------------------------------------------------------------------------- fewer BPE tokens than asked
+
+
+def nothing_in(c, name: str) -> list[str]:
+    folder = c.p(name)
+    left = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+    return [f"{name} holds {left}"] if left else []
+
+
+@case("prepare -t bpe --bpe-sample-chars 1: no merge to learn, refused")
+def _(c):
+    c.corpus()
+    r = c.mg("prepare", "corpus.txt", "-t", "bpe", "--vocab-size", "300",
+             "--bpe-sample-chars", "1", "--data-dir", "D")  # fmt: skip
+    said = c.mentions(r, "learned no merges: its sample of 1 character has no pair")
+    hinted = (
+        [] if "hint: learn from more text (a larger --bpe-sample-chars" in r.err else ["no hint"]
+    )
+    return c.refused(r) + said + hinted + nothing_in(c, "D")
+
+
+@case("train on one-byte words with a bpe tokenizer: no merge to learn, refused")
+def _(c):
+    c.write("letters.txt", "a\nb\n7\n" * 200)
+    bpe = ["--set", "data.tokenizer=bpe", "--set", "data.vocab_size=300"]
+    r = c.mg(*c.train_args("--max-iters", "5", *c.QUICK, *bpe, data="letters.txt"))
+    return c.refused(r) + c.mentions(r, "learned no merges") + c.absent("R")
+
+
+def shortfall(c, r, asked: str) -> list[str]:
+    """The one warning, naming the tokens learned (the vocab size printed) and asked."""
+    vocab = re.search(r"vocab size +(\d+)", r.out)
+    if vocab is None:
+        return [f"no vocab size printed: {r.out[:120]}"]
+    wanted = f"warning: bpe learned {vocab.group(1)} of the {asked} tokens asked"
+    n = r.err.count("warning: bpe learned")
+    return [] if n == 1 and wanted in r.err else [f"not one {wanted!r}: {r.err[:200]}"]
+
+
+@case("prepare -t bpe --vocab-size 100000 on a tiny corpus: a warning naming both counts")
+def _(c):
+    c.corpus(3_000)
+    args = ("prepare", "corpus.txt", "-t", "bpe", "--vocab-size", "100000", "--data-dir", "D")
+    first, again = c.mg(*args), c.mg(*args)
+    _, folder = c.prepared_numbers(first)
+    same = [] if c.prepared_numbers(again)[1] == folder else ["the reuse found another folder"]
+    return (
+        c.ok(first)
+        + shortfall(c, first, "100,000")
+        + c.ok(again)
+        + shortfall(c, again, "100,000")
+        + same
+    )
+
+
+@case("train with data.vocab_size beyond the corpus's pairs: a warning, then trains")
+def _(c):
+    c.corpus(3_000)
+    bpe = ["--set", "data.tokenizer=bpe", "--set", "data.vocab_size=4000"]
+    r = c.mg(*c.train_args("--max-iters", "2", *c.QUICK, *bpe))
+    warned = re.search(r"warning: bpe learned \d+ of the 4,000 tokens asked", r.out)
+    problems = c.ok(r) + ([] if warned else [f"no warning: {r.out[:200]}"])
+    # the prepared folder keeps the size asked in its name: resume finds it again
+    resumed = c.mg("train", "--resume", "R", "--max-iters", "4")
+    again = ["the resume warned again"] if "warning: bpe" in resumed.out + resumed.err else []
+    return problems + c.ok(resumed) + again
+
+
+# --------------------------------------------------------------------------- Parquet columns
+
+
+def write_parquet(c, name: str, texts: list, dictionary: bool = False) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    column = pa.array(texts, type=pa.string())
+    column = column.dictionary_encode() if dictionary else column
+    c.p(name).parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table({"text": column}), c.p(name), row_group_size=50)
+
+
+for _dictionary in (False, True):
+
+    @case(f"prepare a Parquet row whose text is null (dictionary={_dictionary}): the row named")
+    def _(c, dictionary=_dictionary):
+        texts = [c.words_text(200, i) for i in range(120)]
+        texts[77] = None
+        write_parquet(c, "shard.parquet", texts, dictionary)
+        r = c.mg("prepare", "shard.parquet", "--data-dir", "D")
+        said = c.mentions(r, "shard.parquet row 77 (counting from 0): its 'text' column is null")
+        return c.refused(r) + said + nothing_in(c, "D")
+
+
+@case("train on a folder of dictionary-encoded Parquet text: read as text")
+def _(c):
+    for shard in range(2):
+        texts = [c.words_text(300, 10 * shard + i) for i in range(40)]
+        write_parquet(c, f"pq/train-{shard:05d}.parquet", texts, dictionary=True)
+    r = c.mg(*c.train_args("--max-iters", "2", *c.QUICK, data="pq"))
+    return c.ok(r)
+
+
+# --------------------------------------------------------------------------- a context of one token
+
+
+def context_of(c, block_size: int) -> list[str]:
+    """R: a tiny run with model.block_size = block_size."""
+    c.corpus(5_000)
+    r = c.mg(*c.train_args("--max-iters", "5", *c.QUICK, "--set", f"model.block_size={block_size}"))
+    return [f"training failed: {r.tail}"] if r.rc != 0 else []
+
+
+@case("eval --json of a block_size=1 model: a real loss, the bigram's")
+def _(c):
+    problems = context_of(c, 1)
+    if problems:
+        return problems
+    r = c.mg("eval", "R", "--json", "--device", "cpu")
+    try:
+        result = c.strict_json(r.out)
+    except ValueError:
+        return c.ok(r) + [f"stdout is not JSON: {r.out[:120]}"]
+    if not (isinstance(result.get("loss"), float) and result["tokens"] > 0):
+        problems.append(f"no loss: {r.out[:160]}")
+    return c.ok(r) + problems + c.avoids(r, "RuntimeWarning")
+
+
+@case("eval --data of a block_size=1 model: every token but the first predicted once")
+def _(c):
+    problems = context_of(c, 1)
+    if problems:
+        return problems
+    c.write("other.txt", "the lazy dog\n" * 20)
+    r = c.mg("eval", "R", "--data", "other.txt", "--device", "cpu")
+    tokens = re.search(r"tokens +([\d,]+) predicted", r.out)
+    if tokens is None or int(tokens.group(1).replace(",", "")) != 13 * 20 - 1:
+        problems.append(f"not {13 * 20 - 1} tokens predicted: {r.out[:200]}")
+    return c.ok(r) + problems + c.avoids(r, "nan", "RuntimeWarning")
+
+
+for _extra in ([], ["--prompt", "the dog"]):
+
+    @case(f"inspect-heads {' '.join(_extra)} on a block_size=1 model: the shape refused")
+    def _(c, extra=_extra):
+        problems = context_of(c, 1)
+        if problems:
+            return problems
+        r = c.mg(*c.HEADS, *extra)
+        said = c.mentions(r, "needs a model with a context of at least 2 tokens; this one has 1")
+        return problems + c.refused(r) + said + c.avoids(r, "--repeated")
+
+
+@case("inspect-heads on a block_size=2 model: the probe refused, --prompt suggested")
+def _(c):
+    problems = context_of(c, 2)
+    if problems:
+        return problems
+    r = c.mg(*c.HEADS)
+    said = c.mentions(
+        r, "the repeated probe needs a context of at least 4 tokens; this model's is 2"
+    )
+    hint = [] if "hint: inspect it on text of your own with --prompt" in r.err else ["no hint"]
+    return c.refused(r) + said + hint + c.avoids(r, "--repeated")
 
 
 # --------------------------------------------------------------------------- what comes out
