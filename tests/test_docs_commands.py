@@ -100,14 +100,15 @@ GIVEN = {
         "mkdir -p corpus && printf 'some text of my own, line after line\\n%.0s' $(seq 300) "
         "> corpus/a.txt",
     ],
-    "docs/sampling.md": [
-        "minigpt train",
-        "minigpt train configs/shakespeare-char-cpu.toml",
-        "printf 'ROMEO:' > prompt.txt",
-    ],
+    "docs/sampling.md": ["printf 'ROMEO:' > prompt.txt"],
 }
-"""What a page assumes its reader already has (their own files, or a run trained as
-another page shows), made before the page's commands run."""
+"""What a page assumes its reader already has of their own, made before the page's
+commands run."""
+
+AFTER = {"docs/sampling.md": "README.md"}
+"""A page whose reader arrives with the runs another page trained runs after that page,
+in its folder (sampling.md samples from the README's checkpoints/default and
+checkpoints/shakespeare-char-cpu)."""
 
 TRAINS = re.compile(r"(?:^|\s)(?:-m )?minigpt train(?:\s|$)")
 MAX_ITERS_FLAG = re.compile(r"\s--max-iters[ =]\d+")
@@ -234,11 +235,8 @@ def command_env(root: Path) -> dict[str, str]:
     }
 
 
-def run_page(name: str, commands: list[Command], root: Path, env: dict[str, str]) -> list[str]:
-    """Run a page's commands in order in a work folder of its own; the failure, described."""
-    work = root / name.replace("/", "_").removesuffix(".md")
-    work.mkdir()
-    shutil.copytree(REPO / "configs", work / "configs")
+def run_page(name: str, commands: list[Command], work: Path, env: dict[str, str]) -> list[str]:
+    """Run a page's commands in order in work; the first failure, described."""
     for command in commands:
         text = short_training(command.text, work)
         try:
@@ -255,9 +253,30 @@ def run_page(name: str, commands: list[Command], root: Path, env: dict[str, str]
     return []
 
 
+def run_pages(pages: list[Path], root: Path, env: dict[str, str]) -> dict[str, list[str]]:
+    """Run pages one after another in one work folder that holds a copy of configs/, as
+    a checkout does; each page's failures."""
+    work = root / pages[0].relative_to(REPO).as_posix().replace("/", "_").removesuffix(".md")
+    shutil.copytree(REPO / "configs", work / "configs")
+    failures = {}
+    for page in pages:
+        name = page.relative_to(REPO).as_posix()
+        failures[name] = run_page(name, runnable(page), work, env)
+    return failures
+
+
+def reading_paths() -> list[list[Path]]:
+    """The pages in independent groups: a page and the pages that follow it (AFTER)."""
+    by_name = {page.relative_to(REPO).as_posix(): page for page in PAGES}
+    paths = [[page] for name, page in by_name.items() if name not in AFTER]
+    for name, before in AFTER.items():
+        next(path for path in paths if by_name[before] in path).append(by_name[name])
+    return paths
+
+
 @pytest.fixture(scope="module")
 def page_failures(tmp_path_factory) -> dict[str, list[str]]:
-    """Each page's failures; pages are independent, so two run at a time."""
+    """Each page's failures; independent groups of pages run two at a time."""
     assert SHAKESPEARE.exists(), (
         f"the docs' commands need {SHAKESPEARE} (../shared beside the checkout)"
     )
@@ -267,14 +286,10 @@ def page_failures(tmp_path_factory) -> dict[str, list[str]]:
     shared.mkdir(parents=True)
     (shared / "input.txt").symlink_to(SHAKESPEARE)
     env = command_env(root)
-    longest_first = sorted(PAGES, key=lambda page: -len(runnable(page)))
+    paths = sorted(reading_paths(), key=lambda pages: -sum(len(runnable(p)) for p in pages))
     with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = {
-            name: pool.submit(run_page, name, runnable(page), pages_root, env)
-            for page in longest_first
-            for name in [page.relative_to(REPO).as_posix()]
-        }
-        return {name: future.result() for name, future in futures.items()}
+        results = list(pool.map(lambda pages: run_pages(pages, pages_root, env), paths))
+    return {name: failures for result in results for name, failures in result.items()}
 
 
 @pytest.mark.parametrize("page", [p.relative_to(REPO).as_posix() for p in PAGES])
@@ -323,7 +338,9 @@ def test_a_failing_command_is_reported_with_its_page_and_line_and_stops_the_page
         Command("p.md", 3, "minigpt generate checkpoints/nope"),
         Command("p.md", 4, "touch never-run"),
     ]
-    failures = run_page("p.md", commands, tmp_path, command_env(tmp_path))
+    work = tmp_path / "work"
+    work.mkdir()
+    failures = run_page("p.md", commands, work, command_env(tmp_path))
     assert len(failures) == 1
     assert failures[0].startswith("p.md:3: `minigpt generate checkpoints/nope` exited 2")
-    assert "error: " in failures[0] and not (tmp_path / "p" / "never-run").exists()
+    assert "error: " in failures[0] and not (work / "never-run").exists()
