@@ -435,14 +435,15 @@ def _validate_data(data: DataConfig) -> None:
         raise MinigptError("data.text_field must not be empty", hint="e.g. text")
 
 
-def with_grad_accum(config: RunConfig, world_size: int) -> RunConfig:
+def split_accumulation(config: RunConfig, world_size: int) -> tuple[RunConfig, int]:
     """config with train.grad_accum's 0 (one micro-batch on each process) replaced by the
-    total it means on world_size processes. The run's config.json then records the total,
-    so a resume on another number of processes sees the same batches per step."""
+    total it means on world_size processes, and the micro-batches each process runs.
+    The run's config.json then records the total, so a resume on another number of
+    processes sees the same batches per step."""
     train = config.train
-    if train.grad_accum or train.tokens_per_step:
-        return config
-    return replace(config, train=replace(train, grad_accum=world_size))
+    if not (train.grad_accum or train.tokens_per_step):
+        config = replace(config, train=replace(train, grad_accum=world_size))
+    return config, micro_steps(config, world_size)
 
 
 def micro_steps(config: RunConfig, world_size: int = 1) -> int:

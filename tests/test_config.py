@@ -15,7 +15,7 @@ from minigpt.config import (
     load_config,
     micro_steps,
     parse_overrides,
-    with_grad_accum,
+    split_accumulation,
 )
 from minigpt.errors import MinigptError
 from minigpt.model import GPTConfig
@@ -161,15 +161,16 @@ def test_by_default_each_process_runs_one_micro_batch_a_step():
     for world_size in (1, 2, 3, 8):
         assert micro_steps(config, world_size) == 1
         # the run records the total, so a resume on other processes sees the same batches
-        recorded = with_grad_accum(config, world_size)
-        assert recorded.train.grad_accum == world_size
+        recorded, per_process = split_accumulation(config, world_size)
+        assert (recorded.train.grad_accum, per_process) == (world_size, 1)
         assert micro_steps(recorded, 1) == world_size
     # one process: the same step as one micro-batch asked for by name
-    assert with_grad_accum(config, 1).train == load_config(None, ["train.grad_accum=1"]).train
+    one = load_config(None, ["train.grad_accum=1"])
+    assert split_accumulation(config, 1)[0].train == one.train
     # a total given by name, or by tokens_per_step, is kept as it is
-    for sets in (["train.grad_accum=4"], ["train.tokens_per_step=4096"]):
+    for sets in (["train.grad_accum=4"], ["train.tokens_per_step=8192"]):  # 4 x 16 x 128
         given = load_config(None, sets)
-        assert with_grad_accum(given, 2) == given
+        assert split_accumulation(given, 2) == (given, 2)
 
 
 @pytest.mark.parametrize(("accum", "world_size"), [(1, 2), (3, 2), (4, 3)])
