@@ -223,9 +223,12 @@ def runnable(page: Path) -> list[Command]:
 
 
 def command_env(root: Path) -> dict[str, str]:
-    """The environment the commands run in: this checkout's minigpt, and no network."""
+    """The environment the commands run in: this checkout's minigpt, and no network (an
+    HTTP download goes to a closed local port and fails at once)."""
+    nowhere = "http://127.0.0.1:9"
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k.lower() != "no_proxy"},
+        **{name: nowhere for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")},
         "PATH": f"{shims(root / 'bin')}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
         "MINIGPT_SHAKESPEARE_URL": SHAKESPEARE.as_uri(),
