@@ -379,8 +379,8 @@ def _validate_numbers(train: TrainConfig) -> None:
         _positive(f"train.{name}", getattr(train, name))
     _positive("train.log_interval", train.log_interval)
     _positive("train.lr", train.lr, hint="typical values are 1e-4 to 3e-3")
-    for name in ("grad_accum", "tokens_per_step", "max_time", "warmup_iters", "lr_decay_iters", "threads",
-                 "loss_chunk"):  # fmt: skip
+    for name in ("grad_accum", "tokens_per_step", "max_time", "warmup_iters", "lr_decay_iters",
+                 "threads", "loss_chunk"):  # fmt: skip
         if getattr(train, name) < 0:
             raise MinigptError(f"train.{name} must not be negative, got {getattr(train, name)!r}")
     for name in ("min_lr", "weight_decay", "grad_clip"):

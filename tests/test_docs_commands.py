@@ -1,10 +1,11 @@
-"""Every shell command in README.md and docs/ runs as written, so a documented command
-cannot rot.
+"""Every shell command in README.md, docs/ and data/README.md runs as written, so a
+documented command cannot rot.
 
 Each page's commands run in the order the page gives them (a later command often uses
 an earlier one's run), in a work folder of their own that holds a copy of configs/, the
-way a user runs them from a checkout. A command that trains gets a short --max-iters;
-the model is the one the docs name. Tiny shakespeare comes from
+way a user runs them from a checkout (a page that continues another, AFTER, runs in that
+page's folder). A command that trains gets a short --max-iters and nothing else: the
+model is the one the docs name, no smaller. Tiny shakespeare comes from
 ../shared/data/tinyshakespeare beside the checkout through $MINIGPT_SHAKESPEARE_URL, so
 the built-in download runs, offline. A command that cannot run offline on a CPU is in
 SKIPPED with the reason; any other command runs, so a new one fails here until it runs
