@@ -24,7 +24,7 @@ import re
 import tomllib
 import types
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import cache
 from pathlib import Path
 
@@ -63,10 +63,10 @@ class TrainConfig:
 
     batch_size: int = 16
     """Sequences per micro-batch on each process."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step, over all processes (used when tokens_per_step is 0)."""
+    grad_accum: int = 0
+    """Micro-batches per optimizer step over all processes; 0: one on each process."""
     tokens_per_step: int = 0
-    """Tokens per optimizer step over all processes; 0 means batch_size * block_size * grad_accum."""
+    """Tokens per optimizer step over all processes (0: set by batch_size, block_size, grad_accum)."""
     max_iters: int = 1000
     """Optimizer steps to train for."""
     max_time: float = 0.0
@@ -375,12 +375,12 @@ def _validate_numbers(train: TrainConfig) -> None:
         )
     if train.threads > MAX_THREADS:
         raise MinigptError(f"train.threads must be at most {MAX_THREADS}, got {train.threads}")
-    for name in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters"):
+    for name in ("batch_size", "max_iters", "eval_interval", "eval_iters"):
         _positive(f"train.{name}", getattr(train, name))
     _positive("train.log_interval", train.log_interval)
     _positive("train.lr", train.lr, hint="typical values are 1e-4 to 3e-3")
-    for name in ("tokens_per_step", "max_time", "warmup_iters", "lr_decay_iters", "threads",
-                 "loss_chunk"):  # fmt: skip
+    for name in ("grad_accum", "tokens_per_step", "max_time", "warmup_iters", "lr_decay_iters",
+                 "threads", "loss_chunk"):  # fmt: skip
         if getattr(train, name) < 0:
             raise MinigptError(f"train.{name} must not be negative, got {getattr(train, name)!r}")
     for name in ("min_lr", "weight_decay", "grad_clip"):
@@ -435,10 +435,21 @@ def _validate_data(data: DataConfig) -> None:
         raise MinigptError("data.text_field must not be empty", hint="e.g. text")
 
 
+def split_accumulation(config: RunConfig, world_size: int) -> tuple[RunConfig, int]:
+    """config with train.grad_accum's 0 (one micro-batch on each process) replaced by the
+    total it means on world_size processes, and the micro-batches each process runs.
+    The run's config.json then records the total, so a resume on another number of
+    processes sees the same batches per step."""
+    train = config.train
+    if not (train.grad_accum or train.tokens_per_step):
+        config = replace(config, train=replace(train, grad_accum=world_size))
+    return config, micro_steps(config, world_size)
+
+
 def micro_steps(config: RunConfig, world_size: int = 1) -> int:
     """Micro-batches each process runs per optimizer step (gradient accumulation)."""
     train = config.train
-    total = train.grad_accum
+    total = train.grad_accum or world_size
     if train.tokens_per_step:
         per_micro = train.batch_size * config.model.block_size
         if train.tokens_per_step % (per_micro * world_size) != 0:
@@ -455,8 +466,9 @@ def micro_steps(config: RunConfig, world_size: int = 1) -> int:
         )
     if total % world_size != 0:
         raise MinigptError(
-            f"{total} micro-batches per step cannot be split over {world_size} processes",
-            hint="make train.grad_accum a multiple of the number of processes",
+            f"{total} micro-batch{'es' if total > 1 else ''} per optimizer step cannot be "
+            f"split evenly over {world_size} processes",
+            hint=f"make train.grad_accum a multiple of {world_size}, or 0 for one on each process",
         )
     return total // world_size
 

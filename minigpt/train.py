@@ -35,7 +35,7 @@ from torch import nn
 from minigpt import checkpoint, signals
 from minigpt.batches import Batcher
 from minigpt.checkpoint import BEST_WEIGHTS, TRAINER_STATE, MetricsLog, TrainerCheckpoint
-from minigpt.config import RunConfig, TrainConfig, config_from_dict, micro_steps
+from minigpt.config import RunConfig, TrainConfig, config_from_dict, split_accumulation
 from minigpt.console import clock_text, start_line
 from minigpt.device import allow_tf32, autocast_dtype, check_training_memory, process_device
 from minigpt.distributed import Distributed, setup_distributed
@@ -166,7 +166,7 @@ def setup(
     if train_config.init_from and resume is None:
         source = load_pretrained(train_config.init_from)
         config = fine_tune_config(config, source)
-    accum = micro_steps(config, ddp.world_size)
+    config, accum = split_accumulation(config, ddp.world_size)
     check_training_memory(config.model, train_config.batch_size, device)  # before preparing data
     saved = checkpoint.load_trainer_state(out_dir / TRAINER_STATE) if resume else None
     if data is None:

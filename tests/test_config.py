@@ -15,6 +15,7 @@ from minigpt.config import (
     load_config,
     micro_steps,
     parse_overrides,
+    split_accumulation,
 )
 from minigpt.errors import MinigptError
 from minigpt.model import GPTConfig
@@ -153,6 +154,40 @@ def test_micro_steps_from_tokens_per_step():
     assert micro_steps(config) == 8 and micro_steps(config, world_size=4) == 2
     with pytest.raises(MinigptError, match="multiple"):
         micro_steps(config, world_size=3)
+
+
+def test_by_default_each_process_runs_one_micro_batch_a_step():
+    config = load_config(None, [])
+    for world_size in (1, 2, 3, 8):
+        assert micro_steps(config, world_size) == 1
+        # the run records the total, so a resume on other processes sees the same batches
+        recorded, per_process = split_accumulation(config, world_size)
+        assert (recorded.train.grad_accum, per_process) == (world_size, 1)
+        assert micro_steps(recorded, 1) == world_size
+    # one process: the same step as one micro-batch asked for by name
+    one = load_config(None, ["train.grad_accum=1"])
+    assert split_accumulation(config, 1)[0].train == one.train
+    # a total given by name, or by tokens_per_step, is kept as it is
+    for sets in (["train.grad_accum=4"], ["train.tokens_per_step=8192"]):  # 4 x 16 x 128
+        given = load_config(None, sets)
+        assert split_accumulation(given, 2) == (given, 2)
+
+
+@pytest.mark.parametrize(("accum", "world_size"), [(1, 2), (3, 2), (4, 3)])
+def test_a_total_the_processes_cannot_split_is_refused(accum, world_size):
+    config = load_config(None, [f"train.grad_accum={accum}"])
+    micro = "micro-batch" if accum == 1 else "micro-batches"
+    sentence = f"{accum} {micro} per optimizer step cannot be split evenly over {world_size}"
+    with pytest.raises(MinigptError, match=sentence) as err:
+        micro_steps(config, world_size)
+    assert err.value.hint == (
+        f"make train.grad_accum a multiple of {world_size}, or 0 for one on each process"
+    )
+
+
+def test_a_negative_accumulation_is_refused():
+    with pytest.raises(MinigptError, match="train.grad_accum must not be negative, got -1"):
+        load_config(None, ["train.grad_accum=-1"])
 
 
 def test_round_trip_through_a_run_dict():
