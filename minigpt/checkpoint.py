@@ -507,13 +507,14 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
-        self._created_dir = False
+        self._created_dir = self._created_lock = False
 
     def __enter__(self) -> RunLock:
         self._created_dir = not self.run_dir.exists()
         a_file = file_in_path(self.run_dir)
         if a_file is not None:
             raise MinigptError(f"{a_file} is a file, not a folder", hint="choose another --out")
+        self._created_lock = not os.path.lexists(self.path)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -542,8 +543,18 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 self.run_dir.rmdir()
+        elif self._created_lock and not _holds_run(self.run_dir):  # nor in a folder not a run
+            self.path.unlink(missing_ok=True)
         os.close(self._fd)  # closing the descriptor releases the lock
         self._fd = None
+
+
+def _holds_run(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and "format_version" in config
 
 
 def _try_lock(fd: int) -> bool:
