@@ -340,17 +340,20 @@ def read_hf_weights(folder: Path) -> dict[str, Tensor]:
 
 def _check_state_dict(state: object, path: Path) -> None:
     """A pickle may hold anything: only {parameter name: tensor} is a model's weights."""
-    if isinstance(state, dict) and all(
-        isinstance(name, str) and isinstance(tensor, Tensor) for name, tensor in state.items()
-    ):
-        return
     if isinstance(state, dict):
-        keys = ", ".join(repr(key) for key in list(state)[:3])
-        holds = f"a dict whose keys start {keys}" if state else "an empty dict"
+        odd = [(k, v) for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+        if not odd:
+            return
+        key, value = odd[0]
+        why = (
+            f"its key {key!r} is no parameter name"
+            if not isinstance(key, str)
+            else f"its {key} is of type {type(value).__name__}, not a tensor"
+        )
     else:
-        holds = f"a {type(state).__name__}"
+        why = f"it holds a {type(state).__name__}"
     raise MinigptError(
-        f"{path} does not hold a state dict of tensors (it holds {holds})",
+        f"{path} does not hold a state dict of tensors ({why})",
         hint="save the model's state_dict() alone (transformers' save_pretrained does), "
         "not a training checkpoint or a list",
     )
