@@ -174,14 +174,20 @@ def staged_folder(
 
 
 def _move_files_in(staging: Path, out_dir: Path, replaces: Collection[str], last: str | None):
+    """Swap the staged files in for out_dir's old ones with renames only: the old files
+    go into the staging folder (`last` first, so that the folder reads as incomplete
+    until the new one is in), the new ones come out of it (`last` last), and the old
+    ones are deleted with it afterwards. A delete frees the file's blocks, which takes a
+    while for a large one; a rename does not, so the swap is over in an instant."""
     made = sorted(os.listdir(staging), key=lambda name: name == last)
-    if last is not None and last in made:
-        (out_dir / last).unlink(missing_ok=True)  # until the new files are all in: not complete
+    old = [name for name in {*made, *replaces} if (out_dir / name).is_file()]
+    old.sort(key=lambda name: name != last)
+    replaced = staging / ".replaced"
+    replaced.mkdir()
+    for name in old:
+        os.replace(out_dir / name, replaced / name)
     for name in made:
         os.replace(staging / name, out_dir / name)
-    for name in set(replaces) - set(made):
-        if (out_dir / name).is_file() or (out_dir / name).is_symlink():
-            (out_dir / name).unlink()
 
 
 def out_path(text: str, option: str, example: str = "runs/NAME") -> Path:

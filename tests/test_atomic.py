@@ -157,22 +157,21 @@ def test_config_goes_last_and_a_failure_leaves_the_folder_as_it_was(tmp_path, mo
         raise RuntimeError("a write that fails half way")
     assert [(out / n).read_text() for n in ("config.json", "model.safetensors")] == ["old", "old"]
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    order = []
+    moves = []
     real_replace = os.replace
 
     def record(src, dst):
-        order.append(Path(dst).name)
+        moves.append((Path(src).parent == out, Path(dst).parent == out, Path(dst).name))
         real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", record)
     with atomic.staged_folder(out, HF_NAMES, "config.json") as staging:
         for name in ("config.json", "model.safetensors", "vocab.json"):
             (staging / name).write_text("new")
-    assert order[-1] == "config.json" and sorted(order) == [
-        "config.json",
-        "model.safetensors",
-        "vocab.json",
-    ]
+    # the old config.json goes first, the new one comes last: between them, no model
+    assert moves[0] == (True, False, "config.json") and moves[-1] == (False, True, "config.json")
+    moved_in = [name for _, into_out, name in moves if into_out]
+    assert sorted(moved_in) == ["config.json", "model.safetensors", "vocab.json"]
     assert (out / "config.json").read_text() == "new"
 
 
