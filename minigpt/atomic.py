@@ -5,8 +5,9 @@ to a temporary name in the same folder, flushed to disk, then moved into place
 with `os.replace`, which is atomic on POSIX and Windows. A reader sees either the
 old file or the new one, never a mix.
 
-A whole folder (prepared data, an exported model) is built the same way: in a
-temporary folder beside it (`make_temp_dir`), renamed into place in one step. The
+A whole folder (prepared data, an imported run, an exported model) is built the
+same way: in a temporary folder (`make_temp_dir`) moved into place when it is
+complete (`staged_folder`), so a kill leaves the old folder or the new one. The
 temporary name says which host and process own it (`.NAME.HOST.PID.RANDOM.tmp`),
 so that the leftovers of a killed writer can be told from the work of a live one
 and cleared (`remove_stale_temp_folders`).
@@ -23,7 +24,7 @@ import shutil
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -99,11 +100,10 @@ def write_json_atomic(path: str | Path, data: object) -> None:
 STALE_AFTER_S = 24 * 3600
 """A temporary folder whose owner cannot be asked (on another host) is stale after a day
 untouched: a live owner touches it more often than that while it works, however long."""
-# .NAME.HOST.PID.RANDOM.tmp, NAME ending in the 12 hex digits of a prepared folder's key;
-# OLD_TEMP_NAME is the older .NAME.RANDOM.tmp of tempfile.mkdtemp. Nothing else is touched.
-TEMP_NAME = re.compile(
-    r"\.(?P<name>.+-[0-9a-f]{12})\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp"
-)
+# .NAME.HOST.PID.RANDOM.tmp: the folder it stands for, its owner, 8 random hex digits;
+# OLD_TEMP_NAME is the older .NAME.RANDOM.tmp of tempfile.mkdtemp, NAME ending in the 12
+# hex digits of a prepared folder's key. Nothing else is touched.
+TEMP_NAME = re.compile(r"\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp")
 OLD_TEMP_NAME = re.compile(r"\..+-[0-9a-f]{12}\.[a-z0-9_]{8}\.tmp")
 
 
@@ -112,28 +112,92 @@ def _host_tag() -> str:
     return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:64] or "host"
 
 
-def _temp_path(out_dir: Path) -> Path:
+def _temp_path(out_dir: Path, inside: bool = False) -> Path:
+    """A temporary name for `out_dir`, beside it (or inside it)."""
     owner = f"{_host_tag()}.{os.getpid()}"
-    return out_dir.parent / f".{out_dir.name}.{owner}.{secrets.token_hex(4)}.tmp"
+    name = out_dir.name or Path.cwd().name or "folder"  # "." has no name of its own
+    folder = out_dir if inside else out_dir.parent
+    return folder / f".{name}.{owner}.{secrets.token_hex(4)}.tmp"
 
 
-def make_temp_dir(out_dir: Path) -> Path:
-    """A fresh temporary folder beside `out_dir`, named for its owner (see TEMP_NAME).
+def make_temp_dir(out_dir: Path, inside: bool = False) -> Path:
+    """A fresh temporary folder beside `out_dir` (or inside it), named for its owner
+    (see TEMP_NAME).
 
     Made with mkdir's mode, 0o777 less the umask, so the folder renamed into place has
     the modes of any folder (mkdtemp's would be 0o700: private to one user).
     """
+    folder = out_dir if inside else out_dir.parent
     try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True)
         while True:
-            path = _temp_path(out_dir)
+            path = _temp_path(out_dir, inside)
             try:
                 path.mkdir()
                 return path
             except FileExistsError:  # 32 random bits taken already: draw again
                 continue
     except OSError as err:  # named for the folder it is in, not for the hidden name it tried
-        raise os_error(OSError(err.errno, err.strerror), "write in", out_dir.parent) from None
+        raise os_error(OSError(err.errno, err.strerror), "write in", folder) from None
+
+
+@contextmanager
+def staged_folder(
+    out_dir: Path, replaces: Collection[str] = (), last: str | None = None
+) -> Iterator[Path]:
+    """Yield an empty folder to write `out_dir`'s files in; on success they replace it.
+
+    A new out_dir is staged beside it and renamed into place in one step. An existing
+    one (a folder being replaced, or a mount point, whose parent is another filesystem)
+    is staged inside it, so that every move stays on its filesystem: each file is moved
+    in with os.replace, `last` (the file that says the folder is complete) removed first
+    and moved in last, then the files named in `replaces` that this write did not make
+    are removed (an earlier write's, which would pair with the new ones). The stale
+    staging folders of killed writers are cleared first. On any exception the staging
+    folder goes and out_dir is left as it was.
+    """
+    out_dir = Path(out_dir)
+    inside = out_dir.is_dir()
+    remove_stale_temp_folders(out_dir if inside else out_dir.parent)
+    staging = make_temp_dir(out_dir, inside)
+    try:
+        yield staging
+        try:
+            if inside:
+                _move_files_in(staging, out_dir, replaces, last)
+            else:
+                os.rename(staging, out_dir)
+        except OSError as err:
+            raise os_error(err, "write", out_dir) from err
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _move_files_in(staging: Path, out_dir: Path, replaces: Collection[str], last: str | None):
+    """Swap the staged files in for out_dir's old ones with renames only: the old files
+    go into the staging folder (`last` first, so that the folder reads as incomplete
+    until the new one is in), the new ones come out of it (`last` last), and the old
+    ones are deleted with it afterwards. A delete frees the file's blocks, which takes a
+    while for a large one; a rename does not, so the swap is over in an instant."""
+    made = sorted(os.listdir(staging), key=lambda name: name == last)
+    old = [name for name in {*made, *replaces} if (out_dir / name).is_file()]
+    old.sort(key=lambda name: name != last)
+    replaced = staging / ".replaced"
+    replaced.mkdir()
+    for name in old:
+        os.replace(out_dir / name, replaced / name)
+    for name in made:
+        os.replace(staging / name, out_dir / name)
+
+
+def out_path(text: str, option: str, example: str = "runs/NAME") -> Path:
+    """The folder an output option names; an empty one is refused (Path("") would be
+    the current folder, and a command would write into wherever it was started)."""
+    if not text.strip():
+        raise MinigptError(
+            f"{option} must not be empty", hint=f"name a folder, e.g. {option} {example}"
+        )
+    return Path(text)
 
 
 def remove_stale_temp_folders(folder: Path, now: float | None = None) -> list[Path]:
@@ -151,6 +215,16 @@ def remove_stale_temp_folders(folder: Path, now: float | None = None) -> list[Pa
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale
+
+
+def remove_leftovers(folder: Path) -> None:
+    """What killed writers left in `folder`, for the one process that holds its lock (no
+    one else writes there): every temporary file of atomic_path, and the stale temporary
+    folders."""
+    for leftover in folder.glob(".*.tmp"):
+        if leftover.is_file() and not leftover.is_symlink():
+            leftover.unlink(missing_ok=True)
+    remove_stale_temp_folders(folder)
 
 
 def _is_stale_temp(entry: os.DirEntry, now: float) -> bool:

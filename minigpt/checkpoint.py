@@ -40,8 +40,8 @@ except ImportError:  # Windows
     fcntl = None
     import msvcrt
 
-from minigpt.atomic import atomic_path, write_json_atomic, write_text_atomic
-from minigpt.errors import MinigptError, first_line, os_error
+from minigpt.atomic import atomic_path, remove_leftovers, write_json_atomic, write_text_atomic
+from minigpt.errors import MinigptError, file_in_path, first_line, os_error
 from minigpt.model import GPT, GPTConfig
 from minigpt.tokenizer import TOKENIZER_FILE, Tokenizer, load_tokenizer, save_tokenizer
 
@@ -58,6 +58,8 @@ LOSS_PLOT = "loss.png"
 LOCK_FILE = ".lock"
 RUN_FILES = (CONFIG_FILE, TOKENIZER_FILE, BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, METRICS_FILE)
 """The files whose presence means a directory already holds a run."""
+REPLACED_FILES = (*RUN_FILES, LOSS_PLOT)
+"""What --force removes of an earlier run: every file a run is made of."""
 DEFAULT_RUN_DIR = Path("checkpoints/default")
 
 # The LM head shares its weight with the token embedding; safetensors stores each
@@ -204,13 +206,29 @@ def read_config(run_dir: str | Path) -> dict:
         raise MinigptError(
             f"{path} is not valid JSON", hint="the file is damaged; retrain"
         ) from err
-    version = config.get("format_version") if isinstance(config, dict) else None
-    if version != RUN_FORMAT:
+    if not isinstance(config, dict) or "format_version" not in config:
+        raise _not_a_run(run_dir, config)
+    if config["format_version"] != RUN_FORMAT:
         raise MinigptError(
-            f"{run_dir} has run format version {version!r}; this minigpt reads version {RUN_FORMAT}",
+            f"{run_dir} has run format version {config['format_version']!r}; this minigpt "
+            f"reads version {RUN_FORMAT}",
             hint="use the minigpt version that wrote the run, or retrain",
         )
     return config
+
+
+def _not_a_run(run_dir: Path, config: object) -> MinigptError:
+    """The refusal of a config.json without a run format version: a Hugging Face
+    checkpoint's (it names a model_type), or one of no kind minigpt knows."""
+    if isinstance(config, dict) and "model_type" in config:
+        return MinigptError(
+            f"{run_dir} is a Hugging Face checkpoint, not a minigpt run",
+            hint=f"import it first: minigpt import {run_dir} --out runs/NAME",
+        )
+    return MinigptError(
+        f"{run_dir / CONFIG_FILE} has no format_version, so {run_dir} is not a minigpt run",
+        hint="pass a directory written by `minigpt train` or `minigpt import`",
+    )
 
 
 def load_run(
@@ -297,6 +315,16 @@ def load_trainer_state(path: str | Path) -> TrainerCheckpoint:
             f"{path} does not exist, so there is no state to resume",
             hint="start the run again (use --force to overwrite the directory)",
         )
+    damaged_hint = (
+        f"the run cannot be resumed from it; its weights are still in {BEST_WEIGHTS} and "
+        f"{LAST_WEIGHTS} (start a new run with another --out)"
+    )
+    # torch.save writes a zip archive: anything else (cut short, overwritten) is no
+    # pickle to judge, and unpickling its bytes fails in arbitrary ways
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise MinigptError(
+            f"{path} is not a trainer state file (damaged or truncated?)", hint=damaged_hint
+        )
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (PermissionError, IsADirectoryError) as err:
@@ -306,11 +334,9 @@ def load_trainer_state(path: str | Path) -> TrainerCheckpoint:
             f"{path} holds objects other than plain tensors and numbers; refusing to unpickle it",
             hint="only resume from trainer.pt files written by minigpt",
         ) from err
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as err:
         raise MinigptError(
-            f"{path} is damaged or truncated ({first_line(err, 80)})",
-            hint="the run cannot be resumed from it; its weights are still in "
-            f"{BEST_WEIGHTS} and {LAST_WEIGHTS} (start a new run with another --out)",
+            f"{path} is damaged or truncated ({first_line(err, 80)})", hint=damaged_hint
         ) from err
     names = {f.name for f in fields(TrainerCheckpoint) if f.default is MISSING}
     if not isinstance(state, dict) or not {"format_version", *names} <= set(state):
@@ -423,34 +449,9 @@ def _is_number(value: object) -> bool:
 # --------------------------------------------------------------------------- the out dir
 
 
-def check_out_dir(out_dir: str | Path, resume: bool, force: bool) -> None:
-    """Refuse to start a fresh run over another one unless --force, and any out_dir a
-    run cannot be written to (a file, a run file that is a folder)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MinigptError(
-            f"output path {out_dir} is a file, not a directory", hint="choose another --out"
-        )
-    for name in (*RUN_FILES, LOSS_PLOT):
-        if (out_dir / name).is_dir():
-            raise MinigptError(
-                f"{out_dir / name} is a directory where the run's {name} belongs",
-                hint="move it away, or choose another --out",
-            )
-    if resume or force or not out_dir.exists():
-        return
-    found = [name for name in RUN_FILES if (out_dir / name).exists()]
-    if found:
-        raise MinigptError(
-            f"{out_dir} already holds a run ({', '.join(found[:3])})",
-            hint=f"continue it with `minigpt train --resume {out_dir}`, overwrite it with "
-            "--force, or pick another --out",
-        )
-
-
 def clear_run(out_dir: str | Path) -> None:
     """--force: remove the previous run's files so no old curve or state mixes in."""
-    for name in (*RUN_FILES, LOSS_PLOT):
+    for name in REPLACED_FILES:
         try:
             (Path(out_dir) / name).unlink(missing_ok=True)
         except OSError as err:
@@ -509,15 +510,14 @@ class RunLock:
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / LOCK_FILE
         self._fd: int | None = None
-        self._created_dir = False
+        self._created_dir = self._created_lock = False
 
     def __enter__(self) -> RunLock:
         self._created_dir = not self.run_dir.exists()
-        if self.run_dir.exists() and not self.run_dir.is_dir():
-            raise MinigptError(
-                f"output path {self.run_dir} is a file, not a directory",
-                hint="choose another --out",
-            )
+        a_file = file_in_path(self.run_dir)
+        if a_file is not None:
+            raise MinigptError(f"{a_file} is a file, not a folder", hint="choose another --out")
+        self._created_lock = not os.path.lexists(self.path)
         try:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -535,9 +535,7 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-        for leftover in self.run_dir.glob(".*.tmp"):  # a killed writer's half-written files
-            if leftover.is_file():
-                leftover.unlink(missing_ok=True)
+        remove_leftovers(self.run_dir)  # a killed writer's half-written files
         return self
 
     def __exit__(self, *exc) -> None:
@@ -548,8 +546,18 @@ class RunLock:
             self.path.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 self.run_dir.rmdir()
+        elif self._created_lock and not _holds_run(self.run_dir):  # nor in a folder not a run
+            self.path.unlink(missing_ok=True)
         os.close(self._fd)  # closing the descriptor releases the lock
         self._fd = None
+
+
+def _holds_run(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(config, dict) and "format_version" in config
 
 
 def _try_lock(fd: int) -> bool:

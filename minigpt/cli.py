@@ -15,6 +15,7 @@ from pathlib import Path
 import typer
 
 from minigpt import console, signals
+from minigpt.atomic import out_path
 from minigpt.device import choose_wait_policy
 from minigpt.errors import MinigptError, os_error
 from minigpt.signals import Stopped, exit_quietly
@@ -97,6 +98,8 @@ def train(
     from minigpt import train as trainer
     from minigpt.config import build_config
 
+    if out is not None:
+        out_path(out, "--out")  # "" would be the current folder
     flags = dict(data=data, out=out, max_iters=max_iters, max_time=max_time, device=device)
     flags.update(seed=seed, compile=compile, init_from=init_from)
     run_config = build_config(config, sets, resume=resume, **flags)
@@ -335,7 +338,7 @@ def prepare(
         source,
         tokenizer,
         vocab_size,
-        Path(data_dir),
+        out_path(data_dir, "--data-dir", example="data"),
         glob,
         text_field=field,
         workers=workers,
@@ -394,7 +397,7 @@ def import_(
     """Make a run directory from a GPT-2 checkpoint in Hugging Face format."""
     from minigpt import hf
 
-    loaded = hf.import_checkpoint(source, Path(out), force=force)
+    loaded = hf.import_checkpoint(source, out_path(out, "--out"), force=force)
     console.imported(source, out, loaded)
 
 
@@ -407,7 +410,7 @@ def export(
     """Write a run as a Hugging Face GPT-2 folder (transformers, TransformerLens)."""
     from minigpt import hf
 
-    exported = hf.export_run(Path(run_dir), Path(out), force=force)
+    exported = hf.export_run(Path(run_dir), out_path(out, "--out", "exports/NAME"), force=force)
     console.exported(out, exported)
 
 

@@ -12,7 +12,9 @@ it as the function does (`top_k must be at least 1`) and says which one in
 """
 
 import errno
+import os
 import re
+from pathlib import Path
 
 
 class MinigptError(ValueError):
@@ -57,12 +59,28 @@ def os_error(err: OSError, verb: str = "use", path: object = None) -> MinigptErr
     like bad input. `verb` says what failed ("write", "read", "create"); `path` is
     named when the error does not name a file itself."""
     filename = err.filename or path
+    if err.errno in (errno.EEXIST, errno.ENOTDIR) and filename:
+        a_file = file_in_path(filename)
+        if a_file is not None:  # mkdir's "File exists" for a path that runs through a file
+            return MinigptError(
+                f"{a_file} is a file, not a folder", hint="choose another path, or move the file"
+            )
     what = f" {filename}" if filename else ""
     reason = err.strerror or str(err) or type(err).__name__
     return MinigptError(
         f"cannot {verb}{what}: {reason}",
         hint=_OS_HINTS.get(err.errno or 0, "check the path and the disk"),
     )
+
+
+def file_in_path(path: object) -> Path | None:
+    """The first part of `path` (itself included) that exists and is not a folder, or None:
+    where a folder was to be made, or looked into, and a file is in the way."""
+    path = Path(os.fsdecode(path))
+    for part in [*reversed(path.parents), path]:
+        if os.path.lexists(part) and not part.is_dir():
+            return part
+    return None
 
 
 def first_line(err: BaseException, limit: int = 100) -> str:

@@ -30,7 +30,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +40,12 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from minigpt import checkpoint
-from minigpt.atomic import atomic_path, make_temp_dir, write_json_atomic
-from minigpt.checkpoint import CONFIG_FILE, RunLock, load_run, read_config
+from minigpt.atomic import atomic_path, staged_folder, write_json_atomic
+from minigpt.checkpoint import CONFIG_FILE, REPLACED_FILES, RunLock, load_run, read_config
 from minigpt.errors import MinigptError, first_line, os_error
 from minigpt.hf_tokenizer import tokenizer_from_hf, write_hf_tokenizer
 from minigpt.model import GPT, GPTConfig
+from minigpt.outputs import HF_CHECKPOINT, RUN, check_output, folder_kind
 from minigpt.signals import check, interruptible
 from minigpt.tokenizer import BPETokenizer, NamedTokenizer, Tokenizer
 
@@ -55,6 +55,13 @@ HF_PICKLE = "pytorch_model.bin"
 HF_GENERATION_CONFIG = "generation_config.json"
 SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json")
+EXPORT_REPLACES = (
+    HF_CONFIG, HF_SAFETENSORS, HF_GENERATION_CONFIG, *TOKENIZER_FILES, HF_PICKLE,
+    "special_tokens_map.json", "added_tokens.json",
+)  # fmt: skip
+"""What `export --force` replaces of the model in --out: the files an export writes, and
+those an earlier model's would pair with the new ones (a tokenizer the new model lacks,
+older weights, extra tokens)."""
 HUB_TIMEOUT_S = 20
 """Seconds the hub may take to answer one request: offline, `import gpt2` must fail, not hang."""
 
@@ -106,6 +113,12 @@ def gpt_config_from_hf(hf: dict, where: str) -> GPTConfig:
     """minigpt's GPTConfig for a GPT-2 config.json, or a MinigptError naming what
     minigpt cannot express."""
     model_type = hf.get("model_type")
+    if model_type is None:
+        raise MinigptError(
+            f"{where} has no model_type, so it does not say which architecture it holds",
+            hint="pass the folder transformers' save_pretrained wrote (its config.json "
+            'names the model_type, "gpt2" for GPT-2)',
+        )
     if model_type != "gpt2":
         raise MinigptError(
             f"{where} is a {model_type!r} checkpoint; minigpt imports the GPT-2 architecture only",
@@ -309,8 +322,10 @@ def read_hf_weights(folder: Path) -> dict[str, Tensor]:
             f"{folder} has no {HF_SAFETENSORS} or {HF_PICKLE}",
             hint="pass the folder `save_pretrained` wrote (config.json and the weights)",
         )
+    if path.is_file() and not zipfile.is_zipfile(path):  # no torch.save archive at all
+        raise _damaged_weights(path, ValueError("not a torch.save archive"))
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise MinigptError(
             f"{path} holds objects other than tensors; refusing to unpickle it",
@@ -318,8 +333,31 @@ def read_hf_weights(folder: Path) -> dict[str, Tensor]:
         ) from err
     except OSError as err:
         raise os_error(err, "read", path) from err
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError) as err:
         raise _damaged_weights(path, err) from err
+    _check_state_dict(state, path)
+    return state
+
+
+def _check_state_dict(state: object, path: Path) -> None:
+    """A pickle may hold anything: only {parameter name: tensor} is a model's weights."""
+    if isinstance(state, dict):
+        odd = [(k, v) for k, v in state.items() if not isinstance(k, str) or not torch.is_tensor(v)]
+        if not odd:
+            return
+        key, value = odd[0]
+        why = (
+            f"its key {key!r} is no parameter name"
+            if not isinstance(key, str)
+            else f"its {key} is of type {type(value).__name__}, not a tensor"
+        )
+    else:
+        why = f"it holds a {type(state).__name__}"
+    raise MinigptError(
+        f"{path} does not hold a state dict of tensors ({why})",
+        hint="save the model's state_dict() alone (transformers' save_pretrained does), "
+        "not a training checkpoint or a list",
+    )
 
 
 def _damaged_weights(path: Path, err: BaseException) -> MinigptError:
@@ -350,15 +388,6 @@ def read_hf_config(folder: Path) -> dict:
     return hf
 
 
-def is_minigpt_run(folder: Path) -> bool:
-    """Whether `folder` is a minigpt run directory (its config.json has our format version)."""
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(config, dict) and "format_version" in config and "model" in config
-
-
 def resolve_source(source: str, cache_dir: Path | None = None) -> Path:
     """A local checkpoint folder, or the folder a hub name was downloaded into."""
     path = Path(source).expanduser()
@@ -373,6 +402,14 @@ def resolve_source(source: str, cache_dir: Path | None = None) -> Path:
         raise MinigptError(
             f"{source} is neither a folder nor a Hugging Face hub name",
             hint="pass a local checkpoint folder, or a hub name such as gpt2 or openai-community/gpt2",
+        )
+    owner = path.parent
+    if owner != Path(".") and owner.is_dir():  # runs/nope: a path into a local folder
+        names = sorted(p.name for p in owner.iterdir() if not p.name.startswith("."))
+        raise MinigptError(
+            f"there is no folder {source}: {owner} holds no {path.name}",
+            hint=f"{owner} holds: {', '.join(names[:8]) or 'nothing'} (a hub name is "
+            f"fetched only where no local folder {owner} exists)",
         )
     return download(source, cache_dir)
 
@@ -414,15 +451,16 @@ def _hub_error(repo_id: str, err: Exception) -> MinigptError:
     kind = type(err).__name__
     if "RepositoryNotFound" in kind or "GatedRepo" in kind:
         return MinigptError(
-            f"the hub has no public model {repo_id!r} ({kind})",
-            hint="check the name (e.g. gpt2, openai-community/gpt2-medium); "
+            f"there is no folder {repo_id}, and the hub has no public model {repo_id!r} "
+            f"either ({kind})",
+            hint="check the path or the name (e.g. gpt2, openai-community/gpt2-medium); "
             "a gated model needs `huggingface-cli login`",
         )
     return MinigptError(
-        f"could not fetch {repo_id!r} from the Hugging Face hub and it is not in the "
-        f"local cache ({kind})",
-        hint="connect to the internet once, or pass a local checkpoint folder "
-        "(one that transformers' save_pretrained wrote)",
+        f"there is no folder {repo_id}, and could not fetch {repo_id!r} from the Hugging "
+        f"Face hub, nor find it in the local cache ({kind})",
+        hint="check the path; for a hub name, connect to the internet once, or pass a "
+        "local checkpoint folder (one that transformers' save_pretrained wrote)",
     )
 
 
@@ -458,7 +496,7 @@ def load_pretrained(source: str, cache_dir: Path | None = None) -> Pretrained:
     """What `train --init-from` starts from: a minigpt run directory (its best
     weights), a Hugging Face checkpoint folder, or a hub name."""
     path = Path(source).expanduser()
-    if path.is_dir() and is_minigpt_run(path):
+    if path.is_dir() and folder_kind(path) == RUN:
         run = load_run(path)
         state = {k: v for k, v in run.model.state_dict().items() if k != "lm_head.weight"}
         return Pretrained(str(source), run.model.config, run.tokenizer, state)
@@ -472,23 +510,19 @@ def import_checkpoint(source: str, out_dir: Path, force: bool = False) -> Pretra
     """`minigpt import`: write a run directory (config.json, tokenizer.json,
     model.safetensors) that generate, inspect-heads, eval and train --init-from read."""
     out_dir = Path(out_dir)
-    checkpoint.check_out_dir(out_dir, resume=False, force=force)
+    local = Path(source).expanduser()
+    check_output(
+        out_dir, command="import", writes=RUN, replaces=checkpoint.RUN_FILES, force=force,
+        source=local if local.exists() else None,
+    )  # fmt: skip
     loaded = load_hf_checkpoint(source)
+    imported = {"imported_from": {"source": source, "architecture": "GPT2LMHeadModel"}}
     check()  # a signal stops the import before anything is written
-    with RunLock(out_dir):
-        fresh = True
-        try:
-            if force:
-                checkpoint.clear_run(out_dir)
-            imported = {"source": source, "architecture": "GPT2LMHeadModel"}
-            checkpoint.write_run(
-                out_dir, loaded.config, loaded.state, loaded.tokenizer, {"imported_from": imported}
-            )
-            check()  # a signal while it wrote: the finally below removes the run again
-            fresh = False
-        finally:
-            if fresh:  # an interrupted import leaves no half of a run behind
-                checkpoint.clear_run(out_dir)
+    # a run being trained in out_dir is not replaced under its trainer
+    lock = RunLock(out_dir) if out_dir.is_dir() else contextlib.nullcontext()
+    with lock, staged_folder(out_dir, replaces=REPLACED_FILES, last=CONFIG_FILE) as staging:
+        checkpoint.write_run(staging, loaded.config, loaded.state, loaded.tokenizer, imported)
+        check()  # a signal while it wrote: the staging folder is discarded, not moved in
     return loaded
 
 
@@ -507,7 +541,10 @@ def export_run(run_dir: Path, out_dir: Path, force: bool = False) -> Export:
     AutoTokenizer load, with the run's best weights."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     read_config(run_dir)  # a clear error for a folder that is not a run
-    _check_export_dir(out_dir, force)
+    check_output(
+        out_dir, command="export", writes=HF_CHECKPOINT, replaces=EXPORT_REPLACES, force=force,
+        source=run_dir,
+    )  # fmt: skip
     run = load_run(run_dir)
     config, tokenizer = run.model.config, run.tokenizer
     byte_level = _byte_level(tokenizer)
@@ -516,7 +553,7 @@ def export_run(run_dir: Path, out_dir: Path, force: bool = False) -> Export:
     hf_state = state_to_hf(run.model.state_dict(), config)
     generation = {"bos_token_id": eot, "eos_token_id": eot} if eot is not None else {}
     check()  # a signal stops the export before anything is written
-    with _staging(out_dir) as staging:
+    with staged_folder(out_dir, replaces=EXPORT_REPLACES, last=HF_CONFIG) as staging:
         with atomic_path(staging / HF_SAFETENSORS) as tmp:
             save_file(hf_state, str(tmp), metadata={"format": "pt"})
         write_json_atomic(staging / HF_GENERATION_CONFIG, generation)
@@ -524,6 +561,7 @@ def export_run(run_dir: Path, out_dir: Path, force: bool = False) -> Export:
         if byte_level is not None:
             files += write_hf_tokenizer(byte_level, staging, model_max_length=config.block_size)
         write_json_atomic(staging / HF_CONFIG, hf_config)
+        check()  # a signal while it wrote: the staging folder is discarded, not moved in
     if byte_level is None:
         note = (
             f"the run's {tokenizer.kind} tokenizer has no Hugging Face equivalent, so only "
@@ -531,24 +569,6 @@ def export_run(run_dir: Path, out_dir: Path, force: bool = False) -> Export:
         )
         return Export(out_dir, files, note)
     return Export(out_dir, files, None)
-
-
-@contextlib.contextmanager
-def _staging(out_dir: Path):
-    """A hidden folder beside out_dir to write the export into, moved into place whole:
-    an interrupted export leaves no folder that looks like a model but is half of one."""
-    staging = make_temp_dir(out_dir)
-    try:
-        yield staging
-        check()  # a signal while the files were written: none of them moves into place
-        if not out_dir.exists():
-            os.rename(staging, out_dir)
-            return
-        names = sorted(os.listdir(staging), key=lambda name: name == HF_CONFIG)  # config last
-        for name in names:
-            os.replace(staging / name, out_dir / name)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _byte_level(tokenizer: Tokenizer) -> BPETokenizer | None:
@@ -562,14 +582,3 @@ def _byte_level(tokenizer: Tokenizer) -> BPETokenizer | None:
         pattern = getattr(tokenizer.encoding, "_pat_str", None)
         return BPETokenizer(ranks, pattern) if ranks and pattern else None
     return None  # char, or cl100k/o200k, whose special tokens GPT-2's layout cannot hold
-
-
-def _check_export_dir(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise MinigptError(f"{out_dir} is a file, not a folder", hint="choose another --out")
-    present = [n for n in (HF_CONFIG, HF_SAFETENSORS, HF_PICKLE) if (out_dir / n).exists()]
-    if present and not force:
-        raise MinigptError(
-            f"{out_dir} already holds a model ({', '.join(present)})",
-            hint="choose another --out, or overwrite it with --force",
-        )

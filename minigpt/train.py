@@ -45,6 +45,7 @@ from minigpt.hf import load_pretrained
 from minigpt.meters import Clock, LossLog, Meters
 from minigpt.model import GPT
 from minigpt.optim import lr_at, make_optimizer, schedule_change, set_lr
+from minigpt.outputs import check_out_dir
 from minigpt.signals import EXIT_CODES
 from minigpt.train_data import TrainData, check_data, load_data_once
 
@@ -161,7 +162,7 @@ def setup(
         torch.set_num_threads(train_config.threads)
     out_dir = Path(train_config.out_dir)
     if ddp.is_master:  # the others would see the files rank 0 is about to write
-        checkpoint.check_out_dir(out_dir, resume is not None, force)
+        check_out_dir(out_dir, resume is not None, force, source=train_config.init_from or None)
     source = None
     if train_config.init_from and resume is None:
         source = load_pretrained(train_config.init_from)

@@ -542,3 +542,147 @@ def test_eval_names_its_own_stride_option(imported, minigpt_cli):
     code, _, err = minigpt_cli("eval", imported, "--stride", "0")
     assert code == 2
     assert err.startswith("error: --stride must be a whole number from 1 to block_size=64")
+
+
+# --------------------------------------------------------------------------- odd sources
+
+
+def pickled_copy(gpt2_dir, tmp_path, reshape):
+    """gpt2_dir with its weights as a pytorch_model.bin holding reshape(state dict)."""
+    from safetensors.torch import load_file
+
+    folder = edited_copy(gpt2_dir, tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    torch.save(reshape(state), folder / "pytorch_model.bin")
+    return folder
+
+
+ODD_PICKLES = {
+    "a list": lambda state: list(state.values()),
+    "an int value": lambda state: {**state, "transformer.wte.weight": 5},
+    "integer keys": lambda state: dict(enumerate(state.values())),
+    "a nested dict": lambda state: {"state_dict": state},
+}
+
+
+@pytest.mark.parametrize("contents", list(ODD_PICKLES))
+def test_a_pickle_that_is_no_state_dict_is_refused(gpt2_dir, tmp_path, minigpt_cli, contents):
+    folder = pickled_copy(gpt2_dir, tmp_path, ODD_PICKLES[contents])
+    code, _, err = minigpt_cli("import", folder, "--out", tmp_path / "run")
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith(
+        f"error: {folder / 'pytorch_model.bin'} does not hold a state dict of tensors"
+    )
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "corpus.txt").write_text(CORPUS * 10)
+    code, _, err = minigpt_cli(
+        "train", "--init-from", folder, "--data", tmp_path / "corpus.txt", "--out", tmp_path / "ft",
+        "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "train.device=cpu",
+    )  # fmt: skip
+    assert code == 2 and "does not hold a state dict of tensors" in err
+    assert not (tmp_path / "ft").exists()
+
+
+def test_a_pickle_that_is_no_pickle_is_a_damaged_file(gpt2_dir, tmp_path, minigpt_cli):
+    folder = pickled_copy(gpt2_dir, tmp_path, lambda state: state)
+    (folder / "pytorch_model.bin").write_bytes(b"hello, not a pickle\n")
+    code, _, err = minigpt_cli("import", folder, "--out", tmp_path / "run")
+    assert code == 2 and "is not a readable weights file" in err
+    assert "objects other than tensors" not in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("generate", "HF", "-n", "2", "--device", "cpu"),
+        ("eval", "HF", "--device", "cpu"),
+        ("inspect-heads", "HF", "--device", "cpu"),
+        ("export", "HF", "--out", "OUT"),
+        ("train", "--resume", "HF"),
+    ],
+)
+def test_a_hugging_face_folder_where_a_run_belongs_says_import_it(
+    gpt2_dir, tmp_path, minigpt_cli, command
+):
+    args = [{"HF": gpt2_dir, "OUT": tmp_path / "out"}.get(arg, arg) for arg in command]
+    code, _, err = minigpt_cli(*args)
+    assert code == 2
+    assert err.splitlines() == [
+        f"error: {gpt2_dir} is a Hugging Face checkpoint, not a minigpt run",
+        f"hint: import it first: minigpt import {gpt2_dir} --out runs/NAME",
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_without_model_type_says_what_is_missing(gpt2_dir, tmp_path, minigpt_cli):
+    folder = edited_copy(gpt2_dir, tmp_path)
+    config = json.loads((folder / "config.json").read_text())
+    del config["model_type"]
+    (folder / "config.json").write_text(json.dumps(config))
+    code, _, err = minigpt_cli("import", folder, "--out", tmp_path / "run")
+    assert code == 2 and "None" not in err
+    assert f"{folder / 'config.json'} has no model_type" in err
+    code, _, err = minigpt_cli("generate", folder, "-n", "2")  # neither a run nor a checkpoint
+    assert code == 2 and "None" not in err
+    assert (
+        f"{folder / 'config.json'} has no format_version, so {folder} is not a minigpt run" in err
+    )
+
+
+def test_a_mistyped_local_path_is_named_as_one(imported, tmp_path, minigpt_cli, monkeypatch):
+    monkeypatch.chdir(imported.parent.parent)  # runs/gpt2 is here: runs/gtp2 is a typo
+    (tmp_path / "corpus.txt").write_text(CORPUS * 10)
+    code, _, err = minigpt_cli(
+        "train", "--init-from", f"{imported.parent.name}/gtp2", "--data", tmp_path / "corpus.txt",
+        "--out", tmp_path / "ft",
+    )  # fmt: skip
+    assert code == 2
+    assert f"error: there is no folder {imported.parent.name}/gtp2: " in err
+    assert "gpt2" in err.splitlines()[1]  # the hint lists what the folder holds
+    assert not (tmp_path / "ft").exists()
+
+
+def test_a_name_that_is_no_folder_here_says_so_and_that_the_hub_lacks_it(
+    tmp_path, monkeypatch, minigpt_cli
+):
+    pytest.importorskip("huggingface_hub")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub path fails at once, as without a network
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = minigpt_cli("import", "nope/model", "--out", tmp_path / "run")
+    assert code == 2
+    assert "there is no folder nope/model, and could not fetch 'nope/model'" in err
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def test_import_refuses_to_overwrite_its_source_or_another_checkpoint(
+    gpt2_dir, tmp_path, minigpt_cli
+):
+    source = edited_copy(gpt2_dir, tmp_path)
+    other = shutil.copytree(gpt2_dir, tmp_path / "other")
+    before = {p.name: p.read_bytes() for p in source.iterdir()}
+    code, _, err = minigpt_cli("import", source, "--out", source, "--force")
+    assert code == 2 and "the source of this import" in err and "--resume" not in err
+    code, _, err = minigpt_cli("import", source, "--out", other, "--force")
+    assert code == 2 and f"{other} is a Hugging Face checkpoint; import writes" in err
+    assert {p.name: p.read_bytes() for p in source.iterdir()} == before
+    transformers.GPT2LMHeadModel.from_pretrained(other)  # still a checkpoint transformers loads
+
+
+def test_export_force_replaces_an_earlier_export_whole(imported, tmp_path, minigpt_cli):
+    out = tmp_path / "hf"
+    assert minigpt_cli("export", imported, "--out", out)[0] == 0
+    (out / "added_tokens.json").write_text('{"<extra>": 999}')  # an earlier model's extra
+    run_dir = train_tiny(tmp_path, minigpt_cli, "char")
+    code, _, err = minigpt_cli("export", run_dir, "--out", out, "--force")
+    assert code == 0, err
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    config = transformers.AutoConfig.from_pretrained(out)
+    assert config.vocab_size == load_run(run_dir).model.config.vocab_size

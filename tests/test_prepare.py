@@ -287,7 +287,7 @@ def test_a_data_dir_that_is_a_file(tmp_path, make_text):
     corpus = tmp_path / "c.txt"
     corpus.write_text(make_text())
     (tmp_path / "data").write_text("not a folder")
-    with pytest.raises(MinigptError, match=f"cannot write in {tmp_path / 'data'}: File exists"):
+    with pytest.raises(MinigptError, match=f"{tmp_path / 'data'} is a file, not a folder"):
         prepare(corpus, "char", data_dir=tmp_path / "data", progress=False)
     assert (tmp_path / "data").read_text() == "not a folder"
 

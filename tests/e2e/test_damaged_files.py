@@ -201,6 +201,18 @@ for _label, _damage in TRAINER_DAMAGE.items():
         return c.refused(c.mg(*RESUME)) + c.loads()
 
 
+NOT_AN_ARCHIVE = {"text": b"hello, not a pickle\n", "random bytes": bytes(range(256)) * 12}
+for _label, _bytes in NOT_AN_ARCHIVE.items():
+
+    @case(f"trainer.pt that is no pickle at all ({_label}), then --resume")
+    def _(c, raw=_bytes):
+        c.use("base")
+        c.write("R/trainer.pt", raw)
+        r = c.mg(*RESUME)
+        problems = c.refused(r) + c.mentions(r, "is not a trainer state file")
+        return problems + c.avoids(r, "objects other than") + c.loads()
+
+
 METRICS = {
     "[1,2]": b"[1,2]\n",
     '{"step":"x"}': b'{"step":"x"}\n',
