@@ -321,7 +321,12 @@ def load_trainer_state(path: str | Path) -> TrainerCheckpoint:
     )
     # torch.save writes a zip archive: anything else (cut short, overwritten) is no
     # pickle to judge, and unpickling its bytes fails in arbitrary ways
-    if path.is_file() and not zipfile.is_zipfile(path):
+    try:
+        with open(path, "rb") as file:  # is_zipfile alone would call an unreadable file no zip
+            archive = zipfile.is_zipfile(file)
+    except OSError as err:
+        raise os_error(err, "read", path) from err
+    if not archive:
         raise MinigptError(
             f"{path} is not a trainer state file (damaged or truncated?)", hint=damaged_hint
         )
