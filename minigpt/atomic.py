@@ -190,6 +190,22 @@ def _move_files_in(staging: Path, out_dir: Path, replaces: Collection[str], last
         os.replace(staging / name, out_dir / name)
 
 
+@contextmanager
+def no_empty_folders_left(folder: Path) -> Iterator[None]:
+    """On an exception, remove the folders down to `folder` that the block made and left
+    empty: a refused or stopped command leaves no trace, not even an empty --data-dir."""
+    missing = [path for path in [Path(folder), *Path(folder).parents] if not path.exists()]
+    try:
+        yield
+    except BaseException:
+        for path in missing:  # the deepest first; one still holding something stays
+            try:
+                path.rmdir()
+            except OSError:
+                break
+        raise
+
+
 def out_path(text: str, option: str, example: str = "runs/NAME") -> Path:
     """The folder an output option names; an empty one is refused (Path("") would be
     the current folder, and a command would write into wherever it was started)."""

@@ -35,7 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from minigpt.atomic import discard, make_temp_dir, remove_stale_temp_folders, write_json_atomic
+from minigpt.atomic import (
+    discard,
+    make_temp_dir,
+    no_empty_folders_left,
+    remove_stale_temp_folders,
+    write_json_atomic,
+)
 from minigpt.corpus import AUTO_GLOB, DEFAULT_FIELD, TEXT, ContentHash, Corpus
 from minigpt.data import (
     DEFAULT_DATA_DIR,
@@ -340,34 +346,39 @@ def prepare(
     """
     started = time.perf_counter()
     data_dir = Path(data_dir)
-    choice = TokenizerChoice.of(tokenizer, vocab_size)
-    workers = check_workers(workers)
-    if bpe_sample_chars is None:
-        bpe_sample_chars = DEFAULT_BPE_SAMPLE_CHARS
-    check_sample_chars(bpe_sample_chars)
-    corpus = load_source(
-        DEFAULT_SOURCE if source is None else source, data_dir, glob, progress, text_field
-    )
-    char = choice.kind == "char"
-    scan = scan_corpus(corpus, char, collect_chars=char and choice.given is None, progress=progress)
-    if not scan.doc_chars:
-        raise MinigptError(
-            f"the corpus {corpus.source} is empty", hint="give it some text to learn from"
+    with no_empty_folders_left(data_dir):  # a refused prepare leaves no empty folder
+        choice = TokenizerChoice.of(tokenizer, vocab_size)
+        workers = check_workers(workers)
+        if bpe_sample_chars is None:
+            bpe_sample_chars = DEFAULT_BPE_SAMPLE_CHARS
+        check_sample_chars(bpe_sample_chars)
+        corpus = load_source(
+            DEFAULT_SOURCE if source is None else source, data_dir, glob, progress, text_field
         )
-    check_corpus_unchanged(corpus, scan.content_hash, expected_hash)
-    split = split_point(scan.doc_chars)
-    settings = _folder_settings(choice, _train_chars(scan, split), bpe_sample_chars)
-    key = hashlib.sha256((scan.content_hash + json.dumps(settings, sort_keys=True)).encode())
-    out_dir = data_dir / f"{corpus.name}-{choice.tag}-{key.hexdigest()[:12]}"
-    remove_stale_temp_folders(data_dir)
-    reused = _reuse_prepared(out_dir, corpus)
-    if reused is not None:
-        return reused
-    meta = _source_meta(corpus, scan, settings)
-    _build_prepared(out_dir, corpus, scan, split, choice, meta, workers, progress, bpe_sample_chars)
-    prepared = load_prepared(out_dir)
-    prepared.seconds, prepared.workers = time.perf_counter() - started, workers
-    return prepared
+        char = choice.kind == "char"
+        scan = scan_corpus(
+            corpus, char, collect_chars=char and choice.given is None, progress=progress
+        )
+        if not scan.doc_chars:
+            raise MinigptError(
+                f"the corpus {corpus.source} is empty", hint="give it some text to learn from"
+            )
+        check_corpus_unchanged(corpus, scan.content_hash, expected_hash)
+        split = split_point(scan.doc_chars)
+        settings = _folder_settings(choice, _train_chars(scan, split), bpe_sample_chars)
+        key = hashlib.sha256((scan.content_hash + json.dumps(settings, sort_keys=True)).encode())
+        out_dir = data_dir / f"{corpus.name}-{choice.tag}-{key.hexdigest()[:12]}"
+        remove_stale_temp_folders(data_dir)
+        reused = _reuse_prepared(out_dir, corpus)
+        if reused is not None:
+            return reused
+        meta = _source_meta(corpus, scan, settings)
+        _build_prepared(
+            out_dir, corpus, scan, split, choice, meta, workers, progress, bpe_sample_chars
+        )
+        prepared = load_prepared(out_dir)
+        prepared.seconds, prepared.workers = time.perf_counter() - started, workers
+        return prepared
 
 
 def _folder_settings(choice: TokenizerChoice, train_chars: int, bpe_sample_chars: int) -> dict:

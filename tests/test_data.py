@@ -196,5 +196,13 @@ def test_a_bpe_that_learns_no_merge_leaves_no_folder(tmp_path):
     corpus = tmp_path / "c.txt"
     corpus.write_text("the cat sat on the mat\n" * 20)
     with pytest.raises(MinigptError, match="no merges: its sample of 1 character"):
-        prepare(corpus, "bpe", 300, tmp_path / "d", progress=False, bpe_sample_chars=1)
-    assert not (tmp_path / "d").exists() or list((tmp_path / "d").iterdir()) == []
+        prepare(corpus, "bpe", 300, tmp_path / "d" / "e", progress=False, bpe_sample_chars=1)
+    assert not (tmp_path / "d").exists()  # not even the folders it would have made
+
+
+def test_a_refused_prepare_keeps_a_data_dir_that_was_there(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(MinigptError, match="is empty"):
+        prepare(tmp_path / "empty.txt", "char", None, tmp_path / "d", progress=False)
+    assert (tmp_path / "d").is_dir()

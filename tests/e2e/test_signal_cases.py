@@ -307,13 +307,9 @@ def signal_work(tmp_path_factory, code_text) -> Path:
 
 
 def listing(folder: Path) -> list[str]:
-    """Everything under folder, hidden entries too, but matplotlib's cache and empty
-    folders (a --data-dir that prepare made for what it was stopped from writing)."""
-    return sorted(
-        str(p.relative_to(folder))
-        for p in folder.rglob("*")
-        if ".mpl" not in p.parts and not (p.is_dir() and not any(p.iterdir()))
-    )
+    """Everything under folder, hidden entries and empty folders too, but matplotlib's
+    cache."""
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if ".mpl" not in p.parts)
 
 
 COMMANDS = {
