@@ -159,7 +159,7 @@ def generate(
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
     dtype: str = typer.Option(
-        "auto", "--dtype", help="Weights while sampling: auto (float32 for now), float32, bfloat16."
+        "auto", "--dtype", help="Weights while sampling: auto (float32: a decode step is bound by launches, not bytes), float32, bfloat16."
     ),
     compile_step: bool = typer.Option(
         False,
