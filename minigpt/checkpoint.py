@@ -303,6 +303,18 @@ def save_trainer_state(run_dir: str | Path, checkpoint: TrainerCheckpoint) -> No
     save_weights(checkpoint.model, run_dir / LAST_WEIGHTS)
 
 
+def is_torch_archive(path: Path) -> bool:
+    """Whether `path` is a zip archive, as torch.save writes. Anything else (cut short,
+    overwritten) is no pickle to judge, and unpickling its bytes fails in arbitrary
+    ways. An unreadable file is an OSError named as such, where zipfile.is_zipfile(path)
+    alone would call it no archive, hence damaged."""
+    try:
+        with open(path, "rb") as file:
+            return zipfile.is_zipfile(file)
+    except OSError as err:
+        raise os_error(err, "read", path) from err
+
+
 def load_trainer_state(path: str | Path) -> TrainerCheckpoint:
     """trainer.pt as plain tensors and numbers (weights_only=True: no arbitrary unpickling)."""
     path = Path(path)
@@ -319,14 +331,7 @@ def load_trainer_state(path: str | Path) -> TrainerCheckpoint:
         f"the run cannot be resumed from it; its weights are still in {BEST_WEIGHTS} and "
         f"{LAST_WEIGHTS} (start a new run with another --out)"
     )
-    # torch.save writes a zip archive: anything else (cut short, overwritten) is no
-    # pickle to judge, and unpickling its bytes fails in arbitrary ways
-    try:
-        with open(path, "rb") as file:  # is_zipfile alone would call an unreadable file no zip
-            archive = zipfile.is_zipfile(file)
-    except OSError as err:
-        raise os_error(err, "read", path) from err
-    if not archive:
+    if not is_torch_archive(path):
         raise MinigptError(
             f"{path} is not a trainer state file (damaged or truncated?)", hint=damaged_hint
         )

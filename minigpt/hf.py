@@ -41,7 +41,14 @@ from torch import Tensor
 
 from minigpt import checkpoint
 from minigpt.atomic import atomic_path, staged_folder, write_json_atomic
-from minigpt.checkpoint import CONFIG_FILE, REPLACED_FILES, RunLock, load_run, read_config
+from minigpt.checkpoint import (
+    CONFIG_FILE,
+    REPLACED_FILES,
+    RunLock,
+    is_torch_archive,
+    load_run,
+    read_config,
+)
 from minigpt.errors import MinigptError, first_line, os_error
 from minigpt.hf_tokenizer import tokenizer_from_hf, write_hf_tokenizer
 from minigpt.model import GPT, GPTConfig
@@ -322,7 +329,7 @@ def read_hf_weights(folder: Path) -> dict[str, Tensor]:
             f"{folder} has no {HF_SAFETENSORS} or {HF_PICKLE}",
             hint="pass the folder `save_pretrained` wrote (config.json and the weights)",
         )
-    if path.is_file() and not zipfile.is_zipfile(path):  # no torch.save archive at all
+    if not is_torch_archive(path):
         raise _damaged_weights(path, ValueError("not a torch.save archive"))
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -116,11 +116,6 @@ def polled(items: Iterable[T]) -> Iterator[T]:
         yield item
 
 
-def stop_for(signum: int) -> Stopped:
-    """The exception that stands for `signum`."""
-    return _RAISED[signum]()
-
-
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
     """While inside, a signal raises at once (for waits: a read, a download). Raises at

@@ -40,6 +40,27 @@ for _label, (_target, _command) in UNREADABLE.items():
         return c.refused(as_nobody(c, lambda c: os.chmod(c.p(target), 0), *command))
 
 
+@case("unreadable pytorch_model.bin: import says so, not that it is damaged")
+def _(c):
+    def lock(c):
+        import torch
+        from safetensors.torch import load_file
+
+        bpe = ("--set", "data.tokenizer=bpe", "--set", "data.vocab_size=300")
+        trained = c.mg("train", "--data", "corpus.txt", *c.TINY, *bpe, "--max-iters", "2", "--out", "B")
+        assert c.ok(trained) + c.ok(c.mg("export", "B", "--out", "hf")) == []
+        weights = c.p("hf/model.safetensors")
+        torch.save(load_file(weights), c.p("hf/pytorch_model.bin"))
+        weights.unlink()
+        os.chmod(c.p("hf/pytorch_model.bin"), 0)
+
+    r = as_nobody(c, lock, "import", "hf", "--out", "I")
+    problems = c.refused(r)
+    if "Permission denied" not in r.err or "damaged" in r.err:
+        problems.append(f"not named as unreadable: {r.err.strip()}")
+    return problems
+
+
 @case("inspect-heads --html into a read-only folder")
 def _(c):
     def lock(c):
