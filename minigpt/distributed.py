@@ -10,6 +10,7 @@ stops and schedules in step (see train.py).
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 
@@ -97,6 +98,7 @@ class Distributed:
         if self.started_here and dist.is_initialized():
             if together:
                 dist.barrier()
+            gc.collect()  # a DDP wrapper no one holds, caught in a cycle, lets go of the group
             dist.destroy_process_group()
 
 

@@ -566,20 +566,26 @@ def train(
         try:
             with lock:
                 before = checkpoint.read_config(out_dir) if resume else None
-                trainer, state = setup(
-                    config,
-                    ddp,
-                    resume=before,
-                    force=force,
-                    data=data,
-                    log=log or _silent,
-                    progress=progress,
-                )
-                result = _run(trainer, state, before, step_bar)
+                setup_args = dict(force=force, data=data, log=log or _silent, progress=progress)
+                result = _setup_and_run(config, ddp, before, setup_args, step_bar)
                 finished = True
                 return result
         finally:
             ddp.close(together=finished)
+
+
+def _setup_and_run(
+    config: RunConfig,
+    ddp: Distributed,
+    before: dict | None,
+    setup_args: dict,
+    step_bar: Callable[..., StepBar] | None,
+) -> TrainResult:
+    """Set the trainer up and run it. A function of its own so that the trainer, and
+    the DDP wrapper in it that holds the process group, are gone when `train` ends the
+    group: gloo's threads torn down later, as Python exits, can abort the process."""
+    trainer, state = setup(config, ddp, resume=before, **setup_args)
+    return _run(trainer, state, before, step_bar)
 
 
 def _run(
