@@ -22,6 +22,7 @@ KEY = "test-key"
 MODEL_ID = "tiny"
 CHARS = "abcdefghijklmnopqrstuvwxyz .,\n"
 MAX_WAITING = 8
+IDLE = {"status": "ok", "model": MODEL_ID, "running": 0, "waiting": 0}
 
 
 def start_server(model, tokenizer, api_key=KEY, max_batch=4):
@@ -202,8 +203,7 @@ def test_models_lists_and_retrieves_the_served_one(client):
 
 
 def test_health_is_open_and_counts_the_rows(served):
-    health = httpx.get(f"{served}/health").json()
-    assert health == {"status": "ok", "model": MODEL_ID, "running": 0, "waiting": 0}
+    assert httpx.get(f"{served}/health").json() == IDLE
 
 
 def test_a_rotary_model_takes_a_prompt_longer_than_its_context(tiny_gpt):
@@ -306,18 +306,28 @@ def test_an_unknown_route_is_openais_404(http):
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
 
 
-def test_a_client_that_disconnects_mid_stream_frees_its_row(served, http):
+def wait_until_idle(http, timeout=5.0) -> dict:
+    """/health once no row runs (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while (health := http.get("/health").json())["running"] and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return health
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(http):
     body = {"prompt": "ab", "max_tokens": 100_000, "stream": True}
     with http.stream("POST", "/v1/completions", json=body) as response:
         lines = response.iter_lines()
         assert next(lines).startswith("data: ")
         assert http.get("/health").json()["running"] == 1
-    deadline = time.monotonic() + 5
-    while http.get("/health").json()["running"] and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert http.get("/health").json() == {
-        "status": "ok", "model": MODEL_ID, "running": 0, "waiting": 0,
-    }  # fmt: skip
+    assert wait_until_idle(http) == IDLE
+
+
+def test_a_client_that_gives_up_waiting_for_a_whole_answer_frees_its_row(http):
+    body = {"prompt": "ab", "max_tokens": 100_000}
+    with pytest.raises(httpx.ReadTimeout):
+        http.post("/v1/completions", json=body, timeout=0.5)
+    assert wait_until_idle(http) == IDLE
 
 
 # --- in-process: a closed scheduler, a failure nobody expected -----------------------
