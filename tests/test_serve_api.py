@@ -301,6 +301,19 @@ def test_a_request_past_the_waiting_line_gets_429_with_retry_after(http):
     assert response.json()["error"]["code"] == "rate_limit_exceeded"
 
 
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_past_the_limit_is_413_before_it_is_read_whole(http, monkeypatch, chunked):
+    import minigpt.serve.api
+
+    monkeypatch.setattr(minigpt.serve.api, "MAX_BODY_BYTES", 1000)
+    body = json.dumps({"prompt": "a" * 2000}).encode()
+    content = iter([body[:600], body[600:]]) if chunked else body  # chunked: no length
+    headers = {"Content-Type": "application/json"}
+    response = http.post("/v1/completions", content=content, headers=headers)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
 def test_an_unknown_route_is_openais_404(http):
     response = http.get("/v1/chat")
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"

@@ -54,6 +54,9 @@ log = logging.getLogger("minigpt.serve")
 PROTECTED = ("/v1", "/api")
 """Path prefixes that need the API key when the server has one; /health, / and the
 page's files stay open."""
+MAX_BODY_BYTES = 1 << 26
+"""A request body larger than this (64 MiB: 64 prompts of a million characters) is
+refused with 413 before it is read whole, so no client can fill the server's memory."""
 RETRY_AFTER_S = 1
 """What a 429 tells the client to wait before trying again."""
 
@@ -114,7 +117,9 @@ async def _http_error(request: Request, err: Exception) -> JSONResponse:
     """Starlette's own answers (no such route, a method the route lacks) as OpenAI's."""
     assert isinstance(err, HTTPException)
     kind = "invalid_request_error" if err.status_code < 500 else "server_error"
-    code = {404: "not_found", 405: "method_not_allowed"}.get(err.status_code)
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(
+        err.status_code
+    )
     message = f"{request.method} {request.url.path}: {err.detail}"
     headers = dict(err.headers or {})
     return error_response(ApiError(err.status_code, message, type=kind, code=code, headers=headers))
@@ -137,15 +142,23 @@ class Guard:
         if refusal is not None:
             await error_response(refusal)(scope, receive, send)
             return
-        started = False
+        started, received = False, 0
 
         async def send_noting_start(message: dict) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
 
+        async def receive_at_most(limit: int = MAX_BODY_BYTES) -> dict:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:  # a body sent without its length, or lying about it
+                raise HTTPException(413, f"the request body is larger than {limit:,} bytes")
+            return message
+
         try:
-            await self.app(scope, receive, send_noting_start)
+            await self.app(scope, receive_at_most, send_noting_start)
         except Exception:
             log.exception("%s %s failed", scope.get("method"), scope.get("path"))
             if not started:  # else the client sees the stream end early
@@ -153,6 +166,8 @@ class Guard:
                 await error_response(failed)(scope, receive, send)
 
     def _refusal(self, scope: dict) -> ApiError | None:
+        """Why a request is refused before any route sees it: a Host that is not this
+        server's, a missing or wrong key, a body said to be too large; or None."""
         headers = {k.decode("latin-1").lower(): v for k, v in scope.get("headers", [])}
         if self.allowed_hosts is not None:
             host = _host_name(headers.get("host", b"").decode("latin-1"))
@@ -160,17 +175,23 @@ class Guard:
                 return ApiError(400, f"the Host header {host!r} is not this server's")
         path = scope.get("path", "")
         protected = any(path == p or path.startswith(p + "/") for p in PROTECTED)
-        if self.key is None or not protected:
-            return None
+        if self.key is not None and protected and not self._has_key(headers):
+            return ApiError(
+                401,
+                "a valid API key is required: send it as 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        length = headers.get("content-length", b"0")
+        if length.isdigit() and int(length) > MAX_BODY_BYTES:
+            message = f"the request body is larger than {MAX_BODY_BYTES:,} bytes"
+            return ApiError(413, message, code="request_too_large")
+        return None
+
+    def _has_key(self, headers: dict[str, bytes]) -> bool:
+        assert self.key is not None
         scheme, _, token = headers.get("authorization", b"").partition(b" ")
-        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key):
-            return None
-        return ApiError(
-            401,
-            "a valid API key is required: send it as 'Authorization: Bearer <key>'",
-            code="invalid_api_key",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        return scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.key)
 
 
 def _host_name(host: str) -> str:
