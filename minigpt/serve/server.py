@@ -182,6 +182,5 @@ def make_server(app: Any, scheduler: Any, sock: socket.socket) -> Any:
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=int(GRACE_S) + 2,
-        lifespan="off",
     )
     return Server(config)
