@@ -195,6 +195,23 @@ def test_return_token_ids_gives_the_prompt_and_choice_ids(client, tiny_model):
     assert tokenizer.decode(choice["token_ids"]) == choice["text"]
 
 
+def test_a_stream_with_echo_logprobs_and_token_ids_adds_up_to_the_whole(http):
+    body = {"prompt": "hello", "max_tokens": 6, "temperature": 0, "echo": True, "logprobs": 2}
+    body["return_token_ids"] = True
+    whole = http.post("/v1/completions", json=body).json()["choices"][0]
+    with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+        lines = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert lines[-1] == "[DONE]"
+    pieces = [json.loads(line)["choices"][0] for line in lines[:-1]]
+    assert (
+        pieces[0]["text"] == "hello" and pieces[0]["prompt_token_ids"] == whole["prompt_token_ids"]
+    )
+    assert "".join(p["text"] for p in pieces) == whole["text"]
+    assert sum((p["token_ids"] for p in pieces), []) == whole["token_ids"]
+    for key in ("tokens", "token_logprobs", "text_offset"):
+        assert sum((p["logprobs"][key] for p in pieces), []) == whole["logprobs"][key]
+
+
 def test_models_lists_and_retrieves_the_served_one(client):
     assert [m.id for m in client.models.list().data] == [MODEL_ID]
     assert client.models.retrieve(MODEL_ID).id == MODEL_ID
@@ -347,12 +364,14 @@ def test_a_client_that_gives_up_waiting_for_a_whole_answer_frees_its_row(http):
 
 
 def answer(app, body):
-    """POST body to app in-process (no server): (status, JSON)."""
+    """POST body to app in-process (no server): (status, JSON, or a stream's lines)."""
 
     async def post():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             response = await client.post("/v1/completions", json=body)
+            if body.get("stream") and response.status_code == 200:
+                return response.status_code, [line for line in response.text.split("\n") if line]
             return response.status_code, response.json()
 
     return asyncio.run(post())
@@ -391,3 +410,27 @@ def test_an_unexpected_failure_is_500_with_one_sentence(tiny_model, caplog):
     }
     assert "a bug deep inside" in caplog.text  # logged, not returned
     assert "a bug deep inside" not in json.dumps(body)
+
+
+def test_a_model_that_writes_nan_is_a_500_or_an_error_ending_the_stream(tiny_gpt):
+    import torch
+
+    from minigpt.serve.api import create_app
+    from minigpt.serve.scheduler import Scheduler
+    from minigpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text(CHARS)
+    model = tiny_gpt(tokenizer.vocab_size, block_size=32)
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")  # the logit of token 0 is never a number
+    scheduler = Scheduler(model, tokenizer, max_batch=2)
+    scheduler.start()
+    try:
+        app = create_app(model, tokenizer, MODEL_ID, scheduler)
+        status, body = answer(app, {"prompt": "ab"})
+        assert status == 500 and "non-finite" in body["error"]["message"]
+        status, lines = answer(app, {"prompt": "ab", "stream": True})
+        assert status == 200 and lines[-1] == "data: [DONE]"
+        assert "non-finite" in json.loads(lines[-2].removeprefix("data: "))["error"]["message"]
+    finally:
+        scheduler.close(0)
