@@ -192,13 +192,15 @@ async function showAttention(index) {
 // One row per (layer, head), one cell per key token, shaded by its weight.
 function renderGrid(step, index) {
   const table = document.createElement("table");
+  table.classList.toggle("long-keys", step.tokens.some((label) => label.length > 2));
   const header = table.insertRow();
   header.append(document.createElement("th"));
   step.tokens.forEach((label, k) => {
     const th = document.createElement("th");
     th.className = "key";
-    th.textContent = label;
-    th.title = `position ${step.start + k}`;
+    th.textContent = label.replace(/ /g, "\u2423");
+    th.title = `${JSON.stringify(label)} at position ${step.start + k}`;
+    if (step.start + k === step.query) th.classList.add("query");
     header.append(th);
   });
   step.layers.forEach((heads, layer) => {
@@ -226,7 +228,7 @@ function cell(layer, head, key, weight, label) {
   td.dataset.head = head;
   td.dataset.key = key;
   td.dataset.weight = weight;
-  td.title = `L${layer} H${head} \u2192 ${label} (position ${key}): ${weight.toFixed(4)}`;
+  td.title = `L${layer} H${head} \u2192 ${JSON.stringify(label)} (position ${key}): ${weight.toFixed(4)}`;
   td.style.backgroundColor = `rgba(220, 80, 30, ${Math.sqrt(weight).toFixed(3)})`;
   return td;
 }
