@@ -55,7 +55,7 @@ class LearnedPositions(nn.Embedding):
     at position p. The table has block_size rows, so no input may be longer."""
 
     def forward(self, x: Tensor, positions: Tensor) -> tuple[Tensor, None]:
-        """x (B, T, n_embd), positions (T,) -> (x + their rows, no rotary angles)."""
+        """x (B, T, n_embd), positions (T,) or (B, T) -> (x + their rows, no rotary angles)."""
         return x + super().forward(positions), None
 
     def rope(self, positions: Tensor) -> None:
@@ -83,9 +83,15 @@ class RotaryPositions(nn.Module):
 
 def rope_angles(positions: Tensor, d_head: int, theta: float) -> Rope:
     """cos and sin of position p times frequency theta^(-2i / d_head), each (T, d_head / 2),
-    for positions (T,): the rotation of each pair of features at each position."""
+    for positions (T,): the rotation of each pair of features at each position.
+
+    Positions (B, T), where each sequence of a batch sits at its own place (continuous
+    batching, `minigpt.batching`), give (B, 1, T, d_head / 2): one row per sequence,
+    the same for all its heads."""
     inv_freq = theta ** -(torch.arange(0, d_head, 2, device=positions.device) / d_head)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, d_head / 2)
+    angles = positions.float()[..., None] * inv_freq  # (T, d_head / 2) or (B, T, d_head / 2)
+    if positions.dim() == 2:
+        angles = angles[:, None]  # (B, 1, T, d_head / 2): broadcast over the heads
     return angles.cos(), angles.sin()
 
 
