@@ -57,7 +57,7 @@ NO_ROLE = "mixed"
 @functools.cache
 def asset(name: str) -> bytes:
     """One file of the page, read from the package (an installed wheel ships them)."""
-    return resources.files("minigpt").joinpath("serve", "static", name).read_bytes()
+    return resources.files("minigpt.serve").joinpath("static", name).read_bytes()
 
 
 @router.get("/", include_in_schema=False)
