@@ -52,6 +52,10 @@ OPTION_NAMES = {
     "png_file": "--png",
     "json_file": "--json",
     "window_stride": "--stride",
+    "max_batch": "--max-batch",
+    "port": "--port",
+    "host": "--host",
+    "api_key": "--api-key",
 }
 """The library's name of an argument -> the option that sets it (see MinigptError.param)."""
 
@@ -231,6 +235,43 @@ def _one_prompt(prompt: str | None, prompt_file: str | None) -> str:
         [prompt] if prompt is not None else [], [prompt_file] if prompt_file is not None else []
     )
     return prompts[0] if prompts else ""
+
+
+@app.command()
+def serve(
+    run_dir: str | None = typer.Argument(
+        None, help="Run directory to serve (default: checkpoints/default)."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1",
+        "--host",
+        help="Address to listen on; 127.0.0.1 is this machine only (another warns without --api-key).",
+    ),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: any free one)."),
+    max_batch: int = typer.Option(
+        8, "--max-batch", help="Continuations decoded at once; more wait for a free row."
+    ),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="MINIGPT_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on /v1 and /api (or set MINIGPT_API_KEY).",
+    ),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+) -> None:
+    """Serve a run over HTTP: OpenAI's /v1/completions (batched), and a page at / that
+    shows every attention head while the model writes."""
+    choose_wait_policy()  # before torch loads (see device.py)
+    from minigpt.serve.server import serve as serve_run
+
+    serve_run(
+        run_dir,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        api_key=api_key,
+        device=device,
+    )
 
 
 @app.command("inspect-heads")

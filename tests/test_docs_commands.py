@@ -38,10 +38,21 @@ COMMAND_TIMEOUT = 120
 HUB = "fetches GPT-2 from the Hugging Face hub"
 NEEDS_HUB_RUN = "needs checkpoints/gpt2 or its fine-tune, which come from the hub"
 CORPUS = "needs a corpus downloaded from the hub and tiktoken's gpt2 file"
+SERVES = "a server: it runs until stopped (tests/e2e/test_serve_process.py runs it)"
+NEEDS_SERVER = "talks to a `minigpt serve` running in another terminal"
 SKIPPED = {
     'pip install -e ".[dev]"': "installs packages",
     'pip install -e ".[hf]"': "installs packages",
     'pip install -e ".[bench]"': "installs packages",
+    'pip install -e ".[serve]"': "installs packages",
+    "minigpt serve": SERVES,
+    "minigpt serve checkpoints/default --port 8001 --max-batch 16": SERVES,
+    "minigpt serve checkpoints/default --host 0.0.0.0 --api-key SECRET": SERVES,
+    'curl http://127.0.0.1:8000/v1/completions -H "Content-Type: application/json" -d '
+    '\'{"prompt": "def ", "max_tokens": 40, "temperature": 0.8, "stop": ["\\n\\n"]}\'': NEEDS_SERVER,
+    'curl -N http://127.0.0.1:8000/v1/completions -H "Content-Type: application/json" -d '
+    '\'{"prompt": "def ", "max_tokens": 40, "stream": true}\'': NEEDS_SERVER,
+    "curl http://127.0.0.1:8000/health": NEEDS_SERVER,
     "pytest": "runs the whole suite, this test included",
     "bash .ci/run": "CI itself: a fresh virtualenv and the whole suite",
     "ruff check minigpt tests bench": "lints the checkout; .ci/run runs it before pytest",

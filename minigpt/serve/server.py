@@ -1,0 +1,186 @@
+"""`minigpt serve`: load a run, start the scheduler, and run uvicorn over the app.
+
+The socket is bound here, before the model loads, so a port in use is one sentence
+at once, not a log line from inside uvicorn. The server binds 127.0.0.1 unless told
+otherwise; any address other machines can reach is served with a warning unless an
+API key guards it, and a server on loopback answers only requests that name it by
+a loopback name (a web page cannot reach it by rebinding its own name to 127.0.0.1).
+
+Signals: uvicorn takes SIGINT and SIGTERM while it serves. On either it stops
+taking connections and requests (the scheduler refuses new jobs with 503), lets
+the running ones finish or cuts them within GRACE_S (`Scheduler.close`), and
+returns; it then raises the signal again, which lands in `minigpt.signals`' handler,
+so the command ends as every command does: one word and 143 (or 130).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import ipaddress
+import socket
+from pathlib import Path
+from typing import Any
+
+from minigpt import console, signals
+from minigpt.errors import MinigptError, os_error
+
+GRACE_S = 3.0
+"""How long the requests in flight have to finish once a signal stops the server."""
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+"""The Host names a server bound to loopback answers to."""
+SERVE_HINT = 'pip install "minigpt[serve]"'
+
+
+def serve(
+    run_dir: str | Path | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 8,
+    api_key: str | None = None,
+    device: str = "auto",
+    *,
+    max_waiting: int | None = None,
+) -> None:
+    """Serve the run (default: checkpoints/default) at http://host:port until SIGINT or
+    SIGTERM (see the module docstring).
+
+    api_key: with it, the API's routes need `Authorization: Bearer <api_key>`.
+    max_waiting: continuations that may wait for a row (None: the scheduler's default).
+    """
+    require_web_stack()
+    if api_key is not None and not api_key.strip():
+        raise MinigptError(
+            "the API key is empty", hint="give a key of some length, or none", param="api_key"
+        )
+    sock = bind(host, port)
+    try:
+        _serve_on(sock, run_dir, max_batch, api_key, device, max_waiting)
+    finally:
+        sock.close()
+
+
+def require_web_stack() -> None:
+    """FastAPI and uvicorn, the `serve` extra, or one sentence saying how to get them."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise MinigptError(
+            f"minigpt serve needs FastAPI and uvicorn, and {err.name or 'one'} is not installed",
+            hint=SERVE_HINT,
+        ) from err
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (port 0: a free one), or one sentence why not."""
+    if not 0 <= port <= 65535:
+        raise MinigptError(
+            f"port must be from 0 to 65535, got {port}", hint="8000 is usual", param="port"
+        )
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as err:
+        raise MinigptError(
+            f"host {host!r} is not an address of this machine: {err.strerror}",
+            hint="use 127.0.0.1 (this machine only) or 0.0.0.0 (every interface)",
+            param="host",
+        ) from err
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as err:
+        sock.close()
+        if err.errno == errno.EADDRINUSE:
+            raise MinigptError(
+                f"port {port} on {host} is already in use",
+                hint="choose another with --port, or stop the program that listens there",
+                param="port",
+            ) from err
+        raise os_error(err, "listen on", f"{host}:{port}") from err
+    sock.set_inheritable(True)
+    return sock
+
+
+def is_loopback(sock: socket.socket) -> bool:
+    return ipaddress.ip_address(sock.getsockname()[0]).is_loopback
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def _serve_on(
+    sock: socket.socket,
+    run_dir: str | Path | None,
+    max_batch: int,
+    api_key: str | None,
+    device: str,
+    max_waiting: int | None,
+) -> None:
+    """Load the run, build the scheduler and the app, and serve on sock until a signal."""
+    from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
+    from minigpt.device import resolve_device
+    from minigpt.serve.api import create_app
+    from minigpt.serve.scheduler import Scheduler
+
+    run_dir = Path(DEFAULT_RUN_DIR if run_dir is None else run_dir)
+    run = load_run(run_dir, resolve_device(device))
+    model_id = run_dir.resolve().name
+    scheduler = Scheduler(run.model, run.tokenizer, max_batch=max_batch, max_waiting=max_waiting)
+    hosts = LOOPBACK_NAMES if is_loopback(sock) else None
+    app = create_app(run.model, run.tokenizer, model_id, scheduler, api_key, allowed_hosts=hosts)
+    signals.check()  # a signal while the model loaded stops the command before it serves
+    server = make_server(app, scheduler, sock)
+    scheduler.start()
+    try:
+        server.on_started = lambda: _say_serving(model_id, sock, api_key)
+        server.run(sockets=[sock])
+    finally:
+        scheduler.close(GRACE_S)
+
+
+def _say_serving(model_id: str, sock: socket.socket, api_key: str | None) -> None:
+    console.say(f"serving {model_id} at {url_of(sock)}")
+    if not is_loopback(sock) and api_key is None:
+        console.warn(
+            f"{url_of(sock)} can be reached from other machines, and anyone who reaches it"
+            " can use the model: set --api-key (or MINIGPT_API_KEY), or serve on 127.0.0.1"
+        )
+
+
+def make_server(app: Any, scheduler: Any, sock: socket.socket) -> Any:
+    """A uvicorn server for app that closes the scheduler as it shuts down, so that
+    requests in flight end within GRACE_S instead of holding the shutdown open."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        on_started: Any = None
+
+        async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().startup(sockets)
+            if self.started and self.on_started is not None:
+                self.on_started()
+
+        async def on_tick(self, counter: int) -> bool:
+            if signals.pending():  # one that came before uvicorn took the signals
+                self.should_exit = True
+            return await super().on_tick(counter)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            closing = asyncio.ensure_future(asyncio.to_thread(scheduler.close, GRACE_S))
+            await super().shutdown(sockets)
+            await closing
+
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=int(GRACE_S) + 2,
+    )
+    return Server(config)
