@@ -68,7 +68,7 @@ async def index() -> Response:
 @router.get("/static/{name}", include_in_schema=False)
 async def static(name: str) -> Response:
     if name not in ASSETS:
-        return Response("not found\n", status_code=404, media_type="text/plain")
+        raise fastapi.HTTPException(404, "the page has no such file")
     return Response(asset(name), media_type=ASSETS[name])
 
 
