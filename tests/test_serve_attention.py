@@ -104,6 +104,21 @@ def test_past_the_context_the_step_sees_its_last_block_size_tokens(client, tiny)
     torch.testing.assert_close(torch.tensor(step["layers"]), want, atol=1e-5, rtol=0)
 
 
+def test_a_rotary_model_with_grouped_heads_gets_its_steps_attention(tiny_gpt):
+    from minigpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text("abcdefgh ")
+    model = tiny_gpt(tokenizer.vocab_size, position="rope", n_head=4, n_kv_head=2)
+    app = create_app(model, tokenizer, "rope", scheduler=None)
+    ids = tokenizer.encode("abcdefgh " * 3)  # 27 tokens, block_size 16
+    with TestClient(app) as client:
+        step = client.post("/api/attention", json={"token_ids": ids, "position": 25}).json()
+    assert (step["start"], step["query"]) == (25 - 16, 24)
+    want = capture_attention(model, torch.tensor([ids[9:25]]))[0, :, :, -1]
+    torch.testing.assert_close(torch.tensor(step["layers"]), want, atol=1e-5, rtol=0)
+    assert len(step["roles"]) == 2 and all(len(layer) == 4 for layer in step["roles"])
+
+
 def test_heads_carry_inspect_heads_roles_measured_once(client, tiny, monkeypatch):
     model, tokenizer = tiny
     probes = list(repeated_probe(tokenizer, 16))
