@@ -209,3 +209,16 @@ def test_the_page_streams_tokens_and_shows_the_attention_of_a_clicked_step(
 
 def tokens(driver) -> list:
     return driver.find_elements("css selector", "#output .tok")
+
+
+def test_an_error_from_the_api_is_shown_as_text(server, browser):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server())
+    fill(browser, "prompt", PROMPT)
+    fill(browser, "top-p", "0")  # the server takes top_p in (0, 1]
+    browser.find_element("id", "generate").click()
+    error = browser.find_element("id", "error")
+    WebDriverWait(browser, 30).until(lambda d: error.is_displayed())
+    assert "top_p" in error.text and "Traceback" not in error.text
+    assert tokens(browser) == [] and browser.find_element("id", "generate").text == "Generate"
