@@ -37,10 +37,10 @@ import torch
 from torch import Tensor
 
 from minigpt.errors import MinigptError
-from minigpt.generate import check_cache_memory, encode_prompt
+from minigpt.generate import check_cache_memory, encode_prompt, settings_json
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT
-from minigpt.sampling import Sampling, new_seed, sample_next
+from minigpt.sampling import MAX_SEED, Sampling, new_seed, sample_next
 from minigpt.signals import check
 from minigpt.text import GenerationResult, SampleStream
 from minigpt.tokenizer import Tokenizer
@@ -343,8 +343,8 @@ def generate_batch(
 ) -> list[GenerationResult]:
     """One continuation of each prompt, decoded as one batch; results in input order.
 
-    Prompt i is drawn with seed sampling.seed + i (so prompt 0 gives what `generate`
-    gives alone with that seed). on_text(prompt_index, text) hears each piece of text
+    Prompt i is drawn with seed sampling.seed + i, modulo 2**64 (so prompt 0 gives what
+    `generate` gives alone with that seed). on_text(prompt_index, text) hears each piece of text
     as it becomes final; on_warning hears of a prompt cropped to block_size.
     """
     if sampling.seed is None:
@@ -352,13 +352,18 @@ def generate_batch(
     decoder = BatchDecoder(model, min(max_batch, max(1, len(prompts))), tokenizer.vocab_size)
     waiting: deque[Continuation] = deque()
     for index, prompt in enumerate(prompts):
-        ids, cropped = encode_prompt(tokenizer, prompt, model.config.block_size)
+        try:
+            ids, cropped = encode_prompt(tokenizer, prompt, model.config.block_size)
+        except MinigptError as err:  # among many prompts, say which one
+            raise MinigptError(
+                f"prompt {index + 1}: {err}", hint=err.hint, param=err.param
+            ) from None
         if cropped and on_warning:
             on_warning(
                 f"prompt {index + 1} has {cropped + len(ids)} tokens, more than the model's"
                 f" block_size={model.config.block_size}; only its last {len(ids)} are used"
             )
-        seeded = replace(sampling, seed=sampling.seed + index, num_samples=1)
+        seeded = replace(sampling, seed=(sampling.seed + index) % (MAX_SEED + 1), num_samples=1)
         waiting.append(decoder.sequence(tokenizer, ids, seeded, owner=(index, cropped)))
     started = time.perf_counter()
     first_token: dict[int, float] = {}
@@ -382,6 +387,6 @@ def generate_batch(
                     seconds=time.perf_counter() - started,
                     first_token_seconds=first_token[index],
                     cropped_prompt_tokens=cropped,
-                    settings={"seed": draw.sequence.sampling.seed},
+                    settings=settings_json(model, draw.sequence.sampling),
                 )
     return [results[index] for index in range(len(prompts))]

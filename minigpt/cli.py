@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
@@ -19,6 +20,10 @@ from minigpt.atomic import out_path
 from minigpt.device import choose_wait_policy
 from minigpt.errors import MinigptError, os_error
 from minigpt.signals import Stopped, exit_quietly
+
+if TYPE_CHECKING:
+    from minigpt.checkpoint import Run
+    from minigpt.sampling import Sampling
 
 # The modules that load torch are imported inside the commands that need them, so
 # `minigpt --help` and usage errors answer at once instead of after torch loads.
@@ -38,6 +43,7 @@ OPTION_NAMES = {
     "head": "--head",
     "repeated": "--repeated",
     "prompt_file": "--prompt-file",
+    "prompts_file": "--prompts-file",
     "device": "--device",
     "dtype": "--dtype",
     "static_decode": "--compile",
@@ -131,6 +137,9 @@ def generate(
     prompt_file: str | None = typer.Option(
         None, "--prompt-file", help="Read the prompt from a file."
     ),
+    prompts_file: str | None = typer.Option(
+        None, "--prompts-file", help="Sample every prompt of a file, one a line, as one batch."
+    ),
     max_new_tokens: int = typer.Option(
         500, "--max-new-tokens", "-n", help="Tokens to generate per sample."
     ),
@@ -184,7 +193,6 @@ def generate(
     choose_wait_policy(threads)  # before torch loads (see device.py)
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
     from minigpt.device import resolve_device, sampling_dtype, set_threads
-    from minigpt.generate import generate_text
     from minigpt.sampling import Sampling
 
     sampling = Sampling(
@@ -200,32 +208,78 @@ def generate(
         static_decode=compile_step,
     )
     set_threads(threads)
+    batch = _prompts_file(prompts_file, prompt, prompt_file, interactive, sampling)
     text = _one_prompt(prompt, prompt_file)
     weights = sampling_dtype(dtype)
     run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
     run.model.to(weights)
-
-    def sample(prompt_text: str) -> None:
-        printer = console.GenerationPrinter(prompt_text, stream, as_json, run.dir)
-        result = generate_text(
-            run.model,
-            run.tokenizer,
-            prompt_text,
-            sampling,
-            on_text=printer.on_text,
-            on_warning=console.warn,
-        )
-        printer.print_result(result)
-
-    if interactive:
-        console.interactive_loop(sample, OPTION_NAMES, as_json=as_json)
+    if batch is not None:
+        _sample_batch(run, batch, sampling, as_json)
+    elif interactive:
+        answer = lambda line: _sample_one(run, line, sampling, stream, as_json)
+        console.interactive_loop(answer, OPTION_NAMES, as_json=as_json)
     else:
-        sample(text)
+        _sample_one(run, text, sampling, stream, as_json)
+
+
+def _sample_one(run: Run, prompt: str, sampling: Sampling, stream: bool, as_json: bool) -> None:
+    """generate: sampling.num_samples samples of one prompt, streamed as they come."""
+    from minigpt.generate import generate_text
+
+    printer = console.GenerationPrinter(prompt, stream, as_json, run.dir)
+    result = generate_text(
+        run.model, run.tokenizer, prompt, sampling, on_text=printer.on_text, on_warning=console.warn
+    )
+    printer.print_result(result)
+
+
+def _prompts_file(
+    prompts_file: str | None,
+    prompt: str | None,
+    prompt_file: str | None,
+    interactive: bool,
+    sampling: Sampling,
+) -> list[str] | None:
+    """--prompts-file's prompts (None without it), once the options it excludes are refused."""
+    from minigpt.prompts import read_prompts_file
+
+    if prompts_file is None:
+        return None
+    options = [("--prompt", prompt), ("--prompt-file", prompt_file)]
+    given = [name for name, value in options if value is not None]
+    given += ["--interactive"] if interactive else []
+    if given:
+        raise MinigptError(
+            f"--prompts-file and {given[0]} were both given",
+            hint=f"--prompts-file reads every prompt from the file: leave out {given[0]}",
+        )
+    if sampling.num_samples > 1:
+        raise MinigptError(
+            "--num-samples does not apply to --prompts-file: each prompt gets one sample",
+            hint="repeat a prompt in the file for more samples of it (each line has its own seed)",
+        )
+    if not sampling.use_kv_cache or sampling.static_decode:
+        option = "--compile" if sampling.static_decode else "--no-kv-cache"
+        raise MinigptError(
+            f"{option} does not apply to --prompts-file, which decodes every prompt as one"
+            " batch in the KV cache",
+            hint=f"leave out {option}",
+        )
+    return read_prompts_file(prompts_file)
+
+
+def _sample_batch(run: Run, prompts: list[str], sampling: Sampling, as_json: bool) -> None:
+    """generate --prompts-file: one sample of each prompt, decoded as one batch, printed
+    in the file's order once all are done (their texts arrive interleaved)."""
+    from minigpt.batching import generate_batch
+
+    results = generate_batch(run.model, run.tokenizer, prompts, sampling, on_warning=console.warn)
+    console.print_batch(prompts, results, as_json, run.dir)
 
 
 def _one_prompt(prompt: str | None, prompt_file: str | None) -> str:
     """generate's prompt: --prompt or --prompt-file (not both); '' when neither is given."""
-    from minigpt.corpus import read_prompts
+    from minigpt.prompts import read_prompts
 
     if prompt is not None and prompt_file is not None:
         raise MinigptError(
@@ -317,9 +371,9 @@ def inspect_heads(
     choose_wait_policy()  # before torch loads (see device.py)
     from minigpt import render
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
-    from minigpt.corpus import read_prompts
     from minigpt.device import resolve_device
     from minigpt.heads_run import check_head, inspect_run
+    from minigpt.prompts import read_prompts
 
     writers = [
         (render.save_html, html, "html_file"),

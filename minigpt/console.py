@@ -1,7 +1,7 @@
 """What the command line prints: errors, warnings and notes, the trainer's step bar
-and summary, samples as they stream, the stats line after generating, the
-interactive prompt loop, the head inspector's tables, and the word a signal exits
-with.
+and summary, samples as they stream, the stats line after generating, a batch of
+prompts' samples, the interactive prompt loop, the head inspector's tables, and the
+word a signal exits with.
 
 stdout carries only what the user asked for (the text, or one JSON object), so it
 can be piped; errors, warnings and numbers go to stderr. This module loads neither
@@ -14,7 +14,7 @@ import json
 import math
 import signal
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -118,6 +118,37 @@ class GenerationPrinter:
             sys.stdout.write("\n")
             sys.stdout.flush()
         note(stats_line(result))
+
+
+def print_batch(
+    prompts: Sequence[str], results: Sequence[GenerationResult], as_json: bool, run_dir: Path | str
+) -> None:
+    """What `generate --prompts-file` prints: each prompt and its sample in the file's
+    order, separated as samples are (or one JSON object), then one stats line on stderr.
+    Nothing streams: the batch's samples are written side by side."""
+    pairs = list(zip(prompts, results, strict=True))
+    if as_json:
+        batch = [{"prompt": prompt, **result.to_json()} for prompt, result in pairs]
+        print_json({"run_dir": str(run_dir), "results": batch})
+    else:
+        texts = [prompt + result.samples[0].text for prompt, result in pairs]
+        sys.stdout.write(SAMPLE_SEPARATOR.join(texts) + "\n")
+        sys.stdout.flush()
+    note(batch_stats_line(results))
+
+
+def batch_stats_line(results: Sequence[GenerationResult]) -> str:
+    """The one line of numbers printed on stderr after a batch of prompts: the batch
+    took as long as its last prompt; the prompts were drawn with consecutive seeds."""
+    seconds = max(result.seconds for result in results)
+    new_tokens = sum(result.new_tokens for result in results)
+    rate = new_tokens / seconds if seconds > 0 else 0.0
+    first, last = results[0].settings["seed"], results[-1].settings["seed"]
+    seeds = f"seed {first}" if len(results) == 1 else f"seeds {first} to {last}, in order"
+    return (
+        f"prompts: {len(results)}, prompt tokens: {sum(r.prompt_tokens for r in results)},"
+        f" new tokens: {new_tokens}, {rate:.1f} tokens/s in {seconds:.2f} s ({seeds})"
+    )
 
 
 def interactive_loop(

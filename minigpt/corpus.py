@@ -63,7 +63,7 @@ def read_text(path: Path) -> str:
         raw = Path(path).read_bytes()
     except OSError as err:  # permission denied, vanished since it was listed
         raise os_error(err, "read", path) from None
-    _refuse_wide_or_binary(path, raw, len(raw))
+    refuse_wide_or_binary(path, raw, len(raw))
     return _decode(path, raw, 0)
 
 
@@ -80,7 +80,7 @@ def _decode(path: Path, raw: bytes, offset: int) -> str:
         ) from None
 
 
-def _refuse_wide_or_binary(path: Path, head: bytes, size: int) -> None:
+def refuse_wide_or_binary(path: Path, head: bytes, size: int) -> None:
     """UTF-16 and UTF-32 text, and binary files, named as what they are, from the first
     bytes of a file of `size` bytes."""
     wide = _wide_encoding(head, size)
@@ -134,34 +134,6 @@ def _utf8_complete(raw: bytes) -> int:
     lead = raw[start]
     needed = 2 if 0xC0 <= lead < 0xE0 else 3 if 0xE0 <= lead < 0xF0 else 4 if lead >= 0xF0 else 1
     return start if len(raw) - start < needed else len(raw)
-
-
-def read_prompt_file(path: str | Path) -> str:
-    """A prompt file's text, or one clear sentence why not (missing, empty, not UTF-8)."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError as err:
-        raise MinigptError(f"prompt file {path} does not exist", hint="check the path") from err
-    except IsADirectoryError as err:
-        raise MinigptError(f"prompt file {path} is a directory", hint="pass a text file") from err
-    except UnicodeDecodeError as err:
-        raise MinigptError(
-            f"prompt file {path} is not UTF-8 text", hint="save it as UTF-8"
-        ) from err
-    except OSError as err:
-        raise MinigptError(f"cannot read prompt file {path}: {err.strerror}") from err
-    if not text:
-        raise MinigptError(
-            f"prompt file {path} is empty",
-            hint="put some text in it, or leave out prompt_file",
-            param="prompt_file",
-        )
-    return text
-
-
-def read_prompts(prompts: Sequence[str] = (), prompt_files: Sequence[str | Path] = ()) -> list[str]:
-    """The prompts given as text and as files (one prompt each), in that order."""
-    return [*prompts, *(read_prompt_file(path) for path in prompt_files)]
 
 
 # ---------------------------------------------------------------------------- documents
@@ -227,7 +199,7 @@ def _text_documents(path: Path, field: str, on_bytes: OnBytes) -> Iterator[Docum
         size = os.fstat(f.fileno()).st_size
         if size <= PIECE_BYTES:
             raw = _read(f, path)
-            _refuse_wide_or_binary(path, raw, len(raw))
+            refuse_wide_or_binary(path, raw, len(raw))
             on_bytes(len(raw))
             yield _decode(path, raw, 0)
         else:
@@ -247,7 +219,7 @@ def _text_pieces(f, path: Path, size: int, on_bytes: OnBytes) -> Iterator[str]:
     offset, carry = 0, b""
     while block := _read(f, path, PIECE_BYTES):
         if offset == 0:
-            _refuse_wide_or_binary(path, block, size)
+            refuse_wide_or_binary(path, block, size)
         else:
             _refuse_nul(path, block, offset)
         on_bytes(len(block))

@@ -450,11 +450,11 @@ def generate_text(
         seconds=seconds,
         first_token_seconds=first_token_seconds,
         cropped_prompt_tokens=cropped,
-        settings=_settings_json(model, sampling),
+        settings=settings_json(model, sampling),
     )
 
 
-def _settings_json(model: GPT, sampling: Sampling) -> dict:
+def settings_json(model: GPT, sampling: Sampling) -> dict:
     """What a generation ran with, as its JSON result reports it."""
     cache = cache_bytes(model, sampling.num_samples) if sampling.use_kv_cache else 0
     return {

@@ -833,3 +833,85 @@ def test_generate_compile_and_dtype_on_the_command_line(hello_run, minigpt_cli):
     code, _, err = minigpt_cli(*base, "--compile", "--no-kv-cache")
     assert code == 2 and "--compile (a static-shape step) writes into the KV cache" in err
     assert "or --compile off" in err
+
+
+# --- generate --prompts-file: many prompts as one batch -------------------------------
+
+
+def batch_json(minigpt_cli, run_dir, prompts_file, *options) -> list[dict]:
+    code, out, err = minigpt_cli(
+        "generate", run_dir, "--prompts-file", prompts_file, "--json", *options
+    )
+    assert code == 0, err
+    data = json.loads(out)
+    assert data["run_dir"] == str(run_dir)
+    return data["results"]
+
+
+def alone_text(minigpt_cli, run_dir, prompt, *options) -> str:
+    code, out, err = minigpt_cli("generate", run_dir, "-p", prompt, "--json", *options)
+    assert code == 0, err
+    return json.loads(out)["samples"][0]["text"]
+
+
+def test_cli_prompts_file_gives_each_prompt_its_greedy_text_alone_in_file_order(
+    hello_run, tmp_path, minigpt_cli
+):
+    run_dir, _, _ = hello_run
+    prompts = ["hello", "d", "hello world\nhello w", "wor", "", HELLO * 2]  # 3rd, 6th: cropped
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in prompts) + "\n", encoding="utf-8")
+    greedy = ["-n", "20", "--temperature", "0"]  # past block_size=16: rows crop on their own
+    results = batch_json(minigpt_cli, run_dir, path, *greedy)
+    assert [r["prompt"] for r in results] == prompts
+    assert [r["cropped_prompt_tokens"] for r in results] == [0, 0, 3, 0, 0, 8]
+    texts = [r["samples"][0]["text"] for r in results]
+    assert texts == [alone_text(minigpt_cli, run_dir, p, *greedy) for p in prompts]
+    code, out, err = minigpt_cli("generate", run_dir, "--prompts-file", path, *greedy)
+    assert code == 0
+    assert out == console.SAMPLE_SEPARATOR.join(map(str.__add__, prompts, texts)) + "\n"
+    assert "warning: prompt 3 has 19 tokens" in err and "warning: prompt 6 has 24 tokens" in err
+    assert err.splitlines()[-1].startswith("prompts: 6, prompt tokens: 42, new tokens: 120,")
+
+
+def test_cli_prompts_file_draws_prompt_i_with_seed_plus_i(hello_run, tmp_path, minigpt_cli):
+    run_dir, _, _ = hello_run
+    (tmp_path / "p.txt").write_text("he\n\nwor\n", encoding="utf-8")  # the blank line is no prompt
+    sampled = ["-n", "12", "--temperature", "3"]  # hot enough that seeds 5 and 6 differ
+    results = batch_json(minigpt_cli, run_dir, tmp_path / "p.txt", "--seed", "5", *sampled)
+    assert [r["settings"]["seed"] for r in results] == [5, 6]
+    assert [r["samples"][0]["text"] for r in results] == [
+        alone_text(minigpt_cli, run_dir, "he", "--seed", "5", *sampled),
+        alone_text(minigpt_cli, run_dir, "wor", "--seed", "6", *sampled),
+    ]
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["-p", "he"], "--prompts-file and --prompt were both given"),
+        (["--prompt-file", "PROMPTS"], "--prompts-file and --prompt-file were both given"),
+        (["-i"], "--prompts-file and --interactive were both given"),
+        (["-s", "2"], "--num-samples does not apply to --prompts-file"),
+        (["--no-kv-cache"], "--no-kv-cache does not apply to --prompts-file"),
+        (["--compile"], "--compile does not apply to --prompts-file"),
+        (["--prompts-file", "MISSING"], "--prompts-file MISSING does not exist"),
+        (["--prompts-file", "BAD"], "--prompts-file BAD line 2 is not JSON"),
+    ],
+)
+def test_cli_prompts_file_refusals_are_one_error_and_a_hint(
+    hello_run, tmp_path, args, words, minigpt_cli
+):
+    paths = {"PROMPTS": tmp_path / "p.txt", "MISSING": tmp_path / "no.txt"}
+    paths["BAD"] = tmp_path / "bad.jsonl"
+    paths["PROMPTS"].write_text("he\n", encoding="utf-8")
+    paths["BAD"].write_text('"he"\n{"prompt"\n', encoding="utf-8")
+    args = [paths.get(a, a) for a in args]
+    if "--prompts-file" not in args:
+        args += ["--prompts-file", paths["PROMPTS"]]
+    code, out, err = minigpt_cli("generate", hello_run[0], *args)
+    for name, path in paths.items():
+        words = words.replace(name, str(path))
+    assert code == 2 and out == "" and words in err, err
+    lines = err.splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("hint: ")

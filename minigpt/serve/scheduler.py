@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from minigpt.batching import BatchDecoder, Continuation, Draw, TokenLogprob
 from minigpt.errors import MinigptError
 from minigpt.model import GPT
-from minigpt.sampling import Sampling
+from minigpt.sampling import MAX_SEED, Sampling
 from minigpt.tokenizer import Tokenizer
 
 log = logging.getLogger("minigpt.serve")
@@ -140,7 +140,7 @@ class Scheduler:
         job = Job(prompt_ids, len(prompt_ids) * n, asyncio.get_running_loop())
         continuations = []
         for index in range(job.n_choices):
-            seed = None if sampling.seed is None else sampling.seed + index
+            seed = None if sampling.seed is None else (sampling.seed + index) % (MAX_SEED + 1)
             settings = replace(sampling, seed=seed, num_samples=1)
             continuations.append(
                 self.decoder.sequence(
