@@ -166,11 +166,6 @@ def test_a_bad_body_is_refused_naming_its_field(case):
     assert refused.value.param == param and str(refused.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="serve/api.py does not yet answer a MinigptError from a route with 400 and "
-    "OpenAI's error object (it answers 500); this passes once it does",
-)
 @pytest.mark.parametrize(
     "body, param",
     [

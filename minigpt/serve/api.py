@@ -88,6 +88,7 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(MinigptError, _refused_input)
     _add_routes(app)
     app.include_router(page.router)
     return app
@@ -103,6 +104,13 @@ def error_response(err: ApiError) -> JSONResponse:
 async def _api_error(request: Request, err: Exception) -> JSONResponse:
     assert isinstance(err, ApiError)
     return error_response(err)
+
+
+async def _refused_input(request: Request, err: Exception) -> JSONResponse:
+    """A route's bad input (a MinigptError, as the page's /api/attention raises): 400
+    naming its field."""
+    assert isinstance(err, MinigptError)
+    return error_response(bad_request(err))
 
 
 async def _invalid_request(request: Request, err: Exception) -> JSONResponse:
