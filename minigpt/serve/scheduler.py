@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from minigpt.batching import BatchDecoder, Continuation, Draw, TokenLogprob
@@ -31,6 +31,10 @@ log = logging.getLogger("minigpt.serve")
 
 IDLE_WAIT_S = 0.5
 """How long the idle decode thread sleeps between looks at the queue (a submit wakes it)."""
+
+
+def _never() -> bool:
+    return False
 
 
 class QueueFull(MinigptError):
@@ -71,13 +75,18 @@ class Job:
         self._events: asyncio.Queue[ChoiceEvent] = asyncio.Queue()
 
     async def events(self) -> AsyncIterator[ChoiceEvent]:
-        """Every event of every choice; ends after each choice's last one."""
+        """Every event of every choice; ends after each choice's last one. Events that
+        piled up while the handler was busy come as one per choice: when the decode
+        loop runs ahead of the network, a client gets fewer, larger pieces."""
         running = self.n_choices
         while running:
-            event = await self._events.get()
-            yield event
-            if event.finish_reason is not None:
-                running -= 1
+            waiting = [await self._events.get()]
+            while not self._events.empty():
+                waiting.append(self._events.get_nowait())
+            for event in _merged(waiting):
+                yield event
+                if event.finish_reason is not None:
+                    running -= 1
 
     def cancel(self) -> None:
         """Stop the job's continuations: their rows are freed at the next step."""
@@ -117,18 +126,33 @@ class Scheduler:
     def waiting(self) -> int:
         return len(self._waiting)
 
+    def run(self, until: Callable[[], bool] = _never, grace_s: float = 3.0) -> None:
+        """Run the decode loop on this thread until the scheduler is closed, or until
+        `until()` says to close it (with grace_s for the jobs in flight).
+
+        `minigpt serve` runs it on the main thread: on a CPU, torch's threads run a
+        small model's step several times slower when a second Python thread starts
+        them, so the HTTP side gets the other thread."""
+        self._run(until, grace_s)
+
     def start(self) -> None:
+        """Run the decode loop on a thread of its own (tests, or a program that embeds
+        the server and keeps its main thread)."""
         self._thread = threading.Thread(target=self._run, name="minigpt-decode", daemon=True)
         self._thread.start()
 
     def close(self, grace_s: float = 3.0) -> None:
-        """Take no new jobs; let running ones finish, cutting what is left after grace_s."""
-        with self._lock:
-            self._closing = True
-            self._deadline = time.monotonic() + grace_s
-        self._wake.set()
+        """Take no new jobs; let running ones finish, cutting what is left after grace_s.
+        Waits for the decode thread when `start` started one."""
+        self._begin_close(grace_s)
         if self._thread is not None:
             self._thread.join(grace_s + 5.0)
+
+    def _begin_close(self, grace_s: float) -> None:
+        with self._lock:
+            self._closing = True
+            self._deadline = min(self._deadline, time.monotonic() + grace_s)
+        self._wake.set()
 
     def submit(
         self, prompts: Sequence[Sequence[int]], sampling: Sampling, *, n: int = 1, logprobs: int = 0
@@ -182,8 +206,10 @@ class Scheduler:
 
     # --- the decode thread -------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _run(self, until: Callable[[], bool] = _never, grace_s: float = 3.0) -> None:
         while True:
+            if not self._closing and until():
+                self._begin_close(grace_s)
             with self._lock:
                 closing, deadline = self._closing, self._deadline
                 self._drop_cancelled()
@@ -235,6 +261,18 @@ class Scheduler:
             job, index = continuation.owner
             job.emit(ChoiceEvent(index, "", finish_reason="error", error=message))
             self.decoder.leave(continuation)
+
+
+def _merged(events: list[ChoiceEvent]) -> list[ChoiceEvent]:
+    """Events in order, those of one choice joined into one (its last says how it ended)."""
+    by_choice: dict[int, ChoiceEvent] = {}
+    for event in events:
+        joined = by_choice.setdefault(event.index, ChoiceEvent(event.index, ""))
+        joined.text += event.text
+        joined.token_ids += event.token_ids
+        joined.logprobs += event.logprobs
+        joined.finish_reason, joined.error = event.finish_reason, event.error
+    return list(by_choice.values())
 
 
 def _emit(draw: Draw) -> None:

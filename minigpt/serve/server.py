@@ -6,11 +6,14 @@ otherwise; any address other machines can reach is served with a warning unless 
 API key guards it, and a server on loopback answers only requests that name it by
 a loopback name (a web page cannot reach it by rebinding its own name to 127.0.0.1).
 
-Signals: uvicorn takes SIGINT and SIGTERM while it serves. On either it stops
-taking connections and requests (the scheduler refuses new jobs with 503), lets
-the running ones finish or cuts them within GRACE_S (`Scheduler.close`), and
-returns; it then raises the signal again, which lands in `minigpt.signals`' handler,
-so the command ends as every command does: one word and 143 (or 130).
+Threads: the scheduler's decode loop runs on the main thread, uvicorn's event loop
+on a second one (on a CPU, torch runs a step fastest when the main thread starts it).
+
+Signals: they land in `minigpt.signals`' handler, on the main thread (uvicorn takes
+none off the main thread). The decode loop sees the flag; the server then stops
+taking connections (a request that still arrives gets 503), lets the running
+requests finish or cuts them within GRACE_S, and the command ends as every command
+does: one word and 143 (or 130).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import asyncio
 import errno
 import ipaddress
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +141,27 @@ def _serve_on(
     app = create_app(run.model, run.tokenizer, model_id, scheduler, api_key, allowed_hosts=hosts)
     signals.check()  # a signal while the model loaded stops the command before it serves
     server = make_server(app, scheduler, sock)
-    scheduler.start()
+    server.on_started = lambda: _say_serving(model_id, sock, api_key)
+    # The decode loop runs on this, the main thread (see Scheduler.run); uvicorn on its own.
+    web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="minigpt-http")
+    web.start()
+
+    def stopping() -> bool:
+        """A signal came (or uvicorn stopped): stop listening at once; the requests in
+        flight get GRACE_S to finish."""
+        if signals.pending() or not web.is_alive():
+            server.should_exit = True
+            return True
+        return False
+
     try:
-        server.on_started = lambda: _say_serving(model_id, sock, api_key)
-        server.run(sockets=[sock])
+        scheduler.run(until=stopping, grace_s=GRACE_S)
     finally:
+        server.should_exit = True
         scheduler.close(GRACE_S)
+        web.join(GRACE_S + 10.0)
+    if not server.started and not signals.pending():
+        raise MinigptError("the HTTP server stopped before it served", hint="see its log above")
 
 
 def _say_serving(model_id: str, sock: socket.socket, api_key: str | None) -> None:
@@ -168,7 +187,7 @@ def make_server(app: Any, scheduler: Any, sock: socket.socket) -> Any:
                 self.on_started()
 
         async def on_tick(self, counter: int) -> bool:
-            if signals.pending():  # one that came before uvicorn took the signals
+            if signals.pending():  # our handler took it: stop listening at once
                 self.should_exit = True
             return await super().on_tick(counter)
 
