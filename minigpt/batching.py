@@ -166,9 +166,9 @@ class Continuation:
 @dataclass
 class Draw:
     """One step's output for one sequence: the token, the text that became final, and,
-    once the sequence ended, why ("stop" or "length"; "error" with sequence.error)."""
+    once the sequence ended, why ("stop" or "length"; "error" with continuation.error)."""
 
-    sequence: Continuation
+    continuation: Continuation
     token_id: int
     text: str
     logprob: TokenLogprob | None = None
@@ -207,7 +207,7 @@ class BatchDecoder:
     def free(self) -> int:
         return self.max_batch - len(self.rows)
 
-    def sequence(
+    def continuation(
         self,
         tokenizer: Tokenizer,
         prompt_ids: Sequence[int],
@@ -225,18 +225,18 @@ class BatchDecoder:
         )  # fmt: skip
 
     @torch.inference_mode()
-    def join(self, sequence: Continuation) -> None:
-        """Prefill the sequence's prompt alone and give it the next free row."""
+    def join(self, continuation: Continuation) -> None:
+        """Prefill the continuation's prompt alone and give it the next free row."""
         if not self.free:
-            raise MinigptError("every row is taken", hint="wait for a sequence to end")
+            raise MinigptError("every row is taken", hint="wait for a continuation to end")
         row = len(self.rows)
-        self.logits[row] = self._prefill(sequence.tokens)
-        self.rows.append(sequence)
+        self.logits[row] = self._prefill(continuation.tokens)
+        self.rows.append(continuation)
         self.cache.n_rows = len(self.rows)
 
-    def leave(self, sequence: Continuation) -> None:
-        """Free the sequence's row; the last row moves into it."""
-        row, last = self.rows.index(sequence), len(self.rows) - 1
+    def leave(self, continuation: Continuation) -> None:
+        """Free the continuation's row; the last row moves into it."""
+        row, last = self.rows.index(continuation), len(self.rows) - 1
         if row != last:
             self.cache.move_row(last, row)
             self.logits[row] = self.logits[last]
@@ -250,7 +250,7 @@ class BatchDecoder:
         draws = self._draw()
         for draw in draws:
             if draw.finish_reason is not None:
-                self.leave(draw.sequence)
+                self.leave(draw.continuation)
         if self.rows:
             self._forward()
         return draws
@@ -268,16 +268,16 @@ class BatchDecoder:
 
     def _forward(self) -> None:
         """The logits after every row's newest token, in one forward pass."""
-        for row, sequence in enumerate(self.rows):
+        for row, continuation in enumerate(self.rows):
             if self.learned and self.cache.lengths[row] == self.block_size:
                 # generate's crop: the window restarts at the last block_size - stride
                 # tokens, the newest of which the batched step below runs.
-                keep = self.block_size - sequence.sampling.stride_for(self.block_size)
-                sequence.tokens = sequence.tokens[-keep:]
-                self._prefill(sequence.tokens[:-1], row)
-            elif len(sequence.tokens) > 2 * self.block_size:  # a ring needs the newest only
-                del sequence.tokens[: -self.block_size]
-        newest = [sequence.tokens[-1] for sequence in self.rows]
+                keep = self.block_size - continuation.sampling.stride_for(self.block_size)
+                continuation.tokens = continuation.tokens[-keep:]
+                self._prefill(continuation.tokens[:-1], row)
+            elif len(continuation.tokens) > 2 * self.block_size:  # a ring needs the newest only
+                del continuation.tokens[: -self.block_size]
+        newest = [continuation.tokens[-1] for continuation in self.rows]
         idx = torch.tensor(newest, dtype=torch.long, device=self.model.device)[:, None]  # (n, 1)
         logits, _ = self.model(idx, kv_cache=self.cache, last_only=True)  # (n, 1, V)
         self.logits[: len(self.rows)] = logits[:, -1]
@@ -287,34 +287,42 @@ class BatchDecoder:
         logits = self.logits[:n, : self.vocab_limit]  # (n, V')
         finite = torch.isfinite(logits).all(dim=-1).tolist()
         next_ids = logits.argmax(dim=-1)  # (n,): the greedy rows' draws
-        for row, sequence in enumerate(self.rows):
-            s = sequence.sampling
+        for row, continuation in enumerate(self.rows):
+            s = continuation.sampling
             if s.temperature > 0 and finite[row]:
                 next_ids[row] = sample_next(
-                    logits[row : row + 1], s.temperature, s.top_k, s.top_p, sequence.generator
+                    logits[row : row + 1], s.temperature, s.top_k, s.top_p, continuation.generator
                 )[0]
         draws = []
-        for row, (sequence, token_id) in enumerate(zip(self.rows, next_ids.tolist(), strict=True)):
-            draws.append(self._record(sequence, token_id, logits[row], finite[row]))
+        for row, (continuation, token_id) in enumerate(
+            zip(self.rows, next_ids.tolist(), strict=True)
+        ):
+            draws.append(self._record(continuation, token_id, logits[row], finite[row]))
         return draws
 
-    def _record(self, sequence: Continuation, token_id: int, logits: Tensor, finite: bool) -> Draw:
-        """Append a drawn token to its sequence: its text, its logprob, whether it ended."""
+    def _record(
+        self, continuation: Continuation, token_id: int, logits: Tensor, finite: bool
+    ) -> Draw:
+        """Append a drawn token to its continuation: its text, its logprob, whether it ended."""
         if not finite:
-            sequence.error = (
+            continuation.error = (
                 "the model produced non-finite logits (NaN or inf): its weights are damaged"
             )
-            return Draw(sequence, token_id, sequence.stream.finish(), None, "error")
-        sequence.tokens.append(token_id)
-        sequence.n_new += 1
-        logprob = _logprob(logits, token_id, sequence.logprobs) if sequence.logprobs else None
-        text = sequence.stream.push(token_id)
-        ended = sequence.stream.ended or sequence.n_new == sequence.sampling.max_new_tokens
+            return Draw(continuation, token_id, continuation.stream.finish(), None, "error")
+        continuation.tokens.append(token_id)
+        continuation.n_new += 1
+        logprob = (
+            _logprob(logits, token_id, continuation.logprobs) if continuation.logprobs else None
+        )
+        text = continuation.stream.push(token_id)
+        ended = (
+            continuation.stream.ended or continuation.n_new == continuation.sampling.max_new_tokens
+        )
         if not ended:
-            return Draw(sequence, token_id, text, logprob)
-        text += sequence.stream.finish()
-        reason = "length" if sequence.stream.sample.finish_reason == "length" else "stop"
-        return Draw(sequence, token_id, text, logprob, reason)
+            return Draw(continuation, token_id, text, logprob)
+        text += continuation.stream.finish()
+        reason = "length" if continuation.stream.sample.finish_reason == "length" else "stop"
+        return Draw(continuation, token_id, text, logprob, reason)
 
 
 def _logprob(logits: Tensor, token_id: int, top: int) -> TokenLogprob:
@@ -364,7 +372,7 @@ def generate_batch(
                 f" block_size={model.config.block_size}; only its last {len(ids)} are used"
             )
         seeded = replace(sampling, seed=(sampling.seed + index) % (MAX_SEED + 1), num_samples=1)
-        waiting.append(decoder.sequence(tokenizer, ids, seeded, owner=(index, cropped)))
+        waiting.append(decoder.continuation(tokenizer, ids, seeded, owner=(index, cropped)))
     started = time.perf_counter()
     first_token: dict[int, float] = {}
     results: dict[int, GenerationResult] = {}
@@ -373,20 +381,20 @@ def generate_batch(
         while waiting and decoder.free:
             decoder.join(waiting.popleft())
         for draw in decoder.step():
-            index, cropped = draw.sequence.owner
+            index, cropped = draw.continuation.owner
             first_token.setdefault(index, time.perf_counter() - started)
             if draw.text and on_text:
                 on_text(index, draw.text)
             if draw.finish_reason == "error":
-                raise MinigptError(draw.sequence.error, hint="load another checkpoint")
+                raise MinigptError(draw.continuation.error, hint="load another checkpoint")
             if draw.finish_reason is not None:
-                sample = draw.sequence.stream.sample
+                sample = draw.continuation.stream.sample
                 results[index] = GenerationResult(
-                    prompt_tokens=len(draw.sequence.prompt_ids),
+                    prompt_tokens=len(draw.continuation.prompt_ids),
                     samples=[sample],
                     seconds=time.perf_counter() - started,
                     first_token_seconds=first_token[index],
                     cropped_prompt_tokens=cropped,
-                    settings=settings_json(model, draw.sequence.sampling),
+                    settings=settings_json(model, draw.continuation.sampling),
                 )
     return [results[index] for index in range(len(prompts))]

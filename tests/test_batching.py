@@ -33,7 +33,7 @@ def run_batched(decoder, tokenizer, sampling_of, join_every=3):
     """Decode PROMPTS with up to decoder.max_batch rows, one joining every
     `join_every` steps: each sequence's token ids, by prompt index."""
     waiting = [
-        decoder.sequence(tokenizer, prompt, sampling_of(i), owner=i)
+        decoder.continuation(tokenizer, prompt, sampling_of(i), owner=i)
         for i, prompt in enumerate(PROMPTS)
     ]
     tokens = {i: [] for i in range(len(PROMPTS))}
@@ -42,7 +42,7 @@ def run_batched(decoder, tokenizer, sampling_of, join_every=3):
         if waiting and decoder.free and step % join_every == 0:
             decoder.join(waiting.pop(0))
         for draw in decoder.step() if decoder.rows else []:
-            tokens[draw.sequence.owner].append(draw.token_id)
+            tokens[draw.continuation.owner].append(draw.token_id)
         step += 1
     return tokens
 
@@ -99,13 +99,15 @@ def test_rows_that_end_free_their_place_and_the_batch_stays_packed(tiny_gpt, tok
     decoder = BatchDecoder(model, max_batch=3, vocab_limit=tokenizer.vocab_size)
     lengths = [1, 4, 2]
     for i, n in enumerate(lengths):
-        decoder.join(decoder.sequence(tokenizer, PROMPTS[i], Sampling(max_new_tokens=n), owner=i))
+        decoder.join(
+            decoder.continuation(tokenizer, PROMPTS[i], Sampling(max_new_tokens=n), owner=i)
+        )
     assert decoder.free == 0
     with pytest.raises(MinigptError, match="every row is taken"):
-        decoder.join(decoder.sequence(tokenizer, [1], Sampling(max_new_tokens=1)))
+        decoder.join(decoder.continuation(tokenizer, [1], Sampling(max_new_tokens=1)))
     ended = []
     while decoder.rows:
-        ended += [d.sequence.owner for d in decoder.step() if d.finish_reason == "length"]
+        ended += [d.continuation.owner for d in decoder.step() if d.finish_reason == "length"]
         # rows 0..n-1 are the sequences still running, each at its own length
         assert decoder.cache.n_rows == len(decoder.rows)
     assert ended == [0, 2, 1]
@@ -119,7 +121,7 @@ def test_a_stop_string_ends_a_row_and_is_not_in_its_text(tiny_gpt, tokenizer):
     stop = text[5:7]
     decoder = BatchDecoder(model, max_batch=2, vocab_limit=tokenizer.vocab_size)
     sampling = Sampling(max_new_tokens=20, temperature=0, stop=[stop])
-    decoder.join(decoder.sequence(tokenizer, PROMPTS[0], sampling))
+    decoder.join(decoder.continuation(tokenizer, PROMPTS[0], sampling))
     pieces, reasons = [], []
     while decoder.rows:
         for draw in decoder.step():
@@ -134,7 +136,9 @@ def test_logprobs_are_the_log_softmax_of_the_step(tiny_gpt, tokenizer):
     decoder = BatchDecoder(model, max_batch=1, vocab_limit=tokenizer.vocab_size)
     prompt = PROMPTS[1]
     decoder.join(
-        decoder.sequence(tokenizer, prompt, Sampling(max_new_tokens=1, temperature=0), logprobs=3)
+        decoder.continuation(
+            tokenizer, prompt, Sampling(max_new_tokens=1, temperature=0), logprobs=3
+        )
     )
     (draw,) = decoder.step()
     with torch.no_grad():
@@ -150,9 +154,9 @@ def test_non_finite_logits_end_the_row_with_an_error(tiny_gpt, tokenizer):
     with torch.no_grad():
         model.lm_head.weight[0, 0] = float("nan")
     decoder = BatchDecoder(model, max_batch=1, vocab_limit=tokenizer.vocab_size)
-    decoder.join(decoder.sequence(tokenizer, [1, 2], Sampling(max_new_tokens=5)))
+    decoder.join(decoder.continuation(tokenizer, [1, 2], Sampling(max_new_tokens=5)))
     (draw,) = decoder.step()
-    assert draw.finish_reason == "error" and "non-finite" in draw.sequence.error
+    assert draw.finish_reason == "error" and "non-finite" in draw.continuation.error
     assert not decoder.rows
 
 

@@ -87,14 +87,22 @@ def test_a_full_waiting_line_is_refused(scheduler_of, tokenizer):
     scheduler = scheduler_of(max_batch=1, max_waiting=2)
 
     async def flood():
-        sampling = Sampling(max_new_tokens=5)
-        jobs = [scheduler.submit([[1]], sampling, n=2)]
+        running = scheduler.submit([[1]], Sampling(max_new_tokens=100_000))
+        await until(lambda: scheduler.running == 1)
+        waiting = scheduler.submit([[1]], Sampling(max_new_tokens=2), n=2)  # the line is full
         with pytest.raises(QueueFull, match="busy"):
-            scheduler.submit([[1]], sampling)
-        for job in jobs:
-            await texts_of(job)
+            scheduler.submit([[1]], Sampling(max_new_tokens=2))
+        running.cancel()
+        await texts_of(waiting)
 
     asyncio.run(flood())
+
+
+async def until(condition, seconds=10.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "the scheduler did not get there in time"
+        await asyncio.sleep(0.005)
 
 
 def test_a_cancelled_job_frees_its_rows(scheduler_of, tokenizer):

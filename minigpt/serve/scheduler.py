@@ -167,7 +167,7 @@ class Scheduler:
             seed = None if sampling.seed is None else (sampling.seed + index) % (MAX_SEED + 1)
             settings = replace(sampling, seed=seed, num_samples=1)
             continuations.append(
-                self.decoder.sequence(
+                self.decoder.continuation(
                     self.tokenizer,
                     prompt_ids[index // n],
                     settings,
@@ -277,9 +277,9 @@ def _merged(events: list[ChoiceEvent]) -> list[ChoiceEvent]:
 
 def _emit(draw: Draw) -> None:
     """One step's draw as its job's event."""
-    job, index = draw.sequence.owner
+    job, index = draw.continuation.owner
     logprobs = [draw.logprob] if draw.logprob is not None else []
     token_ids = [draw.token_id] if draw.finish_reason != "error" else []
     event = ChoiceEvent(index, draw.text, token_ids, logprobs, draw.finish_reason)
-    event.error = draw.sequence.error
+    event.error = draw.continuation.error
     job.emit(event)
