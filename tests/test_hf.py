@@ -191,6 +191,38 @@ def test_greedy_generation_equals_transformers(imported, hf_model, hf_tokenizer,
     assert json.loads(out)["samples"][0]["text"] == hf_tokenizer.decode(expected[:stop])
 
 
+def test_an_imported_gpt2_served_with_others_writes_what_transformers_writes(
+    imported, hf_model, hf_tokenizer
+):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from minigpt.serve.api import create_app
+    from minigpt.serve.scheduler import Scheduler
+
+    run = load_run(imported)
+    scheduler = Scheduler(run.model, run.tokenizer, max_batch=2)
+    scheduler.start()
+    body = {"prompt": PROMPTS, "max_tokens": 20, "temperature": 0, "return_token_ids": True}
+    try:
+        with TestClient(create_app(run.model, run.tokenizer, "gpt2", scheduler)) as client:
+            answer = client.post("/v1/completions", json=body).json()
+    finally:
+        scheduler.close(0)
+    for prompt, choice in zip(PROMPTS, answer["choices"], strict=True):
+        ids = hf_tokenizer(prompt)["input_ids"]
+        with torch.no_grad():
+            expected = hf_model.generate(
+                torch.tensor([ids]),
+                do_sample=False,
+                max_new_tokens=20,
+                pad_token_id=run.tokenizer.eot_id,
+            )[0, len(ids) :].tolist()
+        assert choice["prompt_token_ids"] == ids  # the byte-level BPE is transformers'
+        assert choice["token_ids"] == expected
+        assert choice["text"] == hf_tokenizer.decode(expected)
+
+
 def test_inspect_heads_and_generate_on_an_imported_model(imported, minigpt_cli, tmp_path):
     code, out, err = minigpt_cli(
         "inspect-heads", imported, "--repeated", "12", "--json", tmp_path / "heads.json"
