@@ -142,8 +142,11 @@ def _serve_on(
     signals.check()  # a signal while the model loaded stops the command before it serves
     server = make_server(app, scheduler, sock)
     server.on_started = lambda: _say_serving(model_id, sock, api_key)
-    # The decode loop runs on this, the main thread (see Scheduler.run); uvicorn on its own.
-    web = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="minigpt-http")
+    # The decode loop runs on this, the main thread (see Scheduler.run); uvicorn on its
+    # own, a daemon, so that an HTTP side that never returns cannot hold the exit open.
+    web = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="minigpt-http", daemon=True
+    )
     web.start()
 
     def stopping() -> bool:
