@@ -69,15 +69,18 @@ traceback, or the machine swaps, long after the user could have been told."""
 def encode_prompt(tokenizer: Tokenizer, prompt: str, block_size: int) -> tuple[list[int], int]:
     """Prompt text -> (ids of at most block_size tokens, how many leading tokens were cropped).
 
-    Without a prompt, generation starts where a new document would: after the
-    tokenizer's separator (end-of-text, or a newline for `char`), else after id 0.
+    Without a prompt, generation starts where a new document would (`document_start`).
     """
-    ids = tokenizer.encode_prompt(prompt) if prompt else []
-    if not ids:
-        separator = tokenizer.separator_id
-        ids = [0 if separator is None else separator]
+    ids = (tokenizer.encode_prompt(prompt) if prompt else []) or document_start(tokenizer)
     cropped = max(0, len(ids) - block_size)
     return ids[cropped:], cropped
+
+
+def document_start(tokenizer: Tokenizer) -> list[int]:
+    """The ids an empty prompt stands for: where a new document starts, after the
+    tokenizer's separator (end-of-text, or a newline for `char`), else after id 0."""
+    separator = tokenizer.separator_id
+    return [0 if separator is None else separator]
 
 
 def window_start(n_tokens: int, start: int, block_size: int, stride: int) -> int:

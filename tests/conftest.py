@@ -89,6 +89,18 @@ def assert_nothing_written(listing):
     return check
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """torch on one thread for a module (`pytestmark = pytest.mark.usefixtures(...)`):
+    tiny models gain nothing from threads, and on a busy machine threads fight."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_gpt():
     """Build a small GPT in eval mode from torch.manual_seed(seed): the same weights every time."""

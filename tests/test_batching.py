@@ -16,12 +16,7 @@ PROMPTS = [[1, 2, 3], [4] * 10, list(range(1, 17)), [7, 3], [9]]
 NEW_TOKENS = [40, 25, 33, 5, 12]  # past block_size=16: crops and a rolling ring
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

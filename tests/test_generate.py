@@ -22,13 +22,7 @@ from minigpt.tokenizer import BPETokenizer, CharTokenizer
 HELLO = "hello world\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy machine threads fight."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def train(model: GPT, ids: list[int], steps: int = 150, lr: float = 1e-2) -> GPT:

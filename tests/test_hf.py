@@ -81,6 +81,19 @@ def hf_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0]
 
 
+def hf_greedy(model, ids: list[int], max_new_tokens: int, pad_token_id: int, **options):
+    """The new token ids of transformers' greedy `generate` after ids."""
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([ids]),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=pad_token_id,
+            **options,
+        )
+    return out[0, len(ids) :].tolist()
+
+
 def our_logits(run, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return run.model(torch.tensor([ids]))[0][0]
@@ -171,14 +184,7 @@ def test_greedy_generation_equals_transformers(imported, hf_model, hf_tokenizer,
     run = load_run(imported)
     prompt = PROMPTS[0]
     ids = hf_tokenizer(prompt)["input_ids"]
-    with torch.no_grad():
-        expected = hf_model.generate(
-            torch.tensor([ids]),
-            do_sample=False,
-            max_new_tokens=40,
-            eos_token_id=None,
-            pad_token_id=run.tokenizer.eot_id,
-        )[0, len(ids) :].tolist()
+    expected = hf_greedy(hf_model, ids, 40, run.tokenizer.eot_id, eos_token_id=None)
     ours = [int(t[0]) for t in generate(run.model, ids, 40, temperature=0.0)]
     assert ours == expected
     assert run.tokenizer.eot_id not in expected[:30]  # 30+ tokens before any end of text
@@ -211,13 +217,7 @@ def test_an_imported_gpt2_served_with_others_writes_what_transformers_writes(
         scheduler.close(0)
     for prompt, choice in zip(PROMPTS, answer["choices"], strict=True):
         ids = hf_tokenizer(prompt)["input_ids"]
-        with torch.no_grad():
-            expected = hf_model.generate(
-                torch.tensor([ids]),
-                do_sample=False,
-                max_new_tokens=20,
-                pad_token_id=run.tokenizer.eot_id,
-            )[0, len(ids) :].tolist()
+        expected = hf_greedy(hf_model, ids, 20, run.tokenizer.eot_id)
         assert choice["prompt_token_ids"] == ids  # the byte-level BPE is transformers'
         assert choice["token_ids"] == expected
         assert choice["text"] == hf_tokenizer.decode(expected)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 
 from minigpt.batching import BatchDecoder, Continuation, Draw, TokenLogprob
 from minigpt.errors import MinigptError
+from minigpt.generate import document_start
 from minigpt.model import GPT
 from minigpt.sampling import MAX_SEED, Sampling
 from minigpt.tokenizer import Tokenizer
@@ -192,9 +193,7 @@ class Scheduler:
     def _checked_prompt(self, ids: list[int]) -> list[int]:
         """A prompt's ids as they run: an empty prompt starts a new document; a rotary
         model keeps the last block_size ids of a longer one (as `generate` does)."""
-        if not ids:
-            separator = self.tokenizer.separator_id
-            ids = [0 if separator is None else separator]
+        ids = ids or document_start(self.tokenizer)
         if len(ids) > self.block_size and not self.rolling:
             raise MinigptError(
                 f"the prompt has {len(ids)} tokens, more than this model's context of"

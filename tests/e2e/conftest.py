@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import random
 import re
 import shlex
@@ -681,3 +682,64 @@ def nobody_ok() -> None:
     why = _probe_nobody()
     if why:
         pytest.skip(why)
+
+
+# --------------------------------------------------------------------------- minigpt serve
+
+SERVE_START_S = 60
+"""How long `minigpt serve` may take to say it serves (importing torch is most of it)."""
+
+
+class Serving:
+    """`python -m minigpt serve ... --port 0` in the background, as a user starts it."""
+
+    def __init__(self, *args: str):
+        env = {k: v for k, v in os.environ.items() if k != "MINIGPT_API_KEY"}
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        env["OMP_NUM_THREADS"] = "1"
+        command = [sys.executable, "-m", "minigpt", "serve", *map(str, args), "--port", "0"]
+        self.proc = subprocess.Popen(
+            command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self._url: str | None = None
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.put(line)
+        self.lines.put("")  # it ended
+
+    def url(self) -> str:
+        """Its base URL, from the line it prints once it serves."""
+        if self._url is None:
+            line = self.lines.get(timeout=SERVE_START_S)
+            match = re.fullmatch(r"serving \S+ at (http://\S+)\n", line)
+            if match is None:
+                self.proc.kill()
+                pytest.fail(f"minigpt serve printed {line!r}: {self.proc.stderr.read()[-2000:]}")
+            self._url = match.group(1)
+        return self._url
+
+    def stop(self, signum: int = signal.SIGTERM, within: float = 15) -> tuple[int, str]:
+        """Send signum; (exit code, stderr) once it exited (within `within` seconds)."""
+        self.proc.send_signal(signum)
+        code = self.proc.wait(within)
+        return code, self.proc.stderr.read()
+
+
+@pytest.fixture(scope="module")
+def serving():
+    """`serving(RUN, *options)` starts `minigpt serve` (a `Serving`); whatever still runs
+    when the module ends is killed."""
+    started: list[Serving] = []
+
+    def start(*args) -> Serving:
+        started.append(Serving(*args))
+        return started[-1]
+
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.proc.kill()
+            server.proc.wait()

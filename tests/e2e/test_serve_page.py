@@ -11,11 +11,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -68,45 +63,11 @@ def run_dir(tmp_path_factory, tiny_gpt) -> Path:
     return write_run_files(tmp_path_factory.mktemp("runs") / "page", model, tokenizer)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(run_dir, tmp_path_factory):
-    """`minigpt serve RUN` as a user starts it, on a free loopback port: its base URL once
-    it answers (call it; the browser starts meanwhile)."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("serve") / "serve.log"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "minigpt", "serve", str(run_dir), "--port", str(port)]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([*command, "--device", "cpu"], stdout=out, stderr=out, env=env)
-    try:
-        yield lambda: wait_until_up(f"http://127.0.0.1:{port}", proc, log)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def wait_until_up(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"minigpt serve exited with {proc.returncode}: {log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return url
-        except OSError:
-            time.sleep(0.2)
-    pytest.fail(f"minigpt serve did not answer in {timeout} s: {log.read_text()[-2000:]}")
+def server(run_dir, serving):
+    """`minigpt serve RUN` as a user starts it, on a free loopback port: call it for its
+    base URL once it serves (the browser starts meanwhile)."""
+    return serving(run_dir, "--device", "cpu").url
 
 
 @pytest.fixture(scope="module")

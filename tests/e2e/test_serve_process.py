@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
-import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -22,7 +19,6 @@ import httpx
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-START_TIMEOUT = 60
 EXIT_WITHIN_S = 8  # the grace the server gives requests in flight, and its way out
 
 
@@ -46,45 +42,13 @@ def env() -> dict[str, str]:
     }
 
 
-class Serving:
-    """`python -m minigpt serve ...` in the background; `url` once it said it serves."""
-
-    def __init__(self, *args: str):
-        command = [sys.executable, "-m", "minigpt", "serve", *args, "--port", "0"]
-        self.proc = subprocess.Popen(
-            command, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def url(self) -> str:
-        line = self.lines.get(timeout=START_TIMEOUT)
-        match = re.fullmatch(r"serving tiny at (http://\S+)\n", line)
-        assert match, line
-        return match.group(1)
-
-    def stop(self, signum: int = signal.SIGTERM) -> tuple[int, str]:
-        """Send signum; (exit code, stderr) once it exited (within EXIT_WITHIN_S)."""
-        self.proc.send_signal(signum)
-        code = self.proc.wait(EXIT_WITHIN_S)
-        return code, self.proc.stderr.read()
-
-
 @pytest.fixture(scope="module")
-def servers(run_dir):
+def servers(run_dir, serving):
     """The module's servers, started at once (importing torch is most of their start)."""
-    started = {
-        "loopback": Serving(str(run_dir), "--device", "cpu"),
-        "every interface": Serving(str(run_dir), "--device", "cpu", "--host", "0.0.0.0"),
+    return {
+        "loopback": serving(run_dir, "--device", "cpu"),
+        "every interface": serving(run_dir, "--device", "cpu", "--host", "0.0.0.0"),
     }
-    yield started
-    for server in started.values():
-        server.proc.kill()
-        server.proc.wait()
 
 
 def test_serve_prints_its_line_serves_and_sigterm_mid_stream_exits_143(servers):
@@ -98,7 +62,7 @@ def test_serve_prints_its_line_serves_and_sigterm_mid_stream_exits_143(servers):
         lines = stream.iter_lines()
         assert next(lines).startswith("data: ")
         started = time.monotonic()
-        code, stderr = server.stop()
+        code, stderr = server.stop(within=EXIT_WITHIN_S)
         rest = [line for line in lines if line]
     assert code == 143 and time.monotonic() - started < EXIT_WITHIN_S
     assert rest[-1] == "data: [DONE]"  # the stream was cut, and ended as a stream ends
@@ -109,7 +73,7 @@ def test_serve_prints_its_line_serves_and_sigterm_mid_stream_exits_143(servers):
 def test_serving_every_interface_without_a_key_warns(servers):
     server = servers["every interface"]
     assert server.url().startswith("http://0.0.0.0:")
-    code, stderr = server.stop(signal.SIGINT)
+    code, stderr = server.stop(signal.SIGINT, within=EXIT_WITHIN_S)
     assert code == 130
     warning = [line for line in stderr.splitlines() if line.startswith("warning:")]
     assert len(warning) == 1 and "--api-key" in warning[0]
