@@ -62,6 +62,13 @@ OPTION_NAMES = {
     "port": "--port",
     "host": "--host",
     "api_key": "--api-key",
+    "top": "--top",
+    "position": "--position",
+    "answer": "--answer",
+    "versus": "--versus",
+    "clean": "--clean",
+    "corrupt": "--corrupt",
+    "by": "--by",
 }
 """The library's name of an argument -> the option that sets it (see MinigptError.param)."""
 
@@ -375,16 +382,7 @@ def inspect_heads(
     from minigpt.heads_run import check_head, inspect_run
     from minigpt.prompts import read_prompts
 
-    writers = [
-        (render.save_html, html, "html_file"),
-        (render.save_png, png, "png_file"),
-        (render.save_json, json_file, "json_file"),
-    ]
-    outputs = [
-        (save, render.check_writable(path, param))
-        for save, path, param in writers
-        if path is not None
-    ]
+    outputs = render.outputs(html, png, json_file, (render.save_html, render.save_png, render.save_json))
     prompts = read_prompts(prompt or (), prompt_file or ())
     run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
     check_head(layer, head, run.model.config.n_layer, run.model.config.n_head)
@@ -395,6 +393,103 @@ def inspect_heads(
     for save, path in outputs:
         save(path, inspection)
         console.note(f"wrote {path}")
+
+
+HTML_OPTION = typer.Option(None, "--html", help="Write a self-contained HTML page.")
+PNG_OPTION = typer.Option(None, "--png", help="Write the grid as a PNG image.")
+JSON_OPTION = typer.Option(None, "--json", help="Write everything computed as JSON.")
+RUN_ARGUMENT = typer.Argument(None, help="Run directory (default: checkpoints/default).")
+DEVICE_OPTION = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps.")
+
+
+@app.command()
+def lens(
+    run_dir: str | None = RUN_ARGUMENT,
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="The text to look through."),
+    prompt_file: str | None = typer.Option(None, "--prompt-file", help="A file whose text is the prompt."),
+    top: int = typer.Option(5, "--top", help="Predictions shown per stream and position."),
+    position: int = typer.Option(-1, "--position", help="The position whose top predictions are listed (-1: the last)."),
+    html: str | None = HTML_OPTION,
+    png: str | None = PNG_OPTION,
+    json_file: str | None = JSON_OPTION,
+    device: str = DEVICE_OPTION,
+) -> None:
+    """The logit lens: each layer's residual stream read as next-token predictions.
+
+    The stream after the embeddings and after each block goes through the final norm
+    and the LM head, as if the model ended there. The grid shows the probability of
+    the token that actually follows each position; the list shows the top
+    predictions at one position. docs/circuits.md says how to read it.
+    """
+    choose_wait_policy()  # before torch loads (see device.py)
+    from minigpt import lens_render
+    from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
+    from minigpt.device import resolve_device
+    from minigpt.lens_run import lens_run
+
+    outputs = lens_render.outputs(html, png, json_file)
+    text = _one_prompt(prompt, prompt_file)
+    run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
+    result, position = lens_run(run, text, top, position)
+    lens_render.show(result, lens_render.lens_grid(result, position), outputs)
+
+
+@app.command()
+def attribute(
+    run_dir: str | None = RUN_ARGUMENT,
+    prompt: str | None = typer.Option(None, "--prompt", "-p", help="The text whose last position is attributed."),
+    prompt_file: str | None = typer.Option(None, "--prompt-file", help="A file whose text is the prompt."),
+    answer: str = typer.Option(..., "--answer", help="The token whose logit is split up (one token)."),
+    versus: str | None = typer.Option(None, "--versus", help="Split logit(answer) - logit(this token) instead."),
+    html: str | None = HTML_OPTION,
+    png: str | None = PNG_OPTION,
+    json_file: str | None = JSON_OPTION,
+    device: str = DEVICE_OPTION,
+) -> None:
+    """Direct logit attribution: how much each head, MLP and the embeddings push the
+    answer's logit at the last position (the final norm's scale frozen from this run).
+    The terms sum to the model's own logit (difference)."""
+    choose_wait_policy()  # before torch loads (see device.py)
+    from minigpt import lens_render
+    from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
+    from minigpt.device import resolve_device
+    from minigpt.lens_run import attribute_run
+
+    outputs = lens_render.outputs(html, png, json_file)
+    text = _one_prompt(prompt, prompt_file)
+    run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
+    result = attribute_run(run, text, answer, versus)
+    lens_render.show(result, lens_render.attribution_grid(result), outputs)
+
+
+@app.command()
+def patch(
+    run_dir: str | None = RUN_ARGUMENT,
+    clean: str = typer.Option(..., "--clean", help="The prompt where the model gives the answer."),
+    corrupt: str = typer.Option(..., "--corrupt", help="The same length in tokens, where it gives --versus."),
+    answer: str = typer.Option(..., "--answer", help="The clean prompt's next token (one token)."),
+    versus: str = typer.Option(..., "--versus", help="The corrupted prompt's next token (one token)."),
+    by: str = typer.Option("head", "--by", help="head (each head's output and MLP) or layer-position (the residual stream)."),
+    html: str | None = HTML_OPTION,
+    png: str | None = PNG_OPTION,
+    json_file: str | None = JSON_OPTION,
+    device: str = DEVICE_OPTION,
+) -> None:
+    """Activation patching: run the corrupted prompt with one component taken from the
+    clean run, and report the share of the clean logit difference it restores
+    (0: nothing, 1: all of it)."""
+    choose_wait_policy()  # before torch loads (see device.py)
+    from minigpt import lens_render
+    from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
+    from minigpt.device import resolve_device
+    from minigpt.lens_run import patch_run
+    from minigpt.patching import check_mode
+
+    check_mode(by)
+    outputs = lens_render.outputs(html, png, json_file)
+    run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
+    result = patch_run(run, clean, corrupt, answer, versus, by)
+    lens_render.show(result, lens_render.patching_grid(result), outputs)
 
 
 @app.command()

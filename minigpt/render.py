@@ -74,6 +74,18 @@ def check_writable(path: str | Path, param: str | None = None) -> Path:
     return path
 
 
+def outputs(html: str | None, png: str | None, json_file: str | None, savers: tuple) -> list:
+    """(save, path) for each of --html, --png and --json given, with its saver from
+    `savers` (html's, png's, json's): each path checked before any model work, so a
+    bad one fails at once."""
+    paths = ((html, "html_file"), (png, "png_file"), (json_file, "json_file"))
+    return [
+        (save, check_writable(path, param))
+        for save, (path, param) in zip(savers, paths, strict=True)
+        if path is not None
+    ]
+
+
 def _mean(values: list[float]) -> float:
     """Mean of the values that are not NaN (NaN when none are)."""
     kept = [v for v in values if not math.isnan(v)]
@@ -177,16 +189,33 @@ def print_heatmap(
             if j > i:
                 row.append(" ")
                 continue
-            value = float(A[i, j])
-            value = 0.0 if math.isnan(value) else min(1.0, max(0.0, value))  # damaged weights
-            shade = SHADES[min(len(SHADES) - 1, int(value * (len(SHADES) - 1) + 0.5))]
-            green = int(80 + 175 * value)
-            row.append(
-                shade if shade != " " else "·" if value > 0.01 else " ",
-                style=f"rgb(40,{green},{255 - green // 2})",
-            )
+            row.append(*shade(float(A[i, j])))
         console.print(row)
     console.print(Text(f"shading {SHADES!r}: attention 0 to 1", style="dim"))
+
+
+def shade(value: float) -> tuple[str, str]:
+    """One heatmap cell for a value in [0, 1]: (a shading character, its rich style).
+    NaN (damaged weights) shows as 0; a tiny value as a dot rather than nothing."""
+    value = 0.0 if math.isnan(value) else min(1.0, max(0.0, value))
+    char = SHADES[min(len(SHADES) - 1, int(value * (len(SHADES) - 1) + 0.5))]
+    green = int(80 + 175 * value)
+    return (char if char != " " else "·" if value > 0.01 else " "), f"rgb(40,{green},{255 - green // 2})"
+
+
+def write_output(path: str | Path, text: str | None = None, figure=None) -> None:
+    """Write an output file atomically, text or a matplotlib figure (PNG); a machine
+    that refuses the write is one clear error."""
+    try:
+        if figure is None:
+            write_text_atomic(path, text)
+        else:
+            with atomic_path(path) as tmp:
+                figure.savefig(tmp, format="png")
+    except OSError as err:
+        raise MinigptError(
+            f"cannot write {path}: {err.strerror or err}", hint="choose another output path"
+        ) from err
 
 
 # ---------------------------------------------------------------------------- PNG
@@ -228,13 +257,7 @@ def save_png(path: str | Path, inspection: Inspection) -> None:
             if labels and head == 0:  # queries beside the first column only
                 ax.set_yticks(range(T), inspection.tokens, fontsize=7)
     fig.suptitle(f"attention, rows = queries, columns = keys: {inspection.source}", fontsize=9)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png")
-    except OSError as err:
-        raise MinigptError(
-            f"cannot write {path}: {err.strerror or err}", hint="choose another output path"
-        ) from err
+    write_output(path, figure=fig)
 
 
 # ---------------------------------------------------------------------------- JSON
@@ -262,12 +285,7 @@ def strict_json(data, **options) -> str:
 
 def save_json(path: str | Path, inspection: Inspection) -> None:
     """Everything computed: metrics, roles, thresholds, similarity, tokens, attention."""
-    try:
-        write_text_atomic(path, strict_json(inspection.to_dict(), ensure_ascii=False) + "\n")
-    except OSError as err:
-        raise MinigptError(
-            f"cannot write {path}: {err.strerror or err}", hint="choose another output path"
-        ) from err
+    write_output(path, strict_json(inspection.to_dict(), ensure_ascii=False) + "\n")
 
 
 # ---------------------------------------------------------------------------- HTML
@@ -363,13 +381,7 @@ def script_json(data) -> str:
 
 def save_html(path: str | Path, inspection: Inspection) -> None:
     """Write the self-contained HTML viewer."""
-    document = html_document(inspection)
-    try:
-        write_text_atomic(path, document)
-    except OSError as err:
-        raise MinigptError(
-            f"cannot write {path}: {err.strerror or err}", hint="choose another output path"
-        ) from err
+    write_output(path, html_document(inspection))
 
 
 _HTML_TEMPLATE = """<!doctype html>

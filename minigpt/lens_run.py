@@ -1,0 +1,96 @@
+"""The circuit commands on a run directory: `minigpt lens`, `attribute` and `patch`.
+
+lens.py and patching.py measure any model on token ids; this module turns what a
+person types (prompts, answer tokens, a position) into those ids, refusing what the
+measures cannot take with one clear sentence each.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from minigpt.checkpoint import Run
+from minigpt.errors import MinigptError
+from minigpt.heads import token_labels
+from minigpt.lens import Attribution, Lens, attribute, logit_lens
+from minigpt.patching import Patching, activation_patching, check_mode
+from minigpt.tokenizer import Tokenizer
+
+
+def lens_run(run: Run, prompt: str, top: int, position: int) -> tuple[Lens, int]:
+    """The logit lens of a prompt, and the position to list (counted from 0)."""
+    idx = prompt_ids(run, prompt)
+    result = logit_lens(run.model, run.tokenizer, idx, top)
+    result.source = str(run.dir)
+    return result, check_position(position, idx.numel())
+
+
+def attribute_run(run: Run, prompt: str, answer: str, versus: str | None) -> Attribution:
+    """Direct logit attribution of the answer (minus versus) at the prompt's end."""
+    idx = prompt_ids(run, prompt)
+    answer_id = single_token(run.tokenizer, answer, "answer")
+    versus_id = single_token(run.tokenizer, versus, "versus") if versus is not None else None
+    result = attribute(run.model, run.tokenizer, idx, answer_id, versus_id)
+    result.source = str(run.dir)
+    return result
+
+
+def patch_run(run: Run, clean: str, corrupt: str, answer: str, versus: str, by: str) -> Patching:
+    """Activation patching from the clean prompt into the corrupted one."""
+    check_mode(by)
+    clean_ids, corrupt_ids = prompt_ids(run, clean, "clean"), prompt_ids(run, corrupt, "corrupt")
+    answer_id = single_token(run.tokenizer, answer, "answer")
+    versus_id = single_token(run.tokenizer, versus, "versus")
+    result = activation_patching(
+        run.model, run.tokenizer, clean_ids, corrupt_ids, answer_id, versus_id, by
+    )
+    result.source = str(run.dir)
+    return result
+
+
+def prompt_ids(run: Run, prompt: str, param: str = "prompt") -> Tensor:
+    """A prompt typed by a person as token ids (T,) on the model's device: refused when
+    empty or longer than the context (these measures are about one forward pass over
+    the prompt as typed, so nothing is cropped)."""
+    ids = run.tokenizer.encode_prompt(prompt) if prompt else []
+    block_size = run.model.config.block_size
+    if not ids:
+        raise MinigptError(
+            "the prompt is empty" if not prompt else "the prompt encodes to no tokens",
+            hint="give the prompt some text",
+            param=param,
+        )
+    if len(ids) > block_size:
+        raise MinigptError(
+            f"the prompt is {len(ids)} tokens, more than the model's context of {block_size}",
+            hint=f"shorten it to at most {block_size} tokens",
+            param=param,
+        )
+    return torch.tensor(ids, dtype=torch.long, device=run.model.device)
+
+
+def single_token(tokenizer: Tokenizer, text: str, param: str) -> int:
+    """The id of `text`, which must be exactly one token of this tokenizer."""
+    ids = tokenizer.encode_prompt(text) if text else []
+    if len(ids) != 1:
+        pieces = ", ".join(repr(label) for label in token_labels(tokenizer, ids))
+        what = f"{len(ids)} tokens ({pieces})" if ids else "no token"
+        raise MinigptError(
+            f"{text!r} is {what}; this needs exactly one token",
+            hint="pass one token of the model's vocabulary (GPT-2's words usually "
+            "start with their space, e.g. ' Paris')",
+            param=param,
+        )
+    return ids[0]
+
+
+def check_position(position: int, n_tokens: int) -> int:
+    """A position of a prompt of n_tokens (negative counts from the end): from 0."""
+    if not -n_tokens <= position < n_tokens:
+        raise MinigptError(
+            f"position {position} is out of range: the prompt has {n_tokens} tokens",
+            hint=f"pass position from 0 to {n_tokens - 1}, or -1 for the last",
+            param="position",
+        )
+    return position % n_tokens
