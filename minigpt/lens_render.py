@@ -168,7 +168,14 @@ def patching_grid(result: Patching) -> Grid:
         lines=[
             f"{what}: clean {result.clean_diff:.4f}, corrupted {result.corrupt_diff:.4f}",
             "restored = (patched - corrupted) / (clean - corrupted): 0 changes nothing, 1 restores all",
-        ],
+        ]
+        + (
+            [
+                f"{', '.join(result.together)} patched together restore {result.together_restored:.3f}"
+            ]
+            if result.together
+            else []
+        ),
         ranked=sorted(zip(names, flat, strict=True), key=lambda item: -item[1]),
     )
 
