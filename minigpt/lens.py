@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from minigpt.errors import MinigptError
-from minigpt.heads import token_labels
+from minigpt.heads import evaluating, token_labels
 from minigpt.layers import RMSNorm
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
@@ -51,17 +51,6 @@ class Trace:
     """(n_layer, T, H * d_head): every head's Context_h, concatenated: the input of W^O."""
     mlps: Tensor
     """(n_layer, T, n_embd): each block's MLP output."""
-
-
-@contextmanager
-def evaluating(model: GPT) -> Iterator[GPT]:
-    """The model in eval mode (no dropout) for the block, then as it was."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 @contextmanager

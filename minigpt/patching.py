@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from minigpt.errors import MinigptError
-from minigpt.heads import token_labels
-from minigpt.lens import Trace, evaluating, trace
+from minigpt.heads import evaluating, token_labels
+from minigpt.lens import Trace, trace
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
 
