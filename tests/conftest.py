@@ -322,3 +322,69 @@ def _gpt2_reference_encoder(folder: Path) -> Callable[[str], list[int]]:
         return [i for w in words for i in encode_word(tuple(byte_char[b] for b in w.encode()))]
 
     return encode
+
+
+# --------------------------------------------------------------------------- a random GPT-2
+# A small GPT-2 with random weights (every parameter random, LayerNorms and biases
+# included, so a misplaced transpose or a dropped bias shows) and a byte-level
+# vocabulary learned from GPT2_TEXT, saved with transformers' `save_pretrained`; and the
+# run directory `minigpt import` makes of it. Nothing is downloaded.
+
+GPT2_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\nFirst Citizen:\nFirst, you know Caius Marcius is chief enemy "
+    "to the people.\n\n"
+)
+
+
+@pytest.fixture(scope="session")
+def gpt2_text():
+    """The text the random GPT-2's vocabulary is learned from: its tokens are few and long."""
+    return GPT2_TEXT
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, gpt2_files):
+    """A GPT-2 checkpoint folder as save_pretrained writes it: 3 layers, 4 heads, 48 wide,
+    64 positions, random weights."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    vocab_size = gpt2_files.write_vocab(folder, GPT2_TEXT * 4, n_merges=80)
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=64,
+        n_embd=48,
+        n_layer=3,
+        n_head=4,
+        layer_norm_epsilon=1e-4,  # not the default: the option must be carried over
+        bos_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            base = 1.0 if "ln" in name and name.endswith("weight") else 0.0
+            param.copy_(base + 0.15 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_model(gpt2_dir):
+    """transformers' GPT2LMHeadModel loaded from gpt2_dir, in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def imported(gpt2_dir, tmp_path_factory):
+    """The run directory `minigpt import` makes of gpt2_dir."""
+    from minigpt import hf
+
+    run_dir = tmp_path_factory.mktemp("runs") / "gpt2"
+    hf.import_checkpoint(str(gpt2_dir), run_dir)
+    return run_dir
