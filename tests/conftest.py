@@ -1,5 +1,6 @@
 """Shared test helpers: the command line in-process and as a subprocess, a tiny GPT, the
-trainer tests' tiny corpus and settings, and GPT-2-format tokenizer files built offline.
+trainer tests' tiny corpus and settings, GPT-2-format tokenizer files built offline, a
+random GPT-2 checkpoint (and its import), and a GPT's forward pass written out by hand.
 
 Test modules share helpers only through the fixtures here (no test module imports
 another); process-level helpers are in tests/e2e/conftest.py.
