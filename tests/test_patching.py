@@ -14,7 +14,7 @@ from minigpt import patching
 from minigpt.checkpoint import Run, load_run
 from minigpt.errors import MinigptError
 from minigpt.lens import trace
-from minigpt.lens_run import patch_run, single_token
+from minigpt.lens_run import parse_heads, patch_run, single_token
 from minigpt.patching import Patches, activation_patching, patched_diffs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -94,6 +94,27 @@ def test_each_head_and_mlp_patch_is_the_hand_computation(circuit_gpt, prompts, h
     torch.testing.assert_close(result.restored, expected, atol=1e-4, rtol=1e-4)
     assert result.restored.abs().max() > 0.05  # some patch matters
     assert result.rows == ["L0", "L1"] and result.columns == ["H0", "H1", "H2", "H3", "MLP"]
+
+
+def test_heads_patched_together_are_the_hand_computation(circuit_gpt, prompts, hand_gpt):
+    model, tokenizer = circuit_gpt
+    clean_ids, corrupt_ids, answer, versus = prompts
+    circuit = [(0, 1), (1, 2), (1, 3)]
+    result = activation_patching(
+        model, tokenizer, clean_ids, corrupt_ids, answer, versus, "head", circuit
+    )
+    clean = hand_gpt.forward(model, clean_ids)
+    clean_diff = hand_diff(clean, answer, versus)
+    corrupt_diff = hand_diff(hand_gpt.forward(model, corrupt_ids), answer, versus)
+    swaps = {(layer, head): clean.z[layer, :, head] for layer, head in circuit}
+    patched = hand_diff(hand_gpt.forward(model, corrupt_ids, z=swaps), answer, versus)
+    expected = (patched - corrupt_diff) / (clean_diff - corrupt_diff)
+    assert result.together == ["L0H1", "L1H2", "L1H3"]
+    assert result.together_restored == pytest.approx(expected, abs=1e-4)
+    alone = activation_patching(
+        model, tokenizer, clean_ids, corrupt_ids, answer, versus, "head", [(1, 2)]
+    )
+    assert alone.together_restored == pytest.approx(float(result.restored[1, 2]), abs=1e-6)
 
 
 def test_each_layer_position_patch_is_the_hand_computation(circuit_gpt, prompts, hand_gpt):
@@ -177,6 +198,24 @@ def test_an_answer_that_is_not_one_token_is_refused_saying_which(
         patch_run(tiny_run, CLEAN, CORRUPT, answer, versus, "head")
     assert str(caught.value) == words
     assert caught.value.param == param
+    assert caught.value.hint
+
+
+def test_heads_to_patch_together_are_read_as_the_tables_name_them():
+    assert parse_heads("L1H0,l1h2, L0H3", 2, 4) == [(1, 0), (1, 2), (0, 3)]
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("L1H0,head2", "'head2' is not a head name"),
+        ("L2H0", "L2H0 is not in this model, which has layers 0 to 1 and heads 0 to 3"),
+        ("L1H4", "L1H4 is not in this model"),
+    ],
+)
+def test_heads_that_are_not_the_models_are_refused_saying_which(text, words):
+    with pytest.raises(MinigptError, match=words) as caught:
+        parse_heads(text, 2, 4)
     assert caught.value.hint
 
 
