@@ -272,4 +272,5 @@ def check_same_length(tokenizer: Tokenizer, clean_ids: Tensor, corrupt_ids: Tens
             "activation patching needs prompts of the same length in tokens",
             hint="change the corrupted prompt token for token, e.g. swap one word for "
             "another that is also one token",
+            param="corrupt",
         )

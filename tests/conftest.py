@@ -1,5 +1,6 @@
 """Shared test helpers: the command line in-process and as a subprocess, a tiny GPT, the
-trainer tests' tiny corpus and settings, and GPT-2-format tokenizer files built offline.
+trainer tests' tiny corpus and settings, GPT-2-format tokenizer files built offline, a
+random GPT-2 checkpoint (and its import), and a GPT's forward pass written out by hand.
 
 Test modules share helpers only through the fixtures here (no test module imports
 another); process-level helpers are in tests/e2e/conftest.py.
@@ -322,3 +323,227 @@ def _gpt2_reference_encoder(folder: Path) -> Callable[[str], list[int]]:
         return [i for w in words for i in encode_word(tuple(byte_char[b] for b in w.encode()))]
 
     return encode
+
+
+# --------------------------------------------------------------------------- a random GPT-2
+# A small GPT-2 with random weights (every parameter random, LayerNorms and biases
+# included, so a misplaced transpose or a dropped bias shows) and a byte-level
+# vocabulary learned from GPT2_TEXT, saved with transformers' `save_pretrained`; and the
+# run directory `minigpt import` makes of it. Nothing is downloaded.
+
+GPT2_TEXT = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\nFirst Citizen:\nFirst, you know Caius Marcius is chief enemy "
+    "to the people.\n\n"
+)
+
+
+@pytest.fixture(scope="session")
+def gpt2_text():
+    """The text the random GPT-2's vocabulary is learned from: its tokens are few and long."""
+    return GPT2_TEXT
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(tmp_path_factory, gpt2_files):
+    """A GPT-2 checkpoint folder as save_pretrained writes it: 3 layers, 4 heads, 48 wide,
+    64 positions, random weights."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    folder = tmp_path_factory.mktemp("gpt2")
+    vocab_size = gpt2_files.write_vocab(folder, GPT2_TEXT * 4, n_merges=80)
+    config = transformers.GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=64,
+        n_embd=48,
+        n_layer=3,
+        n_head=4,
+        layer_norm_epsilon=1e-4,  # not the default: the option must be carried over
+        bos_token_id=vocab_size - 1,
+        eos_token_id=vocab_size - 1,
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            base = 1.0 if "ln" in name and name.endswith("weight") else 0.0
+            param.copy_(base + 0.15 * torch.randn_like(param))
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_model(gpt2_dir):
+    """transformers' GPT2LMHeadModel loaded from gpt2_dir, in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def imported(gpt2_dir, tmp_path_factory):
+    """The run directory `minigpt import` makes of gpt2_dir."""
+    from minigpt import hf
+
+    run_dir = tmp_path_factory.mktemp("runs") / "gpt2"
+    hf.import_checkpoint(str(gpt2_dir), run_dir)
+    return run_dir
+
+
+# --------------------------------------------------------------------------- a GPT by hand
+# The forward pass of minigpt's GPT written out again from its state dict, in float64,
+# with none of minigpt's forward code: the independent computation the circuit tests
+# (logit lens, attribution, patching) compare with. Every option of the model's shape
+# is here (RMSNorm, rotary positions, grouped-query attention, QK-norm, SwiGLU).
+
+CIRCUIT_SHAPES = {
+    "gpt2": {},  # learned positions, LayerNorm with biases, GELU MLP
+    "no-bias": {"bias": False},  # minigpt's default: no bias anywhere
+    "rmsnorm": {"norm": "rmsnorm"},
+    "modern": {
+        "position": "rope",
+        "n_kv_head": 2,
+        "qk_norm": True,
+        "mlp": "swiglu",
+        "norm": "rmsnorm",
+    },
+    "wrapper": {"attention": "wrapper", "activation": "gelu_tanh"},
+}
+
+
+@pytest.fixture(scope="session")
+def hand_gpt():
+    """`forward(model, idx, ...)`: the GPT's forward pass by hand (`_hand_forward`);
+    `randomise(model)`: every weight random, norm gains and biases included, so a
+    dropped bias or a misread gain shows."""
+    return SimpleNamespace(forward=_hand_forward, randomise=_randomise)
+
+
+@pytest.fixture(scope="module", params=list(CIRCUIT_SHAPES))
+def circuit_gpt(request, tiny_gpt):
+    """(model, tokenizer): a randomised 2-layer, 4-head GPT of each shape in
+    CIRCUIT_SHAPES over a char vocabulary of 16 letters."""
+    from minigpt.tokenizer import CharTokenizer
+
+    tokenizer = CharTokenizer.from_text("abcdefghijklmnop")
+    model = tiny_gpt(
+        tokenizer.vocab_size, 16, n_layer=2, n_head=4, n_embd=32, **CIRCUIT_SHAPES[request.param]
+    )
+    return _randomise(model), tokenizer
+
+
+def _randomise(model, std: float = 0.25):
+    import torch
+
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            gain = name.endswith("weight") and param.dim() == 1  # a norm's gain
+            param.copy_(float(gain) + std * torch.randn_like(param))
+    return model
+
+
+def _hand_forward(model, idx, z=None, mlps=None, resid=None) -> SimpleNamespace:
+    """The forward pass of `model` over token ids idx (T,), from its state dict, in float64.
+
+    Returns resid (L + 1, T, C): the stream entering each layer, then after the last
+    block; z (L, T, H, d_head): each head's context; heads (L, T, H, C): each head's
+    W^O_h z_h; mlps (L, T, C): each MLP's output; lens (L + 1, T, vocab): each
+    stream through the final norm and the tied head; logits (T, vocab): the last of them.
+    Patches, each replacing what the pass computes there: z {(layer, head): (T, d_head)},
+    mlps {layer: (T, C)}, resid {(layer, position): (C,)} (the stream entering layer).
+    """
+    import torch
+
+    c = model.config
+    w = {name: t.double() for name, t in model.state_dict().items()}
+    T, H, H_kv, d = idx.numel(), c.n_head, c.kv_heads, c.d_head
+    x = w["tok_emb.weight"][idx]  # (T, C)
+    if c.position == "learned":
+        x = x + w["pos_emb.weight"][:T]
+    mask = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)  # no future
+    streams, contexts, heads, mlp_outs = [], [], [], []
+    for layer in range(c.n_layer):
+        p = f"blocks.{layer}."
+        x = x.clone()
+        for (at, position), value in (resid or {}).items():
+            if at == layer:
+                x[position] = value
+        streams.append(x)
+        q, k, v = _linear(w, p + "attn.qkv", _norm(c, w, p + "ln_attn", x)).split(
+            [H * d, H_kv * d, H_kv * d], dim=-1
+        )
+        q = q.view(T, H, d).transpose(0, 1)  # (H, T, d)
+        k, v = (t.view(T, H_kv, d).transpose(0, 1).repeat_interleave(H // H_kv, 0) for t in (k, v))
+        if c.qk_norm:
+            q = _rms(q, c.layer_norm_eps) * w[p + "attn.q_norm.weight"]
+            k = _rms(k, c.layer_norm_eps) * w[p + "attn.k_norm.weight"]
+        if c.position == "rope":
+            q, k = _rotate(q, c.rope_theta), _rotate(k, c.rope_theta)
+        att = torch.softmax(q @ k.transpose(1, 2) / d**0.5 + mask, dim=-1)  # (H, T, T)
+        ctx = (att @ v).transpose(0, 1).clone()  # (T, H, d)
+        for (at, head), value in (z or {}).items():
+            if at == layer:
+                ctx[:, head] = value
+        W_O = w[p + "attn.out_proj.weight"].view(-1, H, d)  # (C, H, d)
+        out = torch.einsum("thd,chd->thc", ctx, W_O)  # (T, H, C)
+        x = x + out.sum(1) + w.get(p + "attn.out_proj.bias", 0.0)
+        mlp = (mlps or {}).get(layer, _mlp(c, w, p, _norm(c, w, p + "ln_mlp", x)))
+        x = x + mlp
+        contexts.append(ctx)
+        heads.append(out)
+        mlp_outs.append(mlp)
+    streams.append(x)
+    resid = torch.stack(streams)
+    lens = _norm(c, w, "ln_f", resid) @ w["tok_emb.weight"].T  # the tied head: (L + 1, T, V)
+    return SimpleNamespace(
+        resid=resid, z=torch.stack(contexts), heads=torch.stack(heads),
+        mlps=torch.stack(mlp_outs), lens=lens, logits=lens[-1],
+    )  # fmt: skip
+
+
+def _linear(w, name, x):
+    return x @ w[name + ".weight"].T + w.get(name + ".bias", 0.0)
+
+
+def _rms(x, eps):
+    return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+
+
+def _norm(c, w, name, x):
+    """LayerNorm or RMSNorm over the last dimension, eps the model's."""
+    if c.norm == "rmsnorm":
+        return _rms(x, c.layer_norm_eps) * w[name + ".weight"]
+    centered = x - x.mean(-1, keepdim=True)
+    std = (centered.pow(2).mean(-1, keepdim=True) + c.layer_norm_eps).sqrt()
+    return centered / std * w[name + ".weight"] + w.get(name + ".bias", 0.0)
+
+
+def _rotate(x, theta):
+    """Rotary positions: feature pair (i, i + d/2) of x (H, T, d) turned by t * theta^(-2i/d)."""
+    import torch
+
+    T, d = x.shape[-2:]
+    freq = theta ** -(torch.arange(0, d, 2, dtype=torch.float64) / d)
+    angle = torch.arange(T, dtype=torch.float64)[:, None] * freq  # (T, d / 2)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * angle.cos() - x2 * angle.sin(), x1 * angle.sin() + x2 * angle.cos()], -1)
+
+
+def _mlp(c, w, p, x):
+    """GELU MLP (exact, or GPT-2's tanh approximation) or SwiGLU, by their formulas."""
+    import math
+
+    import torch
+
+    if c.mlp == "swiglu":
+        gate = _linear(w, p + "mlp.fc_gate", x)
+        hidden = gate * torch.sigmoid(gate) * _linear(w, p + "mlp.fc_up", x)
+    else:
+        a = _linear(w, p + "mlp.fc", x)
+        if c.activation == "gelu_tanh":
+            hidden = 0.5 * a * (1 + torch.tanh(math.sqrt(2 / math.pi) * (a + 0.044715 * a**3)))
+        else:
+            hidden = 0.5 * a * (1 + torch.erf(a / math.sqrt(2)))
+    return _linear(w, p + "mlp.proj", hidden)

@@ -1,9 +1,8 @@
 """GPT-2 in and out, checked against `transformers` itself.
 
-No test downloads anything: a small GPT-2 with random weights (every parameter
-random, LayerNorms and biases included, so a misplaced transpose or a dropped bias
-shows) and a byte-level vocabulary learned here is saved with `save_pretrained`,
-then imported, sampled, evaluated, fine-tuned and exported by minigpt's commands.
+No test downloads anything: conftest.py's small GPT-2 with random weights
+(`gpt2_dir`, saved with `save_pretrained`) is imported, sampled, evaluated,
+fine-tuned and exported by minigpt's commands.
 """
 
 from __future__ import annotations
@@ -24,56 +23,12 @@ from minigpt.checkpoint import load_run, read_metrics  # noqa: E402
 from minigpt.generate import generate  # noqa: E402
 from minigpt.train import EVAL_SEED_OFFSET  # noqa: E402
 
-CORPUS = (
-    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
-    "All:\nSpeak, speak.\n\nFirst Citizen:\nYou are all resolved rather to die than to famish?\n\n"
-    "All:\nResolved. resolved.\n\nFirst Citizen:\nFirst, you know Caius Marcius is chief enemy "
-    "to the people.\n\n"
-)
-N_POSITIONS = 64
 PROMPTS = ["First Citizen:\nBefore we", "All:\nSpeak, speak 🎭 — 12345   \n\n"]
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(tmp_path_factory, gpt2_files):
-    """A GPT-2 checkpoint folder as save_pretrained writes it, random weights."""
-    folder = tmp_path_factory.mktemp("gpt2")
-    vocab_size = gpt2_files.write_vocab(folder, CORPUS * 4, n_merges=80)
-    config = transformers.GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=N_POSITIONS,
-        n_embd=48,
-        n_layer=3,
-        n_head=4,
-        layer_norm_epsilon=1e-4,  # not the default: the option must be carried over
-        bos_token_id=vocab_size - 1,
-        eos_token_id=vocab_size - 1,
-    )
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            base = 1.0 if "ln" in name and name.endswith("weight") else 0.0
-            param.copy_(base + 0.15 * torch.randn_like(param))
-    model.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def hf_model(gpt2_dir):
-    return transformers.GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
 
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(gpt2_dir):
     return transformers.GPT2TokenizerFast.from_pretrained(gpt2_dir)
-
-
-@pytest.fixture(scope="module")
-def imported(gpt2_dir, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "gpt2"
-    hf.import_checkpoint(str(gpt2_dir), run_dir)
-    return run_dir
 
 
 def hf_logits(model, ids: list[int]) -> torch.Tensor:
@@ -119,11 +74,12 @@ def test_import_writes_a_run_directory(minigpt_cli, gpt2_dir, tmp_path):
 
 
 def test_imported_logits_equal_transformers(imported, hf_model, hf_tokenizer):
+    n_positions = hf_model.config.n_positions
     run = load_run(imported)
     rng = np.random.default_rng(0)
     vocab = run.tokenizer.vocab_size
     cases = [hf_tokenizer(p)["input_ids"] for p in PROMPTS]
-    cases += [[int(i) for i in rng.integers(0, vocab, n)] for n in (1, 17, N_POSITIONS)]
+    cases += [[int(i) for i in rng.integers(0, vocab, n)] for n in (1, 17, n_positions)]
     for ids in cases:
         diff = (our_logits(run, ids) - hf_logits(hf_model, ids)).abs().max().item()
         assert diff < 1e-4, (len(ids), diff)
@@ -161,16 +117,18 @@ def test_pytorch_model_bin_imports_the_same(gpt2_dir, tmp_path, hf_model):
     assert all(torch.equal(loaded.state[k], reference.state[k]) for k in loaded.state)
 
 
-def test_untransformed_old_layout_imports(gpt2_dir, tmp_path):
+def test_untransformed_old_layout_imports(gpt2_dir, tmp_path, hf_model):
     # the hub's gpt2 weights carry no "transformer." prefix and keep the mask buffers
     from safetensors.torch import load_file, save_file
+
+    n_positions = hf_model.config.n_positions
 
     folder = tmp_path / "old"
     shutil.copytree(gpt2_dir, folder)
     state = load_file(str(folder / "model.safetensors"))
     old = {k.removeprefix("transformer."): v for k, v in state.items()}
     for layer in range(3):
-        old[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(1, 1, N_POSITIONS, N_POSITIONS))
+        old[f"h.{layer}.attn.bias"] = torch.tril(torch.ones(1, 1, n_positions, n_positions))
     save_file(old, str(folder / "model.safetensors"))
     reference = hf.load_hf_checkpoint(str(gpt2_dir))
     loaded = hf.load_hf_checkpoint(str(folder))
@@ -243,10 +201,11 @@ def test_inspect_heads_and_generate_on_an_imported_model(imported, minigpt_cli, 
 def test_eval_of_short_text_equals_transformers_loss(
     imported, hf_model, hf_tokenizer, tmp_path, minigpt_cli
 ):
+    n_positions = hf_model.config.n_positions
     text = "Before we proceed any further, hear me speak."
     (tmp_path / "short.txt").write_text(text)
     ids = hf_tokenizer(text)["input_ids"]
-    assert len(ids) < N_POSITIONS
+    assert len(ids) < n_positions
     with torch.no_grad():
         expected = hf_model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
     code, out, err = minigpt_cli("eval", imported, "--data", tmp_path / "short.txt", "--json")
@@ -280,14 +239,15 @@ def guide_loss(model, ids: list[int], max_length: int, stride: int) -> tuple[flo
     return nll_sum / n_tokens, n_tokens
 
 
-@pytest.mark.parametrize("stride", [16, 32, N_POSITIONS])
+@pytest.mark.parametrize("stride", [16, 32, 64])
 def test_strided_eval_equals_the_guide(
-    imported, hf_model, hf_tokenizer, tmp_path, minigpt_cli, stride
+    imported, hf_model, hf_tokenizer, tmp_path, minigpt_cli, stride, gpt2_text
 ):
-    (tmp_path / "long.txt").write_text(CORPUS * 3)
-    ids = hf_tokenizer(CORPUS * 3)["input_ids"]
-    assert len(ids) > 3 * N_POSITIONS
-    expected, n_tokens = guide_loss(hf_model, ids, N_POSITIONS, stride)
+    n_positions = hf_model.config.n_positions
+    (tmp_path / "long.txt").write_text(gpt2_text * 3)
+    ids = hf_tokenizer(gpt2_text * 3)["input_ids"]
+    assert len(ids) > 3 * n_positions
+    expected, n_tokens = guide_loss(hf_model, ids, n_positions, stride)
     code, out, err = minigpt_cli(
         "eval", imported, "--data", tmp_path / "long.txt", "--stride", stride, "--json"
     )
@@ -309,11 +269,12 @@ def test_eval_of_an_imported_run_needs_data(imported, minigpt_cli):
 def test_export_of_an_import_loads_in_transformers(
     imported, hf_model, tmp_path, minigpt_cli, gpt2_files
 ):
+    n_positions = hf_model.config.n_positions
     code, out, err = minigpt_cli("export", imported, "--out", tmp_path / "hf")
     assert code == 0, err
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    ids = list(range(0, 3 * N_POSITIONS, 3))[:N_POSITIONS]
+    ids = list(range(0, 3 * n_positions, 3))[:n_positions]
     diff = (hf_logits(model, ids) - hf_logits(hf_model, ids)).abs().max().item()
     assert diff < 1e-4
     run = load_run(imported)
@@ -321,8 +282,8 @@ def test_export_of_an_import_loads_in_transformers(
         assert tokenizer(text)["input_ids"] == run.tokenizer.encode_prompt(text), text
 
 
-def train_tiny(tmp_path, minigpt_cli, tokenizer: str, *extra: str):
-    (tmp_path / "corpus.txt").write_text(CORPUS * 20)
+def train_tiny(tmp_path, minigpt_cli, text: str, tokenizer: str, *extra: str):
+    (tmp_path / "corpus.txt").write_text(text * 20)
     out = tmp_path / f"run-{tokenizer}"
     code, _, err = minigpt_cli(
         "train", "--data", tmp_path / "corpus.txt", "--out", out, "--max-iters", "4",
@@ -336,14 +297,14 @@ def train_tiny(tmp_path, minigpt_cli, tokenizer: str, *extra: str):
     return out
 
 
-def test_export_of_a_trained_bpe_run(tmp_path, minigpt_cli, gpt2_files):
-    run_dir = train_tiny(tmp_path, minigpt_cli, "bpe", "--set", "data.vocab_size=300")
+def test_export_of_a_trained_bpe_run(tmp_path, minigpt_cli, gpt2_files, gpt2_text):
+    run_dir = train_tiny(tmp_path, minigpt_cli, gpt2_text, "bpe", "--set", "data.vocab_size=300")
     code, out, err = minigpt_cli("export", run_dir, "--out", tmp_path / "hf")
     assert code == 0, err
     run = load_run(run_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
-    for text in [CORPUS[:80], *gpt2_files.hard_texts]:
+    for text in [gpt2_text[:80], *gpt2_files.hard_texts]:
         ids = run.tokenizer.encode_prompt(text)[:32]
         assert tokenizer(text)["input_ids"][:32] == ids, text
         if not ids:
@@ -352,23 +313,25 @@ def test_export_of_a_trained_bpe_run(tmp_path, minigpt_cli, gpt2_files):
         assert diff < 1e-4
 
 
-def test_export_of_a_char_run_says_the_tokenizer_was_not(tmp_path, minigpt_cli):
-    run_dir = train_tiny(tmp_path, minigpt_cli, "char")
+def test_export_of_a_char_run_says_the_tokenizer_was_not(tmp_path, minigpt_cli, gpt2_text):
+    run_dir = train_tiny(tmp_path, minigpt_cli, gpt2_text, "char")
     code, out, err = minigpt_cli("export", run_dir, "--out", tmp_path / "hf")
     assert code == 0, err
     assert "char tokenizer has no Hugging Face equivalent" in err
     assert not (tmp_path / "hf" / "tokenizer.json").exists()
     run = load_run(run_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
-    ids = run.tokenizer.encode(CORPUS[:32])
+    ids = run.tokenizer.encode(gpt2_text[:32])
     assert (hf_logits(model, ids) - our_logits(run, ids)).abs().max().item() < 1e-4
 
 
 # --------------------------------------------------------------------------- fine-tuning
 
 
-def test_init_from_starts_at_the_source_loss_and_lowers_it(imported, tmp_path, minigpt_cli):
-    (tmp_path / "corpus.txt").write_text(CORPUS * 30)
+def test_init_from_starts_at_the_source_loss_and_lowers_it(
+    imported, tmp_path, minigpt_cli, gpt2_text
+):
+    (tmp_path / "corpus.txt").write_text(gpt2_text * 30)
     out = tmp_path / "ft"
     code, stdout, err = minigpt_cli(
         "train", "--init-from", imported, "--data", tmp_path / "corpus.txt", "--out", out,
@@ -405,8 +368,10 @@ def test_init_from_starts_at_the_source_loss_and_lowers_it(imported, tmp_path, m
         ("data.tokenizer=char", "data.tokenizer is set"),
     ],
 )
-def test_init_from_refuses_a_contradicting_setting(imported, tmp_path, minigpt_cli, setting, words):
-    (tmp_path / "corpus.txt").write_text(CORPUS * 30)
+def test_init_from_refuses_a_contradicting_setting(
+    imported, tmp_path, minigpt_cli, setting, words, gpt2_text
+):
+    (tmp_path / "corpus.txt").write_text(gpt2_text * 30)
     code, out, err = minigpt_cli(
         "train", "--init-from", imported, "--data", tmp_path / "corpus.txt",
         "--out", tmp_path / "ft", "--set", setting,
@@ -416,8 +381,8 @@ def test_init_from_refuses_a_contradicting_setting(imported, tmp_path, minigpt_c
     assert not (tmp_path / "ft").exists()
 
 
-def test_init_from_a_hugging_face_folder(gpt2_dir, tmp_path, minigpt_cli):
-    (tmp_path / "corpus.txt").write_text(CORPUS * 30)
+def test_init_from_a_hugging_face_folder(gpt2_dir, tmp_path, minigpt_cli, gpt2_text):
+    (tmp_path / "corpus.txt").write_text(gpt2_text * 30)
     out = tmp_path / "ft"
     code, _, err = minigpt_cli(
         "train", "--init-from", gpt2_dir, "--data", tmp_path / "corpus.txt", "--out", out,
@@ -538,9 +503,9 @@ def test_init_from_with_resume_is_refused(imported, minigpt_cli):
     assert code == 2 and "--init-from starts a new run" in err
 
 
-def test_the_finetune_recipe_runs(gpt2_dir, tmp_path, minigpt_cli):
+def test_the_finetune_recipe_runs(gpt2_dir, tmp_path, minigpt_cli, gpt2_text):
     # configs/finetune-gpt2.toml as shipped, with the random GPT-2 in place of the hub's
-    (tmp_path / "corpus.txt").write_text(CORPUS * 30)
+    (tmp_path / "corpus.txt").write_text(gpt2_text * 30)
     code, out, err = minigpt_cli(
         "train", "configs/finetune-gpt2.toml", "--init-from", gpt2_dir,
         "--data", tmp_path / "corpus.txt", "--out", tmp_path / "ft", "--max-iters", "1",
@@ -599,7 +564,9 @@ ODD_PICKLES = {
 
 
 @pytest.mark.parametrize("contents", list(ODD_PICKLES))
-def test_a_pickle_that_is_no_state_dict_is_refused(gpt2_dir, tmp_path, minigpt_cli, contents):
+def test_a_pickle_that_is_no_state_dict_is_refused(
+    gpt2_dir, tmp_path, minigpt_cli, contents, gpt2_text
+):
     folder = pickled_copy(gpt2_dir, tmp_path, ODD_PICKLES[contents])
     code, _, err = minigpt_cli("import", folder, "--out", tmp_path / "run")
     assert code == 2 and "Traceback" not in err
@@ -607,7 +574,7 @@ def test_a_pickle_that_is_no_state_dict_is_refused(gpt2_dir, tmp_path, minigpt_c
         f"error: {folder / 'pytorch_model.bin'} does not hold a state dict of tensors"
     )
     assert not (tmp_path / "run").exists()
-    (tmp_path / "corpus.txt").write_text(CORPUS * 10)
+    (tmp_path / "corpus.txt").write_text(gpt2_text * 10)
     code, _, err = minigpt_cli(
         "train", "--init-from", folder, "--data", tmp_path / "corpus.txt", "--out", tmp_path / "ft",
         "--set", f"data.data_dir={tmp_path / 'data'}", "--set", "train.device=cpu",
@@ -662,9 +629,11 @@ def test_a_config_without_model_type_says_what_is_missing(gpt2_dir, tmp_path, mi
     )
 
 
-def test_a_mistyped_local_path_is_named_as_one(imported, tmp_path, minigpt_cli, monkeypatch):
+def test_a_mistyped_local_path_is_named_as_one(
+    imported, tmp_path, minigpt_cli, monkeypatch, gpt2_text
+):
     monkeypatch.chdir(imported.parent.parent)  # runs/gpt2 is here: runs/gtp2 is a typo
-    (tmp_path / "corpus.txt").write_text(CORPUS * 10)
+    (tmp_path / "corpus.txt").write_text(gpt2_text * 10)
     code, _, err = minigpt_cli(
         "train", "--init-from", f"{imported.parent.name}/gtp2", "--data", tmp_path / "corpus.txt",
         "--out", tmp_path / "ft",
@@ -704,11 +673,11 @@ def test_import_refuses_to_overwrite_its_source_or_another_checkpoint(
     transformers.GPT2LMHeadModel.from_pretrained(other)  # still a checkpoint transformers loads
 
 
-def test_export_force_replaces_an_earlier_export_whole(imported, tmp_path, minigpt_cli):
+def test_export_force_replaces_an_earlier_export_whole(imported, tmp_path, minigpt_cli, gpt2_text):
     out = tmp_path / "hf"
     assert minigpt_cli("export", imported, "--out", out)[0] == 0
     (out / "added_tokens.json").write_text('{"<extra>": 999}')  # an earlier model's extra
-    run_dir = train_tiny(tmp_path, minigpt_cli, "char")
+    run_dir = train_tiny(tmp_path, minigpt_cli, gpt2_text, "char")
     code, _, err = minigpt_cli("export", run_dir, "--out", out, "--force")
     assert code == 0, err
     assert sorted(p.name for p in out.iterdir()) == [
