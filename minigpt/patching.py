@@ -208,7 +208,7 @@ def activation_patching(
     a time: the fraction of the clean logit difference each restores. together: (layer,
     head) pairs also patched all at once, for the share a circuit restores as a whole."""
     check_mode(by)
-    check_same_length(tokenizer, clean_ids, corrupt_ids)
+    check_same_length(clean_ids, corrupt_ids)
     clean, corrupt = trace(model, clean_ids), trace(model, corrupt_ids)
     nothing = Patches.none(1, model.config.n_layer, model.config.n_head)
     clean_diff, corrupt_diff = (
@@ -264,12 +264,12 @@ def check_mode(by: str) -> None:
         )
 
 
-def check_same_length(tokenizer: Tokenizer, clean_ids: Tensor, corrupt_ids: Tensor) -> None:
+def check_same_length(clean_ids: Tensor, corrupt_ids: Tensor) -> None:
     """Patching swaps activations position by position, so the prompts must line up."""
     if clean_ids.numel() != corrupt_ids.numel():
         raise MinigptError(
-            f"--clean is {clean_ids.numel()} tokens and --corrupt is {corrupt_ids.numel()}: "
-            "activation patching needs prompts of the same length in tokens",
+            f"the clean prompt is {clean_ids.numel()} tokens and the corrupted one "
+            f"{corrupt_ids.numel()}: activation patching needs prompts of the same length in tokens",
             hint="change the corrupted prompt token for token, e.g. swap one word for "
             "another that is also one token",
             param="corrupt",

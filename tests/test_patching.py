@@ -178,7 +178,7 @@ def test_prompts_of_different_lengths_are_refused_saying_so(tiny_run):
     with pytest.raises(MinigptError) as caught:
         patch_run(tiny_run, CLEAN, CORRUPT + "a", "a", "b", "head")
     message = str(caught.value)
-    assert "--clean is 13 tokens and --corrupt is 14" in message
+    assert "the clean prompt is 13 tokens and the corrupted one 14" in message
     assert "same length in tokens" in message
     assert caught.value.param == "corrupt"
     assert caught.value.hint
