@@ -182,9 +182,12 @@ def print_grid(grid: Grid, terminal: Console | None = None) -> None:
     terminal.print(f"[bold]{grid.title}[/bold]")
     for line in grid.lines:
         terminal.print(Text(line))
-    if len(grid.columns) <= NUMBER_COLUMNS:
-        _print_numbers(terminal, grid)
-    else:
+    table = _number_table(grid) if len(grid.columns) <= NUMBER_COLUMNS else None
+    wide = terminal.options.update_width(10**4)  # the table's own width, not the terminal's
+    if table is not None and terminal.measure(table, options=wide).maximum <= terminal.width:
+        terminal.print(table)
+        terminal.print(Text(grid.caption, style="dim"))
+    else:  # too many columns for numbers, or a terminal too narrow to show them whole
         _print_shading(terminal, grid)
     if grid.ranked:
         terminal.print(f"largest {min(RANKED, len(grid.ranked))}:")
@@ -192,9 +195,9 @@ def print_grid(grid: Grid, terminal: Console | None = None) -> None:
             terminal.print(Text(f"  {name:<24} {value:+.4f}"))
 
 
-def _print_numbers(console: Console, grid: Grid) -> None:
-    table = Table(caption=grid.caption, caption_justify="left")
-    table.add_column("")
+def _number_table(grid: Grid) -> Table:
+    table = Table()
+    table.add_column("", no_wrap=True)
     for column in grid.columns:
         table.add_column(column, justify="right", no_wrap=True)
     scale = grid.scale
@@ -207,7 +210,7 @@ def _print_numbers(console: Console, grid: Grid) -> None:
             for v in values
         ]
         table.add_row(row, *cells)
-    console.print(table)
+    return table
 
 
 def _style(value: float, scale: float, diverging: bool) -> str:
