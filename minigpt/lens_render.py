@@ -296,17 +296,17 @@ def save_png(path: str | Path, grid: Grid) -> None:
         vmin=-scale if grid.diverging else 0.0, vmax=scale,
     )  # fmt: skip
     fig.colorbar(image, ax=ax, shrink=0.8)
-    ax.set_yticks(range(n_rows), grid.rows, fontsize=8)
+    plain = {"parse_math": False}  # tokens are text: '$' must not start matplotlib's math
+    ax.set_yticks(range(n_rows), grid.rows, fontsize=8, **plain)
     if n_cols <= PNG_LABEL_MAX_TOKENS * 3:
-        ax.set_xticks(
-            range(n_cols), grid.columns, fontsize=7, rotation=90 if n_cols > NUMBER_COLUMNS else 0
-        )
+        rotation = 90 if n_cols > NUMBER_COLUMNS else 0
+        ax.set_xticks(range(n_cols), grid.columns, fontsize=7, rotation=rotation, **plain)
     if n_cols <= NUMBER_COLUMNS:
         for i, row in enumerate(grid.values):
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_title(grid.title, fontsize=9)
-    ax.set_xlabel(grid.caption, fontsize=7, wrap=True)
+    ax.set_title(grid.title, fontsize=9, **plain)
+    ax.set_xlabel(grid.caption, fontsize=7, wrap=True, **plain)
     write_output(path, figure=fig)
 
 
