@@ -234,6 +234,7 @@ def save_png(path: str | Path, inspection: Inspection) -> None:
     fig = Figure(figsize=(cell * H + 0.6, cell * L + 0.6), dpi=80, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(L, H, squeeze=False)
+    plain = {"parse_math": False}  # tokens are text: '$' must not start matplotlib's math
     for layer in range(L):
         for head in range(H):
             ax = axes[layer][head]
@@ -253,10 +254,12 @@ def save_png(path: str | Path, inspection: Inspection) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
             if labels and layer == L - 1:  # keys under the bottom row only
-                ax.set_xticks(range(T), inspection.tokens, fontsize=7, rotation=90)
+                ax.set_xticks(range(T), inspection.tokens, fontsize=7, rotation=90, **plain)
             if labels and head == 0:  # queries beside the first column only
-                ax.set_yticks(range(T), inspection.tokens, fontsize=7)
-    fig.suptitle(f"attention, rows = queries, columns = keys: {inspection.source}", fontsize=9)
+                ax.set_yticks(range(T), inspection.tokens, fontsize=7, **plain)
+    fig.suptitle(
+        f"attention, rows = queries, columns = keys: {inspection.source}", fontsize=9, **plain
+    )
     write_output(path, figure=fig)
 
 
