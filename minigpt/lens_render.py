@@ -80,9 +80,30 @@ def lens_grid(lens: Lens, position: int) -> Grid:
         ]
         for s, stream in enumerate(lens.streams)
     ]
-    lines = [
-        f"at position {position} '{lens.tokens[position]}', the top {lens.top_ids.size(-1)} by stream:"
-    ]
+    return Grid(
+        title=f"logit lens: {lens.source}",
+        rows=lens.streams,
+        columns=lens.tokens[: T - 1],
+        values=lens.next_probs.tolist(),
+        caption="each cell: the probability a stream (rows: embed = after the embeddings, "
+        "Ln = after block n) gives the token that follows the position (columns: the token there)",
+        tips=tips,
+        lines=_lens_lines(lens, position),
+    )
+
+
+def _lens_lines(lens: Lens, position: int) -> list[str]:
+    """At one position, per stream: the true next token's probability and rank (lined
+    up, to read down the layers), then the top-K predictions."""
+    T, K = len(lens.tokens), lens.top_ids.size(-1)
+    here = f"at position {position} '{lens.tokens[position]}'"
+    if position < T - 1:
+        ranks = [int(rank) for rank in lens.next_ranks[:, position]]
+        width = len(str(max(ranks)))
+        lines = [f"{here}, each stream's p and rank of the next token "
+                 f"'{lens.tokens[position + 1]}', then its top {K}:"]  # fmt: skip
+    else:
+        lines = [f"{here} (the last), each stream's top {K}:"]
     for s, stream in enumerate(lens.streams):
         top = ", ".join(
             f"'{tok}' {p:.2f}"
@@ -92,19 +113,9 @@ def lens_grid(lens: Lens, position: int) -> Grid:
         )
         truth = ""
         if position < T - 1:
-            truth = (f"   next '{lens.tokens[position + 1]}': p={lens.next_probs[s, position]:.3f}, "
-                     f"rank {int(lens.next_ranks[s, position])}")  # fmt: skip
-        lines.append(f"  {stream:>6}  {top}{truth}")
-    return Grid(
-        title=f"logit lens: {lens.source}",
-        rows=lens.streams,
-        columns=lens.tokens[: T - 1],
-        values=lens.next_probs.tolist(),
-        caption="the probability each stream (rows: after the embeddings, after each "
-        "block) gives the token that actually follows each position (columns)",
-        tips=tips,
-        lines=lines,
-    )
+            truth = f"p={lens.next_probs[s, position]:.3f} rank {ranks[s]:<{width}}   "
+        lines.append(f"  {stream:>6}  {truth}{top}")
+    return lines
 
 
 def attribution_grid(result: Attribution) -> Grid:
@@ -125,7 +136,8 @@ def attribution_grid(result: Attribution) -> Grid:
         "position, through the final norm with its scale frozen",
         diverging=True,
         lines=[
-            f"{what} at the last position = {result.logit_diff:.4f} (the model's logits)",
+            f"{what} at the last position '{result.tokens[-1]}' = {result.logit_diff:.4f}, "
+            "from the model's logits",
             f"sum of the terms = {result.total:.4f}: embed {result.embed:+.4f}, "
             f"biases {result.biases:+.4f}, heads {float(result.heads.sum()):+.4f}, "
             f"MLPs {float(result.mlps.sum()):+.4f}",
@@ -161,16 +173,28 @@ def patching_grid(result: Patching) -> Grid:
         caption=(
             "each head's context and each MLP's output, at every position"
             if by_head
-            else "the residual stream entering each layer (rows), at one position (columns)"
+            else "the residual stream entering block n (row Ln) at one position (columns: "
+            "the clean prompt's tokens)"
         )
         + f", taken from the clean run into the corrupted one: the share of {what} restored",
         diverging=True,
         lines=[
             f"{what}: clean {result.clean_diff:.4f}, corrupted {result.corrupt_diff:.4f}",
-            "restored = (patched - corrupted) / (clean - corrupted): 0 changes nothing, 1 restores all",
+            _differences(result.clean_tokens, result.corrupt_tokens),
+            "restored = (patched - corrupted) / (clean - corrupted): 0 nothing, 1 all of it",
         ],
         ranked=sorted(zip(names, flat, strict=True), key=lambda item: -item[1]),
     )
+
+
+def _differences(clean: list[str], corrupt: list[str], shown: int = 4) -> str:
+    """Where the corrupted prompt differs from the clean one, token by token."""
+    changed = [t for t, (a, b) in enumerate(zip(clean, corrupt, strict=True)) if a != b]
+    listed = ", ".join(f"{t} '{clean[t]}' -> '{corrupt[t]}'" for t in changed[:shown])
+    more = f", and {len(changed) - shown} more" if len(changed) > shown else ""
+    if not changed:
+        return "the prompts have the same tokens"
+    return f"the prompts differ at {len(changed)} position(s): {listed}{more}"
 
 
 # ---------------------------------------------------------------------------- terminal
@@ -252,8 +276,10 @@ def _print_shading(console: Console, grid: Grid, max_columns: int = HEATMAP_MAX_
             else:
                 line.append(*shade(v))
         console.print(line)
-    legend = "|value| / largest, red up, blue down" if grid.diverging else "0 to 1"
-    console.print(Text(f"{grid.caption}; shading: {legend}", style="dim"))
+    legend = "█ the largest |value|, red up, blue down" if grid.diverging else "blank 0 to █ 1"
+    console.print(
+        Text(f"{grid.caption}; shading: {legend} (--html or --json: every number)", style="dim")
+    )
 
 
 # ---------------------------------------------------------------------------- files
