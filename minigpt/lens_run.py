@@ -77,7 +77,7 @@ def single_token(tokenizer: Tokenizer, text: str, param: str) -> int:
         pieces = ", ".join(repr(label) for label in token_labels(tokenizer, ids))
         what = f"{len(ids)} tokens ({pieces})" if ids else "no token"
         raise MinigptError(
-            f"{text!r} is {what}; this needs exactly one token",
+            f"{param} {text!r} is {what}; it must be exactly one token",
             hint="pass one token of the model's vocabulary (GPT-2's words usually "
             "start with their space, e.g. ' Paris')",
             param=param,
