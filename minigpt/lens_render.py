@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import math
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -310,9 +311,8 @@ def save_png(path: str | Path, grid: Grid) -> None:
     from matplotlib.figure import Figure
 
     n_rows, n_cols = len(grid.rows), len(grid.columns)
-    fig = Figure(
-        figsize=(min(2 + 0.45 * n_cols, 30), 1.5 + 0.45 * n_rows), dpi=90, layout="constrained"
-    )
+    width = min(2 + 0.45 * n_cols, 30)  # inches
+    fig = Figure(figsize=(width, 1.5 + 0.45 * n_rows), dpi=90, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     scale = grid.scale
@@ -330,9 +330,12 @@ def save_png(path: str | Path, grid: Grid) -> None:
     if n_cols <= NUMBER_COLUMNS:
         for i, row in enumerate(grid.values):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+                dark = abs(v) / scale > 0.6 if grid.diverging else v < 0.5  # RdBu's ends, viridis' low
+                colour = "white" if math.isfinite(v) and dark else "black"
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color=colour)
     ax.set_title(grid.title, fontsize=9, **plain)
-    ax.set_xlabel(grid.caption, fontsize=7, wrap=True, **plain)
+    # wrapped here: matplotlib's wrap=True measures the text as math, parse_math or not
+    ax.set_xlabel(textwrap.fill(grid.caption, int(16 * width)), fontsize=7, **plain)
     write_output(path, figure=fig)
 
 
