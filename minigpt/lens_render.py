@@ -330,7 +330,8 @@ def save_png(path: str | Path, grid: Grid) -> None:
     if n_cols <= NUMBER_COLUMNS:
         for i, row in enumerate(grid.values):
             for j, v in enumerate(row):
-                dark = abs(v) / scale > 0.6 if grid.diverging else v < 0.5  # RdBu's ends, viridis' low
+                # dark cells: RdBu's two ends, viridis' low end
+                dark = abs(v) / scale > 0.6 if grid.diverging else v < 0.5
                 colour = "white" if math.isfinite(v) and dark else "black"
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color=colour)
     ax.set_title(grid.title, fontsize=9, **plain)
