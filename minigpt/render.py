@@ -411,6 +411,8 @@ canvas{image-rendering:pixelated;border:1px solid #ccc}
 .legend span{display:inline-block;margin-right:10px}
 .legend i{display:inline-block;width:10px;height:10px;margin-right:3px}
 small{color:#666}
+.next{margin-top:10px;padding-top:6px;border-top:1px solid #eee;max-width:640px}
+.next p{margin:6px 0;color:#555} .next code{color:#222}
 </style></head><body>
 <h1>__TITLE__</h1>
 <p class="info">__INFO__</p>
@@ -427,7 +429,12 @@ small{color:#666}
  <div class="panel"><b>hover a token</b> to see where the selected head attends from it
   <div id="tokens"></div></div>
  <div class="panel"><table id="metrics"><thead></thead><tbody></tbody></table>
-  <small>__RULES__</small></div>
+  <small>__RULES__</small>
+  <div class="next"><b>Next, on the same run</b> (RUN: its directory; docs/circuits.md shows how to read each):
+   <p><code>minigpt lens RUN --prompt TEXT</code><br>which layer first predicts each next token (the logit lens)</p>
+   <p><code>minigpt attribute RUN --prompt TEXT --answer TOK</code><br>how much each head and MLP pushes TOK's logit up at the prompt's end (direct logit attribution)</p>
+   <p><code>minigpt patch RUN --clean TEXT --corrupt TEXT2 --answer A --versus B</code><br>which heads the answer flows through: the share of logit(A) - logit(B) each restores when copied from the clean run into the corrupted one (activation patching)</p>
+  </div></div>
 </div>
 <script>
 const D = __DATA__;

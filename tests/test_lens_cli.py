@@ -347,3 +347,15 @@ def test_help_lists_every_option(command):
     assert result.exit_code == 0
     for option in [*HELP[command], "--html", "--png", "--json", "--device"]:
         assert re.search(rf"(?<![\w-]){option}(?![\w-])", result.output), option
+
+
+def test_the_heads_page_names_these_commands(run_dir, minigpt_cli, tmp_path):
+    code, _, err = minigpt_cli(
+        "inspect-heads", run_dir, "--no-importance", "--html", tmp_path / "h.html"
+    )
+    assert code == 0, err
+    page = Page((tmp_path / "h.html").read_text())
+    text = " ".join(page.text)
+    for command in ("minigpt lens RUN --prompt", "minigpt attribute RUN", "minigpt patch RUN"):
+        assert command in text
+    assert "docs/circuits.md" in text and page.links == []
