@@ -351,9 +351,10 @@ def html_document(grid: Grid) -> str:
         for j, v in enumerate(values):
             tip = grid.tips[i][j] if grid.tips else f"{row} {grid.columns[j]}: {v:.4f}"
             text = f"{v:.2f}" if len(grid.columns) <= NUMBER_COLUMNS * 2 else ""
-            cells.append(
-                f'<td style="background:{_colour(v, scale, grid.diverging)}" title="{html.escape(tip)}">{text}</td>'
-            )
+            style = f"background:{_colour(v, scale, grid.diverging)}"
+            strength = abs(v) / scale if grid.diverging else v
+            style += ";color:#fff" if math.isfinite(v) and strength > 0.6 else ""  # on dark cells
+            cells.append(f'<td style="{style}" title="{html.escape(tip)}">{text}</td>')
         body.append(f"<tr><th>{html.escape(row)}</th>{''.join(cells)}</tr>")
     ranked = "".join(f"<li>{html.escape(n)}: {v:+.4f}</li>" for n, v in grid.ranked[:RANKED])
     return _PAGE.format(
@@ -387,7 +388,7 @@ _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
 body{{font:14px system-ui,sans-serif;margin:16px;color:#222;background:#fafafa}}
-h1{{font-size:18px}} h2{{font-size:15px}} p{{margin:2px 0;font-family:ui-monospace,monospace}}
+h1{{font-size:18px}} h2{{font-size:15px}} p{{margin:2px 0;font-family:ui-monospace,monospace;white-space:pre-wrap}}
 table{{border-collapse:collapse;font-size:11px;margin:10px 0}}
 td,th{{padding:3px 5px;text-align:right;border:1px solid #fff;white-space:pre}}
 td{{min-width:14px;cursor:default}} caption{{caption-side:bottom;text-align:left;color:#555}}
