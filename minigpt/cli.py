@@ -470,6 +470,7 @@ def patch(
     answer: str = typer.Option(..., "--answer", help="The clean prompt's next token (one token)."),
     versus: str = typer.Option(..., "--versus", help="The corrupted prompt's next token (one token)."),
     by: str = typer.Option("head", "--by", help="head (each head's output and MLP) or layer-position (the residual stream)."),
+    heads: str | None = typer.Option(None, "--heads", help="Also patch these heads together, e.g. L1H0,L1H2."),
     html: str | None = HTML_OPTION,
     png: str | None = PNG_OPTION,
     json_file: str | None = JSON_OPTION,
@@ -488,7 +489,7 @@ def patch(
     check_mode(by)
     outputs = lens_render.outputs(html, png, json_file)
     run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
-    result = patch_run(run, clean, corrupt, answer, versus, by)
+    result = patch_run(run, clean, corrupt, answer, versus, by, heads)
     lens_render.show(result, lens_render.patching_grid(result), outputs)
 
 

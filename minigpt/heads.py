@@ -26,7 +26,8 @@ averaged over all of them; the first sequence is only what the pictures show.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -198,15 +199,22 @@ def head_similarity(A: Tensor) -> Tensor:
 # Capturing attention
 
 
-@torch.no_grad()
-def capture_attention(model: GPT, idx: Tensor) -> Tensor:
-    """Every head's attention weights for token ids idx (B, T): (B, n_layer, H, T, T)."""
+@contextmanager
+def evaluating(model: GPT) -> Iterator[GPT]:
+    """The model in eval mode (no dropout) for the block, then as it was."""
     was_training = model.training
     model.eval()
     try:
-        _, _, attention = model.forward_with_attention(idx)
+        yield model
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def capture_attention(model: GPT, idx: Tensor) -> Tensor:
+    """Every head's attention weights for token ids idx (B, T): (B, n_layer, H, T, T)."""
+    with evaluating(model):
+        _, _, attention = model.forward_with_attention(idx)
     return torch.stack(attention, dim=1).float()  # (B, L, H, T, T)
 
 

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from minigpt.errors import MinigptError
-from minigpt.heads import token_labels
+from minigpt.heads import evaluating, token_labels
 from minigpt.layers import RMSNorm
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
@@ -51,17 +51,6 @@ class Trace:
     """(n_layer, T, H * d_head): every head's Context_h, concatenated: the input of W^O."""
     mlps: Tensor
     """(n_layer, T, n_embd): each block's MLP output."""
-
-
-@contextmanager
-def evaluating(model: GPT) -> Iterator[GPT]:
-    """The model in eval mode (no dropout) for the block, then as it was."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 @contextmanager
@@ -157,14 +146,16 @@ def lens_logits(model: GPT, resid: Tensor) -> Tensor:
 @torch.no_grad()
 def logit_lens(model: GPT, tokenizer: Tokenizer, idx: Tensor, top_k: int = 5) -> Lens:
     """The logit lens of token ids idx (T,); one stream's logits at a time, so memory
-    holds T x vocab_size floats, never S times that."""
-    check_top_k(top_k, model.config.vocab_size)
+    holds T x vocab_size floats, never S times that. Only the tokenizer's ids are
+    predictions (as in sampling: a vocabulary padded past it has rows it cannot decode)."""
+    vocab = tokenizer.vocab_size
+    check_top_k(top_k, vocab)
     with evaluating(model):
         resid = trace(model, idx).resid  # (S, T, n_embd)
     targets = idx[1:].to(resid.device)  # (T - 1,) the token after each position
     top_ids, top_probs, next_probs, next_ranks = [], [], [], []
     for stream in resid:
-        probs = torch.softmax(lens_logits(model, stream), dim=-1)  # (T, vocab)
+        probs = torch.softmax(lens_logits(model, stream)[:, :vocab], dim=-1)  # (T, vocab)
         top = probs.topk(top_k, dim=-1)
         top_ids.append(top.indices)
         top_probs.append(top.values)

@@ -183,7 +183,14 @@ def patching_grid(result: Patching) -> Grid:
             f"{what}: clean {result.clean_diff:.4f}, corrupted {result.corrupt_diff:.4f}",
             _differences(result.clean_tokens, result.corrupt_tokens),
             "restored = (patched - corrupted) / (clean - corrupted): 0 nothing, 1 all of it",
-        ],
+        ]
+        + (
+            [
+                f"{', '.join(result.together)} patched together restore {result.together_restored:.3f}"
+            ]
+            if result.together
+            else []
+        ),
         ranked=sorted(zip(names, flat, strict=True), key=lambda item: -item[1]),
     )
 

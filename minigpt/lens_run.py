@@ -7,6 +7,8 @@ measures cannot take with one clear sentence each.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 
@@ -36,14 +38,19 @@ def attribute_run(run: Run, prompt: str, answer: str, versus: str | None) -> Att
     return result
 
 
-def patch_run(run: Run, clean: str, corrupt: str, answer: str, versus: str, by: str) -> Patching:
-    """Activation patching from the clean prompt into the corrupted one."""
+def patch_run(
+    run: Run, clean: str, corrupt: str, answer: str, versus: str, by: str, heads: str | None = None
+) -> Patching:
+    """Activation patching from the clean prompt into the corrupted one; `heads`
+    ('L1H0,L1H2') are also patched together."""
     check_mode(by)
+    n_layer, n_head = run.model.config.n_layer, run.model.config.n_head
+    together = parse_heads(heads, n_layer, n_head) if heads else []
     clean_ids, corrupt_ids = prompt_ids(run, clean, "clean"), prompt_ids(run, corrupt, "corrupt")
     answer_id = single_token(run.tokenizer, answer, "answer")
     versus_id = single_token(run.tokenizer, versus, "versus")
     result = activation_patching(
-        run.model, run.tokenizer, clean_ids, corrupt_ids, answer_id, versus_id, by
+        run.model, run.tokenizer, clean_ids, corrupt_ids, answer_id, versus_id, by, together
     )
     result.source = str(run.dir)
     return result
@@ -95,3 +102,24 @@ def check_position(position: int, n_tokens: int) -> int:
             param="position",
         )
     return position % n_tokens
+
+
+def parse_heads(text: str, n_layer: int, n_head: int) -> list[tuple[int, int]]:
+    """'L1H0,L1H2' -> [(1, 0), (1, 2)]: heads named as the tables name them."""
+    heads = []
+    for name in text.split(","):
+        match = re.fullmatch(r"\s*L(\d+)H(\d+)\s*", name, flags=re.IGNORECASE)
+        if not match:
+            raise MinigptError(
+                f"--heads: {name.strip()!r} is not a head name",
+                hint="name heads as the tables do, comma-separated: L1H0,L1H2",
+            )
+        layer, head = int(match[1]), int(match[2])
+        if layer >= n_layer or head >= n_head:
+            raise MinigptError(
+                f"--heads: {name.strip()} is not in this model, which has layers 0 to "
+                f"{n_layer - 1} and heads 0 to {n_head - 1}",
+                hint="pick heads from the table that --by head prints",
+            )
+        heads.append((layer, head))
+    return heads

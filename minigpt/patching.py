@@ -26,14 +26,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from minigpt.errors import MinigptError
-from minigpt.heads import token_labels
-from minigpt.lens import Trace, evaluating, trace
+from minigpt.heads import evaluating, token_labels
+from minigpt.lens import Trace, trace
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
 
@@ -59,6 +59,10 @@ class Patching:
     layer-position."""
     rows: list[str]
     columns: list[str]
+    together: list[str] = field(default_factory=list)
+    """Heads patched all at once (`--heads`), e.g. ['L1H0', 'L1H2']."""
+    together_restored: float | None = None
+    """The share those heads restore when patched together."""
     source: str = ""
 
     def to_dict(self) -> dict:
@@ -74,6 +78,8 @@ class Patching:
             "rows": self.rows,
             "columns": self.columns,
             "restored": self.restored.tolist(),
+            "together": self.together,
+            "together_restored": self.together_restored,
         }
 
 
@@ -196,9 +202,11 @@ def activation_patching(
     answer: int,
     versus: int,
     by: str = "head",
+    together: list[tuple[int, int]] = (),
 ) -> Patching:
     """Patch every component of the corrupted run (T,) from the clean run (T,), one at
-    a time: the fraction of the clean logit difference each restores."""
+    a time: the fraction of the clean logit difference each restores. together: (layer,
+    head) pairs also patched all at once, for the share a circuit restores as a whole."""
     check_mode(by)
     check_same_length(tokenizer, clean_ids, corrupt_ids)
     clean, corrupt = trace(model, clean_ids), trace(model, corrupt_ids)
@@ -220,6 +228,16 @@ def activation_patching(
     else:
         diffs = patch_residual(model, clean, corrupt, answer, versus, corrupt_diff)
         columns = [f"{t}" for t in range(clean_ids.numel())]
+    share = (diffs - corrupt_diff) / (clean_diff - corrupt_diff) + 0.0  # + 0.0: no -0.0
+    together_restored = None
+    if together:
+        patches = Patches.none(1, L, H)
+        for layer, head in together:
+            patches.heads[0, layer, head] = True
+        diff = float(
+            patched_diffs(model, corrupt.resid[0][None], 0, clean, patches, answer, versus)[0]
+        )
+        together_restored = (diff - corrupt_diff) / (clean_diff - corrupt_diff)
     labels = token_labels(tokenizer, [answer, versus])
     return Patching(
         by=by,
@@ -229,9 +247,11 @@ def activation_patching(
         versus=labels[1],
         clean_diff=clean_diff,
         corrupt_diff=corrupt_diff,
-        restored=(diffs - corrupt_diff) / (clean_diff - corrupt_diff) + 0.0,  # no -0.0
+        restored=share,
         rows=[f"L{layer}" for layer in range(L)],
         columns=columns,
+        together=[f"L{layer}H{head}" for layer, head in together],
+        together_restored=together_restored,
     )
 
 

@@ -93,6 +93,17 @@ SKIPPED = {
     "minigpt inspect-heads [RUN_DIR] [--prompt TEXT | --prompt-file F | --repeated N]": (
         "a usage synopsis"
     ),
+    "minigpt lens [checkpoints/default] --prompt TEXT [--top K] [--position P]": "a usage synopsis",
+    "minigpt attribute [checkpoints/default] --prompt TEXT --answer TOK [--versus TOK]": (
+        "a usage synopsis"
+    ),
+    "minigpt patch [checkpoints/default] --clean TEXT --corrupt TEXT --answer TOK --versus TOK "
+    "[--by head|layer-position] [--heads L1H0,L1H2]": "a usage synopsis",
+    "minigpt attribute checkpoints/gpt2 --prompt \"When Mary and John went to the store, John gave "
+    "a drink to\" --answer \" Mary\" --versus \" John\"": NEEDS_HUB_RUN,
+    "minigpt patch checkpoints/gpt2 --clean \"When Mary and John went to the store, John gave a "
+    "drink to\" --corrupt \"When Mary and John went to the store, Mary gave a drink to\" "
+    "--answer \" Mary\" --versus \" John\"": NEEDS_HUB_RUN,
 }
 """Commands that do not run here (as the page writes them, comments dropped and RUN
 replaced), and why: the network, a GPU, installing, or the suite itself."""

@@ -12,7 +12,12 @@ What it checks (docs/induction.md has the measurements):
     the copying;
   - a layer-0 head that feeds it: the head that looks back most is the one whose
     removal hurts most, and removing it stops the copying;
-  - that layer-0 head's previous-token score >= 0.3, labelled `previous-token`.
+  - that layer-0 head's previous-token score >= 0.3, labelled `previous-token`;
+  - beyond heads (`minigpt lens`, `attribute`, `patch`, docs/circuits.md) on a segment
+    written twice and begun a third time: the logit lens knows the next symbol of a
+    copy only after layer 1; direct logit attribution ranks the layer-1 inducting heads
+    above every other head; patching them together from the clean prompt into one
+    whose earlier copies carry another symbol restores most of the logit difference.
 """
 
 from __future__ import annotations
@@ -117,3 +122,57 @@ def test_layer0_previous_token_score(trained):
     best0 = max(layer(report, 0), key=lambda h: max(h["previous_token"], h["duplicate_token"]))
     assert max(best0["previous_token"], best0["duplicate_token"]) >= 0.3, stdout
     assert best0["role"] in ("previous-token", "duplicate-token"), stdout
+
+
+SEGMENT = "k3x9qa7mbw2e"  # distinct symbols, as in the training data
+CLEAN = SEGMENT * 2 + SEGMENT[:6]  # the next symbol is SEGMENT[6], '7'
+CORRUPT = CLEAN.replace("7", "z")  # earlier copies say 'z' follows 'a' instead
+
+
+def circuit_json(minigpt_cli, folder: Path, *args) -> dict:
+    """Run `minigpt COMMAND run ... --json out.json` on the trained run; the JSON."""
+    out = folder / "circuit.json"
+    code, stdout, stderr = minigpt_cli(*args[:1], folder / "run", *args[1:], "--json", out)
+    assert code == 0, stderr
+    return json.loads(out.read_text())
+
+
+@pytest.mark.slow
+def test_the_logit_lens_knows_a_copy_only_after_layer_1(trained, minigpt_cli):
+    folder, _, _ = trained
+    lens = circuit_json(minigpt_cli, folder, "lens", "--prompt", CLEAN)
+    assert lens["streams"] == ["embed", "L0", "L1"]
+    n = len(SEGMENT)
+    # positions n..: the next symbol is in the second or third copy, known from the first
+    after_l0, after_l1 = (sum(p[n:]) / len(p[n:]) for p in lens["next_probs"][1:])
+    assert after_l0 < 0.2 < 0.8 < after_l1, (after_l0, after_l1)
+    assert lens["top_tokens"][2][-1][0] == "7"  # the model's own answer, after the last block
+
+
+@pytest.mark.slow
+def test_attribution_ranks_the_inducting_heads_first(trained, minigpt_cli):
+    folder, report, _ = trained
+    result = circuit_json(
+        minigpt_cli, folder, "attribute", "--prompt", CLEAN, "--answer", "7", "--versus", "z"
+    )
+    assert abs(result["total"] - result["logit_diff"]) < 1e-3 * abs(result["logit_diff"])
+    inducting = {f"L1H{h['head']}" for h in layer(report, 1) if h["induction"] >= INDUCTING}
+    heads = [c["name"] for c in result["components"] if "H" in c["name"]]
+    assert set(heads[: len(inducting)]) == inducting, (heads, inducting)
+
+
+@pytest.mark.slow
+def test_patching_the_inducting_heads_restores_the_copy(trained, minigpt_cli):
+    folder, report, _ = trained
+    inducting = [f"L1H{h['head']}" for h in layer(report, 1) if h["induction"] >= INDUCTING]
+    args = ["--clean", CLEAN, "--corrupt", CORRUPT, "--answer", "7", "--versus", "z"]
+    result = circuit_json(minigpt_cli, folder, "patch", *args, "--heads", ",".join(inducting))
+    assert result["clean_diff"] > 0 > result["corrupt_diff"]  # each prompt says its own symbol
+    assert result["together_restored"] > 0.7, result["together_restored"]
+    layer0_heads = result["restored"][0][:-1]  # the last column is the MLP
+    assert max(map(abs, layer0_heads)) < 0.1, layer0_heads  # none of them carries the copy
+    by_position = circuit_json(minigpt_cli, folder, "patch", *args, "--by", "layer-position")
+    # entering layer 1, the streams at the earlier copies' '7' carry what the answer needs
+    entering_l1 = by_position["restored"][1]
+    top_two = sorted(range(len(CLEAN)), key=lambda t: -entering_l1[t])[:2]
+    assert sorted(top_two) == [t for t, c in enumerate(CLEAN) if c == "7"], entering_l1
