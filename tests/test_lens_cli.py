@@ -108,10 +108,13 @@ def test_patch_prints_both_differences_and_the_restored_table(
     by, run_dir, run, minigpt_cli, tmp_path
 ):
     args = ["--clean", CLEAN, "--corrupt", CORRUPT, "--answer", "1", "--versus", "2", "--by", by]
-    code, out, err = minigpt_cli("patch", run_dir, *args, *outputs(tmp_path))
+    code, out, err = minigpt_cli(
+        "patch", run_dir, *args, "--heads", "L1H0,L1H1", *outputs(tmp_path)
+    )
     assert code == 0, err
     data = strict(tmp_path / "r.json")
-    assert data == patch_run(run, CLEAN, CORRUPT, "1", "2", by).to_dict()
+    assert data == patch_run(run, CLEAN, CORRUPT, "1", "2", by, "L1H0,L1H1").to_dict()
+    assert f"L1H0, L1H1 patched together restore {data['together_restored']:.3f}" in out
     assert (
         f"logit('1') - logit('2'): clean {data['clean_diff']:.4f}, "
         f"corrupted {data['corrupt_diff']:.4f}" in out
@@ -259,6 +262,8 @@ BAD = {
         ["attribute", "--prompt", "abc", "--prompt-file", "{tmp}/prompt.txt", "--answer", "x"],
         "--prompt and --prompt-file were both given",
     ),
+    "--heads naming no head": (["patch", *PATCH, "--heads", "L1H0,foo"], "'foo' is not a head name"),
+    "--heads outside the model": (["patch", *PATCH, "--heads", "L2H0"], "L2H0 is not in this model"),
     "clean == corrupt": (
         ["patch", "--clean", "abc", "--corrupt", "abc", *PATCH[4:]],
         "nothing for a patch to restore",
@@ -333,7 +338,7 @@ def test_an_output_in_a_read_only_folder_is_refused(run_dir, tmp_path, minigpt_c
 HELP = {
     "lens": ["--prompt", "--prompt-file", "--top", "--position"],
     "attribute": ["--prompt", "--prompt-file", "--answer", "--versus"],
-    "patch": ["--clean", "--corrupt", "--answer", "--versus", "--by"],
+    "patch": ["--clean", "--corrupt", "--answer", "--versus", "--by", "--heads"],
 }
 
 
