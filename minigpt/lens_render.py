@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import math
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,9 +81,30 @@ def lens_grid(lens: Lens, position: int) -> Grid:
         ]
         for s, stream in enumerate(lens.streams)
     ]
-    lines = [
-        f"at position {position} '{lens.tokens[position]}', the top {lens.top_ids.size(-1)} by stream:"
-    ]
+    return Grid(
+        title=f"logit lens: {lens.source}",
+        rows=lens.streams,
+        columns=lens.tokens[: T - 1],
+        values=lens.next_probs.tolist(),
+        caption="each cell: the probability a stream (rows: embed = after the embeddings, "
+        "Ln = after block n) gives the token that follows the position (columns: the token there)",
+        tips=tips,
+        lines=_lens_lines(lens, position),
+    )
+
+
+def _lens_lines(lens: Lens, position: int) -> list[str]:
+    """At one position, per stream: the true next token's probability and rank (lined
+    up, to read down the layers), then the top-K predictions."""
+    T, K = len(lens.tokens), lens.top_ids.size(-1)
+    here = f"at position {position} '{lens.tokens[position]}'"
+    if position < T - 1:
+        ranks = [int(rank) for rank in lens.next_ranks[:, position]]
+        width = len(str(max(ranks)))
+        lines = [f"{here}, each stream's p and rank of the next token "
+                 f"'{lens.tokens[position + 1]}', then its top {K}:"]  # fmt: skip
+    else:
+        lines = [f"{here} (the last), each stream's top {K}:"]
     for s, stream in enumerate(lens.streams):
         top = ", ".join(
             f"'{tok}' {p:.2f}"
@@ -92,19 +114,9 @@ def lens_grid(lens: Lens, position: int) -> Grid:
         )
         truth = ""
         if position < T - 1:
-            truth = (f"   next '{lens.tokens[position + 1]}': p={lens.next_probs[s, position]:.3f}, "
-                     f"rank {int(lens.next_ranks[s, position])}")  # fmt: skip
-        lines.append(f"  {stream:>6}  {top}{truth}")
-    return Grid(
-        title=f"logit lens: {lens.source}",
-        rows=lens.streams,
-        columns=lens.tokens[: T - 1],
-        values=lens.next_probs.tolist(),
-        caption="the probability each stream (rows: after the embeddings, after each "
-        "block) gives the token that actually follows each position (columns)",
-        tips=tips,
-        lines=lines,
-    )
+            truth = f"p={lens.next_probs[s, position]:.3f} rank {ranks[s]:<{width}}   "
+        lines.append(f"  {stream:>6}  {truth}{top}")
+    return lines
 
 
 def attribution_grid(result: Attribution) -> Grid:
@@ -125,7 +137,8 @@ def attribution_grid(result: Attribution) -> Grid:
         "position, through the final norm with its scale frozen",
         diverging=True,
         lines=[
-            f"{what} at the last position = {result.logit_diff:.4f} (the model's logits)",
+            f"{what} at the last position '{result.tokens[-1]}' = {result.logit_diff:.4f}, "
+            "from the model's logits",
             f"sum of the terms = {result.total:.4f}: embed {result.embed:+.4f}, "
             f"biases {result.biases:+.4f}, heads {float(result.heads.sum()):+.4f}, "
             f"MLPs {float(result.mlps.sum()):+.4f}",
@@ -161,13 +174,15 @@ def patching_grid(result: Patching) -> Grid:
         caption=(
             "each head's context and each MLP's output, at every position"
             if by_head
-            else "the residual stream entering each layer (rows), at one position (columns)"
+            else "the residual stream entering block n (row Ln) at one position (columns: "
+            "the clean prompt's tokens)"
         )
         + f", taken from the clean run into the corrupted one: the share of {what} restored",
         diverging=True,
         lines=[
             f"{what}: clean {result.clean_diff:.4f}, corrupted {result.corrupt_diff:.4f}",
-            "restored = (patched - corrupted) / (clean - corrupted): 0 changes nothing, 1 restores all",
+            _differences(result.clean_tokens, result.corrupt_tokens),
+            "restored = (patched - corrupted) / (clean - corrupted): 0 nothing, 1 all of it",
         ]
         + (
             [
@@ -180,6 +195,16 @@ def patching_grid(result: Patching) -> Grid:
     )
 
 
+def _differences(clean: list[str], corrupt: list[str], shown: int = 4) -> str:
+    """Where the corrupted prompt differs from the clean one, token by token."""
+    changed = [t for t, (a, b) in enumerate(zip(clean, corrupt, strict=True)) if a != b]
+    listed = ", ".join(f"{t} '{clean[t]}' -> '{corrupt[t]}'" for t in changed[:shown])
+    more = f", and {len(changed) - shown} more" if len(changed) > shown else ""
+    if not changed:
+        return "the prompts have the same tokens"
+    return f"the prompts differ at {len(changed)} position(s): {listed}{more}"
+
+
 # ---------------------------------------------------------------------------- terminal
 
 
@@ -189,9 +214,12 @@ def print_grid(grid: Grid, terminal: Console | None = None) -> None:
     terminal.print(f"[bold]{grid.title}[/bold]")
     for line in grid.lines:
         terminal.print(Text(line))
-    if len(grid.columns) <= NUMBER_COLUMNS:
-        _print_numbers(terminal, grid)
-    else:
+    table = _number_table(grid) if len(grid.columns) <= NUMBER_COLUMNS else None
+    wide = terminal.options.update_width(10**4)  # the table's own width, not the terminal's
+    if table is not None and terminal.measure(table, options=wide).maximum <= terminal.width:
+        terminal.print(table)
+        terminal.print(Text(grid.caption, style="dim"))
+    else:  # too many columns for numbers, or a terminal too narrow to show them whole
         _print_shading(terminal, grid)
     if grid.ranked:
         terminal.print(f"largest {min(RANKED, len(grid.ranked))}:")
@@ -199,9 +227,9 @@ def print_grid(grid: Grid, terminal: Console | None = None) -> None:
             terminal.print(Text(f"  {name:<24} {value:+.4f}"))
 
 
-def _print_numbers(console: Console, grid: Grid) -> None:
-    table = Table(caption=grid.caption, caption_justify="left")
-    table.add_column("")
+def _number_table(grid: Grid) -> Table:
+    table = Table()
+    table.add_column("", no_wrap=True)
     for column in grid.columns:
         table.add_column(column, justify="right", no_wrap=True)
     scale = grid.scale
@@ -214,7 +242,7 @@ def _print_numbers(console: Console, grid: Grid) -> None:
             for v in values
         ]
         table.add_row(row, *cells)
-    console.print(table)
+    return table
 
 
 def _style(value: float, scale: float, diverging: bool) -> str:
@@ -256,8 +284,10 @@ def _print_shading(console: Console, grid: Grid, max_columns: int = HEATMAP_MAX_
             else:
                 line.append(*shade(v))
         console.print(line)
-    legend = "|value| / largest, red up, blue down" if grid.diverging else "0 to 1"
-    console.print(Text(f"{grid.caption}; shading: {legend}", style="dim"))
+    legend = "█ the largest |value|, red up, blue down" if grid.diverging else "blank 0 to █ 1"
+    console.print(
+        Text(f"{grid.caption}; shading: {legend} (--html or --json: every number)", style="dim")
+    )
 
 
 # ---------------------------------------------------------------------------- files
@@ -288,9 +318,8 @@ def save_png(path: str | Path, grid: Grid) -> None:
     from matplotlib.figure import Figure
 
     n_rows, n_cols = len(grid.rows), len(grid.columns)
-    fig = Figure(
-        figsize=(min(2 + 0.45 * n_cols, 30), 1.5 + 0.45 * n_rows), dpi=90, layout="constrained"
-    )
+    width = min(2 + 0.45 * n_cols, 30)  # inches
+    fig = Figure(figsize=(width, 1.5 + 0.45 * n_rows), dpi=90, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     scale = grid.scale
@@ -300,17 +329,21 @@ def save_png(path: str | Path, grid: Grid) -> None:
         vmin=-scale if grid.diverging else 0.0, vmax=scale,
     )  # fmt: skip
     fig.colorbar(image, ax=ax, shrink=0.8)
-    ax.set_yticks(range(n_rows), grid.rows, fontsize=8)
+    plain = {"parse_math": False}  # tokens are text: '$' must not start matplotlib's math
+    ax.set_yticks(range(n_rows), grid.rows, fontsize=8, **plain)
     if n_cols <= PNG_LABEL_MAX_TOKENS * 3:
-        ax.set_xticks(
-            range(n_cols), grid.columns, fontsize=7, rotation=90 if n_cols > NUMBER_COLUMNS else 0
-        )
+        rotation = 90 if n_cols > NUMBER_COLUMNS else 0
+        ax.set_xticks(range(n_cols), grid.columns, fontsize=7, rotation=rotation, **plain)
     if n_cols <= NUMBER_COLUMNS:
         for i, row in enumerate(grid.values):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
-    ax.set_title(grid.title, fontsize=9)
-    ax.set_xlabel(grid.caption, fontsize=7, wrap=True)
+                # dark cells: RdBu's two ends, viridis' low end
+                dark = abs(v) / scale > 0.6 if grid.diverging else v < 0.5
+                colour = "white" if math.isfinite(v) and dark else "black"
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color=colour)
+    ax.set_title(grid.title, fontsize=9, **plain)
+    # wrapped here: matplotlib's wrap=True measures the text as math, parse_math or not
+    ax.set_xlabel(textwrap.fill(grid.caption, int(16 * width)), fontsize=7, **plain)
     write_output(path, figure=fig)
 
 
@@ -325,9 +358,10 @@ def html_document(grid: Grid) -> str:
         for j, v in enumerate(values):
             tip = grid.tips[i][j] if grid.tips else f"{row} {grid.columns[j]}: {v:.4f}"
             text = f"{v:.2f}" if len(grid.columns) <= NUMBER_COLUMNS * 2 else ""
-            cells.append(
-                f'<td style="background:{_colour(v, scale, grid.diverging)}" title="{html.escape(tip)}">{text}</td>'
-            )
+            style = f"background:{_colour(v, scale, grid.diverging)}"
+            strength = abs(v) / scale if grid.diverging else v
+            style += ";color:#fff" if math.isfinite(v) and strength > 0.6 else ""  # on dark cells
+            cells.append(f'<td style="{style}" title="{html.escape(tip)}">{text}</td>')
         body.append(f"<tr><th>{html.escape(row)}</th>{''.join(cells)}</tr>")
     ranked = "".join(f"<li>{html.escape(n)}: {v:+.4f}</li>" for n, v in grid.ranked[:RANKED])
     return _PAGE.format(
@@ -361,7 +395,7 @@ _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
 <style>
 body{{font:14px system-ui,sans-serif;margin:16px;color:#222;background:#fafafa}}
-h1{{font-size:18px}} h2{{font-size:15px}} p{{margin:2px 0;font-family:ui-monospace,monospace}}
+h1{{font-size:18px}} h2{{font-size:15px}} p{{margin:2px 0;font-family:ui-monospace,monospace;white-space:pre-wrap}}
 table{{border-collapse:collapse;font-size:11px;margin:10px 0}}
 td,th{{padding:3px 5px;text-align:right;border:1px solid #fff;white-space:pre}}
 td{{min-width:14px;cursor:default}} caption{{caption-side:bottom;text-align:left;color:#555}}

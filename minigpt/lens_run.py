@@ -62,15 +62,16 @@ def prompt_ids(run: Run, prompt: str, param: str = "prompt") -> Tensor:
     the prompt as typed, so nothing is cropped)."""
     ids = run.tokenizer.encode_prompt(prompt) if prompt else []
     block_size = run.model.config.block_size
+    what = "the prompt" if param == "prompt" else f"the {param} prompt"  # which of two
     if not ids:
         raise MinigptError(
-            "the prompt is empty" if not prompt else "the prompt encodes to no tokens",
-            hint="give the prompt some text",
+            f"{what} is empty" if not prompt else f"{what} encodes to no tokens",
+            hint=f"give {what} some text",
             param=param,
         )
     if len(ids) > block_size:
         raise MinigptError(
-            f"the prompt is {len(ids)} tokens, more than the model's context of {block_size}",
+            f"{what} is {len(ids)} tokens, more than the model's context of {block_size}",
             hint=f"shorten it to at most {block_size} tokens",
             param=param,
         )
@@ -84,7 +85,7 @@ def single_token(tokenizer: Tokenizer, text: str, param: str) -> int:
         pieces = ", ".join(repr(label) for label in token_labels(tokenizer, ids))
         what = f"{len(ids)} tokens ({pieces})" if ids else "no token"
         raise MinigptError(
-            f"{text!r} is {what}; this needs exactly one token",
+            f"{param} {text!r} is {what}; it must be exactly one token",
             hint="pass one token of the model's vocabulary (GPT-2's words usually "
             "start with their space, e.g. ' Paris')",
             param=param,

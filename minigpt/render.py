@@ -234,6 +234,7 @@ def save_png(path: str | Path, inspection: Inspection) -> None:
     fig = Figure(figsize=(cell * H + 0.6, cell * L + 0.6), dpi=80, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(L, H, squeeze=False)
+    plain = {"parse_math": False}  # tokens are text: '$' must not start matplotlib's math
     for layer in range(L):
         for head in range(H):
             ax = axes[layer][head]
@@ -253,10 +254,12 @@ def save_png(path: str | Path, inspection: Inspection) -> None:
             ax.set_xticks([])
             ax.set_yticks([])
             if labels and layer == L - 1:  # keys under the bottom row only
-                ax.set_xticks(range(T), inspection.tokens, fontsize=7, rotation=90)
+                ax.set_xticks(range(T), inspection.tokens, fontsize=7, rotation=90, **plain)
             if labels and head == 0:  # queries beside the first column only
-                ax.set_yticks(range(T), inspection.tokens, fontsize=7)
-    fig.suptitle(f"attention, rows = queries, columns = keys: {inspection.source}", fontsize=9)
+                ax.set_yticks(range(T), inspection.tokens, fontsize=7, **plain)
+    fig.suptitle(
+        f"attention, rows = queries, columns = keys: {inspection.source}", fontsize=9, **plain
+    )
     write_output(path, figure=fig)
 
 
@@ -408,6 +411,8 @@ canvas{image-rendering:pixelated;border:1px solid #ccc}
 .legend span{display:inline-block;margin-right:10px}
 .legend i{display:inline-block;width:10px;height:10px;margin-right:3px}
 small{color:#666}
+.next{margin-top:10px;padding-top:6px;border-top:1px solid #eee;max-width:640px}
+.next p{margin:6px 0;color:#555} .next code{color:#222}
 </style></head><body>
 <h1>__TITLE__</h1>
 <p class="info">__INFO__</p>
@@ -424,7 +429,12 @@ small{color:#666}
  <div class="panel"><b>hover a token</b> to see where the selected head attends from it
   <div id="tokens"></div></div>
  <div class="panel"><table id="metrics"><thead></thead><tbody></tbody></table>
-  <small>__RULES__</small></div>
+  <small>__RULES__</small>
+  <div class="next"><b>Next, on the same run</b> (RUN: its directory; docs/circuits.md shows how to read each):
+   <p><code>minigpt lens RUN --prompt TEXT</code><br>which layer first predicts each next token (the logit lens)</p>
+   <p><code>minigpt attribute RUN --prompt TEXT --answer TOK</code><br>how much each head and MLP pushes TOK's logit up at the prompt's end (direct logit attribution)</p>
+   <p><code>minigpt patch RUN --clean TEXT --corrupt TEXT2 --answer A --versus B</code><br>which heads the answer flows through: the share of logit(A) - logit(B) each restores when copied from the clean run into the corrupted one (activation patching)</p>
+  </div></div>
 </div>
 <script>
 const D = __DATA__;
