@@ -159,8 +159,8 @@ def test_a_prompt_is_its_token_ids(tiny_run):
 @pytest.mark.parametrize(
     "prompt, words",
     [
-        ("", "the prompt is empty"),
-        ("a" * 17, "the prompt is 17 tokens, more than the model's context of 16"),
+        ("", "the clean prompt is empty"),
+        ("a" * 17, "the clean prompt is 17 tokens, more than the model's context of 16"),
     ],
 )
 def test_a_prompt_the_measures_cannot_take_is_refused(tiny_run, prompt, words):

@@ -248,7 +248,7 @@ BAD = {
     ),
     "prompts of different lengths": (
         ["patch", "--clean", "abc", "--corrupt", "abcd", *PATCH[4:]],
-        "--clean is 3 tokens and --corrupt is 4",
+        "the clean prompt is 3 tokens and the corrupted one 4",
     ),
     "--by nonsense": (["patch", *PATCH, "--by", "nonsense"], "--by must be one of head, layer-position"),
     "--position past the end": (["lens", "--prompt", "abc", "--position", "3"], "--position 3 is out of range"),

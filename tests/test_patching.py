@@ -187,8 +187,8 @@ def test_prompts_of_different_lengths_are_refused_saying_so(tiny_run):
 @pytest.mark.parametrize(
     "answer, versus, param, words",
     [
-        ("ab", "c", "answer", "'ab' is 2 tokens ('a', 'b'); this needs exactly one token"),
-        ("a", "", "versus", "'' is no token; this needs exactly one token"),
+        ("ab", "c", "answer", "answer 'ab' is 2 tokens ('a', 'b'); it must be exactly one token"),
+        ("a", "", "versus", "versus '' is no token; it must be exactly one token"),
     ],
 )
 def test_an_answer_that_is_not_one_token_is_refused_saying_which(
