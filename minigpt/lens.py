@@ -165,13 +165,18 @@ def logit_lens(model: GPT, tokenizer: Tokenizer, idx: Tensor, top_k: int = 5) ->
     top_ids_all = torch.stack(top_ids).cpu()
     return Lens(
         tokens=token_labels(tokenizer, idx.tolist()),
-        streams=["embed"] + [f"L{layer}" for layer in range(model.config.n_layer)],
+        streams=stream_names(model.config.n_layer),
         top_ids=top_ids_all,
         top_probs=torch.stack(top_probs).cpu(),
         top_tokens=[[token_labels(tokenizer, ids) for ids in s.tolist()] for s in top_ids_all],
         next_probs=torch.stack(next_probs).cpu(),
         next_ranks=torch.stack(next_ranks).cpu(),
     )
+
+
+def stream_names(n_layer: int) -> list[str]:
+    """The residual stream's names: 'embed' after the embeddings, 'Ln' after block n."""
+    return ["embed"] + [f"L{layer}" for layer in range(n_layer)]
 
 
 def check_top_k(top_k: int, vocab_size: int) -> None:

@@ -174,8 +174,8 @@ def patching_grid(result: Patching) -> Grid:
         caption=(
             "each head's context and each MLP's output, at every position"
             if by_head
-            else "the residual stream entering block n (row Ln) at one position (columns: "
-            "the clean prompt's tokens)"
+            else "the residual stream (rows: embed = after the embeddings, Ln = after block n) "
+            "at one position (columns: the clean prompt's tokens)"
         )
         + f", taken from the clean run into the corrupted one: the share of {what} restored",
         diverging=True,

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from minigpt.errors import MinigptError
 from minigpt.heads import evaluating, token_labels
-from minigpt.lens import Trace, trace
+from minigpt.lens import Trace, stream_names, trace
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
 
@@ -248,7 +248,9 @@ def activation_patching(
         clean_diff=clean_diff,
         corrupt_diff=corrupt_diff,
         restored=share,
-        rows=[f"L{layer}" for layer in range(L)],
+        # by head, row n is block n; by layer-position, the stream entering block n,
+        # named as the lens names it: after the embeddings, then after block n - 1
+        rows=[f"L{layer}" for layer in range(L)] if by == "head" else stream_names(L)[:L],
         columns=columns,
         together=[f"L{layer}H{head}" for layer, head in together],
         together_restored=together_restored,
