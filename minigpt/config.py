@@ -89,6 +89,16 @@ class TrainConfig:
     """AdamW beta2."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: no clipping)."""
+    optimizer: str = "adamw"
+    """'adamw', or 'muon': Muon for every matrix inside the blocks, AdamW (the settings above) for the rest."""
+    muon_lr: float = 0.02
+    """Muon's peak learning rate; the schedule scales it as it scales lr."""
+    muon_momentum: float = 0.95
+    """Muon's momentum (Nesterov)."""
+    muon_weight_decay: float = 0.0
+    """Muon's decoupled weight decay."""
+    muon_adjust_lr: str = "original"
+    """How Muon scales its lr by a matrix's shape: 'original' (sqrt(max(1, rows / cols)), Keller Jordan's) or 'match_rms_adamw' (0.2 sqrt(max(rows, cols)), Moonshot's: AdamW's lr and weight decay carry over)."""
     eval_interval: int = 200
     """Evaluate train/val loss and save a checkpoint every this many steps."""
     eval_iters: int = 20
@@ -347,6 +357,9 @@ def _positive(where: str, value: float, hint: str | None = None) -> None:
         raise MinigptError(f"{where} must be positive, got {value!r}", hint=hint)
 
 
+OPTIMIZERS = ("adamw", "muon")
+MUON_LR_ADJUSTMENTS = ("original", "match_rms_adamw")
+
 MAX_SEED = 2**63 - 1
 """Seeds are 0..MAX_SEED: torch's generators take 64 bits, and the trainer adds small offsets."""
 MAX_MICRO_STEPS = 1 << 16
@@ -391,9 +404,12 @@ def _validate_numbers(train: TrainConfig) -> None:
             f"train.min_lr={train.min_lr} is larger than train.lr={train.lr}",
             hint="min_lr is where the cosine decay ends; make it lr/10 or so",
         )
-    for name in ("beta1", "beta2"):
+    for name in ("beta1", "beta2", "muon_momentum"):
         if not 0.0 <= getattr(train, name) < 1.0:
             raise MinigptError(f"train.{name} must be in [0, 1), got {getattr(train, name)!r}")
+    _positive("train.muon_lr", train.muon_lr, hint="Muon's usual values are 0.01 to 0.05")
+    if train.muon_weight_decay < 0:
+        raise MinigptError(f"train.muon_weight_decay must not be negative, got {train.muon_weight_decay!r}")
 
 
 def _validate_choices(train: TrainConfig) -> None:
@@ -407,6 +423,17 @@ def _validate_choices(train: TrainConfig) -> None:
         raise MinigptError(
             f"train.dtype must be one of {', '.join(DTYPES)}, got {train.dtype!r}",
             hint="'auto' uses bfloat16 autocast where the device supports it",
+        )
+    if train.optimizer not in OPTIMIZERS:
+        raise MinigptError(
+            f"train.optimizer must be one of {', '.join(OPTIMIZERS)}, got {train.optimizer!r}",
+            hint="'muon' trains the blocks' matrices with Muon and the rest with AdamW",
+        )
+    if train.muon_adjust_lr not in MUON_LR_ADJUSTMENTS:
+        raise MinigptError(
+            f"train.muon_adjust_lr must be one of {', '.join(MUON_LR_ADJUSTMENTS)}, "
+            f"got {train.muon_adjust_lr!r}",
+            hint="'original' is Keller Jordan's; 'match_rms_adamw' lets AdamW's lr carry over",
         )
     if train.decay_by_time and train.max_time <= 0:
         raise MinigptError(

@@ -4,7 +4,7 @@
 - Positions: `LearnedPositions` adds a learned vector per position to the tokens
   (GPT-2); `RotaryPositions` adds nothing and gives the angles that turn Q and K in
   every attention layer instead (`apply_rope`).
-- Feed-forward: `MLP` (n_embd -> 4 n_embd -> GELU -> n_embd) or `SwiGLU`.
+- Feed-forward: `MLP` (n_embd -> 4 n_embd -> GELU or ReLU² -> n_embd) or `SwiGLU`.
 
 Which of each a model uses is decided once, when the model is built, so the forward
 pass never asks.
@@ -12,6 +12,7 @@ pass never asks.
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING
 
 import torch
@@ -109,8 +110,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # --- feed-forward ----------------------------------------------------------------------
 
 
+def relu_squared(x: Tensor) -> Tensor:
+    return F.relu(x).square()
+
+
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "relu2": relu_squared,
+}
+"""The gelu MLP's nonlinearity, by `GPTConfig.activation`."""
+
+
 class MLP(nn.Module):
-    """Position-wise feed-forward: n_embd -> 4 n_embd -> GELU -> n_embd."""
+    """Position-wise feed-forward: n_embd -> 4 n_embd -> GELU (or ReLU²) -> n_embd."""
 
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -119,10 +132,11 @@ class MLP(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         # GPT-2 was trained with the tanh approximation of GELU, which differs from the
         # exact one by up to ~1e-3 per activation: an imported model keeps the one it had.
-        self.approximate = "tanh" if config.activation == "gelu_tanh" else "none"
+        # ReLU² (So et al., 2021) is the GPT-2 speedrun's: cheap, and sparse.
+        self.act = ACTIVATIONS[config.activation]
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.proj(F.gelu(self.fc(x), approximate=self.approximate)))
+        return self.dropout(self.proj(self.act(self.fc(x))))
 
 
 class SwiGLU(nn.Module):

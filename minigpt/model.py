@@ -32,7 +32,7 @@ from minigpt.layers import MLP, LearnedPositions, Rope, RotaryPositions, SwiGLU,
 from minigpt.loss import lm_head_loss
 
 ATTENTION_FORMS = ("fused", "wrapper")
-ACTIVATIONS = ("gelu", "gelu_tanh")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu2")
 POSITIONS = ("learned", "rope")
 NORMS = ("layernorm", "rmsnorm")
 MLPS = ("gelu", "swiglu")
@@ -68,7 +68,7 @@ class GPTConfig:
     init_std: float = 0.02
     """Std of the normal init of weights (GPT-2: 0.02); residual projections get / sqrt(2 n_layer)."""
     activation: str = "gelu"
-    """The MLP's nonlinearity: 'gelu' (exact, erf) or 'gelu_tanh' (the tanh approximation GPT-2 was trained with)."""
+    """The MLP's nonlinearity: 'gelu' (exact, erf), 'gelu_tanh' (the tanh approximation GPT-2 was trained with) or 'relu2' (ReLU squared, the GPT-2 speedrun's)."""
     layer_norm_eps: float = 1e-5
     """The epsilon added to the variance in every LayerNorm or RMSNorm (GPT-2: 1e-5)."""
     position: str = "learned"
@@ -466,7 +466,8 @@ def _check_sizes(config: GPTConfig) -> None:
     if config.activation not in ACTIVATIONS:
         raise MinigptError(
             f"model.activation must be one of {ACTIVATIONS}, got {config.activation!r}",
-            hint="'gelu_tanh' is GPT-2's (Hugging Face calls it gelu_new); 'gelu' is exact",
+            hint="'gelu_tanh' is GPT-2's (Hugging Face calls it gelu_new); 'gelu' is exact; "
+            "'relu2' is ReLU squared",
         )
     if not config.layer_norm_eps > 0:
         raise MinigptError(

@@ -32,7 +32,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from minigpt import checkpoint, signals
+from minigpt import checkpoint, optim, signals
 from minigpt.batches import Batcher
 from minigpt.checkpoint import BEST_WEIGHTS, TRAINER_STATE, MetricsLog, TrainerCheckpoint
 from minigpt.config import RunConfig, TrainConfig, config_from_dict, split_accumulation
@@ -44,7 +44,6 @@ from minigpt.finetune import fine_tune_config, fixed_tokenizer, load_source_weig
 from minigpt.hf import load_pretrained
 from minigpt.meters import Clock, LossLog, Meters
 from minigpt.model import GPT
-from minigpt.optim import lr_at, make_optimizer, schedule_change, set_lr
 from minigpt.outputs import check_out_dir
 from minigpt.signals import EXIT_CODES
 from minigpt.train_data import TrainData, check_data, load_data_once
@@ -85,7 +84,7 @@ class Trainer:
     device: torch.device
     data: TrainData
     model: GPT
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | optim.MuonAndAdamW
     accum: int
     """Micro-batches this process runs per optimizer step."""
     log: Callable[[str], None]
@@ -182,7 +181,7 @@ def setup(
     model = GPT(config.model).to(device)
     if source is not None:
         load_source_weights(model, source)
-    optimizer = make_optimizer(model, config, device)
+    optimizer = optim.make_optimizer(model, config, device)
     torch.manual_seed(train_config.seed + 7919 * (ddp.rank + 1))  # dropout: differs per rank
     batch_size, block_size = train_config.batch_size, config.model.block_size
     streams = [
@@ -216,6 +215,8 @@ def _wrap(model: GPT, config: RunConfig, ddp: Distributed, device: torch.device)
 def restore(trainer: Trainer, state: TrainState, saved: TrainerCheckpoint) -> None:
     """Continue from trainer.pt: weights, optimizer, batch streams, RNG, counters."""
     first_stream = trainer.ddp.rank * trainer.accum
+    where = trainer.out_dir / TRAINER_STATE
+    optim.check_same_optimizer(saved.optimizer, trainer.config.train, str(where))
     try:
         trainer.model.load_state_dict(saved.model)
         trainer.optimizer.load_state_dict(saved.optimizer)
@@ -465,8 +466,8 @@ def fit(
         # the evaluation a signal kept the run from (see TrainState.eval_pending)
         stopped = state.eval_pending and not _evaluate_in_loop(trainer, state, meters, bar)
         while not stopped and state.step < train_config.max_iters:
-            lr = lr_at(state.step, trainer.config, state.elapsed)
-            set_lr(trainer.optimizer, lr)
+            lr = optim.lr_at(state.step, trainer.config, state.elapsed)
+            optim.set_lr(trainer.optimizer, lr)
             got_signal = train_step(trainer, state, meters.clock, meters.losses)
             out_of_time = train_config.max_time > 0 and state.elapsed >= train_config.max_time
             step = state.step
@@ -601,7 +602,7 @@ def _run(
             trainer.log(f"warning: {warning}")
         if before is not None:
             trainer.log(f"resuming {trainer.out_dir} at step {state.step}")
-            change = schedule_change(
+            change = optim.schedule_change(
                 config_from_dict(before).train, trainer.config.train, state.step
             )
             if change:

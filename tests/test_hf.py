@@ -328,8 +328,9 @@ def test_export_of_a_char_run_says_the_tokenizer_was_not(tmp_path, minigpt_cli, 
 # --------------------------------------------------------------------------- fine-tuning
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 def test_init_from_starts_at_the_source_loss_and_lowers_it(
-    imported, tmp_path, minigpt_cli, gpt2_text
+    imported, tmp_path, minigpt_cli, gpt2_text, optimizer
 ):
     (tmp_path / "corpus.txt").write_text(gpt2_text * 30)
     out = tmp_path / "ft"
@@ -339,6 +340,7 @@ def test_init_from_starts_at_the_source_loss_and_lowers_it(
         "--set", "model.block_size=32", "--set", "train.batch_size=4", "--set", "train.eval_iters=3",
         "--set", "train.eval_interval=6", "--set", "train.lr=3e-3", "--set", "train.warmup_iters=0",
         "--set", "train.device=cpu", "--set", "train.dtype=float32",
+        "--set", f"train.optimizer={optimizer}",
     )  # fmt: skip
     assert code == 0, err
     evals = [r for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]

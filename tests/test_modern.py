@@ -1,5 +1,5 @@
 """Modern blocks as options: rotary positions, RMSNorm, SwiGLU, grouped-query
-attention, QK-norm, and the rolling KV cache that rotary positions allow."""
+attention, QK-norm, ReLU², and the rolling KV cache that rotary positions allow."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ OPTIONS = {
     "swiglu": {"mlp": "swiglu"},
     "gqa": {"n_kv_head": 2},
     "qk_norm": {"qk_norm": True},
+    "relu2": {"activation": "relu2"},
     "all": {
         "position": "rope",
         "norm": "rmsnorm",
@@ -224,6 +225,15 @@ def test_bad_combinations_are_one_sentence_and_exit_2(
     code, _, err = minigpt_cli(*args)
     assert code == 2 and message in err and "Traceback" not in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_relu2_is_relu_squared_between_the_mlps_two_matrices():
+    mlp = model_with(OPTIONS["relu2"]).blocks[0].mlp
+    x = torch.randn(3, 5, 32)
+    expected = torch.relu(x @ mlp.fc.weight.T + mlp.fc.bias) ** 2 @ mlp.proj.weight.T + mlp.proj.bias
+    torch.testing.assert_close(mlp(x), expected)
+    with pytest.raises(MinigptError, match="relu2"):
+        hf_config_from_gpt(model_with(OPTIONS["relu2"]).config, None)
 
 
 def test_gpt2_export_refuses_what_gpt2_cannot_hold():

@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 
-from minigpt import checkpoint, console
+from minigpt import checkpoint, console, optim
 from minigpt import model as model_module
 from minigpt import train as trainer
 from minigpt.checkpoint import BEST_WEIGHTS, LAST_WEIGHTS, TRAINER_STATE, load_run
@@ -135,12 +135,15 @@ def test_eval_batches_are_fixed(tiny_config, tmp_path, data):
     assert abs(evals[0]["train_loss"] - evals[1]["train_loss"]) < 1e-5
 
 
-def test_extending_a_run_with_a_pinned_decay_end_is_bit_identical(tiny_config, tmp_path, data):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_extending_a_run_with_a_pinned_decay_end_is_bit_identical(
+    tiny_config, tmp_path, data, optimizer
+):
     """6 steps, then a resume to 10, equal 10 straight when lr_decay_iters pins the
     schedule (else the new max_iters moves the cosine decay: test_reliability.py).
     Dropout on and two micro-batches per step: the RNG and both batch streams must be
-    restored."""
-    common = ["train.grad_accum=2", "model.dropout=0.1"]
+    restored, and the optimizer's state (Muon's momentum and AdamW's moments) with them."""
+    common = ["train.grad_accum=2", "model.dropout=0.1", f"train.optimizer={optimizer}"]
     common += ["train.eval_interval=4", "train.lr_decay_iters=10"]
     straight = tmp_path / "straight"
     trainer.train(tiny_config(straight, *common, "train.max_iters=10"), data=data, progress=False)
@@ -155,6 +158,62 @@ def test_extending_a_run_with_a_pinned_decay_end_is_bit_identical(tiny_config, t
     metrics = checkpoint.read_metrics(split / "metrics.jsonl")
     best = {r["step"]: r["val_loss"] for r in metrics if "val_loss" in r}
     assert set(best) == {4, 6, 8, 10}
+    resumed = checkpoint.load_trainer_state(split / TRAINER_STATE).optimizer
+    assert_same_state(resumed, checkpoint.load_trainer_state(straight / TRAINER_STATE).optimizer)
+
+
+def assert_same_state(a, b) -> None:
+    """Two optimizer state dicts equal bit for bit, at any depth."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_state(a[key], b[key])
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b)
+        for x, y in zip(a, b, strict=True):
+            assert_same_state(x, y)
+    else:
+        assert a == b
+
+
+def test_muons_state_round_trips_through_trainer_pt(tiny_config, tmp_path, data):
+    """What trainer.pt holds loads into a fresh optimizer and comes back out the same."""
+    out = tmp_path / "run"
+    config = tiny_config(out, "train.optimizer=muon", "train.max_iters=3", "train.eval_interval=3")
+    trainer.train(config, data=data, progress=False)
+    saved = checkpoint.load_trainer_state(out / TRAINER_STATE)
+    model = GPT(load_run(out).model.config)
+    model.load_state_dict(saved.model)
+    fresh = optim.make_optimizer(model, config, torch.device("cpu"))
+    fresh.load_state_dict(saved.optimizer)
+    assert len(fresh.muon.state) and len(fresh.adamw.state)
+    assert_same_state(fresh.state_dict(), saved.optimizer)
+
+
+def test_muon_trains_compiled_under_bfloat16_autocast(tiny_config, tmp_path, data):
+    """torch.compile, bf16 autocast and two micro-batches a step: the loss falls."""
+    settings = ["train.optimizer=muon", "train.compile=true", "train.dtype=bfloat16"]
+    settings += ["train.grad_accum=2", "train.max_iters=8", "train.eval_interval=8"]
+    settings += ["train.warmup_iters=0", "train.lr=3e-3"]
+    torch._dynamo.reset()
+    try:
+        trainer.train(tiny_config(tmp_path / "run", *settings), data=data, progress=False)
+    finally:
+        torch._dynamo.reset()
+    steps = losses(tmp_path / "run")
+    assert all(math.isfinite(loss) for _, loss in steps)
+    assert steps[-1][1] < steps[0][1]
+
+
+def test_resuming_with_another_optimizer_is_refused(tiny_config, tmp_path, data):
+    out = tmp_path / "run"
+    trainer.train(tiny_config(out, "train.max_iters=2", "train.eval_interval=2"), data=data,
+                  progress=False)  # fmt: skip
+    config = resume_config(out, {"train": {"max_iters": 4, "optimizer": "muon"}})
+    with pytest.raises(MinigptError, match="holds the state of adamw"):
+        trainer.train(config, resume=True, data=data, progress=False)
 
 
 def test_out_dir_with_another_run_is_refused(tiny_config, tmp_path, data):

@@ -108,8 +108,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_gloo_processes_match_one_with_twice_the_accumulation(code_text, tmp_path):
-    args = tiny_args(tmp_path, code_text)
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_torchrun_two_gloo_processes_match_one_with_twice_the_accumulation(
+    code_text, tmp_path, optimizer
+):
+    args = [*tiny_args(tmp_path, code_text), "--set", f"train.optimizer={optimizer}"]
     ddp_out, single_out = tmp_path / "ddp", tmp_path / "single"
     steps = "4"
     launcher = ["--nnodes", "1", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
