@@ -180,6 +180,16 @@ def patch_residual(
     return diffs
 
 
+def patch_together(
+    model: GPT, clean: Trace, corrupt: Trace, heads: list[tuple[int, int]], answer: int, versus: int
+) -> float:
+    """LD with every (layer, head) of `heads` patched at once."""
+    patches = Patches.none(1, model.config.n_layer, model.config.n_head)
+    for layer, head in heads:
+        patches.heads[0, layer, head] = True
+    return float(patched_diffs(model, corrupt.resid[0][None], 0, clean, patches, answer, versus)[0])
+
+
 def _in_chunks(
     model: GPT, start: Tensor, layer: int, clean: Trace, patches: Patches, answer: int, versus: int
 ) -> Tensor:
@@ -231,12 +241,7 @@ def activation_patching(
     share = (diffs - corrupt_diff) / (clean_diff - corrupt_diff) + 0.0  # + 0.0: no -0.0
     together_restored = None
     if together:
-        patches = Patches.none(1, L, H)
-        for layer, head in together:
-            patches.heads[0, layer, head] = True
-        diff = float(
-            patched_diffs(model, corrupt.resid[0][None], 0, clean, patches, answer, versus)[0]
-        )
+        diff = patch_together(model, clean, corrupt, together, answer, versus)
         together_restored = (diff - corrupt_diff) / (clean_diff - corrupt_diff)
     labels = token_labels(tokenizer, [answer, versus])
     return Patching(
