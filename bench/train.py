@@ -487,7 +487,8 @@ def optimizer_tables(section: dict) -> list[str]:
     ), ""]  # fmt: skip
     lines += [harness.markdown_table(
         ["shape", "optimizer", "fwd+bwd ms", "optimizer.step() ms", "step's share",
-         f"share at {GPT2_TOKENS_PER_STEP:,} tokens/step", "state MB", "params MB"],
+         f"share at {GPT2_TOKENS_PER_STEP:,} tokens/step (fwd+bwd scaled)", "state MB",
+         "params MB"],
         [[r["shape"], r["optimizer"], f"{r['forward_backward_ms']:.1f}",
           f"{r['optimizer_step_ms']:.1f}", f"{100 * r['step_share']:.1f}%",
           f"{100 * r['step_share_at_recipe_tokens']:.2f}%"
