@@ -299,7 +299,8 @@ def run_measured(command: list[str], log: Path) -> dict:
     if reply["rc"] != 0:
         raise SystemExit(f"{' '.join(command[:4])} ... exited {reply['rc']}:\n"
                          f"{log.read_text(errors='replace')[-2000:]}")  # fmt: skip
-    return {"wall_seconds": wall, "peak_rss_mb": reply["maxrss_kib"] * 1024 / MB}
+    rss_bytes = reply["maxrss_kib"] * (1 if sys.platform == "darwin" else 1024)  # macOS: bytes
+    return {"wall_seconds": wall, "peak_rss_mb": rss_bytes / MB}
 
 
 def optimizer_run(optimizer: str, steps: int, eval_interval: int, eval_iters: int,
