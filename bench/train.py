@@ -1,8 +1,9 @@
 """Training throughput and quality.
 
-    python bench/train.py              # throughput, loops and curves beside nanoGPT, the 180 s quality run
+    python bench/train.py              # throughput, loops and curves beside nanoGPT, the 180 s quality run, AdamW vs Muon
     python bench/train.py --quick      # a smoke run: few steps, 10 s of training
     python bench/train.py --skip-quality --skip-curves
+    python bench/train.py --skip-quality --skip-curves --optimizer-repeats 3   # AdamW vs Muon, 3 runs each
 
 Throughput: tokens/s of whole optimizer steps (forward, backward, AdamW) for the
 nanoGPT CPU shape (4 layers, 4 heads, 128 wide, context 64, batch 12, vocab 65)
@@ -26,6 +27,27 @@ shakespeare-char recipe on tiny shakespeare.
 Quality: `minigpt train configs/shakespeare-char-cpu.toml` on tiny shakespeare
 (../shared/data/tinyshakespeare/input.txt), the best val loss within its 180 s.
 
+Optimizers: AdamW against Muon (train.optimizer = "muon", with Muon's own default
+settings) in one run. Each is trained by the real `minigpt train
+configs/shakespeare-char-cpu.toml` on tiny shakespeare for a fixed number of steps
+(no clock: max_time 0, the cosine decay over the steps), in a fresh process, the
+two alternating (adamw, muon, adamw, muon, ...) so that drift on a shared machine
+hits both; round r uses seed 1337 + r for both. From each run's metrics.jsonl:
+the val loss at equal steps (the evaluations), and at equal seconds of training
+(each run's val loss linearly interpolated between its evaluations, at evenly
+spaced times that every run reached; the clock counts the evaluations, which are
+the same for both). Each run's peak memory is its process's maximum resident set
+size from os.wait4, read by a small launcher process: a child's ru_maxrss starts at
+the RSS of whoever forked it, and this process holds torch and the models.
+In this process, on random tokens: the milliseconds of forward + backward (with
+gradient clipping) and of optimizer.step() alone, the step's share of the two, and
+the optimizer state's size (every state tensor's bytes: AdamW keeps two moments per
+parameter, Muon one momentum buffer per matrix, and AdamW's two for the rest), on
+the nanoGPT CPU shape and GPT-2 small's. Muon's Newton-Schulz iterations cost the
+same per step whatever the batch, so GPT-2's share is also given at the tokens per
+step of configs/gpt2-124m.toml, with forward + backward scaled to that many tokens.
+MB is 10^6 bytes.
+
 Prints a table and writes bench/results/train.json and bench/results/train.md.
 """
 
@@ -33,8 +55,10 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +73,7 @@ import harness  # noqa: E402 (bench/harness.py; the script's folder is on sys.pa
 import torch  # noqa: E402
 
 from minigpt.checkpoint import read_metrics  # noqa: E402
+from minigpt.config import load_config  # noqa: E402
 from minigpt.model import GPT, GPTConfig  # noqa: E402
 from minigpt.optim import make_optimizer  # noqa: E402
 
@@ -244,6 +269,237 @@ def curves(steps: int, eval_interval: int) -> dict:
     } | curve
 
 
+OPTIMIZERS = ("adamw", "muon")
+MB = 1e6
+GPT2_TOKENS_PER_STEP = 491_520  # configs/gpt2-124m.toml's train.tokens_per_step
+
+RUN_AND_MEASURE = """
+import json, os, subprocess, sys
+log, command = sys.argv[1], sys.argv[2:]
+with open(log, "wb") as out:
+    child = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(child.pid, 0)
+print(json.dumps({"rc": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}))
+"""
+"""A launcher: runs the command, waits for it with os.wait4 and prints its exit code
+and peak RSS. It is small, so the command's ru_maxrss starts at its size, not ours."""
+
+
+def run_measured(command: list[str], log: Path) -> dict:
+    """Run `command` through the launcher: its wall seconds and peak RSS in MB."""
+    start = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", RUN_AND_MEASURE, str(log), *command],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    wall = time.perf_counter() - start
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise SystemExit(f"the launcher failed:\n{proc.stderr[-2000:]}")
+    reply = json.loads(proc.stdout.splitlines()[-1])
+    if reply["rc"] != 0:
+        raise SystemExit(f"{' '.join(command[:4])} ... exited {reply['rc']}:\n"
+                         f"{log.read_text(errors='replace')[-2000:]}")  # fmt: skip
+    rss_bytes = reply["maxrss_kib"] * (1 if sys.platform == "darwin" else 1024)  # macOS: bytes
+    return {"wall_seconds": wall, "peak_rss_mb": rss_bytes / MB}
+
+
+def optimizer_run(optimizer: str, steps: int, eval_interval: int, eval_iters: int,
+                  seed: int, tmp: Path) -> dict:  # fmt: skip
+    """`minigpt train configs/shakespeare-char-cpu.toml` for `steps` steps with this
+    optimizer: its evaluations (step, seconds of training, val loss) and peak RSS."""
+    out = tmp / f"{optimizer}-{seed}"
+    command = [
+        sys.executable, "-m", "minigpt", "train", str(CPU_CONFIG),
+        "--data", str(SHAKESPEARE), "--out", str(out), "--max-iters", str(steps),
+        "--seed", str(seed),
+        "--set", f"data.data_dir={tmp / 'data'}",  # prepared by the first run, then reused
+        "--set", "train.max_time=0", "--set", "train.decay_by_time=false",
+        "--set", f"train.eval_interval={eval_interval}", "--set", f"train.eval_iters={eval_iters}",
+        "--set", f"train.optimizer={optimizer}",
+    ]  # fmt: skip
+    measured = run_measured(command, tmp / f"{optimizer}-{seed}.log")
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "val_loss" in r]
+    return {
+        "optimizer": optimizer,
+        "seed": seed,
+        "evals": [{"step": r["step"], "time": r["time"], "val_loss": r["val_loss"]} for r in evals],
+        "best_val_loss": min(r["val_loss"] for r in evals),
+        "final_val_loss": evals[-1]["val_loss"],
+        "train_seconds": evals[-1]["time"],
+        "ms_per_step": evals[-1]["time"] / evals[-1]["step"] * 1e3,
+    } | measured
+
+
+def interpolate(evals: list[dict], seconds: float) -> float:
+    """The val loss at `seconds` of training, linear between the two evaluations around it."""
+    for before, after in zip(evals, evals[1:], strict=False):
+        if before["time"] <= seconds <= after["time"]:
+            share = (seconds - before["time"]) / (after["time"] - before["time"])
+            return before["val_loss"] + share * (after["val_loss"] - before["val_loss"])
+    if len(evals) == 1 and evals[0]["time"] == seconds:
+        return evals[0]["val_loss"]
+    raise ValueError(f"{seconds} s is outside the evaluations' times")
+
+
+def optimizer_curves(steps: int, eval_interval: int, eval_iters: int, repeats: int) -> dict:
+    """AdamW and Muon trained alternately, `repeats` runs each: the val loss at equal
+    steps and at equal seconds (the mean over runs, and each run's), and each run."""
+    runs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_ in range(repeats):
+            for optimizer in OPTIMIZERS:
+                run = optimizer_run(optimizer, steps, eval_interval, eval_iters, 1337 + round_,
+                                    Path(tmp))  # fmt: skip
+                print(f"  {optimizer:5} seed {run['seed']}: best val loss {run['best_val_loss']:.4f} "
+                      f"in {run['train_seconds']:.1f} s ({run['ms_per_step']:.1f} ms/step), "
+                      f"peak RSS {run['peak_rss_mb']:.0f} MB")  # fmt: skip
+                runs.append(run)
+    by_optimizer = {name: [r for r in runs if r["optimizer"] == name] for name in OPTIMIZERS}
+    eval_steps = [e["step"] for e in runs[0]["evals"]]
+    at_steps = {
+        name: [[next(e["val_loss"] for e in r["evals"] if e["step"] == step) for r in rs]
+               for step in eval_steps]
+        for name, rs in by_optimizer.items()
+    }  # fmt: skip
+    # the times every run reached: from the latest first evaluation to the earliest last one
+    start = max(r["evals"][0]["time"] for r in runs)
+    end = min(r["evals"][-1]["time"] for r in runs)
+    points = len(eval_steps) if end >= start else 0  # 0: no time that every run reached
+    times = [min(end, start + (end - start) * i / max(1, points - 1)) for i in range(points)]
+    at_seconds = {
+        name: [[interpolate(r["evals"], t) for r in rs] for t in times]
+        for name, rs in by_optimizer.items()
+    }
+    return {
+        "config": "configs/shakespeare-char-cpu.toml",
+        "steps": steps, "eval_interval": eval_interval, "eval_iters": eval_iters,
+        "repeats": repeats,
+        "equal_steps": {"steps": eval_steps, "val_loss": at_steps},
+        "equal_seconds": {"seconds": times, "val_loss": at_seconds},
+        "runs": runs,
+    }  # fmt: skip
+
+
+def state_bytes(optimizer) -> int:
+    """The bytes of every tensor the optimizer keeps per parameter (moments, momentum)."""
+    return sum(
+        value.numel() * value.element_size()
+        for per_param in optimizer.state.values()
+        for value in per_param.values()
+        if isinstance(value, torch.Tensor)
+    )
+
+
+def optimizer_step_share(config: GPTConfig, batch_size: int, optimizer_name: str,
+                         steps: int, warmup: int) -> dict:  # fmt: skip
+    """Median ms of forward + backward (+ gradient clipping) and of optimizer.step()
+    alone, over `steps` training steps on random tokens, and the optimizer's state."""
+    torch.manual_seed(0)
+    model = GPT(config)
+    run_config = load_config(None, [f"train.optimizer={optimizer_name}"])
+    optimizer = make_optimizer(model, run_config, torch.device("cpu"))
+    x = torch.randint(config.vocab_size, (batch_size, config.block_size))
+    y = torch.randint(config.vocab_size, (batch_size, config.block_size))
+    forward_backward, optimizer_step = [], []
+    for i in range(warmup + steps):
+        start = time.perf_counter()
+        _, loss = model(x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        middle = time.perf_counter()
+        optimizer.step()
+        end = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:  # the first step also allocates the state
+            forward_backward.append(middle - start)
+            optimizer_step.append(end - middle)
+    fb_ms = statistics.median(forward_backward) * 1e3
+    step_ms = statistics.median(optimizer_step) * 1e3
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "optimizer": optimizer_name,
+        "forward_backward_ms": fb_ms,
+        "optimizer_step_ms": step_ms,
+        "step_share": step_ms / (fb_ms + step_ms),
+        "state_mb": state_bytes(optimizer) / MB,
+        "params_mb": params / MB,
+        "tokens_per_step": batch_size * config.block_size,
+        "steps": steps,
+        "warmup": warmup,
+    }
+
+
+def optimizers_section(quick: bool, skip_gpt2: bool, steps: int | None, repeats: int) -> dict:
+    """AdamW against Muon: trained side by side, then each one's step timed in here."""
+    steps = steps or (40 if quick else 3000)
+    eval_interval = max(1, steps // (4 if quick else 12))
+    print(f"optimizers: {steps} steps of configs/shakespeare-char-cpu.toml, "
+          f"{repeats} run{'s' if repeats > 1 else ''} of each, alternating")  # fmt: skip
+    result = optimizer_curves(steps, eval_interval, 5 if quick else 40, repeats)
+    result["step_share"] = []
+    for name, (config, batch) in SHAPES.items():
+        small = config.n_embd < 512
+        if skip_gpt2 and not small:
+            continue
+        timed = (5 if small else 1) if quick else (30 if small else 3)
+        warmup = (2 if small else 0) if quick else (5 if small else 1)
+        for optimizer in OPTIMIZERS:
+            row = optimizer_step_share(config, batch, optimizer, timed, warmup)
+            row["shape"] = name
+            if not small:  # Newton-Schulz per step, forward + backward per token
+                scale = GPT2_TOKENS_PER_STEP / row["tokens_per_step"]
+                row["step_share_at_recipe_tokens"] = row["optimizer_step_ms"] / (
+                    row["forward_backward_ms"] * scale + row["optimizer_step_ms"]
+                )
+            result["step_share"].append(row)
+    return result
+
+
+def _losses(values: list[float]) -> str:
+    """A table cell: the mean of the runs' val losses, and each run's when there are several."""
+    mean = f"{statistics.fmean(values):.4f}"
+    return mean if len(values) == 1 else f"{mean} ({' / '.join(f'{v:.4f}' for v in values)})"
+
+
+def optimizer_tables(section: dict) -> list[str]:
+    """The optimizers section as Markdown: equal steps, equal seconds, the runs, the step."""
+    runs = "mean" + (f" of {section['repeats']} runs (each run)" if section["repeats"] > 1 else "")
+    steps, seconds = section["equal_steps"], section["equal_seconds"]
+    lines = [f"AdamW against Muon, {section['config']} for {section['steps']} steps "
+             f"(no clock; cosine decay over the steps), val loss on "
+             f"{section['eval_iters']} batches, {runs}:", ""]  # fmt: skip
+    lines += [harness.markdown_table(
+        ["val loss at step", *OPTIMIZERS],
+        [[step, *(_losses(steps["val_loss"][name][i]) for name in OPTIMIZERS)]
+         for i, step in enumerate(steps["steps"])],
+        right=range(3),
+    ), ""]  # fmt: skip
+    lines += [harness.markdown_table(
+        ["val loss at seconds of training (interpolated)", *OPTIMIZERS],
+        [[f"{t:.1f}", *(_losses(seconds["val_loss"][name][i]) for name in OPTIMIZERS)]
+         for i, t in enumerate(seconds["seconds"])],
+        right=range(3),
+    ), ""]  # fmt: skip
+    lines += [harness.markdown_table(
+        ["run", "seed", "best val loss", "train s", "ms/step (evals too)", "peak RSS MB"],
+        [[r["optimizer"], r["seed"], f"{r['best_val_loss']:.4f}", f"{r['train_seconds']:.1f}",
+          f"{r['ms_per_step']:.1f}", f"{r['peak_rss_mb']:.0f}"] for r in section["runs"]],
+        right=range(1, 6),
+    ), ""]  # fmt: skip
+    lines += [harness.markdown_table(
+        ["shape", "optimizer", "fwd+bwd ms", "optimizer.step() ms", "step's share",
+         f"share at {GPT2_TOKENS_PER_STEP:,} tokens/step (fwd+bwd scaled)", "state MB",
+         "params MB"],
+        [[r["shape"], r["optimizer"], f"{r['forward_backward_ms']:.1f}",
+          f"{r['optimizer_step_ms']:.1f}", f"{100 * r['step_share']:.1f}%",
+          f"{100 * r['step_share_at_recipe_tokens']:.2f}%"
+          if "step_share_at_recipe_tokens" in r else "-",
+          f"{r['state_mb']:.1f}", f"{r['params_mb']:.1f}"] for r in section["step_share"]],
+        right=range(2, 8),
+    )]  # fmt: skip
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -255,6 +511,15 @@ def main() -> None:
         "--skip-curves", action="store_true", help="no val-loss curves beside nanoGPT's recipe"
     )
     parser.add_argument("--skip-gpt2", action="store_true", help="only the nanoGPT CPU shape")
+    parser.add_argument(
+        "--skip-optimizers", action="store_true", help="no AdamW against Muon section"
+    )
+    parser.add_argument(
+        "--optimizer-steps", type=int, help="steps of each AdamW and Muon run (default 3000)"
+    )
+    parser.add_argument(
+        "--optimizer-repeats", type=int, help="runs of each optimizer (default 2; 1 with --quick)"
+    )
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "train.json"))
     args = parser.parse_args()
 
@@ -329,6 +594,13 @@ def main() -> None:
             f"quality: best val loss {quality['best_val_loss']:.4f} after "
             f"{quality['train_seconds']:.0f} s ({quality['steps']} steps) — {quality['command']}"
         )
+    optimizers = None
+    if not args.skip_optimizers:
+        optimizers = optimizers_section(
+            args.quick, args.skip_gpt2, args.optimizer_steps,
+            args.optimizer_repeats or (1 if args.quick else 2),
+        )  # fmt: skip
+        print("\n".join(optimizer_tables(optimizers)))
 
     report = {
         "machine": {
@@ -346,6 +618,7 @@ def main() -> None:
         "loops": loops,
         "curves": curve,
         "quality": quality,
+        "optimizers": optimizers,
         "quick": args.quick,
     }
     out = harness.write_json(args.out, report)
@@ -395,6 +668,8 @@ def main() -> None:
             f"{quality['train_seconds']:.0f} s of training ({quality['steps']} steps): "
             f"`{quality['command']}`",
         ]
+    if optimizers:
+        lines += ["", *optimizer_tables(optimizers)]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out} and {out.with_suffix('.md')}")
 
