@@ -39,6 +39,12 @@ Kernels: the 8 kernels that take the most time in 20 eager decode steps of GPT-2
 small at batch 1, fp32 against bf16 (torch.profiler): where bf16's time goes; on
 CUDA also the kernels launched per token, which a captured step replays at once.
 
+Muon (`muon`): configs/gpt2-124m-muon.toml's block (rotary, QK-norm, ReLU², no
+biases) on the GPT-2 training shape, the bare step trained by Muon (its settings in
+that file) beside the same model trained by AdamW: the Newton-Schulz iterations'
+cost is the difference, with the peak GPU memory of each (Muon keeps one momentum
+buffer per matrix where AdamW keeps two moments).
+
 Loss (`--only loss`, not in a plain run): a training step of GPT-2 small with
 `train.loss_chunk` against the full loss, step time and peak GPU memory, each in a
 process of its own (bench/loss.py).
@@ -155,13 +161,14 @@ def peak_flops(device: torch.device) -> tuple[float, str]:
 
 
 def train_rate(config: GPTConfig, batch: int, accum: int, device: torch.device,
-               steps: int, loss_chunk: int = 0) -> dict:  # fmt: skip
+               steps: int, loss_chunk: int = 0, optimizer_sets: tuple = ()) -> dict:  # fmt: skip
     """Median ms per optimizer step, tokens/s, MFU's numerator (FLOPs per token) and the
     last step's loss; on CUDA the peak memory of the timed steps is left in
-    torch.cuda.max_memory_allocated. loss_chunk: as train.loss_chunk."""
+    torch.cuda.max_memory_allocated. loss_chunk: as train.loss_chunk. optimizer_sets:
+    `--set` items of the optimizer (e.g. "train.optimizer=muon"); AdamW's defaults without."""
     torch.manual_seed(0)
     model = GPT(config).to(device)
-    optimizer = make_optimizer(model, load_config(), device)
+    optimizer = make_optimizer(model, load_config(None, list(optimizer_sets)), device)
     cuda = device.type == "cuda"
     fresh_compiler()
     step_model = torch.compile(model, dynamic=False) if cuda else model  # as `minigpt train`
@@ -501,7 +508,38 @@ def training_rows(quick: bool, device: torch.device, peak: float) -> list[dict]:
     return rows
 
 
-SECTIONS = ("decode", "kv_cache", "kernels", "training", "loss", "curve")
+MUON_CONFIG = BENCH.parent / "configs" / "gpt2-124m-muon.toml"
+
+
+def muon_rows(quick: bool, device: torch.device, peak: float) -> list[dict]:
+    """configs/gpt2-124m-muon.toml's model (rotary, QK-norm, ReLU², no biases) at the
+    GPT-2 training shape's batch: the bare step with Muon (its muon_* settings) beside
+    the same model with AdamW, so the Newton-Schulz cost shows as the difference."""
+    run = load_config(MUON_CONFIG)
+    (name, (shape, batch)), *_ = reversed(shapes(quick).items())  # GPT-2's, or the tiny one
+    model = dataclasses.replace(
+        run.model, vocab_size=shape.vocab_size, block_size=shape.block_size,
+        n_layer=shape.n_layer, n_head=shape.n_head, n_embd=shape.n_embd,
+    )  # fmt: skip
+    accum = 4 if shape.block_size >= 1024 else 1
+    muon_sets = [f"train.{key}={getattr(run.train, key)}" for key in
+                 ("optimizer", "muon_lr", "muon_momentum", "muon_weight_decay", "muon_adjust_lr")]  # fmt: skip
+    rows = []
+    for optimizer, sets in (("adamw", ()), ("muon", tuple(muon_sets))):
+        row = {"shape": f"{name}, {MUON_CONFIG.name}'s block", "batch": batch, "accum": accum,
+               "optimizer": optimizer}  # fmt: skip
+        measure(row, "bare", train_rate, model, batch, accum, device, 3 if quick else 20, 0, sets)
+        row |= row.pop("bare", {})
+        if "tokens_per_s" in row:
+            row["mfu"] = row["tokens_per_s"] * row["flops_per_token"] / peak
+        if device.type == "cuda":
+            row["peak_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+        rows.append(row)
+        print(f"  {row}", flush=True)
+    return rows
+
+
+SECTIONS = ("decode", "kv_cache", "kernels", "training", "muon", "loss", "curve")
 """In the order they run: the decode targets first, the training (minutes of compiling)
 last, so that a run cut short by its time limit keeps the most."""
 DEFAULT_SECTIONS = SECTIONS[:-2]
@@ -520,6 +558,8 @@ def run_section(name: str, quick: bool, device: torch.device, peak: float,
         return decode_kernels(device, quick)
     if name == "curve":
         return curve_section(quick, device, corpus)
+    if name == "muon":
+        return muon_rows(quick, device, peak)
     if name == "loss":  # bench/loss.py: train.loss_chunk against the full loss, GPT-2 small
         shape = "quick" if quick else device.type
         return _bench_module("loss").compare(str(device), shape, steps=2 if quick else 10, rounds=1)
@@ -599,6 +639,14 @@ def print_tables(result: dict) -> None:
         for step, ours, theirs in zip(curve["steps"], curve["minigpt_val"], curve["recipe_val"],
                                       strict=True):  # fmt: skip
             print(f"| {step} | {ours:.4f} | {theirs:.4f} | {ours - theirs:+.4f} |")
+    if isinstance(result.get("muon"), list):
+        print("\n| optimizer | shape | dtype | bare step ms | tokens/s | MFU | peak MiB |")
+        print("|---|---|---|---:|---:|---:|---:|")
+        for row in result["muon"]:
+            print(f"| {row['optimizer']} | {row['shape']} x batch {row['batch']} x {row['accum']} "
+                  f"| {row.get('dtype', '-')} | {_num(row, 'step_ms', '.1f')} "
+                  f"| {_num(row, 'tokens_per_s', ',.0f')} | {_num(row, 'mfu', '.1%')} "
+                  f"| {_num(row, 'peak_mib', ',.0f')} |")  # fmt: skip
     kv = result.get("kv_cache", {})
     if "speedup" in kv:
         print(f"\nKV cache vs recompute, {kv['shape']}, {kv['tokens']} tokens: "

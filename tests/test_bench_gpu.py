@@ -23,7 +23,7 @@ def test_bench_gpu_quick_on_the_cpu_writes_every_table(tmp_path):
     out = tmp_path / "gpu.json"
     done = subprocess.run(
         [sys.executable, str(REPO / "bench" / "gpu.py"), "--device", "cpu", "--quick", "--out", str(out),
-         "--only", "decode", "kv_cache", "kernels", "training", "loss", "curve",
+         "--only", "decode", "kv_cache", "kernels", "training", "muon", "loss", "curve",
          "--corpus", str(REPO / "README.md")],
         capture_output=True, text=True, timeout=300, cwd=REPO,
     )  # fmt: skip
@@ -44,6 +44,10 @@ def test_bench_gpu_quick_on_the_cpu_writes_every_table(tmp_path):
     assert "| decode |" in done.stdout
     kernels = result["kernels"]
     assert all(kernels[dtype] and kernels[dtype][0]["us"] > 0 for dtype in ("float32", "bfloat16"))
+    adamw, muon = result["muon"]  # the speedrun config's block, each optimizer's step
+    assert (adamw["optimizer"], muon["optimizer"]) == ("adamw", "muon")
+    assert adamw["step_ms"] > 0 and muon["step_ms"] > 0 and math.isfinite(muon["loss"])
+    assert "| optimizer | shape |" in done.stdout
     full, chunked = result["loss"]["rows"]  # bench/loss.py: the same loss either way
     assert full["loss_chunk"] == 0 and chunked["loss_chunk"] > 0
     assert chunked["loss"] == pytest.approx(full["loss"], rel=1e-5)

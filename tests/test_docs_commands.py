@@ -57,6 +57,9 @@ SKIPPED = {
     "bash .ci/run": "CI itself: a fresh virtualenv and the whole suite",
     "ruff check minigpt tests bench": "lints the checkout; .ci/run runs it before pytest",
     "python bench/generate.py": "a benchmark: minutes of timing against transformers",
+    "python bench/train.py --skip-quality --skip-curves --skip-compile": (
+        "a benchmark: minutes of training runs"
+    ),
     "python bench/generate.py --shapes shakespeare-char default --max-seconds 60 --repeats 1": (
         "a benchmark: a minute of timing per shape"
     ),
