@@ -409,7 +409,9 @@ def _validate_numbers(train: TrainConfig) -> None:
             raise MinigptError(f"train.{name} must be in [0, 1), got {getattr(train, name)!r}")
     _positive("train.muon_lr", train.muon_lr, hint="Muon's usual values are 0.01 to 0.05")
     if train.muon_weight_decay < 0:
-        raise MinigptError(f"train.muon_weight_decay must not be negative, got {train.muon_weight_decay!r}")
+        raise MinigptError(
+            f"train.muon_weight_decay must not be negative, got {train.muon_weight_decay!r}"
+        )
 
 
 def _validate_choices(train: TrainConfig) -> None:
