@@ -64,6 +64,13 @@ def recording(model: GPT, contexts: list, mlps: list) -> Iterator[None]:
         hooks.append(block.mlp.register_forward_hook(
             lambda _module, _args, out: mlps.append(out)
         ))  # fmt: skip
+    with removed_after(hooks):
+        yield
+
+
+@contextmanager
+def removed_after(hooks: list) -> Iterator[None]:
+    """Hooks registered on a model, taken off when the block ends, however it ends."""
     try:
         yield
     finally:

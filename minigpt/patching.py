@@ -33,7 +33,7 @@ from torch import Tensor
 
 from minigpt.errors import MinigptError
 from minigpt.heads import evaluating, token_labels
-from minigpt.lens import Trace, stream_names, trace
+from minigpt.lens import Trace, removed_after, stream_names, trace
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
 
@@ -121,11 +121,8 @@ def patched(model: GPT, clean: Trace, patches: Patches) -> Iterator[None]:
             hooks.append(block.attn.out_proj.register_forward_pre_hook(swap_heads))
         if mlp.any():
             hooks.append(block.mlp.register_forward_hook(swap_mlp))
-    try:
+    with removed_after(hooks):
         yield
-    finally:
-        for hook in hooks:
-            hook.remove()
 
 
 @torch.no_grad()
