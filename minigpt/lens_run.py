@@ -23,9 +23,10 @@ from minigpt.tokenizer import Tokenizer
 def lens_run(run: Run, prompt: str, top: int, position: int) -> tuple[Lens, int]:
     """The logit lens of a prompt, and the position to list (counted from 0)."""
     idx = prompt_ids(run, prompt)
+    position = check_position(position, idx.numel())  # before the work, not after it
     result = logit_lens(run.model, run.tokenizer, idx, top)
     result.source = str(run.dir)
-    return result, check_position(position, idx.numel())
+    return result, position
 
 
 def attribute_run(run: Run, prompt: str, answer: str, versus: str | None) -> Attribution:
