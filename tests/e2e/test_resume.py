@@ -400,7 +400,7 @@ EXACT_TINY = [
 ]
 LAUNCHER = """
 import os, signal, sys
-from minigpt import checkpoint, train
+from minigpt import checkpoint, optim, train
 
 name, phase, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 signum = getattr(signal, name)
@@ -424,7 +424,7 @@ class OnImport:  # sends the signal while matplotlib's import is under way
         send(name.startswith("matplotlib."))
 
 if phase == "step":  # while step `at` runs (its lr is looked up as it starts)
-    before(train, "lr_at", lambda step, *a: send(step == at - 1))
+    before(optim, "lr_at", lambda step, *a: send(step == at - 1))
 elif phase == "eval":  # once the evaluation after step `at` has begun
     before(train, "evaluate", lambda trainer, stoppable=False: send(stoppable and sent_at(at)))
 elif phase == "save":  # as the state of step `at`, evaluated, is saved
