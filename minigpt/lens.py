@@ -157,8 +157,7 @@ def logit_lens(model: GPT, tokenizer: Tokenizer, idx: Tensor, top_k: int = 5) ->
     predictions (as in sampling: a vocabulary padded past it has rows it cannot decode)."""
     vocab = tokenizer.vocab_size
     check_top_k(top_k, vocab)
-    with evaluating(model):
-        resid = trace(model, idx).resid  # (S, T, n_embd)
+    resid = trace(model, idx).resid  # (S, T, n_embd)
     targets = idx[1:].to(resid.device)  # (T - 1,) the token after each position
     top_ids, top_probs, next_probs, next_ranks = [], [], [], []
     for stream in resid:

@@ -16,7 +16,7 @@ from minigpt.checkpoint import Run
 from minigpt.errors import MinigptError
 from minigpt.heads import token_labels
 from minigpt.lens import Attribution, Lens, attribute, logit_lens
-from minigpt.patching import Patching, activation_patching, check_mode
+from minigpt.patching import Patching, activation_patching
 from minigpt.tokenizer import Tokenizer
 
 
@@ -44,7 +44,6 @@ def patch_run(
 ) -> Patching:
     """Activation patching from the clean prompt into the corrupted one; `heads`
     ('L1H0,L1H2') are also patched together."""
-    check_mode(by)
     n_layer, n_head = run.model.config.n_layer, run.model.config.n_head
     together = parse_heads(heads, n_layer, n_head) if heads else []
     clean_ids, corrupt_ids = prompt_ids(run, clean, "clean"), prompt_ids(run, corrupt, "corrupt")

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from minigpt.errors import MinigptError
 from minigpt.heads import evaluating, token_labels
-from minigpt.lens import Trace, removed_after, stream_names, trace
+from minigpt.lens import Trace, lens_logits, removed_after, stream_names, trace
 from minigpt.model import GPT
 from minigpt.tokenizer import Tokenizer
 
@@ -217,10 +217,10 @@ def activation_patching(
     check_mode(by)
     check_same_length(clean_ids, corrupt_ids)
     clean, corrupt = trace(model, clean_ids), trace(model, corrupt_ids)
-    nothing = Patches.none(1, model.config.n_layer, model.config.n_head)
+    # each trace already ends in the model's last stream: its logits, without another pass
     clean_diff, corrupt_diff = (
-        float(patched_diffs(model, run.resid[0][None], 0, clean, nothing, answer, versus)[0])
-        for run in (clean, corrupt)
+        float(logits[answer] - logits[versus])
+        for logits in (lens_logits(model, run.resid[-1, -1]) for run in (clean, corrupt))
     )
     if clean_diff == corrupt_diff:
         raise MinigptError(
