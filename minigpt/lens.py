@@ -143,6 +143,7 @@ class Lens:
         }
 
 
+@torch.no_grad()
 def lens_logits(model: GPT, resid: Tensor) -> Tensor:
     """Streams resid (..., n_embd) read as the model's last layer reads its own:
     ln_f, then the LM head: logits (..., vocab_size)."""
