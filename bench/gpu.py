@@ -454,7 +454,7 @@ def captured_step_us(model: GPT, prompt: list[int], batch: int, device: torch.de
     kv_cache = model.new_kv_cache(batch)
     ids = torch.tensor([prompt] * batch, device=device)  # (B, T)
     model(ids, kv_cache=kv_cache, last_only=True)
-    decoder = StaticDecoder(model, kv_cache, graph=device.type == "cuda")
+    decoder = StaticDecoder(model, kv_cache, mode="graph" if device.type == "cuda" else "eager")
     last = ids[:, -1:]  # (B, 1): any ids do, the time does not depend on them
     steps = min(steps, kv_cache.remaining - 1)
     decoder(last)  # captures the graph on CUDA

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from minigpt.device import device_memory
 from minigpt.errors import MinigptError
-from minigpt.fast_decode import StaticDecoder
+from minigpt.fast_decode import StaticDecoder, step_mode
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT
 from minigpt.sampling import Sampling, new_seed, sample_next, with_settings
@@ -269,8 +269,8 @@ class _Context:
         else:
             logits = _shared_prefill(self.model, prompt, self.kv_cache)
             if self.sampling.static_decode:
-                graph = self.model.device.type == "cuda"
-                self.decoder = StaticDecoder(self.model, self.kv_cache, graph=graph)
+                mode = step_mode(self.model.device)
+                self.decoder = StaticDecoder(self.model, self.kv_cache, mode=mode)
         return logits[:, -1, :].expand(self.sampling.num_samples, -1)  # (B, V)
 
     def append(self, next_ids: Tensor) -> None:

@@ -1,0 +1,142 @@
+"""Weight-only int8 for sampling and evaluation on a CPU, through torchao.
+
+At batch 1 a GPT-2-sized model's decode step is bound by memory: every token reads
+every weight once (about 500 MB in float32 for GPT-2 small) and does two FLOPs per
+weight it reads. Int8 weights, each row with its own scale, are a quarter of the
+bytes. torchao's `Int8WeightOnlyConfig` quantizes the linear layers; the matmul
+that reads int8 weights is inductor's: it recognises torchao's int8 linear in the
+compiled decode step (`minigpt.fast_decode`) and calls the CPU's int8 kernel. That
+kernel takes bfloat16 activations, so an int8 model computes in bfloat16 around
+its int8 weights. Eager torchao dequantizes each weight whole at every call, which
+is slower than float32: an int8 model samples through the compiled step.
+
+The token embedding is the LM head's matrix (weight tying), so it is quantized
+once, with the head: `Int8Embedding` reads a token's row and its scale.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from minigpt.errors import MinigptError
+from minigpt.model import GPT
+
+QUANTIZE_CHOICES = ("int8",)
+INSTALL_HINT = "pip install 'minigpt[int8]' (torchao)"
+
+
+class Int8Embedding(nn.Module):
+    """Token ids (B, T) -> their rows of an int8 matrix (B, T, n_embd), each row times
+    its scale: the LM head's int8 weight read as the token embedding."""
+
+    def __init__(self, weight: Tensor):
+        super().__init__()
+        self.weight = weight  # torchao's Int8Tensor (vocab_size, n_embd), per-row scales
+
+    def forward(self, idx: Tensor) -> Tensor:
+        dtype = self.weight.dtype  # what the int8 matrix stands for: bfloat16
+        rows = F.embedding(idx, self.weight.qdata)  # (B, T, n_embd) int8
+        scales = F.embedding(idx, self.weight.scale.reshape(-1, 1))  # (B, T, 1)
+        return rows.to(dtype) * scales.to(dtype)
+
+
+def check_quantize(quantize: str | None, device: torch.device, dtype: str = "auto") -> None:
+    """Refuse what int8 weights cannot do here, before any model is loaded."""
+    if quantize is None:
+        return
+    if quantize not in QUANTIZE_CHOICES:
+        raise MinigptError(
+            f"unknown quantization {quantize!r}",
+            hint="the one choice is int8 (weight-only, for a CPU)",
+            param="quantize",
+        )
+    if device.type != "cpu":
+        raise MinigptError(
+            f"int8 weights are for sampling on a CPU; the device is {device.type}",
+            hint="on a GPU use --dtype bfloat16; or pass --device cpu",
+            param="quantize",
+        )
+    if dtype != "auto":
+        raise MinigptError(
+            f"--quantize int8 and --dtype {dtype} both set the weights' type",
+            hint="leave out --dtype: int8 weights compute in bfloat16 around them",
+            param="quantize",
+        )
+    _torchao()
+
+
+def quantize_int8(model: GPT) -> GPT:
+    """Make the model's linear weights int8 in place (torchao, weight-only, one scale
+    per row), the rest bfloat16; the model is for inference from then on."""
+    if model.device.type != "cpu":
+        raise MinigptError(
+            f"int8 weights are for sampling on a CPU; the model is on {model.device.type}",
+            hint="move the model to the CPU first, or use bfloat16 on a GPU",
+            param="quantize",
+        )
+    if is_int8(model):
+        raise MinigptError("the model's weights are int8 already", hint="quantize it once")
+    quantize_, config = _torchao()
+    model.eval().requires_grad_(False)
+    model.to(torch.bfloat16)  # the int8 kernel's activations (see the module docstring)
+    tied = model.lm_head.weight is model.tok_emb.weight
+    quantize_(model, config, filter_fn=lambda module, name: isinstance(module, nn.Linear))
+    if tied:  # quantize_ gave the head a new weight: the embedding reads the same one
+        model.tok_emb = Int8Embedding(model.lm_head.weight)
+    return model
+
+
+def is_int8(model: nn.Module) -> bool:
+    """Whether any of the model's weights is int8 (a torchao tensor)."""
+    return any(type(p).__name__ == "Int8Tensor" for p in model.parameters())
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """The bytes the model's weights and buffers hold in memory, each storage once (a
+    tied matrix counts once; an int8 tensor counts its int8 data and its scales)."""
+    seen: set[int] = set()
+    total = 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        inner = [getattr(tensor, name) for name in tensor.__tensor_flatten__()[0]] if hasattr(
+            tensor, "__tensor_flatten__"
+        ) else [tensor]
+        for t in inner:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+def refuse_training(model: nn.Module) -> None:
+    """Int8 weights are for inference: a trainer given them refuses at once."""
+    if is_int8(model):
+        raise MinigptError(
+            "the model's weights are int8, which cannot be trained",
+            hint="train in float32 (or bfloat16 autocast), then sample with --quantize int8",
+            param="quantize",
+        )
+
+
+def _torchao():
+    """torchao's quantize_ and Int8WeightOnlyConfig, or one sentence on installing it."""
+    # torchao reports optional kernels it cannot load (CUDA-only ones) at import, and
+    # torch warns about one of its registrations: neither concerns a CPU user.
+    quiet = [logging.getLogger(name) for name in ("torchao", "torch.utils._pytree")]
+    levels = [log.level for log in quiet]
+    for log in quiet:
+        log.setLevel(logging.ERROR)
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError:
+        raise MinigptError(
+            "--quantize int8 needs torchao, which is not installed", hint=INSTALL_HINT
+        ) from None
+    finally:
+        for log, level in zip(quiet, levels, strict=True):
+            log.setLevel(level)
+    return quantize_, Int8WeightOnlyConfig()
