@@ -69,6 +69,7 @@ OPTION_NAMES = {
     "clean": "--clean",
     "corrupt": "--corrupt",
     "by": "--by",
+    "quantize": "--quantize",
 }
 """The library's name of an argument -> the option that sets it (see MinigptError.param)."""
 
@@ -78,6 +79,11 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+)
+
+
+QUANTIZE_OPTION = typer.Option(
+    None, "--quantize", help="int8: weight-only int8 on a CPU, through torchao (the int8 extra)."
 )
 
 
@@ -107,8 +113,14 @@ def train(
         "--init-from",
         help="Fine-tune: start from this run directory, Hugging Face GPT-2 folder or hub name.",
     ),
+    quantize: str | None = typer.Option(None, "--quantize", hidden=True),
 ) -> None:
     """Train a GPT on a text corpus (default: char-level on the Python standard library)."""
+    if quantize is not None:  # hidden: only here to say why
+        raise MinigptError(
+            "--quantize is for sampling and evaluation: training needs float weights",
+            hint="train as usual, then `minigpt generate RUN --quantize int8`",
+        )
     # Before torch loads: OpenMP threads spin while they wait unless the cores are
     # busy, where a spinning thread stalls and sleeping is faster (see device.py).
     choose_wait_policy()
@@ -181,11 +193,12 @@ def generate(
     dtype: str = typer.Option(
         "auto", "--dtype", help="Weights while sampling: auto (float32: a decode step is bound by launches, not bytes), float32, bfloat16."
     ),
-    compile_step: bool = typer.Option(
-        False,
+    compile_step: bool | None = typer.Option(
+        None,
         "--compile/--no-compile",
-        help="Decode in a static-shape step, replayed as a CUDA graph on a GPU.",
+        help="Decode in a static-shape step: compiled by inductor on a CPU, a CUDA graph on a GPU (default: only with --quantize).",
     ),
+    quantize: str | None = QUANTIZE_OPTION,
     threads: int | None = typer.Option(
         None, "--threads", help="CPU threads (default: torch's; 1 is fastest on a busy machine)."
     ),
@@ -198,8 +211,9 @@ def generate(
 ) -> None:
     """Sample text from a trained run with the KV cache."""
     choose_wait_policy(threads)  # before torch loads (see device.py)
-    from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
-    from minigpt.device import resolve_device, sampling_dtype, set_threads
+    from minigpt.device import set_threads
+    from minigpt.inference import decide_static, load_for_inference
+    from minigpt.prompts import batch_prompts, one_prompt
     from minigpt.sampling import Sampling
 
     sampling = Sampling(
@@ -212,14 +226,17 @@ def generate(
         stop=stop or (),
         use_kv_cache=kv_cache,
         stride=stride,
-        static_decode=compile_step,
+        static_decode=decide_static(compile_step, quantize),
     )
     set_threads(threads)
-    batch = _prompts_file(prompts_file, prompt, prompt_file, interactive, sampling)
-    text = _one_prompt(prompt, prompt_file)
-    weights = sampling_dtype(dtype)
-    run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
-    run.model.to(weights)
+    others = {"--prompt": prompt, "--prompt-file": prompt_file, "--interactive": interactive}
+    batch = batch_prompts(prompts_file, others, sampling.num_samples, sampling.use_kv_cache)
+    text = one_prompt(prompt, prompt_file)
+    rows = sampling.num_samples if batch is None else None
+    loaded = load_for_inference(
+        run_dir, device, dtype, quantize, sampling.static_decode, rows, note=console.note
+    )
+    run = loaded.run
     if batch is not None:
         _sample_batch(run, batch, sampling, as_json)
     elif interactive:
@@ -240,41 +257,6 @@ def _sample_one(run: Run, prompt: str, sampling: Sampling, stream: bool, as_json
     printer.print_result(result)
 
 
-def _prompts_file(
-    prompts_file: str | None,
-    prompt: str | None,
-    prompt_file: str | None,
-    interactive: bool,
-    sampling: Sampling,
-) -> list[str] | None:
-    """--prompts-file's prompts (None without it), once the options it excludes are refused."""
-    from minigpt.prompts import read_prompts_file
-
-    if prompts_file is None:
-        return None
-    options = [("--prompt", prompt), ("--prompt-file", prompt_file)]
-    given = [name for name, value in options if value is not None]
-    given += ["--interactive"] if interactive else []
-    if given:
-        raise MinigptError(
-            f"--prompts-file and {given[0]} were both given",
-            hint=f"--prompts-file reads every prompt from the file: leave out {given[0]}",
-        )
-    if sampling.num_samples > 1:
-        raise MinigptError(
-            "--num-samples does not apply to --prompts-file: each prompt gets one sample",
-            hint="repeat a prompt in the file for more samples of it (each line has its own seed)",
-        )
-    if not sampling.use_kv_cache or sampling.static_decode:
-        option = "--compile" if sampling.static_decode else "--no-kv-cache"
-        raise MinigptError(
-            f"{option} does not apply to --prompts-file, which decodes every prompt as one"
-            " batch in the KV cache",
-            hint=f"leave out {option}",
-        )
-    return read_prompts_file(prompts_file)
-
-
 def _sample_batch(run: Run, prompts: list[str], sampling: Sampling, as_json: bool) -> None:
     """generate --prompts-file: one sample of each prompt, decoded as one batch, printed
     in the file's order once all are done (their texts arrive interleaved)."""
@@ -282,20 +264,6 @@ def _sample_batch(run: Run, prompts: list[str], sampling: Sampling, as_json: boo
 
     results = generate_batch(run.model, run.tokenizer, prompts, sampling, on_warning=console.warn)
     console.print_batch(prompts, results, as_json, run.dir)
-
-
-def _one_prompt(prompt: str | None, prompt_file: str | None) -> str:
-    """generate's prompt: --prompt or --prompt-file (not both); '' when neither is given."""
-    from minigpt.prompts import read_prompts
-
-    if prompt is not None and prompt_file is not None:
-        raise MinigptError(
-            "--prompt and --prompt-file were both given", hint="pass the prompt one way"
-        )
-    prompts = read_prompts(
-        [prompt] if prompt is not None else [], [prompt_file] if prompt_file is not None else []
-    )
-    return prompts[0] if prompts else ""
 
 
 @app.command()
@@ -319,6 +287,12 @@ def serve(
         help="Require 'Authorization: Bearer KEY' on /v1 and /api (or set MINIGPT_API_KEY).",
     ),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    compile_step: bool | None = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help="Decode every row in a static-shape step compiled by inductor on a CPU (default: only with --quantize).",
+    ),
+    quantize: str | None = QUANTIZE_OPTION,
 ) -> None:
     """Serve a run over HTTP: OpenAI's /v1/completions (batched), and a page at / that
     shows every attention head while the model writes."""
@@ -332,6 +306,8 @@ def serve(
         max_batch=max_batch,
         api_key=api_key,
         device=device,
+        compile_step=compile_step,
+        quantize=quantize,
     )
 
 
@@ -426,9 +402,10 @@ def lens(
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
     from minigpt.device import resolve_device
     from minigpt.lens_run import lens_run
+    from minigpt.prompts import one_prompt
 
     outputs = lens_render.outputs(html, png, json_file)
-    text = _one_prompt(prompt, prompt_file)
+    text = one_prompt(prompt, prompt_file)
     run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
     result, position = lens_run(run, text, top, position)
     lens_render.show(result, lens_render.lens_grid(result, position), outputs)
@@ -454,9 +431,10 @@ def attribute(
     from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
     from minigpt.device import resolve_device
     from minigpt.lens_run import attribute_run
+    from minigpt.prompts import one_prompt
 
     outputs = lens_render.outputs(html, png, json_file)
-    text = _one_prompt(prompt, prompt_file)
+    text = one_prompt(prompt, prompt_file)
     run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
     result = attribute_run(run, text, answer, versus)
     lens_render.show(result, lens_render.attribution_grid(result), outputs)
@@ -559,14 +537,15 @@ def eval_(
     field: str = typer.Option("text", "--field", help="The --data JSONL field or Parquet column."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps."),
+    quantize: str | None = QUANTIZE_OPTION,
 ) -> None:
     """Loss, perplexity and bits per byte of a run, over sliding windows."""
     choose_wait_policy()  # before torch loads (see device.py)
     from minigpt import evaluate
-    from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
-    from minigpt.device import resolve_device
+    from minigpt.inference import load_for_inference
 
-    run = load_run(run_dir or DEFAULT_RUN_DIR, resolve_device(device))
+    # eval's forward passes are whole windows: no decode step to compile
+    run = load_for_inference(run_dir, device, quantize=quantize, note=console.note).run
     # the window bar only where someone watches it: not in a log or a pipe
     result = evaluate.evaluate_run(
         run, data, stride, glob=glob, text_field=field, progress=sys.stderr.isatty()

@@ -52,6 +52,7 @@ from minigpt.errors import MinigptError
 from minigpt.fast_decode import StaticDecoder, step_mode
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT
+from minigpt.quantize import is_int8
 from minigpt.sampling import Sampling, new_seed, sample_next, with_settings
 from minigpt.signals import check
 from minigpt.text import GenerationResult, SampleStream
@@ -464,5 +465,6 @@ def settings_json(model: GPT, sampling: Sampling) -> dict:
         **sampling.to_json(model.config.block_size),
         "device": str(model.device),
         "dtype": str(model.tok_emb.weight.dtype).removeprefix("torch."),
+        "quantize": "int8" if is_int8(model) else None,
         "kv_cache_bytes": cache,
     }

@@ -55,6 +55,45 @@ def read_prompts(prompts: Sequence[str] = (), prompt_files: Sequence[str | Path]
     return [*prompts, *(read_prompt_file(path) for path in prompt_files)]
 
 
+def one_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    """generate's prompt: --prompt or --prompt-file (not both); '' when neither is given."""
+    if prompt is not None and prompt_file is not None:
+        raise MinigptError(
+            "--prompt and --prompt-file were both given", hint="pass the prompt one way"
+        )
+    prompts = read_prompts(
+        [prompt] if prompt is not None else [], [prompt_file] if prompt_file is not None else []
+    )
+    return prompts[0] if prompts else ""
+
+
+def batch_prompts(
+    prompts_file: str | None, others: dict[str, object], num_samples: int, use_kv_cache: bool
+) -> list[str] | None:
+    """--prompts-file's prompts (None without it), once the options it excludes are
+    refused: others maps each such option to its value (None or False: not given)."""
+    if prompts_file is None:
+        return None
+    given = [option for option, value in others.items() if value not in (None, False)]
+    if given:
+        raise MinigptError(
+            f"--prompts-file and {given[0]} were both given",
+            hint=f"--prompts-file reads every prompt from the file: leave out {given[0]}",
+        )
+    if num_samples > 1:
+        raise MinigptError(
+            "--num-samples does not apply to --prompts-file: each prompt gets one sample",
+            hint="repeat a prompt in the file for more samples of it (each line has its own seed)",
+        )
+    if not use_kv_cache:
+        raise MinigptError(
+            "--no-kv-cache does not apply to --prompts-file, which decodes every prompt as"
+            " one batch in the KV cache",
+            hint="leave out --no-kv-cache",
+        )
+    return read_prompts_file(prompts_file)
+
+
 def read_prompts_file(path: str | Path) -> list[str]:
     """The prompts of a prompts file, in file order (see the module docstring); any
     fault is one sentence naming the file (and the line), with param "prompts_file"."""

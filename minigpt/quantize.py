@@ -101,9 +101,11 @@ def weight_bytes(model: nn.Module) -> int:
     seen: set[int] = set()
     total = 0
     for tensor in [*model.parameters(), *model.buffers()]:
-        inner = [getattr(tensor, name) for name in tensor.__tensor_flatten__()[0]] if hasattr(
-            tensor, "__tensor_flatten__"
-        ) else [tensor]
+        inner = (
+            [getattr(tensor, name) for name in tensor.__tensor_flatten__()[0]]
+            if hasattr(tensor, "__tensor_flatten__")
+            else [tensor]
+        )
         for t in inner:
             storage = t.untyped_storage()
             if storage.data_ptr() not in seen:

@@ -611,6 +611,7 @@ def test_cli_passes_every_sampling_option(hello_run, minigpt_cli):
         "static_decode": False,
         "device": "cpu",
         "dtype": "float32",
+        "quantize": None,
         "kv_cache_bytes": 0,
     }
 
@@ -888,7 +889,6 @@ def test_cli_prompts_file_draws_prompt_i_with_seed_plus_i(hello_run, tmp_path, m
         (["-i"], "--prompts-file and --interactive were both given"),
         (["-s", "2"], "--num-samples does not apply to --prompts-file"),
         (["--no-kv-cache"], "--no-kv-cache does not apply to --prompts-file"),
-        (["--compile"], "--compile does not apply to --prompts-file"),
         (["--prompts-file", "MISSING"], "--prompts-file MISSING does not exist"),
         (["--prompts-file", "BAD"], "--prompts-file BAD line 2 is not JSON"),
     ],
