@@ -10,6 +10,7 @@ a traceback.
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -212,6 +213,7 @@ def generate(
     """Sample text from a trained run with the KV cache."""
     choose_wait_policy(threads)  # before torch loads (see device.py)
     from minigpt.device import set_threads
+    from minigpt.fast_decode import compile_decode_step
     from minigpt.inference import decide_static, load_for_inference
     from minigpt.prompts import batch_prompts, one_prompt
     from minigpt.sampling import Sampling
@@ -232,11 +234,11 @@ def generate(
     others = {"--prompt": prompt, "--prompt-file": prompt_file, "--interactive": interactive}
     batch = batch_prompts(prompts_file, others, sampling.num_samples, sampling.use_kv_cache)
     text = one_prompt(prompt, prompt_file)
-    rows = sampling.num_samples if batch is None else None
-    loaded = load_for_inference(
-        run_dir, device, dtype, quantize, sampling.static_decode, rows, note=console.note
-    )
-    run = loaded.run
+    ahead = None if batch is not None else partial(compile_decode_step, batch_size=num_samples)
+    run = load_for_inference(
+        run_dir, device, dtype, quantize, sampling.static_decode, compile_ahead=ahead,
+        note=console.note,
+    ).run
     if batch is not None:
         _sample_batch(run, batch, sampling, as_json)
     elif interactive:
@@ -545,7 +547,7 @@ def eval_(
     from minigpt.inference import load_for_inference
 
     # eval's forward passes are whole windows: no decode step to compile
-    run = load_for_inference(run_dir, device, quantize=quantize, note=console.note).run
+    run = load_for_inference(run_dir, device, quantize=quantize, decodes=False, note=console.note).run
     # the window bar only where someone watches it: not in a log or a pipe
     result = evaluate.evaluate_run(
         run, data, stride, glob=glob, text_field=field, progress=sys.stderr.isatty()

@@ -17,7 +17,8 @@ from pathlib import Path
 from minigpt.checkpoint import DEFAULT_RUN_DIR, Run, load_run
 from minigpt.device import resolve_device, sampling_dtype
 from minigpt.errors import MinigptError
-from minigpt.fast_decode import check_compile_support, compile_decode_step
+from minigpt.fast_decode import check_compile_support
+from minigpt.model import GPT
 from minigpt.quantize import check_quantize, quantize_int8, weight_bytes
 
 
@@ -50,16 +51,18 @@ def load_for_inference(
     dtype: str = "auto",
     quantize: str | None = None,
     compile_step: bool | None = False,
-    batch_size: int | None = 1,
+    *,
+    decodes: bool = True,
+    compile_ahead: Callable[[GPT], float] | None = None,
     note: Callable[[str], None] | None = None,
 ) -> Loaded:
-    """Check the options, load the run, set its weights, and compile generate's decode
-    step for `batch_size` samples when it is static on a CPU (the seconds are reported,
-    and no generation pays them; None: the caller compiles its own step). note(message)
-    hears the weights' size and the compile."""
+    """Check the options, load the run and set its weights. decodes=False: nothing
+    decodes (eval), so there is no step to compile. When the step is static,
+    compile_ahead(model) compiles it now and returns the seconds, so that no request
+    or generation pays them. note(message) hears the weights' size and the compile."""
     target = resolve_device(device)
     check_quantize(quantize, target, dtype)
-    static = decide_static(compile_step, quantize)
+    static = decodes and decide_static(compile_step, quantize)
     if static:
         check_compile_support(target)
     weights = sampling_dtype(dtype)
@@ -75,7 +78,7 @@ def load_for_inference(
                 f"int8 weights: {after / 1e6:,.1f} MB in memory"
                 f" ({after / before:.0%} of float32's {before / 1e6:,.1f} MB)"
             )
-    seconds = compile_decode_step(run.model, batch_size) if static and batch_size else 0.0
+    seconds = compile_ahead(run.model) if static and compile_ahead else 0.0
     if note and seconds:
-        note(f"compiled the decode step for batch {batch_size} in {seconds:.1f} s")
+        note(f"compiled the decode step in {seconds:.1f} s (once per model and batch)")
     return Loaded(run, static, seconds, weight_bytes(run.model))

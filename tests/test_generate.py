@@ -812,6 +812,64 @@ def test_a_step_gone_non_finite_gives_out_no_ids(tiny_gpt, monkeypatch, ahead, t
     assert given == clean[:3]
 
 
+def test_generate_quantize_int8_recites_what_float32_recites(hello_run, minigpt_cli):
+    run_dir, _, _ = hello_run
+    base = ["generate", run_dir, "-p", "he", "-n", "40", "--temperature", "0", "--device", "cpu"]
+    code, eager, _ = minigpt_cli(*base)
+    assert code == 0
+    code, int8, err = minigpt_cli(*base, "--quantize", "int8")
+    assert code == 0 and int8 == eager  # past block_size=16: crops and re-prefills
+    assert "int8 weights:" in err and "of float32's" in err
+    assert "compiled the decode step in" in err  # shown, and not in tokens/s
+    code, out, _ = minigpt_cli(*base, "--quantize", "int8", "--json")
+    settings = json.loads(out)["settings"]
+    assert code == 0 and settings["quantize"] == "int8" and settings["static_decode"] is True
+    assert settings["dtype"] == "bfloat16"  # around the int8 weights
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--quantize", "int8", "--dtype", "bfloat16"], "--quantize int8 and --dtype bfloat16"),
+        (["--quantize", "int8", "--dtype", "float32"], "both set the weights' type"),
+        (["--quantize", "int8", "--no-compile"], "samples through the compiled decode step"),
+        (["--quantize", "int4"], "unknown quantization 'int4'"),
+    ],
+)
+def test_generate_refuses_int8_combinations_it_cannot_run(hello_run, minigpt_cli, args, message):
+    run_dir, _, _ = hello_run
+    code, out, err = minigpt_cli("generate", run_dir, "-p", "he", "-n", "4", *args)
+    assert code == 2 and message in err and "hint:" in err and out == ""
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2
+
+
+def test_train_refuses_int8_in_one_sentence(minigpt_cli, tmp_path):
+    code, _, err = minigpt_cli("train", "--quantize", "int8", "--out", tmp_path / "run")
+    assert code == 2 and "training needs float weights" in err and "--quantize int8" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_compile_without_a_cpp_compiler_is_one_sentence(hello_run, minigpt_cli):
+    import torch._inductor.config as inductor_config
+
+    run_dir, _, _ = hello_run
+    with inductor_config.patch({"cpp.cxx": ("/nonexistent/c++",)}):  # what inductor searches
+        code, out, err = minigpt_cli("generate", run_dir, "-p", "he", "-n", "4", "--compile")
+    assert code == 2 and "found no C++ compiler" in err and "leave out --compile" in err
+    assert out == "" and "Traceback" not in err
+
+
+def test_eval_of_an_int8_run_is_within_a_percent_of_float32(hello_run, minigpt_cli, tmp_path):
+    run_dir, _, _ = hello_run
+    (tmp_path / "hello.txt").write_text(HELLO * 40)
+    losses = []
+    for extra in ([], ["--quantize", "int8"]):
+        code, out, err = minigpt_cli("eval", run_dir, "--data", tmp_path / "hello.txt", "--json", *extra)
+        assert code == 0, err
+        losses.append(json.loads(out)["loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=0.01)
+
+
 def test_generate_compile_and_dtype_on_the_command_line(hello_run, minigpt_cli):
     run_dir, _, _ = hello_run
     base = ["generate", run_dir, "-p", "he", "-n", "40", "--temperature", "0", "--device", "cpu"]
