@@ -40,8 +40,9 @@ class Sampling:
     sample ends before; use_kv_cache=False recomputes every step (same tokens, slower);
     stride: free cache slots after a crop at context overflow (None: block_size // 4).
     static_decode: decode with the static-shape step of `minigpt.fast_decode`: on CUDA it
-    is captured once as a CUDA graph and replayed every step; on other devices it runs
-    as it is. The same tokens as the eager steps (tests hold it).
+    is captured once as a CUDA graph and replayed every step; on a CPU it is compiled
+    by inductor; elsewhere it runs as it is. The same tokens as the eager steps (tests
+    hold it).
     """
 
     max_new_tokens: int = 500

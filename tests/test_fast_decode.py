@@ -1,9 +1,10 @@
 """The static-shape decode step: the eager step's tokens, in shapes and memory that
-never change (what a CUDA graph needs), here run on the CPU."""
+never change (what a CUDA graph needs), here compiled by inductor on the CPU."""
 
 import pytest
 import torch
 
+from minigpt import fast_decode
 from minigpt.errors import MinigptError
 from minigpt.fast_decode import StaticDecoder, StaticKVCache
 from minigpt.generate import generate
@@ -76,3 +77,26 @@ def test_the_decoder_s_warm_up_leaves_the_cache_as_it_was():
             torch.testing.assert_close(decoder(ids), eager[:, -1], atol=1e-5, rtol=1e-5)
     assert static_cache.pos == eager_cache.pos == 9
     assert decoder.static_cache.position.item() == 9
+
+
+def test_seeded_draws_through_the_compiled_step_are_the_eager_ones():
+    model = small_gpt()
+    prompt = torch.randint(50, (5,)).tolist()
+    settings = dict(num_samples=2, temperature=0.9, top_k=20, seed=7)
+    eager = torch.stack(list(generate(model, prompt, 40, **settings)), dim=1)
+    compiled = torch.stack(list(generate(model, prompt, 40, static_decode=True, **settings)), 1)
+    assert torch.equal(eager, compiled)
+
+
+def test_the_step_is_compiled_once_per_model_and_batch_whatever_the_position():
+    from torch._dynamo.utils import counters
+
+    model = small_gpt()
+    prompt = torch.randint(50, (5,)).tolist()
+    counters.clear()
+    for _ in range(2):  # 40 tokens past a block of 16: every position, crops, re-prefills
+        list(generate(model, prompt, 40, temperature=0, static_decode=True))
+    assert counters["stats"]["unique_graphs"] == 1
+    list(generate(model, prompt, 10, num_samples=2, temperature=0, static_decode=True))
+    assert counters["stats"]["unique_graphs"] == 2  # another batch, another shape
+    assert len(fast_decode._compiled_steps[model]) == 2
