@@ -27,7 +27,7 @@ shakespeare-char and GPT-2 small shapes (random weights, a 16-token prompt), the
 KV cache against recomputing every step at 500 tokens, and Hugging Face
 `generate` on the same weights when transformers is installed. "captured" is
 static_decode=True (`minigpt generate --compile`): on CUDA each step replays a CUDA
-graph; on a CPU the same static-shape step runs without one. "no read-ahead" is the
+graph; on a CPU the same static-shape step is compiled by inductor. "no read-ahead" is the
 captured loop reading each step's ids before it queues the next step's graph (on
 CUDA the loop queues it first, so the GPU works while the host reads).
 
