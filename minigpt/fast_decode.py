@@ -233,7 +233,7 @@ def check_compile_support(device: torch.device) -> None:
         ) from None
 
 
-def compile_decode_step(model: GPT, batch_size: int) -> float:
+def compile_decode_step(model: GPT, batch_size: int = 1) -> float:
     """Compile the decode step for this model and batch now, on a scratch cache, so that
     no generation pays for it; the seconds it took (about 0 if it was compiled already).
     Compile errors become one sentence. Only a CPU's step is compiled ahead: a CUDA

@@ -29,6 +29,20 @@ QUANTIZE_CHOICES = ("int8",)
 INSTALL_HINT = "pip install 'minigpt[int8]' (torchao)"
 
 
+class Int8Linear(nn.Module):
+    """A linear layer whose weight is torchao's int8: x (..., in) -> (..., out). Its
+    input is rounded to bfloat16, the activations the CPU's int8 kernel takes; its
+    output and the bias stay in x's dtype, as does everything around it."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.linear(x.to(torch.bfloat16), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
 class Int8Embedding(nn.Module):
     """Token ids (B, T) -> their rows of an int8 matrix (B, T, n_embd), each row times
     its scale: the LM head's int8 weight read as the token embedding."""
@@ -82,9 +96,13 @@ def quantize_int8(model: GPT) -> GPT:
         raise MinigptError("the model's weights are int8 already", hint="quantize it once")
     quantize_, config = _torchao()
     model.eval().requires_grad_(False)
-    model.to(torch.bfloat16)  # the int8 kernel's activations (see the module docstring)
     tied = model.lm_head.weight is model.tok_emb.weight
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     quantize_(model, config, filter_fn=lambda module, name: isinstance(module, nn.Linear))
+    for name in linears:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent)
+        setattr(owner, child, Int8Linear(getattr(owner, child)))
     if tied:  # quantize_ gave the head a new weight: the embedding reads the same one
         model.tok_emb = Int8Embedding(model.lm_head.weight)
     return model
