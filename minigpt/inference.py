@@ -52,10 +52,13 @@ def load_for_inference(
     compile_step: bool | None = False,
     batch_size: int = 1,
     note: Callable[[str], None] | None = None,
+    compile_ahead: bool = True,
 ) -> Loaded:
     """Check the options, load the run, set its weights, and compile its decode step
     for `batch_size` rows when it is static on a CPU (the seconds are reported, and
-    no generation pays them). note(message) hears the weights' size and the compile."""
+    no generation pays them). note(message) hears the weights' size and the compile.
+    compile_ahead=False leaves the compile to the caller, whose step is another
+    (`serve` compiles its batch's rows: `BatchDecoder.compile_step`)."""
     target = resolve_device(device)
     check_quantize(quantize, target, dtype)
     static = decide_static(compile_step, quantize)
@@ -74,7 +77,7 @@ def load_for_inference(
                 f"int8 weights: {after / 1e6:,.1f} MB in memory"
                 f" ({after / before:.0%} of float32's {before / 1e6:,.1f} MB)"
             )
-    seconds = compile_decode_step(run.model, batch_size) if static else 0.0
+    seconds = compile_decode_step(run.model, batch_size) if static and compile_ahead else 0.0
     if note and seconds:
         note(f"compiled the decode step for batch {batch_size} in {seconds:.1f} s")
     return Loaded(run, static, seconds, weight_bytes(run.model))
