@@ -411,13 +411,15 @@ class BatchDecoder:
     @torch.inference_mode()
     def compile_step(self) -> float:
         """Compile the static step now, by one step over idle rows, so that no request
-        pays for it; the seconds it took (about 0 if compiled already, or not compiled
-        on this device). Only an empty decoder may: the step writes each row's slot 0."""
+        pays for it; the seconds it took (about 0 if compiled already; 0 where the step
+        is not compiled). Only an empty decoder may: the step writes each row's slot 0."""
         if not self.static or self.rows:
             raise MinigptError(
                 "only an empty static decoder compiles its step ahead",
                 hint="call compile_step before any continuation joins",
             )
+        if self.run_step is decode_step:  # not compiled on this device: nothing to do ahead
+            return 0.0
         started = time.perf_counter()
         try:
             self._static_step([])
@@ -510,21 +512,7 @@ def generate_batch(
         sampling = replace(sampling, seed=new_seed())
     rows = min(max_batch, max(1, len(prompts)))
     decoder = BatchDecoder(model, rows, tokenizer.vocab_size, static=static)
-    waiting: deque[Continuation] = deque()
-    for index, prompt in enumerate(prompts):
-        try:
-            ids, cropped = encode_prompt(tokenizer, prompt, model.config.block_size)
-        except MinigptError as err:  # among many prompts, say which one
-            raise MinigptError(
-                f"prompt {index + 1}: {err}", hint=err.hint, param=err.param
-            ) from None
-        if cropped and on_warning:
-            on_warning(
-                f"prompt {index + 1} has {cropped + len(ids)} tokens, more than the model's"
-                f" block_size={model.config.block_size}; only its last {len(ids)} are used"
-            )
-        seeded = replace(sampling, seed=(sampling.seed + index) % (MAX_SEED + 1), num_samples=1)
-        waiting.append(decoder.continuation(tokenizer, ids, seeded, owner=(index, cropped)))
+    waiting = _continuations(decoder, tokenizer, prompts, sampling, on_warning)
     started = time.perf_counter()
     first_token: dict[int, float] = {}
     results: dict[int, GenerationResult] = {}
@@ -550,3 +538,31 @@ def generate_batch(
                     settings=settings_json(model, draw.continuation.sampling),
                 )
     return [results[index] for index in range(len(prompts))]
+
+
+def _continuations(
+    decoder: BatchDecoder,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    sampling: Sampling,
+    on_warning: Callable[[str], None] | None,
+) -> deque[Continuation]:
+    """Each prompt encoded (cropped to block_size) as a continuation waiting for a row,
+    prompt i seeded with sampling.seed + i; owner: (i, tokens cropped)."""
+    block_size = decoder.block_size
+    waiting: deque[Continuation] = deque()
+    for index, prompt in enumerate(prompts):
+        try:
+            ids, cropped = encode_prompt(tokenizer, prompt, block_size)
+        except MinigptError as err:  # among many prompts, say which one
+            raise MinigptError(
+                f"prompt {index + 1}: {err}", hint=err.hint, param=err.param
+            ) from None
+        if cropped and on_warning:
+            on_warning(
+                f"prompt {index + 1} has {cropped + len(ids)} tokens, more than the model's"
+                f" block_size={block_size}; only its last {len(ids)} are used"
+            )
+        seeded = replace(sampling, seed=(sampling.seed + index) % (MAX_SEED + 1), num_samples=1)
+        waiting.append(decoder.continuation(tokenizer, ids, seeded, owner=(index, cropped)))
+    return waiting
