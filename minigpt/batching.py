@@ -15,7 +15,9 @@ decode loop serves every sequence:
 `RowKVCache` answers the calls a `KVCache` answers (`positions`, `update`, `attn_mask`,
 `advance`) with one position per row: each row writes its new key at its own slot,
 and its query sees its own slots only (a mask per row). The model and attention do
-not know which cache they hold.
+not know which cache they hold. `StaticRowKVCache` takes every one of the max_batch
+rows at every step, idle ones too, with the rows' lengths on the device: one shape
+for the whole decode, so on a CPU that step is compiled once (`BatchDecoder(static=True)`).
 
 Context overflow follows `minigpt.generate`, row by row. Learned positions: a row
 whose window is full is prefilled again, alone, with its last block_size - stride - 1
