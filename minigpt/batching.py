@@ -15,7 +15,9 @@ decode loop serves every sequence:
 `RowKVCache` answers the calls a `KVCache` answers (`positions`, `update`, `attn_mask`,
 `advance`) with one position per row: each row writes its new key at its own slot,
 and its query sees its own slots only (a mask per row). The model and attention do
-not know which cache they hold.
+not know which cache they hold. `StaticRowKVCache` takes every one of the max_batch
+rows at every step, idle ones too, with the rows' lengths on the device: one shape
+for the whole decode, so on a CPU that step is compiled once (`BatchDecoder(static=True)`).
 
 Context overflow follows `minigpt.generate`, row by row. Learned positions: a row
 whose window is full is prefilled again, alone, with its last block_size - stride - 1
@@ -37,6 +39,7 @@ import torch
 from torch import Tensor
 
 from minigpt.errors import MinigptError
+from minigpt.fast_decode import compiled_step, decode_step, is_quantized, step_mode
 from minigpt.generate import check_cache_memory, encode_prompt, settings_json
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT
@@ -132,6 +135,97 @@ class RowKVCache:
         self.lengths[target] = self.lengths[source]
 
 
+class StaticRowKVCache(RowKVCache):
+    """Every one of `cache`'s max_batch rows at every step, idle ones too, in shapes
+    that never change: the rows' step compiled once for the whole decode (as
+    `fast_decode.StaticKVCache` is for one sequence's).
+
+    The rows' lengths live twice. The host's, `lengths`, are what the crops read (as
+    in `RowKVCache`). The device's, `device_lengths` with `active` (1 for a row in
+    use), are what the step reads and advances: it must read no host-side number
+    that changes between steps, or a compiled step would be compiled again. A row
+    that joins, leaves, moves or is filled again changes the host's; `sync` copies
+    them to the device before the next step. An idle row has length 0: it takes
+    position 0 (never past a learned position table) and writes only its own slot 0.
+    """
+
+    def __init__(self, cache: KVCache):
+        super().__init__(cache)
+        device, dtype = self.slots.device, cache.keys[0].dtype
+        self.device_lengths = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
+        self.active = torch.zeros(cache.batch_size, dtype=torch.long, device=device)
+        self.zero, self.minus_inf = torch.tensor([0.0, float("-inf")], dtype=dtype, device=device)
+        self.synced: tuple[int, ...] | None = None  # the `_host_rows` the device holds
+
+    @property
+    def pos(self) -> int:
+        """0, to the model's checks (see the class docstring): BatchDecoder crops each
+        row on the host before it overflows."""
+        return 0
+
+    def check_fits(
+        self, n_layer: int, batch_size: int, n_head: int, d_head: int, n_new: int
+    ) -> None:
+        """Only what the shapes must hold, which never changes between steps."""
+        cache = self.cache
+        if n_new != 1 or batch_size != cache.batch_size:
+            raise MinigptError(
+                f"a static batch of rows takes one token for each of its {cache.batch_size}"
+                f" rows, got {batch_size} x {n_new}",
+                hint="pad the batch with ids of idle rows",
+                param="kv_cache",
+            )
+        if n_layer > len(cache.keys) or (n_head, d_head) != (cache.n_head, cache.d_head):
+            raise MinigptError(
+                "the rows' KV cache was built for another model's shape",
+                hint="build it with model.new_kv_cache(max_batch)",
+                param="kv_cache",
+            )
+
+    def sync(self) -> None:
+        """Give the device the host's lengths and rows in use, if they changed other
+        than by a step (one small copy)."""
+        host = self._host_rows()
+        if host == self.synced:
+            return
+        n, idle = self.n_rows, self.cache.batch_size - self.n_rows
+        self.device_lengths.copy_(torch.tensor(self.lengths[:n] + [0] * idle))
+        self.active.copy_(torch.tensor([1] * n + [0] * idle))
+        self.synced = host
+
+    def positions(self, n_new: int) -> Tensor:
+        """Each row's new position (B, 1), from the device's lengths; the mask and the
+        write slots every layer reads are made here, once per step."""
+        lengths = self.device_lengths  # (B,)
+        hidden = self.slots[None, :] > lengths[:, None]  # (B, max_len)
+        self.visible = torch.where(hidden, self.minus_inf, self.zero)[:, None, None, :]
+        self.slot = lengths.remainder(self.cache.max_len)  # (B,): where each row writes
+        return lengths[:, None]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write each row's K, V (B, H, 1, d_head) at its own slot; return the whole
+        buffers (B, H, max_len, d_head), read through `attn_mask`. (Indexed writes, as
+        `RowKVCache.update`'s: inductor writes them in place, where a scatter_ into
+        the buffers would copy each whole buffer twice per step.)"""
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[self.rows, :, self.slot] = k[:, :, 0]  # (B, H, d_head) into (row, :, slot) pairs
+        values[self.rows, :, self.slot] = v[:, :, 0]
+        return keys, values
+
+    def advance(self, n_tokens: int) -> None:
+        """The rows in use move on, on the device (inside the step); idle ones stay."""
+        self.device_lengths.add_(self.active * n_tokens)
+
+    def count_step(self) -> None:
+        """The host's count of the step the device just took."""
+        RowKVCache.advance(self, 1)
+        self.synced = self._host_rows()
+
+    def _host_rows(self) -> tuple[int, ...]:
+        """What the device must hold: the rows in use and their lengths."""
+        return (self.n_rows, *self.lengths[: self.n_rows])
+
+
 @dataclass
 class TokenLogprob:
     """A drawn token's log-probability under the model (before temperature), and the
@@ -179,9 +273,16 @@ class BatchDecoder:
     """Up to `max_batch` sequences decoded together (see the module docstring).
 
     vocab_limit: only ids below it are drawn (the tokenizer's vocab_size).
+    static: each step runs all max_batch rows, idle ones too, over a `StaticRowKVCache`:
+        one shape for the whole decode, so on a CPU the step is compiled by inductor
+        once (`fast_decode.compiled_step`, as `generate --compile` does) and reused by
+        every step and every later decoder of this model and max_batch. Elsewhere the
+        static step runs eagerly: no CUDA graph of the rows is captured here.
     """
 
-    def __init__(self, model: GPT, max_batch: int, vocab_limit: int | None = None):
+    def __init__(
+        self, model: GPT, max_batch: int, vocab_limit: int | None = None, static: bool = False
+    ):
         if max_batch < 1:
             raise MinigptError(
                 f"max_batch must be at least 1, got {max_batch}",
@@ -189,6 +290,13 @@ class BatchDecoder:
                 param="max_batch",
             )
         check_cache_memory(model, max_batch)
+        if model.config.attention != "fused" and is_quantized(model):
+            raise MinigptError(
+                "int8 weights are decoded in batches only by fused attention, and this"
+                " model's is attention='wrapper'",
+                hint="leave out --quantize: its float32 weights batch as they are",
+                param="quantize",
+            )
         if model.config.attention != "fused":
             # The per-row mask is shaped for the fused form's (B, H, T, T_k) scores;
             # the fused form computes what the wrapper computes, from the same weights.
@@ -199,9 +307,16 @@ class BatchDecoder:
         self.block_size = model.config.block_size
         self.learned = model.config.position == "learned"
         self.vocab_limit = vocab_limit or model.config.vocab_size
-        self.cache = RowKVCache(model.new_kv_cache(max_batch))
         self.rows: list[Continuation] = []
         self.logits = torch.zeros(max_batch, model.config.vocab_size, device=model.device)
+        self.static = static
+        if not static:
+            self.cache = RowKVCache(model.new_kv_cache(max_batch))
+            return
+        self.cache = StaticRowKVCache(model.new_kv_cache(max_batch))
+        self.ids = torch.zeros((max_batch, 1), dtype=torch.long, device=model.device)
+        compiled = step_mode(model.device) == "compiled"
+        self.run_step = compiled_step(model, self.cache) if compiled else decode_step
 
     @property
     def free(self) -> int:
@@ -278,9 +393,47 @@ class BatchDecoder:
             elif len(continuation.tokens) > 2 * self.block_size:  # a ring needs the newest only
                 del continuation.tokens[: -self.block_size]
         newest = [continuation.tokens[-1] for continuation in self.rows]
+        if self.static:
+            self.logits[: len(newest)] = self._static_step(newest)[: len(newest)]
+            return
         idx = torch.tensor(newest, dtype=torch.long, device=self.model.device)[:, None]  # (n, 1)
         logits, _ = self.model(idx, kv_cache=self.cache, last_only=True)  # (n, 1, V)
         self.logits[: len(self.rows)] = logits[:, -1]
+
+    def _static_step(self, newest: list[int]) -> Tensor:
+        """The static step over all max_batch rows, the idle ones given id 0: the
+        logits (max_batch, V), of which the first len(newest) rows are the rows in use."""
+        self.cache.sync()  # rows that joined, left, moved or were cropped since the last step
+        idle = [0] * (self.max_batch - len(newest))
+        self.ids.copy_(torch.tensor(newest + idle)[:, None])
+        logits = self.run_step(self.model, self.cache, self.ids)  # (max_batch, V)
+        self.cache.count_step()  # the host's count; the device's moved inside the step
+        return logits
+
+    @torch.inference_mode()
+    def compile_step(self) -> float:
+        """Compile the static step now, by one step over idle rows, so that no request
+        pays for it; the seconds it took (about 0 if compiled already; 0 where the step
+        is not compiled). Only an empty decoder may: the step writes each row's slot 0."""
+        if not self.static or self.rows:
+            raise MinigptError(
+                "only an empty static decoder compiles its step ahead",
+                hint="call compile_step before any continuation joins",
+            )
+        if self.run_step is decode_step:  # not compiled on this device: nothing to do ahead
+            return 0.0
+        started = time.perf_counter()
+        try:
+            self._static_step([])
+        except MinigptError:
+            raise
+        except Exception as err:
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            raise MinigptError(
+                f"torch.compile could not build the decode step: {first_line}",
+                hint="leave out --compile (sampling gives the same tokens without it)",
+            ) from None
+        return time.perf_counter() - started
 
     def _draw(self) -> list[Draw]:
         n = len(self.rows)
@@ -348,31 +501,20 @@ def generate_batch(
     max_batch: int = MAX_BATCH,
     on_text: Callable[[int, str], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    static: bool = False,
 ) -> list[GenerationResult]:
     """One continuation of each prompt, decoded as one batch; results in input order.
 
     Prompt i is drawn with seed sampling.seed + i, modulo 2**64 (so prompt 0 gives what
     `generate` gives alone with that seed). on_text(prompt_index, text) hears each piece of text
-    as it becomes final; on_warning hears of a prompt cropped to block_size.
+    as it becomes final; on_warning hears of a prompt cropped to block_size. static: run
+    the rows' static step (`BatchDecoder`), compiled on a CPU: the same tokens.
     """
     if sampling.seed is None:
         sampling = replace(sampling, seed=new_seed())
-    decoder = BatchDecoder(model, min(max_batch, max(1, len(prompts))), tokenizer.vocab_size)
-    waiting: deque[Continuation] = deque()
-    for index, prompt in enumerate(prompts):
-        try:
-            ids, cropped = encode_prompt(tokenizer, prompt, model.config.block_size)
-        except MinigptError as err:  # among many prompts, say which one
-            raise MinigptError(
-                f"prompt {index + 1}: {err}", hint=err.hint, param=err.param
-            ) from None
-        if cropped and on_warning:
-            on_warning(
-                f"prompt {index + 1} has {cropped + len(ids)} tokens, more than the model's"
-                f" block_size={model.config.block_size}; only its last {len(ids)} are used"
-            )
-        seeded = replace(sampling, seed=(sampling.seed + index) % (MAX_SEED + 1), num_samples=1)
-        waiting.append(decoder.continuation(tokenizer, ids, seeded, owner=(index, cropped)))
+    rows = min(max_batch, max(1, len(prompts)))
+    decoder = BatchDecoder(model, rows, tokenizer.vocab_size, static=static)
+    waiting = _continuations(decoder, tokenizer, prompts, sampling, on_warning)
     started = time.perf_counter()
     first_token: dict[int, float] = {}
     results: dict[int, GenerationResult] = {}
@@ -398,3 +540,31 @@ def generate_batch(
                     settings=settings_json(model, draw.continuation.sampling),
                 )
     return [results[index] for index in range(len(prompts))]
+
+
+def _continuations(
+    decoder: BatchDecoder,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    sampling: Sampling,
+    on_warning: Callable[[str], None] | None,
+) -> deque[Continuation]:
+    """Each prompt encoded (cropped to block_size) as a continuation waiting for a row,
+    prompt i seeded with sampling.seed + i; owner: (i, tokens cropped)."""
+    block_size = decoder.block_size
+    waiting: deque[Continuation] = deque()
+    for index, prompt in enumerate(prompts):
+        try:
+            ids, cropped = encode_prompt(tokenizer, prompt, block_size)
+        except MinigptError as err:  # among many prompts, say which one
+            raise MinigptError(
+                f"prompt {index + 1}: {err}", hint=err.hint, param=err.param
+            ) from None
+        if cropped and on_warning:
+            on_warning(
+                f"prompt {index + 1} has {cropped + len(ids)} tokens, more than the model's"
+                f" block_size={block_size}; only its last {len(ids)} are used"
+            )
+        seeded = replace(sampling, seed=(sampling.seed + index) % (MAX_SEED + 1), num_samples=1)
+        waiting.append(decoder.continuation(tokenizer, ids, seeded, owner=(index, cropped)))
+    return waiting

@@ -1,12 +1,16 @@
 """Continuous batching: a sequence batched with others, joining and leaving at any
 step, gets the tokens `generate` gives it alone (greedy and seeded), past the context
-too, for learned and rotary positions; rows that end leave their place to the rest."""
+too, for learned and rotary positions; rows that end leave their place to the rest.
+The static step over every row, compiled on a CPU, gives the same tokens."""
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
+from minigpt import batching
 from minigpt.batching import BatchDecoder, RowKVCache, generate_batch
 from minigpt.errors import MinigptError
+from minigpt.fast_decode import decode_step
 from minigpt.generate import generate
 from minigpt.sampling import Sampling
 from minigpt.tokenizer import CharTokenizer
@@ -177,3 +181,72 @@ def test_generate_batch_returns_results_in_input_order(tiny_gpt, tokenizer):
         alone = [int(t) for t in generate(model, tokenizer.encode(prompt), sampling=sampling)]
         assert result.samples[0].text == tokenizer.decode(alone)
         assert result.prompt_tokens == len(prompt)
+
+
+# --- the static step: every row at every step, compiled on a CPU -------------------------
+
+
+def test_static_rows_give_the_tokens_of_the_plain_rows_compiled_once(tiny_gpt, tokenizer):
+    # more ids than the tokenizer's (a padded vocab); learned positions cropped past the block
+    model = tiny_gpt(tokenizer.vocab_size + 4, block_size=16)
+
+    def sampling_of(i):  # greedy and seeded rows side by side
+        if i % 2 == 0:
+            return Sampling(max_new_tokens=NEW_TOKENS[i], temperature=0)
+        return Sampling(max_new_tokens=NEW_TOKENS[i], temperature=0.9, top_k=10, seed=100 + i)
+
+    plain = run_batched(BatchDecoder(model, 3, tokenizer.vocab_size), tokenizer, sampling_of)
+    graphs = counters["stats"]["unique_graphs"]
+    decoder = BatchDecoder(model, 3, tokenizer.vocab_size, static=True)
+    assert run_batched(decoder, tokenizer, sampling_of) == plain
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # joins, leaves, crops: one graph
+
+
+def test_generate_batch_static_writes_the_same_texts_and_compiles_once(tiny_gpt, tokenizer):
+    model = tiny_gpt(tokenizer.vocab_size, block_size=16, position="rope")
+    prompts = ["hello", "a", "the quick brown fox jumps over", "zz", "abc"]
+    graphs = counters["stats"]["unique_graphs"]
+    for sampling in (
+        Sampling(max_new_tokens=30, temperature=0),  # past block_size: each row's ring rolls
+        Sampling(max_new_tokens=30, temperature=0.9, seed=7),
+    ):
+        plain = generate_batch(model, tokenizer, prompts, sampling, max_batch=3)
+        static = generate_batch(model, tokenizer, prompts, sampling, max_batch=3, static=True)
+        assert [r.samples[0].text for r in static] == [r.samples[0].text for r in plain]
+    assert counters["stats"]["unique_graphs"] == graphs + 1  # reused by the second batch
+
+
+def test_a_static_row_cache_steps_every_row_and_moves_only_those_in_use(tiny_gpt, tokenizer):
+    model = tiny_gpt(tokenizer.vocab_size, block_size=16)
+    decoder = BatchDecoder(model, 4, tokenizer.vocab_size, static=True)
+    decoder.run_step = decode_step  # the step as it is: what is compiled, without compiling it
+    cache = decoder.cache
+    buffers = [k.data_ptr() for k in cache.cache.keys]
+    for prompt in ([1, 2, 3], [4, 5]):
+        decoder.join(decoder.continuation(tokenizer, prompt, Sampling(max_new_tokens=20)))
+    for _ in range(3):
+        decoder.step()
+        assert cache.attn_mask(1).shape == (4, 1, 1, 16) and cache.pos == 0  # every row, slot
+    assert cache.device_lengths.tolist() == [6, 5, 0, 0] == cache.lengths[:2] + [0, 0]
+    decoder.leave(decoder.rows[0])  # the last row moves into row 0
+    decoder.step()
+    assert cache.device_lengths.tolist() == [6, 0, 0, 0] and cache.active.tolist() == [1, 0, 0, 0]
+    assert [k.data_ptr() for k in cache.cache.keys] == buffers  # written in place
+
+
+def test_a_static_row_cache_takes_one_token_for_every_row(tiny_gpt, tokenizer):
+    model = tiny_gpt(tokenizer.vocab_size, block_size=16)
+    cache = batching.StaticRowKVCache(model.new_kv_cache(3))
+    cache.n_rows = 2
+    with pytest.raises(MinigptError, match="one token for each of its 3 rows"):
+        model(torch.zeros((2, 1), dtype=torch.long), kv_cache=cache)
+
+
+def test_int8_weights_with_wrapper_attention_are_refused_in_one_sentence(tiny_gpt, tokenizer):
+    pytest.importorskip("torchao")
+    from minigpt.quantize import quantize_int8
+
+    model = quantize_int8(tiny_gpt(tokenizer.vocab_size, block_size=16, attention="wrapper"))
+    with pytest.raises(MinigptError, match="only by fused attention") as refused:
+        BatchDecoder(model, 2, tokenizer.vocab_size)
+    assert refused.value.param == "quantize"

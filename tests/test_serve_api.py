@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import queue
+import re
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -434,3 +440,38 @@ def test_a_model_that_writes_nan_is_a_500_or_an_error_ending_the_stream(tiny_gpt
         assert "non-finite" in json.loads(lines[-2].removeprefix("data: "))["error"]["message"]
     finally:
         scheduler.close(0)
+
+
+# --- serve with the compiled decode step ------------------------------------------------
+
+SERVE_COMPILED = (
+    "import sys; from minigpt.serve.server import serve;"
+    " serve(sys.argv[1], port=0, device='cpu', max_batch=2, compile_step=True)"
+)
+
+
+def test_a_server_with_the_compiled_step_answers_what_generate_writes(tiny_model, tmp_path):
+    from minigpt.checkpoint import write_run_files
+    from minigpt.generate import generate_text
+
+    model, tokenizer = tiny_model
+    run_dir = write_run_files(tmp_path / MODEL_ID, model, tokenizer)
+    env = {k: v for k, v in os.environ.items() if k != "MINIGPT_API_KEY"}
+    env.update(PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    server = subprocess.Popen(
+        [sys.executable, "-c", SERVE_COMPILED, str(run_dir)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: lines.put(server.stdout.readline()), daemon=True).start()
+    try:
+        serving = re.fullmatch(r"serving tiny at (http://\S+)\n", lines.get(timeout=120))
+        assert serving, "the server printed no serving line"
+        body = {"prompt": "hello", "max_tokens": 40, "temperature": 0}  # past block_size=32
+        answer = httpx.post(f"{serving.group(1)}/v1/completions", json=body, timeout=60).json()
+    finally:
+        server.kill()
+        server.wait()
+    alone = generate_text(model, tokenizer, "hello", temperature=0, max_new_tokens=40)
+    assert answer["choices"][0]["text"] == alone.samples[0].text
+    assert "compiled the decode step for 2 rows in" in server.stderr.read()

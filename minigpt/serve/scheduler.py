@@ -102,15 +102,23 @@ class Job:
 
 
 class Scheduler:
-    """The decode thread and its waiting line (see the module docstring)."""
+    """The decode thread and its waiting line (see the module docstring).
+
+    static: decode with the rows' static step, compiled on a CPU (`BatchDecoder`).
+    """
 
     def __init__(
-        self, model: GPT, tokenizer: Tokenizer, max_batch: int = 8, max_waiting: int | None = None
+        self,
+        model: GPT,
+        tokenizer: Tokenizer,
+        max_batch: int = 8,
+        max_waiting: int | None = None,
+        static: bool = False,
     ):
         self.tokenizer = tokenizer
         self.block_size = model.config.block_size
         self.rolling = model.config.position == "rope"
-        self.decoder = BatchDecoder(model, max_batch, tokenizer.vocab_size)
+        self.decoder = BatchDecoder(model, max_batch, tokenizer.vocab_size, static=static)
         self.max_waiting = 4 * max_batch if max_waiting is None else max_waiting
         self._waiting: deque[Continuation] = deque()
         self._lock = threading.Lock()

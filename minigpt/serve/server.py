@@ -45,12 +45,17 @@ def serve(
     device: str = "auto",
     *,
     max_waiting: int | None = None,
+    compile_step: bool | None = None,
+    quantize: str | None = None,
 ) -> None:
     """Serve the run (default: checkpoints/default) at http://host:port until SIGINT or
     SIGTERM (see the module docstring).
 
     api_key: with it, the API's routes need `Authorization: Bearer <api_key>`.
     max_waiting: continuations that may wait for a row (None: the scheduler's default).
+    compile_step, quantize: as `generate`'s --compile and --quantize (`minigpt.inference`):
+        the batch's static step is compiled before the server answers, so that no
+        request waits for it.
     """
     require_web_stack()
     if api_key is not None and not api_key.strip():
@@ -59,7 +64,8 @@ def serve(
         )
     sock = bind(host, port)
     try:
-        _serve_on(sock, run_dir, max_batch, api_key, device, max_waiting)
+        options = {"compile_step": compile_step, "quantize": quantize}
+        _serve_on(sock, run_dir, max_batch, api_key, device, max_waiting, options)
     finally:
         sock.close()
 
@@ -126,17 +132,15 @@ def _serve_on(
     api_key: str | None,
     device: str,
     max_waiting: int | None,
+    options: dict[str, Any],
 ) -> None:
     """Load the run, build the scheduler and the app, and serve on sock until a signal."""
-    from minigpt.checkpoint import DEFAULT_RUN_DIR, load_run
-    from minigpt.device import resolve_device
+    from minigpt.checkpoint import DEFAULT_RUN_DIR
     from minigpt.serve.api import create_app
-    from minigpt.serve.scheduler import Scheduler
 
     run_dir = Path(DEFAULT_RUN_DIR if run_dir is None else run_dir)
-    run = load_run(run_dir, resolve_device(device))
+    run, scheduler = load_scheduler(run_dir, device, max_batch, max_waiting, **options)
     model_id = run_dir.resolve().name
-    scheduler = Scheduler(run.model, run.tokenizer, max_batch=max_batch, max_waiting=max_waiting)
     hosts = LOOPBACK_NAMES if is_loopback(sock) else None
     app = create_app(run.model, run.tokenizer, model_id, scheduler, api_key, allowed_hosts=hosts)
     signals.check()  # a signal while the model loaded stops the command before it serves
@@ -165,6 +169,33 @@ def _serve_on(
         web.join(GRACE_S + 10.0)
     if not server.started and not signals.pending():
         raise MinigptError("the HTTP server stopped before it served", hint="see its log above")
+
+
+def load_scheduler(
+    run_dir: str | Path,
+    device: str = "auto",
+    max_batch: int = 8,
+    max_waiting: int | None = None,
+    compile_step: bool | None = None,
+    quantize: str | None = None,
+) -> tuple[Any, Any]:
+    """The run, loaded as `generate` loads it, and its scheduler: (run, scheduler). A
+    static decode step is compiled here for the batch's max_batch rows (the seconds
+    are noted), not in the first request."""
+    from minigpt.inference import load_for_inference
+    from minigpt.serve.scheduler import Scheduler
+
+    loaded = load_for_inference(
+        run_dir, device, quantize=quantize, compile_step=compile_step, note=console.note
+    )
+    run = loaded.run
+    scheduler = Scheduler(
+        run.model, run.tokenizer, max_batch, max_waiting, static=loaded.static_decode
+    )
+    seconds = scheduler.decoder.compile_step() if loaded.static_decode else 0.0
+    if seconds:
+        console.note(f"compiled the decode step for {max_batch} rows in {seconds:.1f} s")
+    return run, scheduler
 
 
 def _say_serving(model_id: str, sock: socket.socket, api_key: str | None) -> None:
