@@ -5,8 +5,9 @@
     python bench/quantize.py RUN --val-of PREPARED    # on a prepared folder's validation split
 
 Each run is loaded on the CPU as `minigpt generate` loads it: in float32, with
-`--quantize int8` (torchao weight-only int8, bfloat16 around it; minigpt/quantize.py),
-and with `--dtype bfloat16` as a reference. It measures:
+`--quantize int8` (torchao weight-only int8, bfloat16 inputs to the int8 linears,
+float32 around them; minigpt/quantize.py), and with `--dtype bfloat16` as a
+reference. It measures:
 
 - eval loss: what `minigpt eval RUN` computes (minigpt.evaluate: strided windows over
   the run's own validation split, or over --data), in float32 and in int8, and the

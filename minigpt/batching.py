@@ -39,7 +39,13 @@ import torch
 from torch import Tensor
 
 from minigpt.errors import MinigptError
-from minigpt.fast_decode import compiled_step, decode_step, is_quantized, step_mode
+from minigpt.fast_decode import (
+    compile_errors,
+    compiled_step,
+    decode_step,
+    is_quantized,
+    step_mode,
+)
 from minigpt.generate import check_cache_memory, encode_prompt, settings_json
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT
@@ -423,16 +429,8 @@ class BatchDecoder:
         if self.run_step is decode_step:  # not compiled on this device: nothing to do ahead
             return 0.0
         started = time.perf_counter()
-        try:
+        with compile_errors():
             self._static_step([])
-        except MinigptError:
-            raise
-        except Exception as err:
-            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-            raise MinigptError(
-                f"torch.compile could not build the decode step: {first_line}",
-                hint="leave out --compile (sampling gives the same tokens without it)",
-            ) from None
         return time.perf_counter() - started
 
     def _draw(self) -> list[Draw]:
@@ -540,6 +538,12 @@ def generate_batch(
                     settings=settings_json(model, draw.continuation.sampling),
                 )
     return [results[index] for index in range(len(prompts))]
+
+
+def compile_batch_step(model: GPT, n_prompts: int, max_batch: int = MAX_BATCH) -> float:
+    """Compile the static step `generate_batch` runs for n_prompts now; the seconds."""
+    rows = min(max_batch, max(1, n_prompts))
+    return BatchDecoder(model, rows, static=True).compile_step()
 
 
 def _continuations(

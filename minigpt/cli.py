@@ -212,6 +212,7 @@ def generate(
 ) -> None:
     """Sample text from a trained run with the KV cache."""
     choose_wait_policy(threads)  # before torch loads (see device.py)
+    from minigpt.batching import compile_batch_step
     from minigpt.device import set_threads
     from minigpt.fast_decode import compile_decode_step
     from minigpt.inference import decide_static, load_for_inference
@@ -234,7 +235,9 @@ def generate(
     others = {"--prompt": prompt, "--prompt-file": prompt_file, "--interactive": interactive}
     batch = batch_prompts(prompts_file, others, sampling.num_samples, sampling.use_kv_cache)
     text = one_prompt(prompt, prompt_file)
-    ahead = None if batch is not None else partial(compile_decode_step, batch_size=num_samples)
+    ahead = partial(compile_decode_step, batch_size=num_samples)
+    if batch is not None:
+        ahead = partial(compile_batch_step, n_prompts=len(batch))
     run = load_for_inference(
         run_dir, device, dtype, quantize, sampling.static_decode, compile_ahead=ahead,
         note=console.note,
@@ -264,7 +267,10 @@ def _sample_batch(run: Run, prompts: list[str], sampling: Sampling, as_json: boo
     in the file's order once all are done (their texts arrive interleaved)."""
     from minigpt.batching import generate_batch
 
-    results = generate_batch(run.model, run.tokenizer, prompts, sampling, on_warning=console.warn)
+    results = generate_batch(
+        run.model, run.tokenizer, prompts, sampling, on_warning=console.warn,
+        static=sampling.static_decode,
+    )
     console.print_batch(prompts, results, as_json, run.dir)
 
 

@@ -24,7 +24,8 @@ from __future__ import annotations
 import inspect
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -236,16 +237,23 @@ def check_compile_support(device: torch.device) -> None:
 def compile_decode_step(model: GPT, batch_size: int = 1) -> float:
     """Compile the decode step for this model and batch now, on a scratch cache, so that
     no generation pays for it; the seconds it took (about 0 if it was compiled already).
-    Compile errors become one sentence. Only a CPU's step is compiled ahead: a CUDA
-    graph is captured by each decoder, in its first step."""
+    Only a CPU's step is compiled ahead: a CUDA graph is captured by each decoder, in
+    its first step."""
     if step_mode(model.device) != "compiled":
         return 0.0
     kv_cache = model.new_kv_cache(batch_size)
-    decoder = StaticDecoder(model, kv_cache, mode=step_mode(model.device))
+    decoder = StaticDecoder(model, kv_cache, mode="compiled")
     started = time.perf_counter()
+    with compile_errors(), torch.inference_mode():
+        decoder(torch.zeros((batch_size, 1), dtype=torch.long, device=model.device))
+    return time.perf_counter() - started
+
+
+@contextmanager
+def compile_errors() -> Iterator[None]:
+    """What torch.compile raises while it builds a step, as one sentence and a hint."""
     try:
-        with torch.inference_mode():
-            decoder(torch.zeros((batch_size, 1), dtype=torch.long, device=model.device))
+        yield
     except MinigptError:
         raise
     except Exception as err:
@@ -254,4 +262,3 @@ def compile_decode_step(model: GPT, batch_size: int = 1) -> float:
             f"torch.compile could not build the decode step: {first_line}",
             hint="leave out --compile (sampling gives the same tokens without it)",
         ) from None
-    return time.perf_counter() - started

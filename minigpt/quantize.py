@@ -6,9 +6,10 @@ weight it reads. Int8 weights, each row with its own scale, are a quarter of the
 bytes. torchao's `Int8WeightOnlyConfig` quantizes the linear layers; the matmul
 that reads int8 weights is inductor's: it recognises torchao's int8 linear in the
 compiled decode step (`minigpt.fast_decode`) and calls the CPU's int8 kernel. That
-kernel takes bfloat16 activations, so an int8 model computes in bfloat16 around
-its int8 weights. Eager torchao dequantizes each weight whole at every call, which
-is slower than float32: an int8 model samples through the compiled step.
+kernel takes bfloat16 activations, so each int8 linear rounds its input to bfloat16
+(`Int8Linear`); its output, the residual stream, the norms, attention and the KV
+cache stay float32. Eager torchao dequantizes each weight whole at every call,
+which is slower than float32: an int8 model samples through the compiled step.
 
 The token embedding is the LM head's matrix (weight tying), so it is quantized
 once, with the head: `Int8Embedding` reads a token's row and its scale.
@@ -52,7 +53,7 @@ class Int8Embedding(nn.Module):
         self.weight = weight  # torchao's Int8Tensor (vocab_size, n_embd), per-row scales
 
     def forward(self, idx: Tensor) -> Tensor:
-        dtype = self.weight.dtype  # what the int8 matrix stands for: bfloat16
+        dtype = self.weight.dtype  # what the int8 matrix stands for: the model's dtype
         rows = F.embedding(idx, self.weight.qdata)  # (B, T, n_embd) int8
         scales = F.embedding(idx, self.weight.scale.reshape(-1, 1))  # (B, T, 1)
         return rows.to(dtype) * scales.to(dtype)
@@ -77,7 +78,7 @@ def check_quantize(quantize: str | None, device: torch.device, dtype: str = "aut
     if dtype != "auto":
         raise MinigptError(
             f"--quantize int8 and --dtype {dtype} both set the weights' type",
-            hint="leave out --dtype: int8 weights compute in bfloat16 around them",
+            hint="leave out --dtype: around its int8 weights the model stays float32",
             param="quantize",
         )
     _torchao()
@@ -85,7 +86,7 @@ def check_quantize(quantize: str | None, device: torch.device, dtype: str = "aut
 
 def quantize_int8(model: GPT) -> GPT:
     """Make the model's linear weights int8 in place (torchao, weight-only, one scale
-    per row), the rest bfloat16; the model is for inference from then on."""
+    per row), the rest as it is; the model is for inference from then on."""
     if model.device.type != "cpu":
         raise MinigptError(
             f"int8 weights are for sampling on a CPU; the model is on {model.device.type}",

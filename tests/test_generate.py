@@ -824,7 +824,7 @@ def test_generate_quantize_int8_recites_what_float32_recites(hello_run, minigpt_
     code, out, _ = minigpt_cli(*base, "--quantize", "int8", "--json")
     settings = json.loads(out)["settings"]
     assert code == 0 and settings["quantize"] == "int8" and settings["static_decode"] is True
-    assert settings["dtype"] == "bfloat16"  # around the int8 weights
+    assert settings["dtype"] == "float32"  # around the int8 weights
 
 
 @pytest.mark.parametrize(
@@ -925,6 +925,11 @@ def test_cli_prompts_file_gives_each_prompt_its_greedy_text_alone_in_file_order(
     assert out == console.SAMPLE_SEPARATOR.join(map(str.__add__, prompts, texts)) + "\n"
     assert "warning: prompt 3 has 19 tokens" in err and "warning: prompt 6 has 24 tokens" in err
     assert err.splitlines()[-1].startswith("prompts: 6, prompt tokens: 42, new tokens: 120,")
+    code, compiled, err = minigpt_cli(
+        "generate", run_dir, "--prompts-file", path, *greedy, "--compile"
+    )
+    assert code == 0 and compiled == out  # the rows' static step, compiled
+    assert "compiled the decode step in" in err
 
 
 def test_cli_prompts_file_draws_prompt_i_with_seed_plus_i(hello_run, tmp_path, minigpt_cli):
