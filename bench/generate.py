@@ -264,17 +264,21 @@ def cpu_decode_shapes(quick: bool, tokens: int | None) -> list[tuple[str, GPTCon
             ("gpt2-small", gpt2, lengths["gpt2-small"])]  # fmt: skip
 
 
-def decode_models(model: GPT) -> tuple[dict[str, tuple[GPT, bool]], dict[str, float], str]:
+def decode_models(
+    model: GPT, positions: int
+) -> tuple[dict[str, tuple[GPT, bool]], dict[str, float], str]:
     """path -> (model, static_decode), with the seconds each compile took: eager
     float32, the compiled step, and a deep copy with int8 weights, compiled. Compiling
-    happens here, ahead, so that no timed run pays for it. A path that cannot run
-    here (no C++ compiler, no torchao) is left out, with why."""
+    happens here, ahead, for a generation reaching `positions` (the cache length it
+    sets), so that no timed run pays for it; another length's cache is compiled in the
+    untimed first run. A path that cannot run here (no C++ compiler, no torchao) is
+    left out, with why."""
     paths, compile_s, skipped = {"eager": (model, False)}, {}, ""
     try:
-        compile_s["compiled"] = compile_decode_step(model, 1)
+        compile_s["compiled"] = compile_decode_step(model, 1, positions)
         paths["compiled"] = (model, True)
         int8 = quantize_int8(copy.deepcopy(model))
-        compile_s["int8"] = compile_decode_step(int8, 1)
+        compile_s["int8"] = compile_decode_step(int8, 1, positions)
         paths["int8"] = (int8, True)
     except MinigptError as err:
         skipped = str(err)
@@ -413,7 +417,7 @@ def cpu_decode(quick: bool, repeats: int, tokens: int | None, only: list[str] | 
         torch.manual_seed(0)
         model = GPT(config).eval()
         prompt = torch.randint(0, config.vocab_size, (PROMPT_TOKENS,)).tolist()
-        paths, compile_s, skipped = decode_models(model)
+        paths, compile_s, skipped = decode_models(model, PROMPT_TOKENS + lengths[0])
         if skipped:
             print(f"{name}: {', '.join(paths)} only: {skipped}")
         hf = to_hf(model) if with_hf else None

@@ -212,10 +212,8 @@ def generate(
 ) -> None:
     """Sample text from a trained run with the KV cache."""
     choose_wait_policy(threads)  # before torch loads (see device.py)
-    from minigpt.batching import compile_batch_step
     from minigpt.device import set_threads
-    from minigpt.fast_decode import compile_decode_step
-    from minigpt.inference import decide_static, load_for_inference
+    from minigpt.inference import compile_sampling_step, decide_static, load_for_inference
     from minigpt.prompts import batch_prompts, one_prompt
     from minigpt.sampling import Sampling
 
@@ -235,9 +233,7 @@ def generate(
     others = {"--prompt": prompt, "--prompt-file": prompt_file, "--interactive": interactive}
     batch = batch_prompts(prompts_file, others, sampling.num_samples, sampling.use_kv_cache)
     text = one_prompt(prompt, prompt_file)
-    ahead = partial(compile_decode_step, batch_size=num_samples)
-    if batch is not None:
-        ahead = partial(compile_batch_step, n_prompts=len(batch))
+    ahead = partial(compile_sampling_step, prompt=text, sampling=sampling, prompts=batch)
     run = load_for_inference(
         run_dir, device, dtype, quantize, sampling.static_decode, compile_ahead=ahead,
         note=console.note,

@@ -102,6 +102,15 @@ def decode_step(model: GPT, cache: StaticKVCache, ids: Tensor) -> Tensor:
     return logits[:, -1, :]
 
 
+def static_cache_length(block_size: int, positions: int) -> int:
+    """The cache a static step gets for a generation that reaches `positions`: the next
+    power of two (at least 16), at most block_size. The step attends over every slot
+    of its cache, so a short generation gets a short cache (for GPT-2 small, the keys
+    and values of 1024 slots are more bytes per token than a third of its int8
+    weights); powers of two bound how many shapes a model's step is compiled for."""
+    return min(block_size, max(16, 1 << (positions - 1).bit_length()))
+
+
 def step_mode(device: torch.device) -> str:
     """How `--compile` runs the static step on a device: captured as a CUDA graph,
     compiled by inductor on a CPU, as it is elsewhere."""
@@ -234,14 +243,17 @@ def check_compile_support(device: torch.device) -> None:
         ) from None
 
 
-def compile_decode_step(model: GPT, batch_size: int = 1) -> float:
+def compile_decode_step(model: GPT, batch_size: int = 1, positions: int | None = None) -> float:
     """Compile the decode step for this model and batch now, on a scratch cache, so that
     no generation pays for it; the seconds it took (about 0 if it was compiled already).
-    Only a CPU's step is compiled ahead: a CUDA graph is captured by each decoder, in
-    its first step."""
+    positions: how far the generation reaches (prompt + new tokens; None: block_size),
+    which sets its cache (`static_cache_length`). Only a CPU's step is compiled ahead:
+    a CUDA graph is captured by each decoder, in its first step."""
     if step_mode(model.device) != "compiled":
         return 0.0
-    kv_cache = model.new_kv_cache(batch_size)
+    block_size = model.config.block_size
+    max_len = static_cache_length(block_size, positions or block_size)
+    kv_cache = model.new_kv_cache(batch_size, max_len=max_len)
     decoder = StaticDecoder(model, kv_cache, mode="compiled")
     started = time.perf_counter()
     with compile_errors(), torch.inference_mode():

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from minigpt.device import device_memory
 from minigpt.errors import MinigptError
-from minigpt.fast_decode import StaticDecoder, step_mode
+from minigpt.fast_decode import StaticDecoder, static_cache_length, step_mode
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT
 from minigpt.quantize import is_int8
@@ -258,7 +258,13 @@ class _Context:
         shape = (sampling.num_samples, width)
         self.tokens = torch.empty(shape, dtype=torch.long, device=model.device)  # (B, width)
         self.tokens[:, : self.n] = torch.tensor(prompt_ids, dtype=torch.long, device=model.device)
-        self.kv_cache = model.new_kv_cache(sampling.num_samples) if sampling.use_kv_cache else None
+        self.kv_cache = None
+        if sampling.use_kv_cache:
+            # a static step attends over its whole cache: as long as this generation needs
+            reach = self.n + sampling.max_new_tokens
+            length = static_cache_length(model.config.block_size, reach)
+            max_len = length if sampling.static_decode else None  # None: block_size
+            self.kv_cache = model.new_kv_cache(sampling.num_samples, max_len=max_len)
         self.decoder: StaticDecoder | None = None
 
     def prefill(self) -> Tensor:

@@ -14,12 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from minigpt.batching import compile_batch_step
 from minigpt.checkpoint import DEFAULT_RUN_DIR, Run, load_run
 from minigpt.device import resolve_device, sampling_dtype
 from minigpt.errors import MinigptError
-from minigpt.fast_decode import check_compile_support
-from minigpt.model import GPT
+from minigpt.fast_decode import check_compile_support, compile_decode_step
+from minigpt.generate import encode_prompt
 from minigpt.quantize import check_quantize, quantize_int8, weight_bytes
+from minigpt.sampling import Sampling
 
 
 @dataclass(frozen=True)
@@ -53,13 +55,13 @@ def load_for_inference(
     compile_step: bool | None = False,
     *,
     decodes: bool = True,
-    compile_ahead: Callable[[GPT], float] | None = None,
+    compile_ahead: Callable[[Run], float] | None = None,
     note: Callable[[str], None] | None = None,
 ) -> Loaded:
     """Check the options, load the run and set its weights. decodes=False: nothing
     decodes (eval), so there is no step to compile. When the step is static,
-    compile_ahead(model) compiles it now and returns the seconds, so that no request
-    or generation pays them. note(message) hears the weights' size and the compile."""
+    compile_ahead(run) compiles it now and returns the seconds, so that no request or
+    generation pays them (`compile_sampling_step`). note(message) hears the weights' size and the compile."""
     target = resolve_device(device)
     check_quantize(quantize, target, dtype)
     static = decodes and decide_static(compile_step, quantize)
@@ -78,7 +80,20 @@ def load_for_inference(
                 f"int8 weights: {after / 1e6:,.1f} MB in memory"
                 f" ({after / before:.0%} of float32's {before / 1e6:,.1f} MB)"
             )
-    seconds = compile_ahead(run.model) if static and compile_ahead else 0.0
+    seconds = compile_ahead(run) if static and compile_ahead else 0.0
     if note and seconds:
         note(f"compiled the decode step in {seconds:.1f} s (once per model and batch)")
     return Loaded(run, static, seconds, weight_bytes(run.model))
+
+
+def compile_sampling_step(
+    run: Run, prompt: str, sampling: Sampling, prompts: list[str] | None = None
+) -> float:
+    """Compile, ahead, the step `generate` will run: for this prompt's length and
+    sampling's new tokens and samples (`fast_decode.static_cache_length`), or, given
+    prompts, the rows' step of `generate_batch`. The seconds it took."""
+    if prompts is not None:
+        return compile_batch_step(run.model, len(prompts))
+    ids, _ = encode_prompt(run.tokenizer, prompt, run.model.config.block_size)
+    reach = len(ids) + sampling.max_new_tokens
+    return compile_decode_step(run.model, sampling.num_samples, reach)

@@ -100,3 +100,16 @@ def test_the_step_is_compiled_once_per_model_and_batch_whatever_the_position():
     list(generate(model, prompt, 10, num_samples=2, temperature=0, static_decode=True))
     assert counters["stats"]["unique_graphs"] == 2  # another batch, another shape
     assert len(fast_decode._compiled_steps[model]) == 2
+
+
+def test_a_short_generation_gets_a_short_static_cache_and_the_same_tokens():
+    assert [fast_decode.static_cache_length(64, n) for n in (1, 16, 17, 40, 64, 500)] == [
+        16, 16, 32, 64, 64, 64,
+    ]  # fmt: skip
+    model = small_gpt(block_size=64, position="rope")
+    prompt = torch.randint(50, (5,)).tolist()
+    for n in (10, 25, 100):  # caches of 16, 32 and 64 slots, the last one rolling
+        eager = torch.stack(list(generate(model, prompt, n, temperature=0)), dim=1)
+        static = torch.stack(list(generate(model, prompt, n, temperature=0, static_decode=True)), 1)
+        assert torch.equal(eager, static)
+    assert {key[2] for key in fast_decode._compiled_steps[model]} == {16, 32, 64}
