@@ -51,8 +51,9 @@ every linear layer's weight and bias (the LM head among them; its matrix is also
 the tied token embedding and counts once; int8 counts its int8 data and its
 scales) and every norm's gain and bias; not the token and position tables, of which
 a step reads one row each. Plus the KV cache: the compiled step attends over all
-block_size slots (the unwritten ones masked), an eager step over the positions in
-its context (the mean over the run). bytes x tok/s is the bandwidth a path draws.
+its cache's slots (the unwritten ones masked; the next power of two above the
+positions the run reaches, at most block_size), an eager step over the positions
+in its context (the mean over the run). bytes x tok/s is the bandwidth a path draws.
 The machine's read bandwidth: torch.sum over 2 GiB of float32, far more than any
 L3 cache (up to about 500 MB on server CPUs), best of 5; a 1 GiB copy is shown too
 (bytes read and written). The ceiling is that bandwidth / bytes per token. "At its
@@ -82,7 +83,7 @@ import harness  # bench/harness.py (the script's folder is on sys.path)
 import torch
 
 from minigpt.errors import MinigptError
-from minigpt.fast_decode import compile_decode_step
+from minigpt.fast_decode import compile_decode_step, static_cache_length
 from minigpt.generate import generate, window_start
 from minigpt.model import GPT, GPTConfig
 from minigpt.quantize import Int8Embedding, quantize_int8, weight_bytes
@@ -354,13 +355,14 @@ def read_bytes_per_token(model: torch.nn.Module) -> int:
 
 def kv_bytes_per_token(model: GPT, n: int, static: bool) -> float:
     """Bytes of keys and values one decode step reads, on average over n new tokens: the
-    static step reads all block_size slots (the unwritten ones masked), an eager step
-    the positions in its window (cropped every block_size / 4 tokens past block_size)."""
+    static step reads all its cache's slots (the unwritten ones masked; the cache is as
+    long as the generation needs, `static_cache_length`), an eager step the positions
+    in its window (cropped every block_size / 4 tokens past block_size)."""
     one = model.new_kv_cache(1, max_len=1)
     per_position = sum(t.nbytes for t in [*one.keys, *one.values])
     block = model.config.block_size
     if static:
-        return per_position * block
+        return per_position * static_cache_length(block, PROMPT_TOKENS + n)
     seen, start, tokens = 0, 0, PROMPT_TOKENS
     for _ in range(n - 1):  # the first token is the prompt's, the last one is never run
         tokens += 1
