@@ -133,16 +133,6 @@ def weight_bytes(model: nn.Module) -> int:
     return total
 
 
-def refuse_training(model: nn.Module) -> None:
-    """Int8 weights are for inference: a trainer given them refuses at once."""
-    if is_int8(model):
-        raise MinigptError(
-            "the model's weights are int8, which cannot be trained",
-            hint="train in float32 (or bfloat16 autocast), then sample with --quantize int8",
-            param="quantize",
-        )
-
-
 def _torchao():
     """torchao's quantize_ and Int8WeightOnlyConfig, or one sentence on installing it."""
     # torchao reports optional kernels it cannot load (CUDA-only ones) at import, and

@@ -17,7 +17,6 @@ from minigpt.quantize import (
     check_quantize,
     is_int8,
     quantize_int8,
-    refuse_training,
     weight_bytes,
 )
 
@@ -196,16 +195,6 @@ def test_a_model_is_quantized_once(tiny_gpt):
     with pytest.raises(MinigptError, match="int8 already") as err:
         quantize_int8(model)
     assert err.value.hint
-
-
-def test_an_int8_model_is_refused_for_training(tiny_gpt):
-    model = tiny_gpt(50)
-    refuse_training(model)  # float32: trains
-    quantize_int8(model)
-    assert is_int8(model)
-    with pytest.raises(MinigptError, match="int8, which cannot be trained") as err:
-        refuse_training(model)
-    assert "--quantize int8" in err.value.hint
 
 
 def test_int8_without_torchao_says_how_to_install_it(monkeypatch, tiny_gpt):
