@@ -45,6 +45,11 @@ SKIPPED = {
     'pip install -e ".[hf]"': "installs packages",
     'pip install -e ".[bench]"': "installs packages",
     'pip install -e ".[serve]"': "installs packages",
+    'pip install -e ".[bench,int8]"': "installs packages",
+    "python bench/generate.py --cpu-decode-only --repeats 3": (
+        "a benchmark: minutes of timing, GPT-2 small compiled and in int8"
+    ),
+    "python bench/quantize.py checkpoints/default [checkpoints/default ...]": "a usage synopsis",
     "minigpt serve": SERVES,
     "minigpt serve checkpoints/default --port 8001 --max-batch 16": SERVES,
     "minigpt serve checkpoints/default --host 0.0.0.0 --api-key SECRET": SERVES,
