@@ -168,7 +168,6 @@ def bench_run(run_dir: str, prompts: list[str], args: argparse.Namespace) -> dic
         "median_margin_at_first_difference": margins[len(margins) // 2] if margins else None,
         "weight_bytes_float32": fp32.weight_bytes,
         "weight_bytes_int8": int8.weight_bytes,
-        "compile_seconds": int8.compile_seconds,
         "texts": texts,
     }
 

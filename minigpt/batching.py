@@ -43,12 +43,12 @@ from minigpt.fast_decode import (
     compile_errors,
     compiled_step,
     decode_step,
-    is_quantized,
     step_mode,
 )
 from minigpt.generate import check_cache_memory, encode_prompt, settings_json
 from minigpt.kv_cache import KVCache
 from minigpt.model import GPT
+from minigpt.quantize import is_int8
 from minigpt.sampling import MAX_SEED, Sampling, new_seed, sample_next
 from minigpt.signals import check
 from minigpt.text import GenerationResult, SampleStream
@@ -296,7 +296,7 @@ class BatchDecoder:
                 param="max_batch",
             )
         check_cache_memory(model, max_batch)
-        if model.config.attention != "fused" and is_quantized(model):
+        if model.config.attention != "fused" and is_int8(model):
             raise MinigptError(
                 "int8 weights are decoded in batches only by fused attention, and this"
                 " model's is attention='wrapper'",

@@ -33,6 +33,7 @@ from torch import Tensor
 
 from minigpt.errors import MinigptError
 from minigpt.kv_cache import KVCache
+from minigpt.quantize import is_int8
 
 if TYPE_CHECKING:
     from minigpt.model import GPT
@@ -211,18 +212,13 @@ def compiled_step(model: GPT, static_cache: object) -> Callable[..., Tensor]:
     steps = _compiled_steps.setdefault(model, {})
     if key not in steps:
         check_compile_support(model.device)
-        options: dict = {"cpp_wrapper": True, "freezing": is_quantized(model)}
+        options: dict = {"cpp_wrapper": True, "freezing": is_int8(model)}
         extra: dict = {}
         if "isolate_recompiles" in inspect.signature(torch.compile).parameters:
             options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
             extra["isolate_recompiles"] = True
         steps[key] = torch.compile(decode_step, fullgraph=True, options=options, **extra)
     return steps[key]
-
-
-def is_quantized(model: GPT) -> bool:
-    """Whether any weight is a quantized tensor (a subclass, e.g. torchao's int8)."""
-    return any(type(p) not in (torch.Tensor, torch.nn.Parameter) for p in model.parameters())
 
 
 def check_compile_support(device: torch.device) -> None:

@@ -61,7 +61,8 @@ def load_for_inference(
     """Check the options, load the run and set its weights. decodes=False: nothing
     decodes (eval), so there is no step to compile. When the step is static,
     compile_ahead(run) compiles it now and returns the seconds, so that no request or
-    generation pays them (`compile_sampling_step`). note(message) hears the weights' size and the compile."""
+    generation pays them (`compile_sampling_step`). note(message) hears the weights'
+    size and the compile."""
     target = resolve_device(device)
     check_quantize(quantize, target, dtype)
     static = decodes and decide_static(compile_step, quantize)
@@ -82,7 +83,7 @@ def load_for_inference(
             )
     seconds = compile_ahead(run) if static and compile_ahead else 0.0
     if note and seconds:
-        note(f"compiled the decode step in {seconds:.1f} s (once per model and batch)")
+        note(f"compiled the decode step in {seconds:.1f} s (once per model, batch and cache length)")
     return Loaded(run, static, seconds, weight_bytes(run.model))
 
 
