@@ -72,7 +72,7 @@ def check_quantize(quantize: str | None, device: torch.device, dtype: str = "aut
     if device.type != "cpu":
         raise MinigptError(
             f"int8 weights are for sampling on a CPU; the device is {device.type}",
-            hint="on a GPU use --dtype bfloat16; or pass --device cpu",
+            hint="pass --device cpu (on a GPU, generate --dtype bfloat16 halves the bytes)",
             param="quantize",
         )
     if dtype != "auto":
