@@ -1,6 +1,8 @@
 """The static-shape decode step: the eager step's tokens, in shapes and memory that
 never change (what a CUDA graph needs), here compiled by inductor on the CPU."""
 
+import functools
+
 import pytest
 import torch
 
@@ -19,11 +21,18 @@ def small_gpt(**overrides) -> GPT:
     return GPT(GPTConfig(**{**config, **overrides})).eval()
 
 
+@functools.cache
+def shared_gpt(attention: str) -> GPT:
+    """One model per attention form for the parametrised test below: its compiled steps
+    (one per batch) serve every stride, as they serve every generation."""
+    return small_gpt(attention=attention)
+
+
 @pytest.mark.parametrize("attention", ["fused", "wrapper"])
 @pytest.mark.parametrize("stride", [None, 0, 15])
 @pytest.mark.parametrize("num_samples", [1, 3])
 def test_the_static_decode_step_gives_the_tokens_of_the_eager_one(attention, stride, num_samples):
-    model = small_gpt(attention=attention)
+    model = shared_gpt(attention)
     prompt = torch.randint(50, (5,)).tolist()
     settings = dict(num_samples=num_samples, temperature=0, stride=stride)
     eager = torch.stack(list(generate(model, prompt, 60, **settings)), dim=1)
