@@ -106,9 +106,9 @@ def decode_step(model: GPT, cache: StaticKVCache, ids: Tensor) -> Tensor:
 def static_cache_length(block_size: int, positions: int) -> int:
     """The cache a static step gets for a generation that reaches `positions`: the next
     power of two (at least 16), at most block_size. The step attends over every slot
-    of its cache, so a short generation gets a short cache (for GPT-2 small, the keys
-    and values of 1024 slots are more bytes per token than a third of its int8
-    weights); powers of two bound how many shapes a model's step is compiled for."""
+    of its cache, so a short generation gets a short cache (a GPT-2-sized model's keys
+    and values over its whole context weigh as much per token as a good part of its
+    int8 weights); powers of two bound how many shapes a model's step is compiled for."""
     return min(block_size, max(16, 1 << (positions - 1).bit_length()))
 
 
@@ -199,7 +199,7 @@ def compiled_step(model: GPT, static_cache: object) -> Callable[..., Tensor]:
     compiled on its first call, and reused by every later generation.
 
     Dynamo guards a compiled function: before every call it checks again each module
-    attribute and weight the step read, which costs a third of a small model's step.
+    attribute and weight the step read, which costs a good part of a small model's step.
     Here nothing can change between calls (one model, one shape), so the guards are
     dropped, and each compiled step keeps its own cache of graphs (isolate_recompiles),
     so that no other model or batch can ever be given this one's graph. Quantized

@@ -1,8 +1,7 @@
 """Weight-only int8 for sampling and evaluation on a CPU, through torchao.
 
 At batch 1 a GPT-2-sized model's decode step is bound by memory: every token reads
-every weight once (about 500 MB in float32 for GPT-2 small) and does two FLOPs per
-weight it reads. Int8 weights, each row with its own scale, are a quarter of the
+every weight once and does two FLOPs per weight it reads. Int8 weights, each row with its own scale, are a quarter of the
 bytes. torchao's `Int8WeightOnlyConfig` quantizes the linear layers; the matmul
 that reads int8 weights is inductor's: it recognises torchao's int8 linear in the
 compiled decode step (`minigpt.fast_decode`) and calls the CPU's int8 kernel. That
