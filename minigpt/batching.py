@@ -79,7 +79,6 @@ class RowKVCache:
     def check_fits(
         self, n_layer: int, batch_size: int, n_head: int, d_head: int, n_new: int
     ) -> None:
-        cache = self.cache
         if n_new != 1 or batch_size != self.n_rows:
             raise MinigptError(
                 f"a batch of rows takes one token per row ({self.n_rows} rows),"
@@ -87,6 +86,10 @@ class RowKVCache:
                 hint="prefill a prompt alone, then `RowKVCache.write_row`",
                 param="kv_cache",
             )
+        self.check_model_shape(n_layer, n_head, d_head)
+
+    def check_model_shape(self, n_layer: int, n_head: int, d_head: int) -> None:
+        cache = self.cache
         if n_layer > len(cache.keys) or (n_head, d_head) != (cache.n_head, cache.d_head):
             raise MinigptError(
                 "the rows' KV cache was built for another model's shape",
@@ -181,12 +184,7 @@ class StaticRowKVCache(RowKVCache):
                 hint="pad the batch with ids of idle rows",
                 param="kv_cache",
             )
-        if n_layer > len(cache.keys) or (n_head, d_head) != (cache.n_head, cache.d_head):
-            raise MinigptError(
-                "the rows' KV cache was built for another model's shape",
-                hint="build it with model.new_kv_cache(max_batch)",
-                param="kv_cache",
-            )
+        self.check_model_shape(n_layer, n_head, d_head)
 
     def sync(self) -> None:
         """Give the device the host's lengths and rows in use, if they changed other

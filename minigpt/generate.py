@@ -260,10 +260,10 @@ class _Context:
         self.tokens[:, : self.n] = torch.tensor(prompt_ids, dtype=torch.long, device=model.device)
         self.kv_cache = None
         if sampling.use_kv_cache:
-            # a static step attends over its whole cache: as long as this generation needs
-            reach = self.n + sampling.max_new_tokens
-            length = static_cache_length(model.config.block_size, reach)
-            max_len = length if sampling.static_decode else None  # None: block_size
+            max_len = None  # block_size
+            if sampling.static_decode:  # it attends over its whole cache: as long as needed
+                reach = self.n + sampling.max_new_tokens
+                max_len = static_cache_length(model.config.block_size, reach)
             self.kv_cache = model.new_kv_cache(sampling.num_samples, max_len=max_len)
         self.decoder: StaticDecoder | None = None
 

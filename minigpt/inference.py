@@ -27,11 +27,10 @@ from minigpt.sampling import Sampling
 @dataclass(frozen=True)
 class Loaded:
     """A run ready to sample: its decode step static (compiled on a CPU, a CUDA graph
-    on a GPU) or not; what loading cost beyond reading the weights."""
+    on a GPU) or not; its weights' bytes in memory."""
 
     run: Run
     static_decode: bool
-    compile_seconds: float = 0.0
     weight_bytes: int = 0
 
 
@@ -84,7 +83,7 @@ def load_for_inference(
     seconds = compile_ahead(run) if static and compile_ahead else 0.0
     if note and seconds:
         note(f"compiled the decode step in {seconds:.1f} s (once per model, batch and cache length)")
-    return Loaded(run, static, seconds, weight_bytes(run.model))
+    return Loaded(run, static, weight_bytes(run.model))
 
 
 def compile_sampling_step(
